@@ -13,4 +13,17 @@ All real logic of the book lives here; the notebooks call it and plot. One modul
 - `book`      the end-to-end book build (`python -m helpers.book`)
 """
 
+import warnings
+
 __version__ = "0.1.0"
+
+# Progress bars use tqdm.auto: a widget in Jupyter when ipywidgets is installed, text otherwise
+# (papermill, nbmake). The text fallback is fine; its warning is noise.
+try:
+    from tqdm import TqdmExperimentalWarning, TqdmWarning
+
+    warnings.filterwarnings("ignore", category=TqdmWarning)
+    warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)
+except ImportError:  # pragma: no cover
+    pass
+warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)

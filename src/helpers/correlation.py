@@ -181,23 +181,24 @@ class StreamingPearson:
         f32, f64, dev = torch.float32, torch.float64, self.device
         self._n = 0
         self._initialised = False  # shifts set?
-        self._shift_a = torch.zeros(n_a, dtype=f32, device=dev)
-        self._shift_b = torch.zeros(n_b, dtype=f32, device=dev)
-        self._sum_a = torch.zeros(n_a, dtype=f64, device=dev)
-        self._sum_b = torch.zeros(n_b, dtype=f64, device=dev)
-        self._sumsq_a = torch.zeros(n_a, dtype=f64, device=dev)
-        self._sumsq_b = torch.zeros(n_b, dtype=f64, device=dev)
+        # Per-variable vectors are stored x-then-y in one tensor (with _a/_b
+        # views) so each elementwise step is one op over a [tokens, n_a + n_b]
+        # buffer.
+        self._shift = torch.zeros(n_a + n_b, dtype=f32, device=dev)
+        self._sum = torch.zeros(n_a + n_b, dtype=f64, device=dev)
+        self._sumsq = torch.zeros(n_a + n_b, dtype=f64, device=dev)
+        self._shift_a, self._shift_b = self._shift[:n_a], self._shift[n_a:]
+        self._sum_a, self._sum_b = self._sum[:n_a], self._sum[n_a:]
+        self._sumsq_a, self._sumsq_b = self._sumsq[:n_a], self._sumsq[n_a:]
         self._sxy = torch.zeros(n_a, n_b, dtype=f64, device=dev)
         self._block = torch.zeros(n_a, n_b, dtype=f32, device=dev)
         self._block_tokens = 0
         self._block_updates = 0
         # Scratch (not state): flat fp32 storage reused across batches, because
         # fresh large allocations cost page faults on CPU.
-        self._scratch_x = torch.empty(0, dtype=f32, device=dev)
-        self._scratch_y = torch.empty(0, dtype=f32, device=dev)
+        self._scratch_xy = torch.empty(0, dtype=f32, device=dev)
         self._prod: torch.Tensor | None = None  # [n_a, n_b] product scratch, non-CUDA only
-        self._vec_a = torch.empty(n_a, dtype=f32, device=dev)
-        self._vec_b = torch.empty(n_b, dtype=f32, device=dev)
+        self._vec = torch.empty(n_a + n_b, dtype=f32, device=dev)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -269,17 +270,17 @@ class StreamingPearson:
         t = x.shape[0]
         if t == 0:
             return
-        # One pass each: cast (and device move) into reusable fp32 buffers.
-        xs = self._scratch("_scratch_x", t * self.n_a)[: t * self.n_a].view(t, self.n_a)
-        ys = self._scratch("_scratch_y", t * self.n_b)[: t * self.n_b].view(t, self.n_b)
+        # Cast (and device move) x and y side by side into one reusable fp32
+        # buffer [t, n_a + n_b]; BLAS takes the two column views directly.
+        w = self.n_a + self.n_b
+        buf = self._scratch("_scratch_xy", t * w)[: t * w].view(t, w)
+        xs, ys = buf[:, : self.n_a], buf[:, self.n_a :]
         xs.copy_(x)
         ys.copy_(y)
         if not self._initialised:
-            self._shift_a.copy_(xs.mean(0, dtype=torch.float64))
-            self._shift_b.copy_(ys.mean(0, dtype=torch.float64))
+            self._shift.copy_(buf.mean(0, dtype=torch.float64))
             self._initialised = True
-        xs.sub_(self._shift_a)
-        ys.sub_(self._shift_b)
+        buf.sub_(self._shift)
 
         if self.precision == "bf16":
             self._block.add_(_mm_fp32_out(xs.to(torch.bfloat16).T, ys.to(torch.bfloat16)))
@@ -298,12 +299,8 @@ class StreamingPearson:
 
         # sum(0) reduces in a cascade (~1e-7 relative); a gemv with a ones
         # vector is faster on CPU but sums sequentially (~5e-5 at 4k tokens).
-        for s, sq, vec, buf in (
-            (self._sum_a, self._sumsq_a, self._vec_a, xs),
-            (self._sum_b, self._sumsq_b, self._vec_b, ys),
-        ):
-            s.add_(torch.sum(buf, 0, out=vec))
-            sq.add_(torch.sum(buf.square_(), 0, out=vec))  # buf no longer needed
+        self._sum.add_(torch.sum(buf, 0, out=self._vec))
+        self._sumsq.add_(torch.sum(buf.square_(), 0, out=self._vec))  # buf no longer needed
 
         self._n += t
         self._block_tokens += t

@@ -139,7 +139,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", processin
     model = HookedTransformer(hooked_config(arch, device))
     state = load_file(str(folder / "model.safetensors"))
     model.load_and_process_state_dict(state, refactor_factored_attn_matrices=False, **proc)
-    model.to(device)
     model.eval()
     model.processing = proc
     return model
@@ -319,7 +318,7 @@ def _smollm2_family(device: str, params: dict | None = None) -> Family:
         proc = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
         model.load_and_process_state_dict(state, refactor_factored_attn_matrices=False, **proc)
         model.set_tokenizer(tok, default_padding_side="right")
-        model.to(device).eval()
+        model.to(device, print_details=False).eval()
         model.processing = proc
         return model
 

@@ -33,15 +33,14 @@ class BookRenderer(MimetypeRenderer):
                 "text/html": html}
 
 
-def setup() -> str:
-    """Select the renderer for the current environment; returns its name."""
+def setup() -> None:
+    """Select the renderer for the current environment."""
     if "google.colab" in sys.modules:
         pio.renderers.default = "colab"
     else:
         pio.renderers["book"] = BookRenderer()
         pio.renderers.default = "book"
     pio.templates.default = TEMPLATE
-    return pio.renderers.default
 
 
 def style(fig: go.Figure, title: str, x: str | None = None, y: str | None = None, height: int = 420, legend: str | None = None) -> go.Figure:
