@@ -8,38 +8,40 @@ copy of the other model's activations ("excess correlation").
 Precision design of :class:`StreamingPearson`
 ---------------------------------------------
 The reference implementation summed raw (uncentred) cross products and reduced
-the per-neuron sums and sums of squares in fp16.  Both break on GPT2 neurons,
-whose means can be ~100x their standard deviation: fp16 sums overflow (max
-65504) and lose all digits after a few thousand tokens, and
-``cov = E[xy] - E[x]E[y]`` then cancels ~1e4 of the 1e4 magnitude of the
-products, so fp32 (7 digits) keeps only 3 and the correlation is wrong at 1e-3.
-Here, instead:
+the per-neuron sums and sums of squares in fp16.  That breaks on GPT2 neurons,
+whose means can be ~100x their standard deviation: fp16 running sums overflow
+(max 65504) or stop changing once they are ~2e3 times the addends, and
+``cov = E[xy] - E[x]E[y]`` subtracts two numbers ~1e4 times larger than the
+covariance, so an fp32 ``E[xy]`` (7 digits) leaves ~3 and the correlation is off
+by ~1e-3.  Here, instead:
 
 1. Every variable is shifted by a reference value ``c`` (the first batch's mean,
-   rounded to fp32 and kept in the state) before anything is multiplied, so
-   all products are of nearly centred data and nothing cancels catastrophically.
-   The shifted value is exact when the input is fp16/bf16 and close to ``c``.
-2. Per batch, one fp32 matmul (or tf32 / bf16 inputs on request) is added
-   into a running fp32 ``[n_a, n_b]`` block (``addmm_`` on CUDA; on CPU the
-   product goes to a scratch ``[n_a, n_b]`` first, because MKL's ``addmm_``
-   rounds into C after every k-panel).  The block is flushed
-   into float64 totals every ``flush_every`` tokens (default 2**20) or
-   ``max_block_updates`` batches, whichever comes first, so the fp32 running
-   sum only ever holds a bounded number of terms (relative error ~1e-6 at most).
+   rounded to fp32 and kept in the state) before anything is multiplied, so the
+   products are of nearly centred data and nothing cancels catastrophically
+   (``x - c`` is even exact in fp32 when ``c/2 <= x <= 2c``).
+2. Per batch, one fp32 matmul (tf32 or bf16 inputs on request) is added into a
+   running fp32 ``[n_a, n_b]`` block: ``addmm_`` on CUDA; elsewhere the product
+   goes to an ``[n_a, n_b]`` scratch first, because MKL's ``addmm_`` rounds
+   into C after every k-panel (~7x the error).  The block is flushed into
+   float64 totals every ``flush_every`` tokens (default 2**20) or
+   ``max_block_updates`` batches (default 256), whichever comes first, so fp32
+   rounding accumulates over a bounded number of additions only.
 3. Per-variable sums and sums of squares of the shifted data are reduced per
-   batch in fp32 (short, centred sums) and accumulated in float64.
+   batch with ``torch.sum`` in fp32 (a cascade: ~1e-7 relative; a gemv with a
+   ones vector is faster but sums sequentially, ~5e-5) and accumulated in
+   float64.
 4. :meth:`StreamingPearson.correlation` and :meth:`StreamingPearson.merge`
-   work in float64 throughout; merging re-centres the other accumulator's
-   statistics onto this one's shift exactly (algebraically, in float64).
+   work in float64; merging re-centres the other accumulator's statistics onto
+   this one's shifts algebraically, which is exact up to float64 rounding.
 
-Against a float64 NumPy reference this gives < 1e-4 max absolute error (in
-practice ~1e-6) after 10M tokens with means 100x the std (see
-``benchmarks/correlation.py --check-precision``); ``bf16`` precision rounds the
-centred inputs of the product to 8 bits of mantissa and is only ~1e-2 accurate.
+Result: after 10M fp16 tokens with means 100x the std the max absolute error
+against a float64 reference is ~8e-7 (``benchmarks/correlation.py
+--check-precision-tokens 10000000``), where the target is 1e-4.  ``bf16``
+rounds the centred inputs of the product to 8 mantissa bits: errors ~1e-3.
 
 Memory: the accumulator holds ``n_a * n_b * 12`` bytes (fp32 block + fp64
-totals; +4 for the product scratch off CUDA) and :meth:`StreamingPearson.correlation` produces a further 4-byte
-result.  :func:`plan_blocks` splits the rows (the ``n_a`` variables) into
+totals; +4 for the product scratch off CUDA) and
+:meth:`StreamingPearson.correlation` produces a further 4-byte result.  :func:`plan_blocks` splits the rows (the ``n_a`` variables) into
 blocks that fit a budget; :class:`BlockedStreamingPearson` then makes one pass
 over the data per block.  GPT2-medium all-pairs (98,304 x 98,304 neurons) needs
 38.7 GB for the fp32 block alone, 154.6 GB including fp64 totals and the fp32
@@ -142,7 +144,7 @@ class StreamingPearson:
         device: where accumulators live; inputs are moved there.
         precision: matmul precision: ``"fp32"`` (IEEE, default), ``"tf32"``
             (CUDA tensor cores; equals fp32 elsewhere) or ``"bf16"`` (centred
-            inputs cast to bf16, fp32 products; ~1e-2 accurate).
+            inputs cast to bf16, fp32 products; errors ~1e-3).
         flush_every: flush the fp32 block into fp64 after this many tokens.
         max_block_updates: ... or after this many batches (bounds the number of
             fp32 additions when batches are tiny).
