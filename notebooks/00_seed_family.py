@@ -48,7 +48,6 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from helpers import models, plots, train
-from helpers.data import VocabMap
 
 plots.setup()
 
@@ -110,7 +109,7 @@ if is_embedded:
     fig = px.bar(summary.reset_index(), x="label", y=["train_tokens", "val_tokens"], barmode="stack")
     plots.style(fig, "Embedded corpus: GPT-2 tokens per source", x="source label", y="GPT-2 tokens", legend="split")
     fig.show()
-    vocab = VocabMap(np.load(f"{fam.info['folder']}/vocab_gpt2_ids.npy"), embedded["d_vocab"] - 1)
+    vocab = fam.codec.vocab
     print(f"{prov['n_train_tokens']:,} training and {prov['n_val_tokens']:,} held-out GPT-2 tokens; "
           f"the {vocab.d_vocab - 1:,} most frequent GPT-2 tokens (+1 unknown id) cover "
           f"{fam.info['vocab_coverage']:.2%} of the training tokens")
@@ -148,13 +147,13 @@ print("weight processing on load:", ref_model.processing)
 
 # %%
 if is_embedded:
-    curves = train.training_curves(fam.info["folder"])
+    curves = train.training_curves(fam.info["family_folder"])
     fig = plots.training_curves(curves)
     fig.show()
 
 # %%
 if is_embedded:
-    table = train.training_table(fam.info["folder"])
+    table = train.training_table(fam.info["family_folder"])
     control = models.load_family("embedded-untrained", params, device=device)
     held_out = fam.token_rows(min(n_tokens, 200_000), "val")
     table["untrained control loss"] = pd.Series(train.evaluate_family(control, held_out))

@@ -78,7 +78,7 @@ def test_smoke_family_is_trained_cached_and_loads(tmp_path):
     a, b = fam.load("a"), fam.load("b")
     assert not torch.equal(a.W_in, b.W_in)  # different seeds, different weights
     # a second call reuses the cache (no retraining): the logs are untouched
-    log = fam.info["folder"] + "/a/train_log.json"
+    log = fam.info["family_folder"] + "/a/train_log.json"
     import os
     before = os.stat(log).st_mtime_ns
     models.load_family("embedded", params)

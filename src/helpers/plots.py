@@ -111,3 +111,15 @@ def training_curves(curves) -> go.Figure:
     fig.update_xaxes(type="log")
     return style(fig, "Training curves of the five seeds", x="training tokens (log scale; init shown at 1)",
                  y="cross-entropy (nats/token)", legend="seed")
+
+
+def quantile_boxes(long, x: str, y: str, color: str, whiskers: tuple[float, float] = (0.01, 0.99)) -> go.Figure:
+    """Box plot from precomputed quantiles (quartiles, whiskers at the given quantiles) of `y` per
+    (`x`, `color`) group: the page stores five numbers per box instead of every neuron's value."""
+    fig = go.Figure()
+    for i, (name, part) in enumerate(long.groupby(color, sort=False)):
+        q = part.groupby(x, sort=False)[y].quantile([whiskers[0], 0.25, 0.5, 0.75, whiskers[1]]).unstack()
+        fig.add_trace(go.Box(x=list(q.index), q1=q[0.25], median=q[0.5], q3=q[0.75], lowerfence=q[whiskers[0]],
+                             upperfence=q[whiskers[1]], name=str(name), marker_color=MEMBER_COLORS[i % len(MEMBER_COLORS)]))
+    fig.update_layout(boxmode="group")
+    return fig

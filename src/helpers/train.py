@@ -138,6 +138,7 @@ def train_member(arch: dict, recipe: dict, train_rows: torch.Tensor, val_rows: t
     if start == 0:
         save_checkpoint(0)
     t0 = time.time() - log["seconds"]
+    t_run = time.time()
     batches = iter_row_batches(len(train_rows), bs, seed, start_batch=start, n_batches=n_steps)
     bar = tqdm(batches, total=n_steps, initial=start, desc=desc, unit="step")
     model.train()
@@ -158,7 +159,7 @@ def train_member(arch: dict, recipe: dict, train_rows: torch.Tensor, val_rows: t
         done = step + 1
         if done % max(1, n_steps // 200) == 0 or done == n_steps:
             log["train"].append({"step": done, "tokens": done * bs * n_ctx, "loss": lval, "lr": opt.param_groups[0]["lr"]})
-            bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{(done - start) * bs * n_ctx / max(time.time() - t0 - log['seconds'] + 1e-9, 1e-9):,.0f}")
+            bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{(done - start) * bs * n_ctx / max(time.time() - t_run, 1e-9):,.0f}")
         if done in ckpts:
             save_checkpoint(done)
             log["seconds"] = time.time() - t0
@@ -192,9 +193,18 @@ def prepare_rows(corpus: Corpus, vocab: VocabMap, n_ctx: int, split: str, max_to
     return vocab.map(rows_from_stream(stream, n_ctx))
 
 
+def family_members(params: dict) -> list[str]:
+    """Members of the preset's embedded family: `a`.. (`n_seeds`, default 5)."""
+    n = int(params.get("n_seeds", len(MEMBERS)))
+    if not 2 <= n <= len(MEMBERS):
+        raise ValueError(f"n_seeds must be between 2 and {len(MEMBERS)}, got {n}")
+    return MEMBERS[:n]
+
+
 def ensure_family(params: dict, device: str = "cpu", verbose: bool = True) -> Path:
     """Build the corpus, then train whichever members of the embedded family are missing; returns
     the family folder. Members are trained one at a time (two at once on 2 cores ran >4x slower)."""
+    members = family_members(params)
     from .presets import resolve_dir
 
     arch, recipe = split_embedded_config(params["embedded"])
@@ -209,7 +219,7 @@ def ensure_family(params: dict, device: str = "cpu", verbose: bool = True) -> Pa
         folder.mkdir(parents=True, exist_ok=True)
         np.save(vocab_file, vocab.gpt2_ids)
     base_seed = int(params.get("seed", 0))
-    todo = [m for m in MEMBERS if not (folder / m / "train_log.json").is_file()]
+    todo = [m for m in members if not (folder / m / "train_log.json").is_file()]
     if todo:
         train_rows = prepare_rows(corpus, vocab, arch["n_ctx"], "train")
         val_rows = prepare_rows(corpus, vocab, arch["n_ctx"], "val", recipe["eval_tokens"])
@@ -217,26 +227,36 @@ def ensure_family(params: dict, device: str = "cpu", verbose: bool = True) -> Pa
             raise ValueError("the validation split is smaller than one row: raise corpus.val_fraction or the corpus size")
         for m in todo:
             train_member(arch, recipe, train_rows, val_rows, member_seed(base_seed, m), folder / m, device, desc=f"seed {m}")
-    for m in MEMBERS:
+    for m in members:
         target = folder / "untrained" / m
         if not (target / "model.safetensors").is_file():
             save_model(init_model(arch, member_seed(base_seed, m, untrained=True), "cpu"), target, arch,
                        {"seed": member_seed(base_seed, m, untrained=True), "step": 0})
-    records = {m: read_json(folder / m / "train_log.json") for m in MEMBERS}
+    members = [m for m in MEMBERS if (folder / m / "train_log.json").is_file()]  # all trained so far
+    records = {m: read_json(folder / m / "train_log.json") for m in members}
     write_json(folder / "family.json", {
-        "arch": arch, "recipe": recipe, "base_seed": base_seed, "members": MEMBERS,
-        "seeds": {m: member_seed(base_seed, m) for m in MEMBERS},
-        "untrained_seeds": {m: member_seed(base_seed, m, True) for m in MEMBERS},
+        "arch": arch, "recipe": recipe, "base_seed": base_seed, "members": members,
+        "seeds": {m: member_seed(base_seed, m) for m in members},
+        "untrained_seeds": {m: member_seed(base_seed, m, True) for m in members},
         "corpus": corpus.provenance["key"], "corpus_content_sha256": corpus.provenance["content_sha256"],
         "vocab_coverage": vocab.coverage(corpus.counts()), "processing": PROCESSING,
-        "val_loss": {m: records[m]["final_val_loss"] for m in MEMBERS},
-        "train_seconds": {m: records[m]["seconds"] for m in MEMBERS},
+        "val_loss": {m: records[m]["final_val_loss"] for m in members},
+        "train_seconds": {m: records[m]["seconds"] for m in members},
     })
     return folder
 
 
-def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", train: bool = True) -> Family:
-    """The embedded family (or its untrained control) of a preset; trains it first if needed."""
+def saved_checkpoint_steps(params: dict) -> list[int]:
+    """Training steps at which every member of the preset's embedded family saved its weights."""
+    arch, recipe = split_embedded_config(params["embedded"])
+    n_steps = max(1, int(recipe["train_tokens"]) // (int(recipe["batch_size"]) * arch["n_ctx"]))
+    return checkpoint_steps(n_steps, int(recipe["n_checkpoints"]))
+
+
+def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", train: bool = True,
+                    checkpoint: int | None = None) -> Family:
+    """The embedded family (or its untrained control) of a preset; trains it first if needed.
+    `checkpoint`: load every member's weights saved at that training step instead of the final ones."""
     if train:
         folder = ensure_family(params, verbose=True)
     else:
@@ -252,6 +272,8 @@ def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", 
     base = folder / "untrained" if untrained else folder
 
     def loader(member: str):
+        if checkpoint is not None:
+            return load_model(base / member / "checkpoints" / f"step{checkpoint:06d}", device)
         return load_model(base / member, device)
 
     from .presets import resolve_dir
@@ -263,8 +285,13 @@ def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", 
         return prepare_rows(corpus, vocab, n_ctx, split, n_tokens)
 
     name = "embedded-untrained" if untrained else "embedded"
-    return Family(name, list(MEMBERS), loader, lambda: VocabCodec(vocab), device,
-                  {**info, "folder": str(folder)}, rows, corpus)
+    ident = str(base)
+    if checkpoint is not None:
+        if checkpoint not in saved_checkpoint_steps(params):
+            raise ValueError(f"no checkpoint at step {checkpoint}; saved steps: {saved_checkpoint_steps(params)}")
+        name, ident = f"{name}@step{checkpoint}", f"{base}@step{checkpoint}"
+    return Family(name, family_members(params), loader, lambda: VocabCodec(vocab), device,
+                  {**info, "folder": ident, "family_folder": str(folder)}, rows, corpus)
 
 
 def evaluate_family(family: Family, rows: torch.Tensor, batch_size: int = 32) -> dict[str, float]:
@@ -287,13 +314,17 @@ def sample_family(family: Family, prompts: list[str], max_new_tokens: int = 30, 
     return pd.DataFrame.from_dict(rows, orient="index", columns=prompts)
 
 
+def _trained_members(folder: Path) -> list[str]:
+    return [m for m in MEMBERS if (folder / m / "train_log.json").is_file()]
+
+
 def training_table(folder: str | Path):
     """Per-member table: seed, final validation loss, training time and speed."""
     import pandas as pd
 
     folder = Path(folder)
     rows = []
-    for m in MEMBERS:
+    for m in _trained_members(folder):
         log = read_json(folder / m / "train_log.json")
         rows.append({"member": m, "seed": log["seed"], "steps": log["n_steps"],
                      "train_tokens": log["n_steps"] * log["tokens_per_step"],
@@ -308,7 +339,7 @@ def training_curves(folder: str | Path):
 
     folder = Path(folder)
     rows = []
-    for m in MEMBERS:
+    for m in _trained_members(folder):
         log = read_json(folder / m / "train_log.json")
         rows += [{"member": m, "kind": "train", "tokens": r["tokens"], "loss": r["loss"]} for r in log["train"]]
         rows += [{"member": m, "kind": "validation", "tokens": r["tokens"], "loss": r["val_loss"]} for r in log["eval"]]

@@ -1,0 +1,512 @@
+"""Per-neuron weight and activation statistics (paper §3 "properties of universal neurons" and
+§5(d) "prediction neurons": kurtosis and skew of W_U w_out).
+
+One row per neuron `(layer, neuron)` of one model:
+
+- weight statistics (`weight_statistics`), on the model's processed weights (App. A.1):
+  `w_in_norm`, `w_out_norm` (+ `w_lin_norm` for gated MLPs), `input_bias`, `in_out_sim`
+  cos(w_in, w_out), `l2_penalty` ||w_in||^2 + ||w_out||^2, the vocabulary moments
+  `vocab_mean/var/skew/kurt` of cos(W_U[:, t], w_out) over tokens t, and the largest cosine of
+  w_in (`max_cos_w_in`) and of w_out (`max_cos_w_out`) with any other neuron of the model;
+- activation statistics (`activation_statistics`), one streaming pass over held-out token rows
+  with the same token filter as the correlations (BOS/pad and newline dropped): mean, variance,
+  skew and kurtosis of the pre-activation (`mlp.hook_pre`) and of the post-activation
+  (`mlp.hook_post`), and `act_freq`, the fraction of tokens with a positive pre-activation.
+
+The paper histogrammed activations into 256 bins over [-10, 15] and took moments of the
+histogram; `StreamingMoments` computes the moments exactly instead (float64, mergeable,
+checkpointable).
+
+Command line: `python -m helpers.neuron_stats --preset default` (see `--help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .artifacts import atomic_torch_save, config_hash, write_json
+from .data import valid_token_mask
+from .models import neuron_weights
+
+STATE_FILE = "activation_moments.pt"
+TABLE_FILE = "neuron_stats.parquet"
+
+
+# --------------------------------------------------------------------------------------------
+# Exact streaming moments
+# --------------------------------------------------------------------------------------------
+
+
+class StreamingMoments:
+    """Exact streaming mean, variance, skew, kurtosis and positive fraction of `n` variables.
+
+    Feed `update(x)` with `x` [tokens, n] (any float dtype and device; moved to `device`).
+    Results, all float64 tensors [n] on `device`: `mean()`, `variance()` (population, 1/N),
+    `skew()` = m3 / m2^1.5, `kurtosis()` = m4 / m2^2 (raw standardized fourth moment: a Gaussian
+    gives 3, NOT the excess kurtosis), `fraction_positive()` = fraction of values > 0; `count`
+    is the number of tokens seen.
+
+    Design (precision): the state is `count`, the running float64 `mean` [n] and the float64
+    central sums M2, M3, M4 [n] (sums of (x - mean)^k), plus an exact int64 count of positive
+    values. The per-variable shift is therefore the running mean itself: each chunk of
+    at most `chunk_elems` elements is reduced in two passes (its own mean, then the sums of
+    powers of the deviations from it) and combined with the accumulator by the exact pairwise
+    update of Chan et al. / Pébay (2008), with d = mean_b - mean_a and N = n_a + n_b:
+
+        M2 = M2a + M2b + d^2 n_a n_b / N
+        M3 = M3a + M3b + d^3 n_a n_b (n_a - n_b) / N^2 + 3 d (n_a M2b - n_b M2a) / N
+        M4 = M4a + M4b + d^4 n_a n_b (n_a^2 - n_a n_b + n_b^2) / N^3
+                 + 6 d^2 (n_a^2 M2b + n_b^2 M2a) / N^2 + 4 d (n_a M3b - n_b M3a) / N
+
+    Raw power sums are never formed, so there is no catastrophic cancellation even when the
+    mean is many standard deviations from zero (e.g. 1000x), and `merge` combines accumulators
+    built anywhere, with any chunking, to rounding error (~1e-12 relative). Unlike the paper's
+    256-bin histogram over [-10, 15] this is exact: no binning, no clipping of the tails.
+
+    A variable whose variance is at most `dead_rtol` times its raw second moment (constant up to
+    float32 resolution) has NaN skew and kurtosis; everything is NaN before any data.
+    """
+
+    def __init__(self, n: int, device: str | torch.device = "cpu", chunk_elems: int = 1 << 22, dead_rtol: float = 1e-12):
+        if n < 1:
+            raise ValueError(f"n must be positive, got {n}")
+        self.n = int(n)
+        self.device = torch.device(device)
+        self.chunk_elems = int(chunk_elems)
+        self.dead_rtol = float(dead_rtol)
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.count = 0
+        self._mean = torch.zeros(self.n, **f64)
+        self._m2 = torch.zeros(self.n, **f64)
+        self._m3 = torch.zeros(self.n, **f64)
+        self._m4 = torch.zeros(self.n, **f64)
+        self._pos = torch.zeros(self.n, dtype=torch.int64, device=self.device)
+
+    def __repr__(self) -> str:
+        return f"StreamingMoments(n={self.n}, device={self.device}, count={self.count})"
+
+    # ------------------------------------------------------------------ update / merge
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> "StreamingMoments":
+        """Accumulate `x` [tokens, n] (a 1-D `x` is taken as one variable when n == 1)."""
+        x = torch.as_tensor(x)
+        if x.dim() == 1 and self.n == 1:
+            x = x[:, None]
+        if x.dim() != 2 or x.shape[1] != self.n:
+            raise ValueError(f"expected x [tokens, {self.n}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be floating point, got {x.dtype}")
+        rows = max(1, self.chunk_elems // self.n)
+        for start in range(0, x.shape[0], rows):
+            self._update_chunk(x[start : start + rows])
+        return self
+
+    def _update_chunk(self, x: torch.Tensor) -> None:
+        t = x.shape[0]
+        if t == 0:
+            return
+        x = x.to(self.device, torch.float64)
+        mean = x.mean(0)
+        d = x - mean
+        d2 = d * d
+        m2 = d2.sum(0)
+        m3 = (d2 * d).sum(0)
+        m4 = d2.square_().sum(0)
+        self._combine(t, mean, m2, m3, m4, (x > 0).sum(0))
+
+    def _combine(self, nb: int, mean_b, m2b, m3b, m4b, pos_b) -> None:
+        na = self.count
+        if na == 0:
+            for dst, src in ((self._mean, mean_b), (self._m2, m2b), (self._m3, m3b), (self._m4, m4b), (self._pos, pos_b)):
+                dst.copy_(src)
+            self.count = nb
+            return
+        n = na + nb
+        fa, fb, fn = float(na), float(nb), float(n)
+        d = mean_b - self._mean
+        d2 = d * d
+        m2a, m3a = self._m2.clone(), self._m3.clone()
+        self._m4.add_(m4b + d2 * d2 * (fa * fb * (fa * fa - fa * fb + fb * fb) / fn**3)
+                      + 6.0 * d2 * (fa * fa * m2b + fb * fb * m2a) / (fn * fn) + 4.0 * d * (fa * m3b - fb * m3a) / fn)
+        self._m3.add_(m3b + d2 * d * (fa * fb * (fa - fb) / (fn * fn)) + 3.0 * d * (fa * m2b - fb * m2a) / fn)
+        self._m2.add_(m2b + d2 * (fa * fb / fn))
+        self._mean.add_(d * (fb / fn))
+        self._pos.add_(pos_b.to(self._pos))
+        self.count = n
+
+    def merge(self, other: "StreamingMoments") -> "StreamingMoments":
+        """Add `other`'s statistics into this accumulator (exactly; `other` is unchanged)."""
+        if not isinstance(other, StreamingMoments):
+            raise TypeError(f"can only merge a StreamingMoments, got {type(other).__name__}")
+        if other.n != self.n:
+            raise ValueError(f"cannot merge {other.n} variables into {self.n}")
+        if other.count:
+            dev = self.device
+            self._combine(other.count, other._mean.to(dev), other._m2.to(dev), other._m3.to(dev), other._m4.to(dev),
+                          other._pos.to(dev))
+        return self
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Plain dict (CPU copies of the float64 state) for `torch.save`."""
+        return {"n": self.n, "count": self.count, "mean": self._mean.cpu().clone(), "m2": self._m2.cpu().clone(),
+                "m3": self._m3.cpu().clone(), "m4": self._m4.cpu().clone(), "n_pos": self._pos.cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> "StreamingMoments":
+        """Restore from `state_dict()` (onto this accumulator's device); bit-exact."""
+        if int(state["n"]) != self.n:
+            raise ValueError(f"state is for {state['n']} variables, accumulator has {self.n}")
+        for key, dst in (("mean", self._mean), ("m2", self._m2), ("m3", self._m3), ("m4", self._m4), ("n_pos", self._pos)):
+            if tuple(state[key].shape) != (self.n,):
+                raise ValueError(f"state[{key!r}] has shape {tuple(state[key].shape)}, expected ({self.n},)")
+            dst.copy_(state[key])
+        self.count = int(state["count"])
+        return self
+
+    # ------------------------------------------------------------------ results
+    def _nan_if_empty(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(t, float("nan")) if self.count == 0 else t
+
+    def mean(self) -> torch.Tensor:
+        """[n] float64 mean."""
+        return self._nan_if_empty(self._mean.clone())
+
+    def variance(self) -> torch.Tensor:
+        """[n] float64 population variance (divides by the count)."""
+        return self._nan_if_empty(self._m2 / max(self.count, 1))
+
+    def _standardized(self, m: torch.Tensor, power: float) -> torch.Tensor:
+        var = self.variance()
+        out = (m / max(self.count, 1)) / var.pow(power)
+        dead = var <= self.dead_rtol * (var + self._mean.square())
+        return out.masked_fill_(dead | var.isnan(), float("nan"))
+
+    def skew(self) -> torch.Tensor:
+        """[n] float64 skewness m3 / m2^1.5 (biased, = scipy.stats.skew(bias=True))."""
+        return self._standardized(self._m3, 1.5)
+
+    def kurtosis(self) -> torch.Tensor:
+        """[n] float64 raw kurtosis m4 / m2^2 (Gaussian = 3; = scipy kurtosis(fisher=False, bias=True))."""
+        return self._standardized(self._m4, 2.0)
+
+    def fraction_positive(self) -> torch.Tensor:
+        """[n] float64 fraction of the values that are > 0."""
+        return self._nan_if_empty(self._pos.double() / max(self.count, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Weight statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _unit_rows(w: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm (zero rows stay zero)."""
+    return w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+
+
+def _max_cos_other(units: torch.Tensor, block_elems: int) -> torch.Tensor:
+    """[N] max over j != i of units[i] . units[j] for unit rows `units` [N, d]; row blocks of
+    at most `block_elems` similarities at a time."""
+    n = units.shape[0]
+    out = torch.empty(n, dtype=units.dtype, device=units.device)
+    if n == 1:
+        return out.fill_(float("nan"))
+    rows = max(1, block_elems // n)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        sims = units[start:stop] @ units.T  # [b, N]
+        idx = torch.arange(stop - start, device=units.device)
+        sims[idx, idx + start] = float("-inf")
+        out[start:stop] = sims.max(dim=1).values
+    return out
+
+
+def _row_moments(c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Population mean, variance, skew, raw kurtosis of each row of `c` [rows, k] (two-pass)."""
+    mean = c.mean(1, keepdim=True)
+    d = c - mean
+    d2 = d * d
+    m2 = d2.mean(1)
+    m3 = (d2 * d).mean(1)
+    m4 = d2.square_().mean(1)
+    return mean[:, 0], m2, m3 / m2.pow(1.5), m4 / m2.square()
+
+
+@torch.no_grad()
+def weight_statistics(model, dtype: torch.dtype = torch.float32, block_elems: int = 1 << 24) -> pd.DataFrame:
+    """Per-neuron weight statistics of `model` (paper §3, Fig. 4; §5(d), Fig. 6), computed on the
+    weights as loaded (the families load processed weights: folded LayerNorm, centred writing
+    weights and unembedding).
+
+    Returns one row per neuron (`layer`, `neuron`, layers in order) with:
+    `w_in_norm` ||w_in||, `w_out_norm` ||w_out||, `w_lin_norm` ||w_lin|| (gated MLPs only: there
+    `w_in` is the gate, whose non-linearity makes the neuron fire, and `w_lin` the linear
+    branch), `input_bias` b_in, `in_out_sim` cos(w_in, w_out), `l2_penalty` ||w_in||^2 +
+    ||w_out||^2; `vocab_mean`, `vocab_var`, `vocab_skew`, `vocab_kurt`: population moments over
+    the d_vocab tokens t of c_t = cos(W_U[:, t], w_out) (kurtosis raw, Gaussian = 3);
+    `max_cos_w_in`, `max_cos_w_out`: the largest cosine of w_in (resp. w_out) with that of any
+    OTHER neuron of any layer.
+
+    Per-neuron quantities are float64. The max cosines are matrix products in `dtype` (float32:
+    errors ~1e-6; pass torch.float64 for exact values), in row blocks of at most `block_elems`
+    entries, as are the [neurons, d_vocab] cosine blocks (float64). Zero vectors give NaN.
+    """
+    cfg = model.cfg
+    n_layers, d_mlp = cfg.n_layers, cfg.d_mlp
+    gated = bool(getattr(cfg, "gated_mlp", False))
+    unembed = model.W_U.detach().double()  # [d_model, d_vocab]
+    unembed = unembed / unembed.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("w_in_norm", "w_out_norm", "w_lin_norm", "input_bias",
+                                                         "in_out_sim", "l2_penalty", "vocab_mean", "vocab_var",
+                                                         "vocab_skew", "vocab_kurt")}
+    units_in, units_out = [], []
+    for layer in range(n_layers):
+        nw = neuron_weights(model, layer)
+        w_in = nw.w_in.T.double()  # [d_mlp, d_model]
+        w_out = nw.w_out.double()  # [d_mlp, d_model]
+        in_norm, out_norm = w_in.norm(dim=1), w_out.norm(dim=1)
+        cols["w_in_norm"].append(in_norm)
+        cols["w_out_norm"].append(out_norm)
+        if gated:
+            cols["w_lin_norm"].append(nw.w_lin.double().norm(dim=0))
+        cols["input_bias"].append(nw.b_in.double())
+        cols["in_out_sim"].append((w_in * w_out).sum(1) / (in_norm * out_norm))
+        cols["l2_penalty"].append(in_norm.square() + out_norm.square())
+        out_unit = _unit_rows(w_out)
+        rows = max(1, block_elems // unembed.shape[1])
+        parts = [_row_moments(out_unit[s : s + rows] @ unembed.to(out_unit.device)) for s in range(0, d_mlp, rows)]
+        for k, name in enumerate(("vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt")):
+            v = torch.cat([p[k] for p in parts])
+            cols[name].append(v.masked_fill(out_norm == 0, float("nan")))
+        units_in.append(_unit_rows(w_in).to(dtype))
+        units_out.append(out_unit.to(dtype))
+    df = pd.DataFrame({"layer": np.repeat(np.arange(n_layers), d_mlp), "neuron": np.tile(np.arange(d_mlp), n_layers)})
+    for name, parts in cols.items():
+        if parts:
+            df[name] = torch.cat(parts).cpu().numpy().astype(np.float64)
+    for name, units, norms in (("max_cos_w_in", units_in, cols["w_in_norm"]), ("max_cos_w_out", units_out, cols["w_out_norm"])):
+        m = _max_cos_other(torch.cat(units), block_elems).double()
+        df[name] = m.masked_fill(torch.cat(norms).to(m.device) == 0, float("nan")).cpu().numpy()
+    return df
+
+
+# --------------------------------------------------------------------------------------------
+# Activation statistics (streaming, checkpointed)
+# --------------------------------------------------------------------------------------------
+
+ACTIVATION_COLUMNS = ["pre_mean", "pre_var", "pre_skew", "pre_kurt", "act_freq", "post_mean", "post_var", "post_skew",
+                      "post_kurt"]
+
+
+@torch.no_grad()
+def _accumulate_batch(model, tokens: torch.Tensor, mask: torch.Tensor, pre: list[StreamingMoments],
+                      post: list[StreamingMoments]) -> None:
+    """One forward pass of `tokens` [batch, pos]; each layer's `mlp.hook_pre` / `mlp.hook_post`
+    [batch, pos, d_mlp] at the `mask`ed tokens goes into that layer's accumulators (one layer's
+    activations in memory at a time, nothing cached)."""
+    device = model.cfg.device
+    mask = mask.to(device)
+
+    def into(acc: StreamingMoments):
+        def hook(act, hook):
+            acc.update(act[mask])
+
+        return hook
+
+    hooks = [(f"blocks.{l}.mlp.hook_pre", into(pre[l])) for l in range(model.cfg.n_layers)]
+    hooks += [(f"blocks.{l}.mlp.hook_post", into(post[l])) for l in range(model.cfg.n_layers)]
+    model.run_with_hooks(tokens.to(device), return_type=None, stop_at_layer=model.cfg.n_layers, fwd_hooks=hooks)
+
+
+def _rows_fingerprint(rows: torch.Tensor, drop_ids: Sequence[int], n_layers: int, d_mlp: int) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(rows.cpu().numpy().astype(np.int64)).tobytes())
+    h.update(repr((tuple(rows.shape), sorted(int(t) for t in drop_ids), n_layers, d_mlp)).encode())
+    return h.hexdigest()[:16]
+
+
+def _moments_table(pre: list[StreamingMoments], post: list[StreamingMoments], d_mlp: int) -> pd.DataFrame:
+    n_layers = len(pre)
+
+    def cat(accs, fn):
+        return torch.cat([getattr(a, fn)() for a in accs]).cpu().numpy()
+
+    df = pd.DataFrame({"layer": np.repeat(np.arange(n_layers), d_mlp), "neuron": np.tile(np.arange(d_mlp), n_layers)})
+    for side, accs in (("pre", pre), ("post", post)):
+        df[f"{side}_mean"] = cat(accs, "mean")
+        df[f"{side}_var"] = cat(accs, "variance")
+        df[f"{side}_skew"] = cat(accs, "skew")
+        df[f"{side}_kurt"] = cat(accs, "kurtosis")
+        if side == "pre":
+            df["act_freq"] = cat(accs, "fraction_positive")
+    return df[["layer", "neuron", *ACTIVATION_COLUMNS]]
+
+
+def activation_statistics(model, rows: torch.Tensor, drop_ids: Sequence[int], out_dir: str | Path | None = None,
+                          batch_size: int = 32, checkpoint_every: int = 200_000, verbose: bool = False) -> pd.DataFrame:
+    """Activation moments of every neuron of `model` over the token rows `rows` [rows, n_ctx]
+    (paper §3, Fig. 4: activation frequency, skew and kurtosis), dropping the tokens in
+    `drop_ids` (BOS/pad and newline: the same tokens as the correlations).
+
+    Returns one row per neuron (`layer`, `neuron`) with `pre_mean`, `pre_var`, `pre_skew`,
+    `pre_kurt` of the pre-activation (`mlp.hook_pre`: the gate for gated MLPs), `act_freq` the
+    fraction of tokens where it is > 0, and `post_mean`, `post_var`, `post_skew`, `post_kurt` of
+    the post-activation (`mlp.hook_post`). Variances are population variances; kurtoses raw
+    (Gaussian = 3). Exact moments (`StreamingMoments`), not the paper's 256-bin histograms.
+
+    With `out_dir`, the accumulators are saved to `out_dir/activation_moments.pt` every
+    `checkpoint_every` valid tokens and at the end; a restarted call resumes from the saved row
+    (any `batch_size`) and gives the same result as an uninterrupted run. A finished state is
+    reused as is. A state made from other rows / drop_ids / model shape raises ValueError.
+    """
+    cfg = model.cfg
+    n_layers, d_mlp = cfg.n_layers, cfg.d_mlp
+    device = cfg.device
+    pre = [StreamingMoments(d_mlp, device) for _ in range(n_layers)]
+    post = [StreamingMoments(d_mlp, device) for _ in range(n_layers)]
+    fingerprint = _rows_fingerprint(rows, drop_ids, n_layers, d_mlp)
+    state_file = Path(out_dir) / STATE_FILE if out_dir is not None else None
+    start_row, n_valid = 0, 0
+    if state_file is not None and state_file.is_file():
+        st = torch.load(state_file, map_location="cpu", weights_only=False)
+        if st["fingerprint"] != fingerprint:
+            raise ValueError(f"{state_file} was made from other token rows, drop_ids or model shape; "
+                             "delete it or use another out_dir")
+        for acc, s in zip(pre + post, st["pre"] + st["post"]):
+            acc.load_state_dict(s)
+        start_row, n_valid = int(st["next_row"]), int(st["n_valid"])
+        if verbose and start_row < len(rows):
+            print(f"resuming activation statistics at row {start_row}/{len(rows)} ({n_valid:,} tokens)")
+
+    def save(next_row: int) -> None:
+        if state_file is not None:
+            atomic_torch_save({"fingerprint": fingerprint, "next_row": next_row, "n_valid": n_valid,
+                               "pre": [a.state_dict() for a in pre], "post": [a.state_dict() for a in post]}, state_file)
+
+    if start_row < len(rows):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows), initial=start_row, desc="activation statistics", unit="row", disable=not verbose)
+        last_ckpt = n_valid
+        for start in range(start_row, len(rows), batch_size):
+            tokens = rows[start : start + batch_size]
+            mask = valid_token_mask(tokens, drop_ids)
+            _accumulate_batch(model, tokens, mask, pre, post)
+            n_valid += int(mask.sum())
+            bar.update(len(tokens))
+            stop = start + len(tokens)
+            if stop == len(rows) or n_valid - last_ckpt >= checkpoint_every:
+                save(stop)
+                last_ckpt = n_valid
+        bar.close()
+    df = _moments_table(pre, post, d_mlp)
+    df.attrs["n_valid_tokens"] = n_valid
+    return df
+
+
+# --------------------------------------------------------------------------------------------
+# The joined table, its cache folder, and the command line
+# --------------------------------------------------------------------------------------------
+
+
+def neuron_stats_table(model, rows: torch.Tensor, drop_ids: Sequence[int], out_dir: str | Path, batch_size: int = 32,
+                       checkpoint_every: int = 200_000, verbose: bool = True) -> pd.DataFrame:
+    """Weight and activation statistics of every neuron of `model`, joined on (`layer`,
+    `neuron`) (paper §3 and §5(d)); saved as `out_dir/neuron_stats.parquet` (and `.csv`,
+    `run.json`). Cached: a finished table in `out_dir` is returned as is; an interrupted
+    activation pass resumes from its checkpoint in `out_dir`."""
+    out = Path(out_dir)
+    table_path = out / TABLE_FILE
+    if table_path.is_file():
+        return pd.read_parquet(table_path)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    weights = weight_statistics(model)
+    acts = activation_statistics(model, rows, drop_ids, out, batch_size, checkpoint_every, verbose)
+    n_valid = acts.attrs.get("n_valid_tokens")
+    table = weights.merge(acts, on=["layer", "neuron"], how="inner", validate="one_to_one")
+    assert len(table) == model.cfg.n_layers * model.cfg.d_mlp
+    tmp = table_path.with_suffix(".tmp.parquet")
+    table.to_parquet(tmp)
+    table.to_csv(out / "neuron_stats.csv", index=False)
+    write_json(out / "run.json", {"n_rows": len(rows), "n_ctx": int(rows.shape[1]), "n_valid_tokens": n_valid,
+                                  "drop_ids": [int(t) for t in drop_ids], "n_layers": model.cfg.n_layers,
+                                  "d_mlp": model.cfg.d_mlp, "gated_mlp": bool(getattr(model.cfg, "gated_mlp", False)),
+                                  "processing": getattr(model, "processing", None), "seconds": round(time.time() - t0, 1)})
+    os.replace(tmp, table_path)
+    return table
+
+
+def stats_dir(family, member: str, n_tokens: int, artifacts_dir: str | Path) -> Path:
+    """Cache folder of the neuron statistics of `member` of `family` over `n_tokens` held-out
+    tokens: keyed by everything that determines the result."""
+    ident = {"family": family.name, "family_key": family.info.get("folder", family.name), "member": member,
+             "n_tokens": int(n_tokens), "version": 1}
+    return Path(artifacts_dir) / "neuron_stats" / f"{family.name}-{member}-{config_hash(ident)}"
+
+
+def member_neuron_stats(family, n_tokens: int, artifacts_dir: str | Path, member: str | None = None, batch_size: int = 32,
+                        checkpoint_every: int = 200_000, out_dir: str | Path | None = None,
+                        verbose: bool = True) -> pd.DataFrame:
+    """The neuron statistics table of `member` (default: the family's reference) over the same
+    `n_tokens` held-out rows as the correlations (`family.token_rows`), computed once, then cached."""
+    member = member or family.reference
+    out = Path(out_dir) if out_dir else stats_dir(family, member, n_tokens, artifacts_dir)
+    if (out / TABLE_FILE).is_file():
+        return pd.read_parquet(out / TABLE_FILE)
+    model = family.load(member)
+    rows = family.token_rows(n_tokens)
+    return neuron_stats_table(model, rows, family.codec.drop_ids, out, batch_size, checkpoint_every, verbose)
+
+
+def summary(table: pd.DataFrame) -> str:
+    """A few lines on the table: per-layer medians of the main statistics."""
+    cols = [c for c in ("act_freq", "pre_skew", "pre_kurt", "post_kurt", "w_in_norm", "in_out_sim", "vocab_kurt",
+                        "max_cos_w_in") if c in table]
+    return table.groupby("layer")[cols].median().to_string(float_format=lambda v: f"{v:.3g}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .correlate import short_name
+    from .models import load_family
+    from .presets import load_preset, resolve_dir
+
+    ap = argparse.ArgumentParser(description="Per-neuron weight and activation statistics of one model (paper §3, §5).")
+    ap.add_argument("--preset", default="default", help="params/<preset>.yaml (family, tokens, device, ...)")
+    ap.add_argument("--family", default=None, help="overrides the preset's family (e.g. embedded-untrained)")
+    ap.add_argument("--member", default=None, help="which seed (full or short name; default: the family's reference)")
+    ap.add_argument("--n-tokens", type=int, default=None, help="tokens of held-out text (default: the preset's n_tokens)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--checkpoint-every", type=int, default=200_000, help="tokens between accumulator checkpoints")
+    ap.add_argument("--out", default=None, help="output folder (default: a cache folder keyed by the run's inputs)")
+    args = ap.parse_args(argv)
+    params = load_preset(args.preset)
+    device = args.device or params.get("device", "cpu")
+    fam = load_family(args.family or params["family"], params, device=device)
+    member = args.member or fam.reference
+    if member not in fam.members:
+        matches = [m for m in fam.members if short_name(m) == member]
+        if len(matches) != 1:
+            ap.error(f"{member!r} is not a member of {fam.name!r}; members: {fam.members}")
+        member = matches[0]
+    n_tokens = args.n_tokens or int(params["n_tokens"])
+    art = resolve_dir(params.get("artifacts_dir", "artifacts"))
+    out = Path(args.out) if args.out else stats_dir(fam, member, n_tokens, art)
+    table = member_neuron_stats(fam, n_tokens, art, member, args.batch_size or int(params.get("batch_size", 32)),
+                                args.checkpoint_every, out)
+    print(f"{out}: {len(table)} neurons of {fam.name}/{member}; median act_freq {table.act_freq.median():.3f}, "
+          f"median post kurtosis {table.post_kurt.median():.2f}, median vocab kurtosis {table.vocab_kurt.median():.2f}")
+    print(summary(table))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""What makes universal neurons different (paper §3, Figs 3, 9, 10, 14): comparisons of the
+per-neuron statistics table (`helpers.neuron_stats`) between a neuron set and the rest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+# Fig 3's metrics: column of the statistics table -> label; direction the paper reports for
+# universal neurons relative to the rest (+1 higher, -1 lower, 0 not stated).
+FIG3_METRICS = {
+    "act_freq": ("activation frequency", -1),
+    "pre_mean": ("pre-activation mean", -1),
+    "pre_skew": ("pre-activation skew", +1),
+    "pre_kurt": ("pre-activation kurtosis", +1),
+    "input_bias": ("input bias", -1),
+    "in_out_sim": ("cos(w_in, w_out)", 0),
+    "l2_penalty": ("L2 penalty", +1),
+    "vocab_kurt": ("W_U kurtosis", +1),
+}
+
+# Medians over universal neurons computed from the paper's released tables (PAPER.md §3)
+PAPER_MEDIANS = {
+    "stanford-gpt2-small": {"pre_kurt": 5.6, "pre_skew": 0.80, "act_freq": 0.025, "input_bias": -0.79, "l2_penalty": 0.77},
+    "stanford-gpt2-medium": {"pre_kurt": 6.0, "pre_skew": 0.93, "act_freq": 0.036, "input_bias": -0.40, "l2_penalty": 0.61},
+    "pythia-160m": {"pre_kurt": 5.8, "pre_skew": 0.70, "act_freq": 0.045, "input_bias": -0.05, "l2_penalty": 2.09},
+}
+
+
+def within_layer_percentiles(df: pd.DataFrame, metrics: list[str], selected: str) -> pd.DataFrame:
+    """Fig 3: for every neuron with `selected` true, the percentile (0-100) of each metric among
+    all neurons of its own layer. Long table: layer, neuron, metric, percentile."""
+    ranks = df.groupby("layer")[metrics].rank(pct=True, method="average") * 100
+    out = pd.concat([df[["layer", "neuron"]], ranks], axis=1)[df[selected].astype(bool)]
+    return out.melt(id_vars=["layer", "neuron"], value_vars=metrics, var_name="metric", value_name="percentile")
+
+
+def compare_sets(df: pd.DataFrame, metrics: dict, selected: str) -> pd.DataFrame:
+    """Median of each metric in the selected set and in the rest, the difference's direction, the
+    paper's direction, and a Mann-Whitney U test p-value."""
+    sel = df[selected].astype(bool)
+    rows = []
+    for col, (label, paper_dir) in metrics.items():
+        a, b = df.loc[sel, col].dropna(), df.loc[~sel, col].dropna()
+        p = sps.mannwhitneyu(a, b).pvalue if len(a) > 1 and len(b) > 1 else np.nan
+        diff = a.median() - b.median()
+        ours = int(np.sign(diff)) if np.isfinite(diff) else 0
+        rows.append({"metric": label, "column": col, "median (set)": a.median(), "median (rest)": b.median(),
+                     "direction": {1: "higher", -1: "lower", 0: "same"}[ours],
+                     "paper": {1: "higher", -1: "lower", 0: "not stated"}[paper_dir],
+                     "agrees": "n/a" if paper_dir == 0 else ("yes" if ours == paper_dir and p < 0.05 else "no"),
+                     "p (Mann-Whitney)": p})
+    return pd.DataFrame(rows).set_index("metric")
+
+
+def linear_fit(x: pd.Series, y: pd.Series) -> dict:
+    """Least-squares line y = slope x + intercept and Pearson r (Fig 9)."""
+    ok = x.notna() & y.notna()
+    res = sps.linregress(x[ok], y[ok])
+    return {"slope": res.slope, "intercept": res.intercept, "r": res.rvalue, "n": int(ok.sum())}
+
+
+def per_layer_long(df: pd.DataFrame, metrics: list[str], selected: str, clip: tuple[float, float] = (0.0025, 0.9975)) -> pd.DataFrame:
+    """Fig 14: long table of metric values per layer and set, clipped to the given quantiles of
+    each metric (as the paper's y-axes are)."""
+    long = df.assign(set=np.where(df[selected].astype(bool), "selected", "rest")).melt(
+        id_vars=["layer", "neuron", "set"], value_vars=metrics, var_name="metric", value_name="value")
+    lo = long.groupby("metric")["value"].transform(lambda s: s.quantile(clip[0]))
+    hi = long.groupby("metric")["value"].transform(lambda s: s.quantile(clip[1]))
+    return long[(long.value >= lo) & (long.value <= hi)]
