@@ -57,12 +57,13 @@ reference = "a"
 device = "cpu"
 seed = 0
 artifacts_dir = "artifacts"
-n_tokens = 1000000
-n_tokens_aux = 250000
+n_tokens = 600000
+n_tokens_aux = 150000
 threshold = 0.5
 baseline = "rotation"
 batch_size = 32
 single_model = "smollm2-135m"
+n_tokens_single = 100000
 corpus = {
     "sources": ["python-docs", "python-code", "gcide", "wordnet", "perl-docs", "foldoc"],
     "max_chars_per_source": 12000000,
@@ -186,7 +187,7 @@ fig.show()
 
 # %%
 single = models.load_family(single_model, params, device=device)
-single_stats = neuron_stats.member_neuron_stats(single, n_tokens_aux, art, batch_size=8)
+single_stats = neuron_stats.member_neuron_stats(single, n_tokens_single, art, batch_size=8)
 compare = pd.concat([df.assign(model=f"{fam.name}-{reference}"), single_stats.assign(model=single_model)])
 fig = plots.quantile_boxes(compare.melt(id_vars=["model"], value_vars=["pre_kurt", "pre_skew", "act_freq", "vocab_kurt"],
                                         var_name="metric"), x="metric", y="value", color="model")
