@@ -129,7 +129,17 @@ def write_run_record(record: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def build(preset: str = "default", notebooks: list[str] | None = None, skip_html: bool = False) -> Path:
+def execution_key(name: str, preset_file: Path, root: Path) -> str:
+    """Hash of everything a chapter's execution depends on: its source, the preset, the helpers."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in [root / "notebooks" / f"{name}.py", preset_file, *sorted((root / "src" / "helpers").glob("*.py"))]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def build(preset: str = "default", notebooks: list[str] | None = None, skip_html: bool = False, force: bool = False) -> Path:
     root = repo_root()
     pfile = preset_path(preset)
     params = load_preset(pfile)
@@ -149,8 +159,17 @@ def build(preset: str = "default", notebooks: list[str] | None = None, skip_html
         record["family"] = {**read_json(folder / "family.json"), "folder": str(folder.relative_to(root)) if folder.is_relative_to(root) else str(folder)}
     out_dir = root / "book" / "executed"
     for name in notebooks or notebook_names(root):
+        key = execution_key(name, pfile, root)
+        stamp = out_dir / f".{name}.key"
+        last = read_json(stamp) if stamp.is_file() else {}
+        if not force and (out_dir / f"{name}.ipynb").is_file() and last.get("key") == key:
+            print(f"{name}: unchanged since its last execution (notebook, preset and helpers), reused", flush=True)
+            timings[f"notebook {name} (executed earlier)"] = last["seconds"]
+            continue
         print(f"executing {name} ...", flush=True)
+        stamp.unlink(missing_ok=True)
         timings[f"notebook {name}"] = execute_notebook(name, pfile, out_dir, root)
+        write_json(stamp, {"key": key, "seconds": timings[f"notebook {name}"]})
         print(f"  {timings[f'notebook {name}']:.0f} s", flush=True)
     record.update(timings=timings, hardware=hardware(), versions=package_versions())
     write_json(resolve_dir(params.get("artifacts_dir", "artifacts")) / f"run_record_{pfile.stem}.json", record)
@@ -175,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="default")
     ap.add_argument("--notebook", action="append", default=None, help="execute only these notebooks (name without suffix)")
     ap.add_argument("--skip-html", action="store_true", help="execute notebooks but do not run jupyter-book")
+    ap.add_argument("--force", action="store_true", help="re-execute notebooks even if nothing they depend on changed")
     args = ap.parse_args(argv)
-    print(build(args.preset, args.notebook, args.skip_html))
+    print(build(args.preset, args.notebook, args.skip_html, args.force))
 
 
 if __name__ == "__main__":
