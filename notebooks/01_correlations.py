@@ -109,8 +109,8 @@ display(table.head())
 # %% [markdown]
 # ## 2. The untrained control
 #
-# The same computation on five **untrained** models of the same architecture measures what random
-# networks share by construction (the same tokens, the same embedding statistics). The paper's 0.5
+# The same computation, on the same tokens, for five **untrained** models of the same architecture
+# measures what random networks share by construction (the same tokens, the same embedding statistics). The paper's 0.5
 # threshold was set on GPT-2, whose rotation baseline has median ~0.15; small dense models have far
 # higher baselines, so this chapter also reports a threshold calibrated on the control: neurons
 # whose excess correlation exceeds the **largest** excess of any control neuron (`above_control`),
@@ -120,7 +120,7 @@ display(table.head())
 control = None
 if is_embedded:
     ctl_fam = models.load_family("embedded-untrained", params, device=device)
-    control = universality.universality_table(ctl_fam, n_tokens_aux, art, device=device, batch_size=batch_size, seed=seed,
+    control = universality.universality_table(ctl_fam, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
                                               baseline=baseline, threshold=threshold)
     table = universality.add_calibrated_sets(table, control)
 else:

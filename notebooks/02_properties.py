@@ -101,7 +101,7 @@ fam = models.load_family(family, params, device=device)
 table = universality.universality_table(fam, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
                                         baseline=baseline, threshold=threshold)
 if fam.name.startswith("embedded"):
-    control = universality.universality_table(models.load_family("embedded-untrained", params, device=device), n_tokens_aux,
+    control = universality.universality_table(models.load_family("embedded-untrained", params, device=device), n_tokens,
                                               art, device=device, batch_size=batch_size, seed=seed, baseline=baseline,
                                               threshold=threshold)
     table = universality.add_calibrated_sets(table, control)

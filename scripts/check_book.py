@@ -40,7 +40,7 @@ def main(html_dir: str = "_build/html") -> int:
                                  capture_output=True, text=True, timeout=180).stdout
             subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shots / (page.stem + '.png')}",
                             page.as_uri()], capture_output=True, text=True, timeout=180)
-        drawn = len(re.findall(r'<svg[^>]*class="main-svg"', dom)) // 2  # plotly draws two main-svg layers per figure
+        drawn = len(re.findall(r"class=\"plot-container plotly\"", dom))  # one per figure plotly rendered
         ok = expected == 0 or drawn >= expected
         failed |= not ok
         print(f"{'ok ' if ok else 'FAIL'} {page.name}: {drawn} of {expected} plotly figures drawn")

@@ -33,12 +33,15 @@ def notebook_names(root: Path | None = None) -> list[str]:
 def sync_notebook(py: Path) -> Path:
     """Make sure the paired .ipynb exists and matches its .py source (jupytext)."""
     import jupytext
+    from jupytext.cli import jupytext as jupytext_cli
 
     nb_path = py.with_suffix(".ipynb")
-    nb = jupytext.read(py)
-    nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
-    if not nb_path.is_file() or jupytext.read(nb_path).cells != nb.cells:
-        jupytext.write(nb, nb_path)
+
+    def content(nb):
+        return [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in nb.cells]
+
+    if not nb_path.is_file() or content(jupytext.read(nb_path)) != content(jupytext.read(py)):
+        jupytext_cli(["--sync", "--quiet", str(py)])  # keeps the .ipynb's cell ids
     return nb_path
 
 
