@@ -239,11 +239,8 @@ def _dictd_docs(stem: str, encoding: str, label: str):
     return to_docs
 
 
-def _stdlib_source(ctx: BuildContext) -> tuple[list[Document], dict]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    paths = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
-    if not paths:
-        raise SourceMissing(f"no standard-library sources under {root}")
+def _read_tree(root: Path, paths: list[Path]) -> tuple[list[tuple[str, bytes]], str]:
+    """(relative path, content) of each file, and one sha256 over all paths and contents."""
     h = hashlib.sha256()
     files = []
     for p in paths:
@@ -251,8 +248,17 @@ def _stdlib_source(ctx: BuildContext) -> tuple[list[Document], dict]:
         blob = p.read_bytes()
         h.update(rel.encode() + b"\0" + hashlib.sha256(blob).digest())
         files.append((rel, blob))
+    return files, h.hexdigest()
+
+
+def _stdlib_source(ctx: BuildContext) -> tuple[list[Document], dict]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    if not paths:
+        raise SourceMissing(f"no standard-library sources under {root}")
+    files, digest = _read_tree(root, paths)
     info = {"kind": "python-stdlib", "python": sys.version.split()[0], "root": str(root),
-            "n_files": len(files), "sha256": h.hexdigest()}
+            "n_files": len(files), "sha256": digest}
     return _file_docs(files, "python-code"), info
 
 
@@ -285,14 +291,8 @@ def text_dir_source(path: str | Path) -> tuple[str, Source]:
         paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not paths:
             raise SourceMissing(f"text folder {root} holds no {sorted(TEXT_SUFFIXES)} files")
-        h = hashlib.sha256()
-        files = []
-        for p in paths:
-            rel = p.relative_to(root).as_posix()
-            blob = p.read_bytes()
-            h.update(rel.encode() + b"\0" + hashlib.sha256(blob).digest())
-            files.append((rel, blob))
-        return _file_docs(files, label), {"kind": "text-dir", "path": str(root), "n_files": len(files), "sha256": h.hexdigest()}
+        files, digest = _read_tree(root, paths)
+        return _file_docs(files, label), {"kind": "text-dir", "path": str(root), "n_files": len(files), "sha256": digest}
 
     return label, Source(label, load)
 
