@@ -169,7 +169,7 @@ if is_embedded:
 # %% [markdown]
 # ## 4. What the seeds write
 #
-# Samples (temperature 0.7) from each seed on the same held-out prompt. Small models trained for
+# Samples (temperature 0.7, the unknown-token id excluded) from each seed on the same prompts. Small models trained for
 # minutes produce locally plausible text in the corpus's registers (reStructuredText, Python,
 # dictionary entries), not coherent prose.
 

@@ -452,11 +452,15 @@ def describe_model(model) -> dict:
 
 @torch.no_grad()
 def sample_text(model, codec, prompt: str, max_new_tokens: int = 40, temperature: float = 0.7, seed: int = 0) -> str:
-    """Continue `prompt` by sampling (seeded); returns only the continuation."""
+    """Continue `prompt` by sampling (seeded); returns only the continuation. A reduced vocabulary's
+    unknown-token id is never sampled (it stands for thousands of rare tokens and would fill the text)."""
     tokens = codec.encode(prompt).to(model.cfg.device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    unk = getattr(getattr(codec, "vocab", None), "unk_id", None)
     for _ in range(max_new_tokens):
         logits = model(tokens[:, -model.cfg.n_ctx :], return_type="logits")[0, -1].float().cpu()
+        if unk is not None:
+            logits[unk] = float("-inf")
         probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
         nxt = torch.multinomial(probs, 1, generator=gen)
         tokens = torch.cat([tokens, nxt.to(tokens.device)[None]], dim=1)
