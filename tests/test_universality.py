@@ -1,0 +1,78 @@
+"""Analyses of the universality table and of neuron properties, on hand-built tables with known answers."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import properties, sweep, universality
+
+
+def _table():
+    # 2 layers x 3 neurons, 2 comparison seeds
+    return pd.DataFrame({
+        "layer": [0, 0, 0, 1, 1, 1], "neuron": [0, 1, 2, 0, 1, 2],
+        "max_corr_b": [0.9, 0.5, 0.4, 0.8, 0.3, 0.6], "match_layer_b": [0, 0, 1, 1, 1, 0],
+        "max_corr_c": [0.7, 0.5, 0.2, 0.8, 0.5, 0.6], "match_layer_c": [0, 1, 1, 1, 0, 0],
+        "baseline_b": [0.2] * 6, "baseline_c": [0.2] * 6,
+    }).assign(
+        mean_corr=lambda d: (d.max_corr_b + d.max_corr_c) / 2, max_corr=lambda d: d[["max_corr_b", "max_corr_c"]].max(axis=1),
+        min_corr=lambda d: d[["max_corr_b", "max_corr_c"]].min(axis=1), mean_baseline=0.2,
+        excess_corr=lambda d: d.mean_corr - 0.2, is_universal=lambda d: d.mean_corr - 0.2 > 0.5, is_dead=False)
+
+
+def test_best_match_layers_averages_over_seeds():
+    heat = universality.best_match_layers(_table())
+    # layer 0: seed b matches in layers [0, 0, 1], seed c in [0, 1, 1] -> (2/3 + 1/3) / 2 = 0.5 in layer 0
+    assert heat.loc[0, 0] == pytest.approx(0.5) and heat.loc[0, 1] == pytest.approx(0.5)
+    assert heat.loc[1, 1] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert np.allclose(heat.sum(axis=1), 1)
+
+
+def test_seed_spread_and_shares():
+    t = _table()
+    s = universality.seed_spread(t)
+    assert s["all"] == pytest.approx(np.mean([0.2, 0, 0.2, 0, 0.2, 0]))
+    assert s["n_selected"] == 2 and s["selected"] == pytest.approx(0.1)  # neurons L0.0 and L1.0
+    assert universality.share_by_layer(t).tolist() == [pytest.approx(1 / 3), pytest.approx(1 / 3)]
+    assert universality.comparison_members(t) == ["b", "c"]
+
+
+def test_calibrated_sets_and_choice():
+    t = _table()
+    control = t.assign(excess_corr=[0.1, 0.15, 0.3, 0.0, 0.05, 0.2])
+    out = universality.add_calibrated_sets(t, control, top_fraction=0.2)
+    assert out.above_control.tolist() == (t.excess_corr > 0.3).tolist()
+    assert out.top_excess.sum() >= 1 and out.loc[out.excess_corr.idxmax(), "top_excess"]
+    assert universality.choose_set(out, min_count=2) == "is_universal"
+    assert universality.choose_set(out, min_count=3) == "above_control"
+    assert universality.choose_set(out, min_count=10) == "top_excess"
+
+
+def test_within_layer_percentiles_rank_inside_each_layer():
+    df = pd.DataFrame({"layer": [0, 0, 0, 1, 1], "neuron": [0, 1, 2, 0, 1], "x": [1.0, 2.0, 3.0, 10.0, 0.0],
+                       "sel": [False, False, True, True, False]})
+    pct = properties.within_layer_percentiles(df, ["x"], "sel")
+    assert pct.percentile.tolist() == [100.0, 100.0]  # the largest of its own layer, in both layers
+
+
+def test_compare_sets_reports_direction_and_agreement():
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"a": np.r_[rng.normal(5, 1, 50), rng.normal(0, 1, 200)], "sel": [True] * 50 + [False] * 200})
+    res = properties.compare_sets(df, {"a": ("metric a", +1)}, "sel")
+    assert res.loc["metric a", "direction"] == "higher" and res.loc["metric a", "agrees"] == "yes"
+    res = properties.compare_sets(df, {"a": ("metric a", -1)}, "sel")
+    assert res.loc["metric a", "agrees"] == "no"
+
+
+def test_linear_fit_recovers_a_line():
+    x = pd.Series(np.linspace(-1, 1, 50))
+    fit = properties.linear_fit(x, 2 * x + 1)
+    assert fit["slope"] == pytest.approx(2) and fit["intercept"] == pytest.approx(1) and fit["r"] == pytest.approx(1)
+
+
+def test_sweep_appendix_lists_every_configuration(tmp_path):
+    cols = ["config", "val_loss_mean", "val_loss_spread", "train_cpu_minutes", "baseline_median", "excess_median", "excess_p99",
+            "excess_max", "share>0.3", "share>0.5", "control_p99", "control_max", "share_above_control_max", "p99_gain_per_cpu_minute"]
+    df = pd.DataFrame([["A"] + [0.1] * 12 + [0.01], ["B"] + [0.2] * 12 + [0.02]], columns=cols)
+    sweep.write_appendix(df, "python -m helpers.sweep", tmp_path / "a.md")
+    text = (tmp_path / "a.md").read_text()
+    assert "| A |" in text and "| B |" in text and "**B**" in text and "python -m helpers.sweep" in text
