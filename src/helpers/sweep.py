@@ -83,8 +83,15 @@ def write_appendix(df: pd.DataFrame, command: str, path: str | Path) -> None:
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in show.itertuples(index=False)]
     best = df.sort_values("p99_gain_per_cpu_minute", ascending=False).iloc[0]
-    lines += ["", f"Best per CPU-minute in this grid: **{best['config']}**. The default preset's choice and its reason are "
-              "stated in chapter 01 and `params/default.yaml`.", ""]
+    lines += ["", f"Best per CPU-minute in this grid: **{best['config']}**."]
+    if "n_layers" in df:
+        deep = df[df.n_layers >= 2].sort_values("p99_gain_per_cpu_minute", ascending=False)
+        if len(deep):
+            lines += [f"Best with at least 2 layers (the chapters need per-layer views and neuron-to-later-layer "
+                      f"circuits): **{deep.iloc[0]['config']}**; `params/default.yaml` uses this architecture, trained on "
+                      "more tokens per seed within the main job's time budget."]
+    lines += ["", "Training minutes are wall-clock minutes on a shared 2-core machine and vary with its load by up to 2x, "
+              "so small differences in the per-minute score are not meaningful.", ""]
     Path(path).write_text("\n".join(lines))
 
 
