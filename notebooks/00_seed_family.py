@@ -58,7 +58,7 @@ reference = "a"
 device = "cpu"
 seed = 0
 artifacts_dir = "artifacts"
-n_tokens = 400000
+n_tokens = 300000
 batch_size = 32
 corpus = {
     "sources": ["python-docs", "python-code", "gcide", "wordnet", "perl-docs", "foldoc"],
