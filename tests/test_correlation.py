@@ -14,6 +14,7 @@ from helpers.correlation import (
     gaussian_rotation,
     global_to_layer_neuron,
     max_correlation,
+    mixed_correlation,
     plan_blocks,
     random_rotation,
 )
@@ -383,3 +384,51 @@ def test_block_plan_and_blocked_equals_unblocked():
     assert torch.equal(blocked.dead_a, unblocked.dead_a())
     assert torch.equal(blocked.dead_b, unblocked.dead_b())
     assert blocked.n_tokens == tokens
+
+
+@pytest.mark.parametrize("make_mix", [random_rotation, gaussian_rotation])
+def test_mixed_correlation_equals_streaming_the_mixed_units(make_mix):
+    """The rotation baseline from covariances equals correlating against R @ y directly."""
+    tokens, n_a, n_b = 3_000, 9, 14
+    x, y = correlated_data(tokens, n_a, n_b, seed=31, mean_over_std=30.0)
+    x[:, 2] = 4.0  # dead x
+    y[:, 6] = -1.5  # a dead unit inside the mixed layer
+    cols = slice(3, 11)
+    mix = make_mix(8, 5)
+    z = apply_rotation(y[:, cols], mix)
+    cross, gram = StreamingPearson(n_a, n_b), StreamingPearson(8, 8)
+    direct = StreamingPearson(n_a, 8)
+    for a in range(0, tokens, 700):
+        b = min(tokens, a + 700)
+        cross.update(x[a:b], y[a:b])
+        gram.update(y[a:b, cols], y[a:b, cols])
+        direct.update(x[a:b], z[a:b])
+    got = mixed_correlation(cross, cols, gram, mix)
+    assert got.shape == (n_a, 8)
+    assert torch.isnan(got[2]).all() and not torch.isnan(got[[0, 1, 3]]).any()
+    with np.errstate(invalid="ignore", divide="ignore"):  # the dead x row
+        ref = numpy_corr(x, z)
+    ok = ~np.isnan(ref)
+    assert np.abs(got.numpy()[ok] - ref[ok]).max() < 1e-5
+    assert (got - direct.correlation()).nan_to_num().abs().max() < 1e-5
+    assert got.abs().nan_to_num().max() > 0.2  # not trivially small
+
+    with pytest.raises(ValueError, match="same batches"):
+        short = StreamingPearson(8, 8)
+        short.update(y[:100, cols], y[:100, cols])
+        mixed_correlation(cross, cols, short, mix)
+    with pytest.raises(ValueError, match="mix must be"):
+        mixed_correlation(cross, cols, gram, mix[:, :5])
+
+
+def test_cpu_prologue_slices_do_not_change_the_result():
+    x, y = correlated_data(1_000, 7, 5, seed=41)
+    one = StreamingPearson(7, 5, prologue_tokens=10_000)
+    sliced = StreamingPearson(7, 5, prologue_tokens=17)
+    for acc in (one, sliced):
+        acc.update(x[:600], y[:600])
+        acc.update(x[600:], y[600:])
+    assert (one.correlation() - sliced.correlation()).abs().max() < 1e-6
+    assert torch.allclose(one.means()[0], sliced.means()[0], rtol=1e-12, atol=1e-9)
+    with pytest.raises(ValueError, match="prologue_tokens"):
+        StreamingPearson(3, 3, prologue_tokens=0)

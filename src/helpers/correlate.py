@@ -8,8 +8,12 @@ For every neuron `i` of the reference model and each other member `m`:
                       paper's row-normalised Gaussian matrix (`baseline="gaussian"`);
 - `excess_corr(i)`  = mean_m max_corr_m(i) - mean_m baseline_m(i); universal if > `threshold` (0.5).
 
-All comparison models and all baselines share one accumulator (their activations concatenated),
-so each batch costs one matrix product. Accumulators checkpoint every `checkpoint_every` tokens and
+All comparison models share one accumulator (their activations concatenated), so each batch costs
+one matrix product. The baselines are not streamed: a correlation with `R_l V_l` is a linear
+function of the correlation with `V_l` and of `V_l`'s own d_mlp x d_mlp covariance
+(`helpers.correlation.mixed_correlation`), so one small covariance per layer of each comparison
+model replaces a second full-width product and the per-batch rotation (for GPT2-small, about half
+the work of the paper's pair of runs; for the embedded family, 40%). Accumulators checkpoint every `checkpoint_every` tokens and
 a restarted run resumes; under `torchrun` each rank takes every `world`-th batch and the
 statistics are merged exactly at the end.
 
@@ -30,7 +34,7 @@ import torch
 
 from .activations import iter_family_activations
 from .artifacts import atomic_torch_save, config_hash, read_json, write_json
-from .correlation import (StreamingPearson, apply_rotation, gaussian_rotation, global_to_layer_neuron, max_correlation,
+from .correlation import (StreamingPearson, gaussian_rotation, global_to_layer_neuron, max_correlation, mixed_correlation,
                           plan_blocks, random_rotation)
 
 
@@ -89,37 +93,45 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
     sizes = {m: [models[m].cfg.d_mlp] * models[m].cfg.n_layers for m in others}
     rots = {m: baseline_matrices(m, models[m].cfg.n_layers, models[m].cfg.d_mlp, seed, baseline, device) for m in others}
     n_b = sum(sum(s) for s in sizes.values())
-    n_y = 2 * n_b  # raw activations of every other member, then their baselines
+    n_y = n_b  # raw activations of every other member (the baselines are derived from them)
+    # (member, layer, columns of the concatenated targets): one covariance accumulator each.
+    layer_cols, col = [], 0
+    for m in others:
+        for l, d in enumerate(sizes[m]):
+            layer_cols.append((m, l, slice(col, col + d)))
+            col += d
+    gram_bytes = sum(16 * d * d for m in others for d in sizes[m])
     if rows is None:
         rows = family.token_rows(n_tokens)
     n_batches = (len(rows) + batch_size - 1) // batch_size
-    plan = plan_blocks(n_a, n_y, memory_budget_gb * 1e9, batch_tokens=batch_size * rows.shape[1])
+    plan = plan_blocks(n_a, n_y, memory_budget_gb * 1e9 - gram_bytes, batch_tokens=batch_size * rows.shape[1])
     if verbose and rank == 0:
-        print(f"{family.name}: reference {reference} ({n_a:,} neurons) vs {others} ({n_b:,} neurons, + as many baseline units)")
+        print(f"{family.name}: reference {reference} ({n_a:,} neurons) vs {others} ({n_b:,} neurons); "
+              f"{baseline} baseline from {len(layer_cols)} per-layer covariances ({gram_bytes / 1e9:.2f} GB)")
         print(f"{len(rows):,} rows x {rows.shape[1]} tokens, {n_batches} batches, {world} process(es)")
         print(plan)
     snap_batches = sorted({max(1, round(n_batches * 2.0 ** (-(n_snapshots - 1 - i)))) for i in range(n_snapshots)})
 
     def targets(acts: dict) -> torch.Tensor:
-        raw = [acts[m] for m in others]
-        based = []
-        for m in others:
-            d = models[m].cfg.d_mlp
-            based += [apply_rotation(acts[m][:, l * d : (l + 1) * d], R) for l, R in enumerate(rots[m])]
-        return torch.cat(raw + based, dim=1)
+        return torch.cat([acts[m] for m in others], dim=1)
 
-    def summarize(corr: torch.Tensor) -> dict:
+    def new_grams() -> list[StreamingPearson]:
+        return [StreamingPearson(c.stop - c.start, c.stop - c.start, device=device, precision=precision) for _, _, c in layer_cols]
+
+    def summarize(acc: StreamingPearson, grams: list[StreamingPearson]) -> dict:
+        corr = acc.correlation()
         res, col = {}, 0
         for m in others:
             k = sum(sizes[m])
             v, idx = max_correlation(corr[:, col : col + k])
             layer, neuron = global_to_layer_neuron(idx.cpu(), sizes[m])
-            res[m] = {"max": v.cpu(), "layer": layer, "neuron": neuron}
+            res[m] = {"max": v.cpu(), "layer": layer, "neuron": neuron, "baseline": None}
             col += k
-        for m in others:
-            k = sum(sizes[m])
-            res[m]["baseline"] = max_correlation(corr[:, col : col + k])[0].cpu()
-            col += k
+        del corr
+        for (m, l, cols), g in zip(layer_cols, grams):
+            v = max_correlation(mixed_correlation(acc, cols, g, rots[m][l]))[0].cpu()
+            prev = res[m]["baseline"]
+            res[m]["baseline"] = v if prev is None else torch.fmax(prev, v)
         return res
 
     blocks, snapshots, dead = [], [], torch.zeros(n_a, dtype=torch.bool)
@@ -128,10 +140,13 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
     for bi, sl in enumerate(plan.row_slices()):
         state_file = out / f"state_block{bi}_rank{rank}.pt"
         acc = StreamingPearson(sl.stop - sl.start, n_y, device=device, precision=precision)
+        grams = new_grams()
         start, last_ckpt, block_snaps = 0, 0, []
         if state_file.is_file():
             st = torch.load(state_file, map_location=device, weights_only=False)
             acc.load_state_dict(st["acc"])
+            for g, gs in zip(grams, st["grams"]):
+                g.load_state_dict(gs)
             start, block_snaps = st["next_batch"], st["snapshots"]
             if verbose:
                 print(f"rank {rank}: resuming block {bi} at batch {start}/{n_batches} ({acc.n_tokens:,} tokens)")
@@ -139,32 +154,39 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
                    disable=not verbose or rank != 0)
         t0, tok0 = time.time(), acc.n_tokens
         for b, acts in iter_family_activations(models, rows, batch_size, family.codec.drop_ids, start, rank, world):
-            acc.update(acts[reference][:, sl], targets(acts))
+            y = targets(acts)
+            acc.update(acts[reference][:, sl], y)
+            for g, (_, _, cols) in zip(grams, layer_cols):
+                yl = y[:, cols]
+                g.update(yl, yl)
             bar.update(b + 1 - bar.n)
             bar.set_postfix(tok_s=f"{(acc.n_tokens - tok0) / max(time.time() - t0, 1e-9):,.0f}")
             if world == 1 and (b + 1) in snap_batches and b + 1 < n_batches:
-                s = summarize(acc.correlation())
+                s = summarize(acc, grams)
                 block_snaps.append({"tokens": acc.n_tokens, "summary": s})
             if acc.n_tokens - last_ckpt >= checkpoint_every:
-                atomic_torch_save({"acc": acc.state_dict(), "next_batch": b + 1, "snapshots": block_snaps}, state_file)
+                atomic_torch_save({"acc": acc.state_dict(), "grams": [g.state_dict() for g in grams], "next_batch": b + 1,
+                                   "snapshots": block_snaps}, state_file)
                 last_ckpt = acc.n_tokens
         bar.close()
         if dist is not None:
             states = [None] * world
-            dist.all_gather_object(states, acc.state_dict())
+            dist.all_gather_object(states, {"acc": acc.state_dict(), "grams": [g.state_dict() for g in grams]})
             if rank == 0:
                 for r, st in enumerate(states):
                     if r:
                         other = StreamingPearson(sl.stop - sl.start, n_y, device=device, precision=precision)
-                        other.load_state_dict(st)
+                        other.load_state_dict(st["acc"])
                         acc.merge(other)
+                        for g, gs, o in zip(grams, st["grams"], new_grams()):
+                            o.load_state_dict(gs)
+                            g.merge(o)
         if rank == 0:
-            corr = acc.correlation()
-            blocks.append((sl, summarize(corr)))
+            blocks.append((sl, summarize(acc, grams)))
             dead[sl] = acc.dead_a().cpu()
             n_valid = acc.n_tokens
             snapshots.append((sl, block_snaps))
-        del acc
+        del acc, grams
     if rank != 0:
         return pd.DataFrame()
 
@@ -229,7 +251,7 @@ def results_dir(family, n_tokens: int, artifacts_dir: str | Path, reference: str
     """Cache folder of a correlation run: keyed by everything that determines its result."""
     ident = {"family": family.name, "family_key": family.info.get("folder", family.name), "members": family.members,
              "n_tokens": int(n_tokens), "reference": reference or family.reference, "baseline": baseline, "seed": seed,
-             "precision": precision, "threshold": threshold, "version": 1}
+             "precision": precision, "threshold": threshold, "version": 2}
     return Path(artifacts_dir) / "correlations" / f"{family.name}-{config_hash(ident)}"
 
 

@@ -26,10 +26,11 @@ by ~1e-3.  Here, instead:
    float64 totals every ``flush_every`` tokens (default 2**20) or
    ``max_block_updates`` batches (default 256), whichever comes first, so fp32
    rounding accumulates over a bounded number of additions only.
-3. Per-variable sums and sums of squares of the shifted data are reduced per
-   batch with ``torch.sum`` in fp32 (a cascade: ~1e-7 relative; a gemv with a
-   ones vector is faster but sums sequentially, ~5e-5) and accumulated in
-   float64.
+3. Per-variable sums and sums of squares of the shifted data are reduced with
+   ``torch.sum`` in fp32 (a cascade: ~1e-7 relative; a gemv with a ones vector
+   is faster but sums sequentially, ~5e-5) and accumulated in float64.  On CPU
+   the cast, shift and both sums run over slices of ``prologue_tokens`` (256)
+   tokens that stay in cache, so the batch goes to memory once, not five times.
 4. :meth:`StreamingPearson.correlation` and :meth:`StreamingPearson.merge`
    work in float64; merging re-centres the other accumulator's statistics onto
    this one's shifts algebraically, which is exact up to float64 rounding.
@@ -49,8 +50,8 @@ result (161 GB peak with batch scratch), so on an 80 GB GPU it must be
 blocked; ``print(plan_blocks(98_304, 98_304, 80e9))`` gives::
 
     correlation 98,304 x 98,304 (16 B/pair, batches of 4,096 tokens)
-      full accumulator: 161.1 GB peak (154.6 GB for the pairs); budget 80.0 GB
-      3 blocks of 32,768 rows (55.8 GB each), 3 passes over the data
+      full accumulator: 161.3 GB peak (154.6 GB for the pairs); budget 80.0 GB
+      3 blocks of 32,768 rows (56.0 GB each), 3 passes over the data
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ __all__ = [
     "layer_offsets",
     "global_to_layer_neuron",
     "excess_correlation",
+    "mixed_correlation",
 ]
 
 _PRECISIONS = ("fp32", "tf32", "bf16")
@@ -83,6 +85,8 @@ _PRECISIONS = ("fp32", "tf32", "bf16")
 DEFAULT_BYTES_PER_ELEM = 16
 # Bytes per variable: fp32 shift + fp64 sum + fp64 sum of squares + fp32 scratch.
 _BYTES_PER_VARIABLE = 32
+# Default slice length of the CPU prologue (StreamingPearson(prologue_tokens=...)).
+_PROLOGUE_TOKENS = 256
 
 
 @contextlib.contextmanager
@@ -150,6 +154,8 @@ class StreamingPearson:
             fp32 additions when batches are tiny).
         chunk_tokens: batches longer than this are processed in chunks (bounds
             the fp32 inner-product length and the scratch buffers).
+        prologue_tokens: on CPU, the cast, shift and per-variable sums run over
+            slices of this many tokens, which stay in cache between steps.
         dead_rtol: a variable is "dead" (constant) when its variance is
             ``<= dead_rtol * E[x^2]``, i.e. std below ~1e-6 of its RMS.
     """
@@ -164,20 +170,22 @@ class StreamingPearson:
         flush_every: int = 1 << 20,
         max_block_updates: int = 256,
         chunk_tokens: int = 8192,
+        prologue_tokens: int = _PROLOGUE_TOKENS,
         dead_rtol: float = 1e-12,
     ) -> None:
         if n_a < 1 or n_b < 1:
             raise ValueError(f"n_a and n_b must be positive, got {n_a}, {n_b}")
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
-        if flush_every < 1 or max_block_updates < 1 or chunk_tokens < 1:
-            raise ValueError("flush_every, max_block_updates and chunk_tokens must be >= 1")
+        if min(flush_every, max_block_updates, chunk_tokens, prologue_tokens) < 1:
+            raise ValueError("flush_every, max_block_updates, chunk_tokens and prologue_tokens must be >= 1")
         self.n_a, self.n_b = int(n_a), int(n_b)
         self.device = torch.device(device)
         self.precision = precision
         self.flush_every = int(flush_every)
         self.max_block_updates = int(max_block_updates)
         self.chunk_tokens = int(chunk_tokens)
+        self.prologue_tokens = int(prologue_tokens)
         self.dead_rtol = float(dead_rtol)
 
         f32, f64, dev = torch.float32, torch.float64, self.device
@@ -199,6 +207,7 @@ class StreamingPearson:
         # Scratch (not state): flat fp32 storage reused across batches, because
         # fresh large allocations cost page faults on CPU.
         self._scratch_xy = torch.empty(0, dtype=f32, device=dev)
+        self._scratch_sq = torch.empty(0, dtype=f32, device=dev)  # squares of one prologue slice
         self._prod: torch.Tensor | None = None  # [n_a, n_b] product scratch, non-CUDA only
         self._vec = torch.empty(n_a + n_b, dtype=f32, device=dev)
 
@@ -277,12 +286,15 @@ class StreamingPearson:
         w = self.n_a + self.n_b
         buf = self._scratch("_scratch_xy", t * w)[: t * w].view(t, w)
         xs, ys = buf[:, : self.n_a], buf[:, self.n_a :]
-        xs.copy_(x)
-        ys.copy_(y)
         if not self._initialised:
+            xs.copy_(x)
+            ys.copy_(y)
             self._shift.copy_(buf.mean(0, dtype=torch.float64))
             self._initialised = True
-        buf.sub_(self._shift)
+        # On CUDA the squares are taken in place after the product (no extra
+        # batch-sized scratch); on CPU they are part of the cache-sized prologue.
+        on_cuda = self.device.type == "cuda"
+        self._prologue(x, y, buf, squares=not on_cuda)
 
         if self.precision == "bf16":
             self._block.add_(_mm_fp32_out(xs.to(torch.bfloat16).T, ys.to(torch.bfloat16)))
@@ -298,17 +310,37 @@ class StreamingPearson:
             if self._prod is None:
                 self._prod = torch.empty_like(self._block)
             self._block.add_(torch.mm(xs.T, ys, out=self._prod))
-
-        # sum(0) reduces in a cascade (~1e-7 relative); a gemv with a ones
-        # vector is faster on CPU but sums sequentially (~5e-5 at 4k tokens).
-        self._sum.add_(torch.sum(buf, 0, out=self._vec))
-        self._sumsq.add_(torch.sum(buf.square_(), 0, out=self._vec))  # buf no longer needed
+        if on_cuda:
+            self._sumsq.add_(torch.sum(buf.square_(), 0, out=self._vec))  # buf no longer needed
 
         self._n += t
         self._block_tokens += t
         self._block_updates += 1
         if self._block_tokens >= self.flush_every or self._block_updates >= self.max_block_updates:
             self.flush()
+
+    def _prologue(self, x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor, squares: bool) -> None:
+        """Write the shifted fp32 batch into ``buf`` and add its sums (and sums of squares).
+
+        On CPU the batch is processed in slices of ``prologue_tokens`` rows, so that the
+        cast, shift, sum, square and sum of one slice run on cache-resident data (one
+        trip to memory instead of five).  ``torch.sum`` reduces each slice in a cascade
+        (~1e-7 relative); the slices' sums are added in float64.  A gemv with a ones
+        vector would be faster but sums sequentially (~5e-5 at 4k tokens).
+        """
+        t, n_a = buf.shape[0], self.n_a
+        step = min(t, self.prologue_tokens) if squares else t
+        sq = self._scratch("_scratch_sq", step * buf.shape[1] if squares else 0)
+        for a in range(0, t, step):
+            b = min(t, a + step)
+            part = buf[a:b]
+            part[:, :n_a].copy_(x[a:b])
+            part[:, n_a:].copy_(y[a:b])
+            part.sub_(self._shift)
+            self._sum.add_(torch.sum(part, 0, out=self._vec))
+            if squares:
+                sqr = torch.mul(part, part, out=sq[: part.numel()].view_as(part))
+                self._sumsq.add_(torch.sum(sqr, 0, out=self._vec))
 
     def flush(self) -> None:
         """Add the fp32 running block into the float64 totals and clear it."""
@@ -468,6 +500,19 @@ class StreamingPearson:
             out[sl] = cov.clamp_(-1.0, 1.0)
         return out
 
+    def covariance(self, cols: slice | None = None) -> torch.Tensor:
+        """Float64 centred covariance ``E[(x - E x)(y - E y)]``, ``[n_a, n_cols]`` (NaN before any data).
+
+        ``cols`` selects a slice of the y variables (default: all of them)."""
+        cols = cols or slice(0, self.n_b)
+        if self._n == 0:
+            return torch.full((self.n_a, len(range(self.n_b)[cols])), float("nan"), dtype=torch.float64, device=self.device)
+        n = float(self._n)
+        mean_a = self._sum_a / n
+        mean_b = self._sum_b[cols] / n
+        cov = self._block[:, cols].double().add_(self._sxy[:, cols]).div_(n)
+        return cov.addr_(mean_a, mean_b, alpha=-1.0)
+
 
 # ---------------------------------------------------------------------- blocks
 @dataclass(frozen=True)
@@ -525,7 +570,8 @@ class BlockPlan:
 def _accumulator_bytes(rows: int, n_b: int, bytes_per_elem: int, batch_tokens: int) -> int:
     pairs = rows * n_b * bytes_per_elem
     vectors = (rows + n_b) * _BYTES_PER_VARIABLE
-    scratch = batch_tokens * (rows + n_b) * 4 * 2  # fp32 scratch + caller's batch
+    # fp32 batch scratch + the caller's batch, and the CPU prologue's slice of squares.
+    scratch = (batch_tokens * 2 + min(batch_tokens, _PROLOGUE_TOKENS)) * (rows + n_b) * 4
     return pairs + vectors + scratch
 
 
@@ -778,3 +824,43 @@ def excess_correlation(max_corr: torch.Tensor, max_baseline: torch.Tensor) -> to
     dtype = torch.promote_types(max_corr.dtype, max_baseline.dtype)
     diff = max_corr.double() - max_baseline.double().to(max_corr.device)
     return torch.nanmean(diff, dim=1).to(dtype)
+
+
+def mixed_correlation(cross: StreamingPearson, cols: slice, gram: StreamingPearson, mix: torch.Tensor,
+                      dead_rtol: float = 1e-12) -> torch.Tensor:
+    """Correlation of ``cross``'s x variables with the mixed units ``z = mix @ y[cols]``, without streaming z.
+
+    Pearson correlation is built from covariances, which are linear in each argument:
+    ``cov(x, z) = cov(x, y[cols]) @ mix.T`` and ``var(z_k) = (mix C mix.T)_kk``, with
+    ``C = cov(y[cols], y[cols])`` taken from ``gram``, an accumulator that saw the same
+    ``y[cols]`` batches as both its x and its y.  This is how the rotation baseline is
+    computed: the paper streams the rotated activations ``R y`` through a second full
+    correlation; the cross-covariance with ``y`` (needed anyway) and one ``d x d`` covariance
+    per layer give the same numbers (float64 algebra at the end) for a fraction of the work.
+
+    Args:
+        cross: accumulator of x against all y variables.
+        cols: the y columns that were mixed (e.g. one layer of one model).
+        gram: accumulator of ``y[cols]`` against itself, fed the same tokens as ``cross``.
+        mix: ``[k, len(cols)]`` mixing matrix (e.g. a rotation).
+    Returns ``[n_a, k]`` float32 correlations; NaN rows for dead x, NaN columns for constant z.
+    """
+    d = len(range(cross.n_b)[cols])
+    if gram.n_a != d or gram.n_b != d:
+        raise ValueError(f"gram must be a {d} x {d} accumulator of y[cols], got {gram.n_a} x {gram.n_b}")
+    if mix.dim() != 2 or mix.shape[1] != d:
+        raise ValueError(f"mix must be [k, {d}], got {tuple(mix.shape)}")
+    if gram.n_tokens != cross.n_tokens:
+        raise ValueError(f"gram saw {gram.n_tokens:,} tokens and cross {cross.n_tokens:,}: feed both the same batches")
+    dev = cross.device
+    m = mix.to(dev, torch.float64)
+    cov = cross.covariance(cols) @ m.T
+    c_yy = gram.covariance().to(dev)
+    var_z = ((m @ c_yy) * m).sum(1).clamp_min_(0.0)
+    _, var_a, dead_a = cross._moments("a")
+    mean_y = gram.means()[0].to(dev)
+    raw_second = (m * m) @ (torch.diagonal(c_yy) + mean_y * mean_y)
+    dead_z = var_z <= dead_rtol * raw_second
+    inv_a = var_a.rsqrt().masked_fill_(dead_a, float("nan"))
+    inv_z = var_z.rsqrt().masked_fill_(dead_z, float("nan"))
+    return cov.mul_(inv_a[:, None]).mul_(inv_z[None, :]).clamp_(-1.0, 1.0).float()

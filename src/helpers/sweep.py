@@ -58,11 +58,10 @@ def run_sweep(preset: str, grid_file: str | Path, device: str = "cpu", out_csv: 
         row["p99_gain_per_cpu_minute"] = row["p99_gain_over_control"] / max(minutes, 1e-9)
         rows.append(row)
         print(pd.Series(row).to_string(), flush=True)
-    df = pd.DataFrame(rows)
-    if out_csv:
-        Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out_csv, index=False)
-    return df
+        if out_csv:  # after every configuration, so an interrupted sweep keeps what it measured
+            Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(rows).to_csv(out_csv, index=False)
+    return pd.DataFrame(rows)
 
 
 def write_appendix(df: pd.DataFrame, command: str, path: str | Path) -> None:
