@@ -95,7 +95,10 @@ is_embedded = fam.name.startswith("embedded")
 # One pass over `n_tokens` held-out tokens (BOS and newline tokens dropped, as in the paper): the
 # reference model against every other seed and against a seeded random **orthogonal** rotation of
 # each of their layers (the paper used a row-normalised Gaussian matrix without a seed;
-# `baseline="gaussian"` reproduces that choice). Accumulators are checkpointed, so an interrupted
+# `baseline="gaussian"` reproduces that choice). The baseline is not streamed a second time:
+# a correlation with rotated units `R y` is a linear function of the correlation with `y` and of
+# `y`'s own covariance within the layer, so the pass accumulates one small covariance per layer
+# and derives the baseline exactly at the end. Accumulators are checkpointed, so an interrupted
 # run resumes; the finished table is cached.
 
 # %%

@@ -76,3 +76,15 @@ def test_sweep_appendix_lists_every_configuration(tmp_path):
     sweep.write_appendix(df, "python -m helpers.sweep", tmp_path / "a.md")
     text = (tmp_path / "a.md").read_text()
     assert "| A |" in text and "| B |" in text and "**B**" in text and "python -m helpers.sweep" in text
+    assert "not in this grid" in text  # no architecture columns: nothing matches the default preset
+
+    # With architecture columns the default preset's row is named, and near-ties are listed.
+    emb = sweep.load_preset("default")["embedded"]
+    arch = {k: emb[k] for k in ("n_layers", "d_model", "d_mlp", "d_vocab", "lr")}
+    df = df.assign(**arch, train_tokens=750_000)
+    df.loc[0, "n_layers"] = arch["n_layers"] + 1
+    df.loc[:, "p99_gain_per_cpu_minute"] = [0.0199, 0.0200]
+    sweep.write_appendix(df, "python -m helpers.sweep", tmp_path / "b.md", decision="Kept B because of C.")
+    text = (tmp_path / "b.md").read_text()
+    assert "uses the architecture and recipe of **B**" in text
+    assert "Within 5% of it: B (0.0200), A (0.0199)." in text and "Kept B because of C." in text
