@@ -29,7 +29,7 @@ by ~1e-3.  Here, instead:
 3. Per-variable sums and sums of squares of the shifted data are reduced with
    ``torch.sum`` in fp32 (a cascade: ~1e-7 relative; a gemv with a ones vector
    is faster but sums sequentially, ~5e-5) and accumulated in float64.  On CPU
-   the cast, shift and both sums run over slices of ``prologue_tokens`` (256)
+   the cast, shift and both sums run over slices of ``prologue_tokens`` (128)
    tokens that stay in cache, so the batch goes to memory once, not five times.
 4. :meth:`StreamingPearson.correlation` and :meth:`StreamingPearson.merge`
    work in float64; merging re-centres the other accumulator's statistics onto
@@ -86,7 +86,7 @@ DEFAULT_BYTES_PER_ELEM = 16
 # Bytes per variable: fp32 shift + fp64 sum + fp64 sum of squares + fp32 scratch.
 _BYTES_PER_VARIABLE = 32
 # Default slice length of the CPU prologue (StreamingPearson(prologue_tokens=...)).
-_PROLOGUE_TOKENS = 256
+_PROLOGUE_TOKENS = 128
 
 
 @contextlib.contextmanager
