@@ -14,11 +14,20 @@ Each round times ``--steps`` calls of every case back to back, in a rotating
 order, after a warm-up.  Shared machines drift by 10-20% between seconds, so the
 reported ratios are the **median over rounds of the within-round ratios** (each
 ratio compares cases measured seconds apart); best-of-rounds times and their
-ratios are printed too.  ``--check-precision-tokens N`` also streams N tokens
+ratios are printed too.
+
+A second measurement times one batch of a **whole family pass** (``run_family``): the
+reference model against 4 other seeds and a rotation baseline of each, 4 layers of 768
+neurons per model, as ``helpers.correlate`` computes it (one product against all seeds plus
+one small covariance per layer, from which the baseline is derived) and as the paper's eight
+runs compute it (per layer pair, per run, plus the per-batch rotation).  The update-level
+ratio isolates the accumulator; the family ratio is what a correlation run costs.
+
+``--check-precision-tokens N`` also streams N tokens
 with means 100x the std and reports the max abs error against a float64
 reference.  The last line printed is one JSON object.
 
-    python benchmarks/correlation.py --steps 2 --repeats 9
+    python benchmarks/correlation.py                     # update + family pass, ~2 min on 2 cores
     python benchmarks/correlation.py --n-a 256 --n-b 256 --check-precision-tokens 10000000
 """
 
@@ -55,9 +64,14 @@ def make_inputs(n_a: int, n_b: int, tokens: int, n_batches: int, device, seed: i
 
 
 class ReferenceAccumulator:
-    """The paper's algorithm: per-batch fp32 product added on the host in fp64, sums in fp16."""
+    """The paper's algorithm: per-batch fp32 product added on the host in fp64, sums in fp16.
 
-    def __init__(self, n_a: int, n_b: int, device) -> None:
+    With ``layer_size``, one product per pair of layers (as the paper's code loops), each added
+    into its block of the fp64 array; without it, the whole ``[n_a, n_b]`` block is one layer pair.
+    """
+
+    def __init__(self, n_a: int, n_b: int, device, layer_size: int | None = None) -> None:
+        self.layer_size = layer_size
         self.acc = torch.zeros(n_a, n_b, dtype=torch.float64)  # host
         self.sum_a = torch.zeros(n_a, dtype=torch.float16, device=device)
         self.sum_b = torch.zeros(n_b, dtype=torch.float16, device=device)
@@ -73,8 +87,16 @@ class ReferenceAccumulator:
         return cov / torch.outer(va.sqrt(), vb.sqrt())
 
     def update(self, x16: torch.Tensor, y16: torch.Tensor) -> None:
-        prod = x16.float().T @ y16.float()
-        self.acc += prod.cpu().double()
+        if self.layer_size is None:
+            prod = x16.float().T @ y16.float()
+            self.acc += prod.cpu().double()
+        else:
+            d = self.layer_size
+            xf, yf = x16.float(), y16.float()
+            for i in range(0, xf.shape[1], d):
+                for j in range(0, yf.shape[1], d):
+                    prod = xf[:, i : i + d].T @ yf[:, j : j + d]
+                    self.acc[i : i + d, j : j + d] += prod.cpu().double()
         self.sum_a += x16.sum(0)
         self.sum_b += y16.sum(0)
         self.sq_a += (x16 * x16).sum(0)
@@ -173,6 +195,60 @@ def run_speed(args) -> dict:
     }
 
 
+def run_family(args) -> dict:
+    """One batch of a whole family pass: the reference model against ``--family-models`` other seeds
+    and a rotation baseline of each, ``--family-layers`` layers of ``--family-d`` neurons per model.
+
+    * ``family_ours``: what ``helpers.correlate`` does per batch: one ``StreamingPearson.update``
+      against all comparison models' activations, plus one ``d x d`` covariance per layer of each,
+      from which the baseline is derived at the end (``mixed_correlation``);
+    * ``family_reference``: the paper's runs, one per comparison model and one per rotated
+      baseline, each with one fp32 product per layer pair added into an fp64 host array, sums in
+      fp16, and the baseline's rotation ``R[l] @ acts[l]`` (R in fp16, applied in fp32) per batch.
+
+    The models' forward passes are left out of both (the paper's runs also recompute the reference
+    model's activations once per run).  Ratio: median over rounds, as for ``update``.
+    """
+    from helpers.correlation import gaussian_rotation
+
+    device = torch.device(args.device)
+    L, d, M = args.family_layers, args.family_d, args.family_models
+    n_a, n_b = L * d, M * L * d
+    batches = make_inputs(n_a, n_b, args.tokens, 2, device, seed=3)
+    acc = StreamingPearson(n_a, n_b, device=device, precision=args.precision)
+    grams = [StreamingPearson(d, d, device=device, precision=args.precision) for _ in range(M * L)]
+    runs = [ReferenceAccumulator(n_a, L * d, device, layer_size=d) for _ in range(2 * M)]
+    rots = [gaussian_rotation(d, 100 + i).half().to(device) for i in range(M * L)]
+
+    def ours(x, y):
+        acc.update(x, y)
+        for i, g in enumerate(grams):
+            yl = y[:, i * d : (i + 1) * d]
+            g.update(yl, yl)
+
+    def reference(x, y):
+        for m in range(M):
+            ym = y[:, m * L * d : (m + 1) * L * d]
+            runs[m].update(x, ym)
+            rotated = torch.cat([ym[:, l * d : (l + 1) * d].float() @ rots[m * L + l].float().T for l in range(L)], 1)
+            runs[M + m].update(x, rotated)
+
+    for x, y in batches:  # warm-up
+        ours(x, y)
+        reference(x, y)
+    t_ours, t_ref = [], []
+    for r in range(args.family_repeats):
+        pair = [(ours, t_ours), (reference, t_ref)]
+        for fn, out in pair if r % 2 == 0 else pair[::-1]:
+            out.append(time_calls(fn, batches, 1, device))
+    return {
+        "family_layers": L, "family_d": d, "family_models": M, "family_tokens_per_batch": args.tokens,
+        "family_ours_s": min(t_ours), "family_reference_s": min(t_ref),
+        "family_speedup_vs_reference_rounds": [b / a for a, b in zip(t_ours, t_ref)],
+        "family_speedup_vs_reference": statistics.median(b / a for a, b in zip(t_ours, t_ref)),
+    }
+
+
 def run_precision(args) -> dict:
     """Stream ``--check-precision-tokens`` tokens (means 100x std, fp16) and compare
     with a float64 accumulation centred on the true generating means."""
@@ -253,6 +329,11 @@ def main(argv=None) -> dict:
     p.add_argument("--check-n-a", type=int, default=48)
     p.add_argument("--check-n-b", type=int, default=32)
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--family-layers", type=int, default=4, help="family pass: layers per model")
+    p.add_argument("--family-d", type=int, default=768, help="family pass: neurons per layer")
+    p.add_argument("--family-models", type=int, default=4, help="family pass: comparison models")
+    p.add_argument("--family-repeats", type=int, default=5, help="family pass: timed rounds")
+    p.add_argument("--skip-family", action="store_true", help="do not time the family pass")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -265,6 +346,11 @@ def main(argv=None) -> dict:
             print(f"{k:>29}: {result[k]:.4g}")
         for k in ("ratio_to_matmul_peak_rounds", "speedup_vs_reference_rounds"):
             print(f"{k:>29}: " + " ".join(f"{v:.3f}" for v in result[k]))
+    if not args.skip_family:
+        fam = run_family(args)
+        for k in ("family_ours_s", "family_reference_s", "family_speedup_vs_reference"):
+            print(f"{k:>29}: {fam[k]:.4g}")
+        result.update(fam)
     if args.check_precision_tokens:
         check = run_precision(args)
         print(f"{'precision check':>22}: {check}")
