@@ -101,6 +101,9 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
             layer_cols.append((m, l, slice(col, col + d)))
             col += d
     gram_bytes = sum(16 * d * d for m in others for d in sizes[m])
+    if gram_bytes >= memory_budget_gb * 1e9:
+        raise ValueError(f"a memory budget of {memory_budget_gb} GB cannot hold the per-layer covariances of the baseline "
+                         f"({gram_bytes / 1e9:.1f} GB) and the correlations: raise memory_budget_gb (--memory-budget-gb)")
     if rows is None:
         rows = family.token_rows(n_tokens)
     n_batches = (len(rows) + batch_size - 1) // batch_size
@@ -144,6 +147,9 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
         start, last_ckpt, block_snaps = 0, 0, []
         if state_file.is_file():
             st = torch.load(state_file, map_location=device, weights_only=False)
+            if "grams" not in st or len(st["grams"]) != len(grams):
+                raise ValueError(f"{state_file} was written by another version of helpers.correlate (it lacks the per-layer "
+                                 "covariances of the baseline): delete it to start this block again")
             acc.load_state_dict(st["acc"])
             for g, gs in zip(grams, st["grams"]):
                 g.load_state_dict(gs)
