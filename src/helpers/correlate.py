@@ -34,7 +34,7 @@ import torch
 
 from .activations import iter_family_activations
 from .artifacts import atomic_torch_save, config_hash, read_json, write_json
-from .correlation import (StreamingPearson, gaussian_rotation, global_to_layer_neuron, max_correlation, mixed_correlation,
+from .correlation import (DEFAULT_BYTES_PER_ELEM, StreamingPearson, gaussian_rotation, global_to_layer_neuron, max_correlation, mixed_correlation,
                           plan_blocks, random_rotation)
 
 
@@ -100,7 +100,7 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
         for l, d in enumerate(sizes[m]):
             layer_cols.append((m, l, slice(col, col + d)))
             col += d
-    gram_bytes = sum(16 * d * d for m in others for d in sizes[m])
+    gram_bytes = sum(DEFAULT_BYTES_PER_ELEM * (c.stop - c.start) ** 2 for _, _, c in layer_cols)
     if gram_bytes >= memory_budget_gb * 1e9:
         raise ValueError(f"a memory budget of {memory_budget_gb} GB cannot hold the per-layer covariances of the baseline "
                          f"({gram_bytes / 1e9:.1f} GB) and the correlations: raise memory_budget_gb (--memory-budget-gb)")
@@ -128,13 +128,12 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
             k = sum(sizes[m])
             v, idx = max_correlation(corr[:, col : col + k])
             layer, neuron = global_to_layer_neuron(idx.cpu(), sizes[m])
-            res[m] = {"max": v.cpu(), "layer": layer, "neuron": neuron, "baseline": None}
+            res[m] = {"max": v.cpu(), "layer": layer, "neuron": neuron, "baseline": torch.full_like(v.cpu(), float("nan"))}
             col += k
         del corr
         for (m, l, cols), g in zip(layer_cols, grams):
             v = max_correlation(mixed_correlation(acc, cols, g, rots[m][l]))[0].cpu()
-            prev = res[m]["baseline"]
-            res[m]["baseline"] = v if prev is None else torch.fmax(prev, v)
+            res[m]["baseline"] = torch.fmax(res[m]["baseline"], v)  # max over layers; NaN only if all are
         return res
 
     blocks, snapshots, dead = [], [], torch.zeros(n_a, dtype=torch.bool)
