@@ -47,7 +47,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from helpers import models, plots, train
+from helpers import families, models, plots, train
 
 plots.setup()
 
@@ -72,19 +72,19 @@ embedded = {
     "d_mlp": 1024,
     "n_ctx": 256,
     "d_vocab": 4096,
-    "train_tokens": 3000000,
+    "train_tokens": 6000000,
     "batch_size": 32,
     "lr": 0.003,
     "warmup_frac": 0.05,
     "weight_decay": 0.1,
     "n_checkpoints": 4,
-    "autocast_bf16": True,
+    "precision": "auto",
 }
 
 # %%
 params = dict(family=family, reference=reference, device=device, seed=seed, artifacts_dir=artifacts_dir,
               corpus=corpus, embedded=embedded)
-fam = models.load_family(family, params, device=device)
+fam = families.load_family(family, params, device=device)
 is_embedded = fam.name.startswith("embedded")
 print(f"family {fam.name!r}: members {fam.members}")
 
@@ -154,9 +154,9 @@ if is_embedded:
 # %%
 if is_embedded:
     table = train.training_table(fam.info["family_folder"])
-    control = models.load_family("embedded-untrained", params, device=device)
+    control = families.load_family("embedded-untrained", params, device=device)
     held_out = fam.token_rows(min(n_tokens, 200_000), "val")
-    table["untrained control loss"] = pd.Series(train.evaluate_family(control, held_out))
+    table["untrained control loss"] = pd.Series(families.evaluate_family(control, held_out))
     display(table)
     val = table["val_loss"]
     spread = float(val.max() - val.min())
@@ -175,7 +175,7 @@ if is_embedded:
 
 # %%
 prompts = ["def ", "The dictionary defines", ".. function::"]
-samples = train.sample_family(fam, prompts, max_new_tokens=30, seed=seed)
+samples = families.sample_family(fam, prompts, max_new_tokens=30, seed=seed)
 display(samples)
 
 # %% [markdown]

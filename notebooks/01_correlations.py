@@ -44,7 +44,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from helpers import correlate, models, paper, plots, universality
+from helpers import correlate, families, models, paper, plots, universality
 from helpers.presets import resolve_dir
 
 plots.setup()
@@ -73,20 +73,20 @@ embedded = {
     "d_mlp": 1024,
     "n_ctx": 256,
     "d_vocab": 4096,
-    "train_tokens": 3000000,
+    "train_tokens": 6000000,
     "batch_size": 32,
     "lr": 0.003,
     "warmup_frac": 0.05,
     "weight_decay": 0.1,
     "n_checkpoints": 4,
-    "autocast_bf16": True,
+    "precision": "auto",
 }
 
 # %%
 params = dict(family=family, reference=reference, device=device, seed=seed, artifacts_dir=artifacts_dir,
               corpus=corpus, embedded=embedded)
 art = resolve_dir(artifacts_dir)
-fam = models.load_family(family, params, device=device)
+fam = families.load_family(family, params, device=device)
 is_embedded = fam.name.startswith("embedded")
 
 # %% [markdown]
@@ -122,7 +122,7 @@ display(table.head())
 # %%
 control = None
 if is_embedded:
-    ctl_fam = models.load_family("embedded-untrained", params, device=device)
+    ctl_fam = families.load_family("embedded-untrained", params, device=device)
     control = universality.universality_table(ctl_fam, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
                                               baseline=baseline, threshold=threshold)
     table = universality.add_calibrated_sets(table, control)

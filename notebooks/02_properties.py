@@ -45,7 +45,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from helpers import models, neuron_stats, plots, properties, universality
+from helpers import families, models, neuron_stats, plots, properties, universality
 from helpers.presets import resolve_dir
 
 plots.setup()
@@ -76,20 +76,20 @@ embedded = {
     "d_mlp": 1024,
     "n_ctx": 256,
     "d_vocab": 4096,
-    "train_tokens": 3000000,
+    "train_tokens": 6000000,
     "batch_size": 32,
     "lr": 0.003,
     "warmup_frac": 0.05,
     "weight_decay": 0.1,
     "n_checkpoints": 4,
-    "autocast_bf16": True,
+    "precision": "auto",
 }
 
 # %%
 params = dict(family=family, reference=reference, device=device, seed=seed, artifacts_dir=artifacts_dir,
               corpus=corpus, embedded=embedded)
 art = resolve_dir(artifacts_dir)
-fam = models.load_family(family, params, device=device)
+fam = families.load_family(family, params, device=device)
 
 # %% [markdown]
 # ## 1. One table: universality joined with neuron statistics
@@ -101,7 +101,7 @@ fam = models.load_family(family, params, device=device)
 table = universality.universality_table(fam, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
                                         baseline=baseline, threshold=threshold)
 if fam.name.startswith("embedded"):
-    control = universality.universality_table(models.load_family("embedded-untrained", params, device=device), n_tokens,
+    control = universality.universality_table(families.load_family("embedded-untrained", params, device=device), n_tokens,
                                               art, device=device, batch_size=batch_size, seed=seed, baseline=baseline,
                                               threshold=threshold)
     table = universality.add_calibrated_sets(table, control)
@@ -186,7 +186,7 @@ fig.show()
 # weights play the role of w_in, the gate's pre-activation that of the pre-activation).
 
 # %%
-single = models.load_family(single_model, params, device=device)
+single = families.load_family(single_model, params, device=device)
 single_stats = neuron_stats.member_neuron_stats(single, n_tokens_single, art, batch_size=8)
 compare = pd.concat([df.assign(model=f"{fam.name}-{reference}"), single_stats.assign(model=single_model)])
 fig = plots.quantile_boxes(compare.melt(id_vars=["model"], value_vars=["pre_kurt", "pre_skew", "act_freq", "vocab_kurt"],

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import models
+from helpers import families, models
+from helpers.hub import HubUnreachable
 
 
 def test_saved_then_loaded_model_gives_same_log_probs(tmp_path, tiny_arch):
@@ -30,8 +31,8 @@ def test_init_depends_only_on_seed(tiny_arch):
 
 
 def test_unknown_family_lists_known_ones():
-    with pytest.raises(models.UnknownFamily) as e:
-        models.load_family("gpt-5")
+    with pytest.raises(families.UnknownFamily) as e:
+        families.load_family("gpt-5")
     for name in ("embedded", "stanford-gpt2-small", "pythia-160m", "smollm2-135m"):
         assert name in str(e.value)
 
@@ -39,15 +40,15 @@ def test_unknown_family_lists_known_ones():
 @pytest.mark.parametrize("name", ["stanford-gpt2-small", "stanford-gpt2-medium", "pythia-160m"])
 def test_online_family_fails_fast_offline_with_advice(name, offline):
     t0 = time.time()
-    with pytest.raises(models.HubUnreachable, match="params/default.yaml"):
-        models.load_family(name)
+    with pytest.raises(HubUnreachable, match="params/default.yaml"):
+        families.load_family(name)
     assert time.time() - t0 < 5
 
 
 def test_hub_member_names_are_transformer_lens_names():
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
-    official = {m: get_official_model_name(m) for ms in models.HUB_FAMILIES.values() for m in ms}
+    official = {m: get_official_model_name(m) for ms in families.HUB_FAMILIES.values() for m in ms}
     assert official["stanford-gpt2-small-a"] == "stanford-crfm/alias-gpt2-small-x21"
     assert official["stanford-gpt2-medium-e"] == "stanford-crfm/eowyn-gpt2-medium-x777"
     assert official["pythia-160m-seed3"] == "EleutherAI/pythia-160m-seed3"
@@ -85,7 +86,9 @@ def test_neuron_weights_on_gated_mlp():
 
 @pytest.mark.slow
 def test_smollm2_loads_offline_and_matches_hugging_face():
-    fam = models.load_family("smollm2-135m")
+    from helpers.presets import load_preset
+
+    fam = families.load_family("smollm2-135m", load_preset("smoke"))
     model = fam.load("smollm2-135m")
     hf = models.smollm2_hf_model()
     toks = fam.codec.encode("The capital of France is Paris. def f(x): return x + 1")

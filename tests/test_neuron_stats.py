@@ -321,7 +321,7 @@ def test_cli_on_a_tiny_family(tmp_path, monkeypatch, capsys):
     rows = token_rows()
     fam = Family("tiny", list(models), models.__getitem__, lambda: SimpleNamespace(drop_ids=[BOS, NEWLINE]), "cpu",
                  {}, lambda n, split: rows)
-    monkeypatch.setattr(helpers.models, "load_family", lambda name, params, device="cpu": fam)
+    monkeypatch.setattr(helpers.families, "load_family", lambda name, params, device="cpu": fam)
     monkeypatch.setattr(helpers.presets, "load_preset",
                         lambda name: {"family": "tiny", "n_tokens": 100, "artifacts_dir": str(tmp_path), "batch_size": 8})
     ns.main(["--member", "b"])

@@ -84,7 +84,7 @@ def test_every_notebook_is_in_the_table_of_contents():
 
 
 def test_presets_parse_and_name_a_family():
-    from helpers.models import KNOWN_FAMILIES
+    from helpers.families import KNOWN_FAMILIES
     from helpers.presets import available_presets, load_preset
 
     names = available_presets()

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import models, train
+from helpers import families, models, train
 from helpers.data import iter_row_batches
 
 RECIPE = {**train.RECIPE_DEFAULTS, "train_tokens": 16 * 16 * 12, "batch_size": 16, "n_checkpoints": 2,
@@ -68,12 +68,12 @@ def test_smoke_family_is_trained_cached_and_loads(tmp_path):
     from helpers.presets import load_preset
 
     params = load_preset("smoke")
-    fam = models.load_family("embedded", params)
-    ctl = models.load_family("embedded-untrained", params)
+    fam = families.load_family("embedded", params)
+    ctl = families.load_family("embedded-untrained", params)
     assert fam.members == list("abcde")
     rows = fam.token_rows(2000)
     assert rows.shape[1] == params["embedded"]["n_ctx"] and (rows[:, 0] == fam.codec.bos_id).all()
-    trained, untrained = train.evaluate_family(fam, rows), train.evaluate_family(ctl, rows)
+    trained, untrained = families.evaluate_family(fam, rows), families.evaluate_family(ctl, rows)
     assert max(trained.values()) < min(untrained.values()) - 1.0
     a, b = fam.load("a"), fam.load("b")
     assert not torch.equal(a.W_in, b.W_in)  # different seeds, different weights
@@ -81,5 +81,5 @@ def test_smoke_family_is_trained_cached_and_loads(tmp_path):
     log = fam.info["family_folder"] + "/a/train_log.json"
     import os
     before = os.stat(log).st_mtime_ns
-    models.load_family("embedded", params)
+    families.load_family("embedded", params)
     assert os.stat(log).st_mtime_ns == before

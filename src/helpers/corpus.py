@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .artifacts import config_hash, read_json, sha256_file, write_json
-from .data import GPT2_EOS, GPT2_VOCAB_SIZE, encode_gpt2
+from .data import GPT2_EOS, GPT2_VOCAB_SIZE, encode_gpt2, gpt2_tokenizer, rows_from_stream
 
 BUILDER_VERSION = 1
 DEFAULT_SOURCES = ["python-docs", "python-code", "gcide", "wordnet", "perl-docs", "foldoc"]
@@ -454,6 +454,23 @@ def build_corpus(cfg: dict, out_root: str | Path, deb_dir: str | Path | None = N
         print(f"corpus {key}: {provenance['n_train_tokens']:,} train + {provenance['n_val_tokens']:,} val tokens "
               f"in {provenance['build_seconds']} s -> {path}")
     return Corpus(path)
+
+
+def retokenized_rows(corpus, codec, n_tokens: int, split: str = "val", n_ctx: int = 512):
+    """Rows of the embedded corpus for a model with another tokenizer: each document is decoded
+    from GPT-2 ids (lossless byte-level BPE) and re-encoded; documents joined by BOS."""
+    gpt2 = gpt2_tokenizer()
+    stream = np.asarray(corpus.tokens(split))
+    starts = np.flatnonzero(stream == GPT2_EOS).tolist() + [len(stream)]
+    out: list[int] = []
+    for s, e in zip(starts[:-1], starts[1:]):
+        text = gpt2.decode(stream[s + 1 : e].tolist())
+        out += [codec.bos_id] + codec.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(out) >= n_tokens + n_ctx:
+            break
+    import torch
+
+    return torch.from_numpy(rows_from_stream(np.array(out[: n_tokens + n_ctx]), n_ctx, bos=codec.bos_id))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -254,14 +254,14 @@ def universality_table(res: dict, others: list[str], n_layers: int, d_mlp: int, 
 def results_dir(family, n_tokens: int, artifacts_dir: str | Path, reference: str | None = None, baseline: str = "rotation",
                 seed: int = 0, precision: str = "fp32", threshold: float = 0.5) -> Path:
     """Cache folder of a correlation run: keyed by everything that determines its result."""
-    ident = {"family": family.name, "family_key": family.info.get("folder", family.name), "members": family.members,
+    ident = {"family": family.name, "family_key": family.identity, "members": family.members,
              "n_tokens": int(n_tokens), "reference": reference or family.reference, "baseline": baseline, "seed": seed,
              "precision": precision, "threshold": threshold, "version": 2}
     return Path(artifacts_dir) / "correlations" / f"{family.name}-{config_hash(ident)}"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .models import load_family
+    from .families import load_family
     from .presets import load_preset, resolve_dir
 
     ap = argparse.ArgumentParser(description="Correlate a reference model with the other seeds of its family (paper §2).")

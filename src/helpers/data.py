@@ -194,7 +194,7 @@ def pile_token_rows(n_tokens: int, n_ctx: int = 512, seed: int = 0, tokenizer=No
         import datasets
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the Pile loader needs `pip install datasets`") from e
-    from .models import require_hub
+    from .hub import require_hub
 
     require_hub("the Pile test split")
     tok = tokenizer or gpt2_tokenizer()

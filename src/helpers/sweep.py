@@ -25,7 +25,8 @@ from .presets import load_preset, repo_root, resolve_dir
 
 
 def run_sweep(preset: str, grid_file: str | Path, device: str = "cpu", out_csv: str | Path | None = None) -> pd.DataFrame:
-    from .train import ensure_family, embedded_family, training_table
+    from .families import embedded_family
+    from .train import ensure_family, training_table
     from .universality import excess_summary, universality_table
 
     base = load_preset(preset)

@@ -82,7 +82,8 @@ def checkpoint_emergence(params: dict, n_tokens: int, artifacts_dir: str | Path,
                          seed: int = 0, threshold: float = 0.5, control_max: float | None = None) -> pd.DataFrame:
     """Universality at every saved training checkpoint of the embedded family (the same step in every
     seed): one row per step with the excess-correlation summary."""
-    from .train import embedded_family, saved_checkpoint_steps
+    from .families import embedded_family
+    from .train import saved_checkpoint_steps
 
     rows = []
     for step in saved_checkpoint_steps(params):
