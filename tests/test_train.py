@@ -6,7 +6,7 @@ from helpers import families, models, train
 from helpers.data import iter_row_batches
 
 RECIPE = {**train.RECIPE_DEFAULTS, "train_tokens": 16 * 16 * 12, "batch_size": 16, "n_checkpoints": 2,
-          "autocast_bf16": False, "lr": 1e-2}
+          "precision": "fp32", "lr": 1e-2}
 
 
 def _rows(arch, n=200, seed=0):
@@ -64,22 +64,63 @@ def test_embedded_config_rejects_unknown_keys():
         train.split_embedded_config({"n_layerz": 2})
 
 
-def test_smoke_family_is_trained_cached_and_loads(tmp_path):
-    from helpers.presets import load_preset
-
-    params = load_preset("smoke")
-    fam = families.load_family("embedded", params)
+def test_smoke_family_is_trained_cached_and_loads(smoke_params):
+    params = smoke_params
+    with pytest.raises(families.FamilyNotTrained, match="python -m helpers.train --preset smoke"):
+        families.load_family("embedded", params)  # loading never trains unless asked to
+    fam = families.load_family("embedded", params, train=True)
     ctl = families.load_family("embedded-untrained", params)
-    assert fam.members == list("abcde")
+    assert fam.members == list("abcde") and fam.info["source"] == "trained on this machine"
     rows = fam.token_rows(2000)
     assert rows.shape[1] == params["embedded"]["n_ctx"] and (rows[:, 0] == fam.codec.bos_id).all()
     trained, untrained = families.evaluate_family(fam, rows), families.evaluate_family(ctl, rows)
     assert max(trained.values()) < min(untrained.values()) - 1.0
     a, b = fam.load("a"), fam.load("b")
     assert not torch.equal(a.W_in, b.W_in)  # different seeds, different weights
+    # identities are content hashes, distinct per member; the control's differ from the trained ones
+    assert len(set(fam.identity.values())) == 5 and not set(fam.identity.values()) & set(ctl.identity.values())
     # a second call reuses the cache (no retraining): the logs are untouched
-    log = fam.info["family_folder"] + "/a/train_log.json"
     import os
+
+    log = fam.info["family_folder"] + "/a/train_log.json"
     before = os.stat(log).st_mtime_ns
-    families.load_family("embedded", params)
+    families.load_family("embedded", params, train=True)
     assert os.stat(log).st_mtime_ns == before
+
+
+def test_training_forward_equals_the_hooked_forward(tiny_arch):
+    """`train_logits` (SDPA, fused bias-adds, no hooks) computes what the HookedTransformer computes."""
+    model = models.init_model(tiny_arch, 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # biases and LayerNorm weights away from their init
+    tokens = torch.randint(0, tiny_arch["d_vocab"], (3, tiny_arch["n_ctx"]))
+    with torch.no_grad():
+        ref = model(tokens, return_type="logits")
+        ours = train.train_logits(model, tokens).view_as(ref)
+        assert (ours - ref).abs().max() < 1e-4
+        sliced = torch.nn.functional.cross_entropy(ref[:, :-1].reshape(-1, ref.shape[-1]), tokens[:, 1:].reshape(-1))
+        assert train.train_loss(model, tokens) == pytest.approx(float(sliced), abs=1e-5)
+
+
+def test_precision_auto_is_fp32_without_bf16_hardware(monkeypatch):
+    train._PRECISION_CACHE.clear()
+    monkeypatch.setattr(train, "cpu_bf16_flags", lambda: [])
+    out = train.choose_precision("auto", "cpu", 64, 128)
+    assert out["precision"] == "fp32" and "no bf16" in out["reason"]
+    assert train.choose_precision("bf16", "cpu")["precision"] == "bf16"  # an explicit request is honoured
+    train._PRECISION_CACHE.clear()
+
+
+@pytest.mark.parametrize("bf16_seconds, expected", [(0.1, "bf16"), (0.6, "fp32"), (50.0, "fp32")])
+def test_precision_auto_needs_a_measured_2x_speedup(monkeypatch, bf16_seconds, expected):
+    train._PRECISION_CACHE.clear()
+    monkeypatch.setattr(train, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    monkeypatch.setattr(train, "_matmul_seconds", lambda dtype, *a, **k: 1.0 if dtype == torch.float32 else bf16_seconds)
+    assert train.choose_precision("auto", "cpu", 64, 128)["precision"] == expected
+    train._PRECISION_CACHE.clear()
+
+
+def test_old_autocast_key_gets_a_clear_error():
+    with pytest.raises(ValueError, match="precision: auto"):
+        train.split_embedded_config({"n_layers": 1, "autocast_bf16": True})

@@ -81,6 +81,12 @@ def hardware() -> dict:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    from .train import cpu_description
+
+    cpu = cpu_description()
+    info["cpu"] = cpu["model"]
+    info["cpu bf16 instructions"] = ", ".join(cpu["bf16_flags"]) or "none (fp32 only)"
+    info["torch cpu capability"] = cpu["capability"]
     try:
         with open("/proc/meminfo") as f:
             info["memory_gb"] = round(int(f.readline().split()[1]) / 1e6, 1)
@@ -125,9 +131,12 @@ def write_run_record(record: dict, path: Path) -> None:
     fam = record.get("family")
     if fam:
         lines.append("\n### Embedded family\n")
-        lines.append(f"Family folder `{fam['folder']}`; weight processing on load: `{json.dumps(fam['processing'])}`.\n\n")
+        lines.append(f"Weights: {fam['source']}, folder `{fam['folder']}`; weight processing on load: "
+                     f"`{json.dumps(fam['processing'])}`. Training precision this machine would choose: "
+                     f"{fam['precision_here']['precision']} ({fam['precision_here']['reason']}).\n\n")
         lines.append(_md_table([{"member": m, "seed": fam["seeds"][m], "validation loss (nats)": round(v, 4),
-                                 "training seconds": round(fam["train_seconds"][m], 1)} for m, v in fam["val_loss"].items()]))
+                                 "trained in": fam["precision"].get(m, "?"), "training seconds": round(fam["train_seconds"][m], 1),
+                                 "weights sha256": fam["sha256"][m][:16] + "…"} for m, v in fam["val_loss"].items()]))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 
@@ -150,16 +159,25 @@ def build(preset: str = "default", notebooks: list[str] | None = None, skip_html
     record: dict = {"preset": pfile.stem, "preset_text": pfile.read_text(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if params.get("family", "embedded").startswith("embedded"):
         from .corpus import build_corpus
-        from .train import ensure_family
+        from .families import embedded_family
+        from .train import choose_precision, split_embedded_config
 
         t0 = time.time()
         corpus = build_corpus(params.get("corpus", {}), resolve_dir(params.get("artifacts_dir", "artifacts")))
         timings["corpus (build or reuse)"] = time.time() - t0
         t0 = time.time()
-        folder = ensure_family(params, device=params.get("device", "cpu"))
-        timings["seed family (train or reuse)"] = time.time() - t0
+        # the shipped weights when they match the preset; trains (and says so) only when none do
+        fam = embedded_family(params, device=params.get("device", "cpu"), train=True)
+        timings["seed family (shipped, cached or trained)"] = time.time() - t0
+        folder = Path(fam.info["family_folder"])
+        arch, recipe = split_embedded_config(params["embedded"])
         record["corpus"] = corpus.provenance
-        record["family"] = {**read_json(folder / "family.json"), "folder": str(folder.relative_to(root)) if folder.is_relative_to(root) else str(folder)}
+        record["family"] = {"source": fam.info["source"], "folder": str(folder.relative_to(root)) if folder.is_relative_to(root) else str(folder),
+                            "processing": fam.info["processing"], "val_loss": fam.info["val_loss"],
+                            "train_seconds": fam.info["train_seconds"], "precision": fam.info.get("precision", {}),
+                            "seeds": {m: int(fam.info["base_seed"]) + i for i, m in enumerate(fam.members)},
+                            "sha256": {m: v.removeprefix("sha256:") for m, v in fam.identity.items()},
+                            "precision_here": choose_precision(recipe["precision"], params.get("device", "cpu"), arch["d_model"], arch["d_vocab"])}
     out_dir = root / "book" / "executed"
     for name in notebooks or notebook_names(root):
         key = execution_key(name, pfile, root)

@@ -52,13 +52,13 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def split_embedded_config(embedded: dict) -> tuple[dict, dict]:
     """A preset's `embedded` block -> (architecture, training recipe), defaults filled in."""
+    if "autocast_bf16" in embedded:
+        raise ValueError("`autocast_bf16` was replaced by `precision: auto | fp32 | bf16` in the `embedded` block "
+                         "(auto: bf16 autocast only where this machine computes it faster than fp32)")
     unknown = set(embedded) - set(ARCH_KEYS) - set(RECIPE_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown key(s) {sorted(unknown)} in the `embedded` block; "
                          f"architecture keys: {list(ARCH_KEYS)}, recipe keys: {sorted(RECIPE_DEFAULTS)}")
-    if "autocast_bf16" in embedded:
-        raise ValueError("`autocast_bf16` was replaced by `precision: auto | fp32 | bf16` in the `embedded` block "
-                         "(auto: bf16 autocast only where this machine computes it faster than fp32)")
     arch = {k: int(embedded[k]) for k in ARCH_KEYS if k in embedded}
     missing = [k for k in ARCH_KEYS if k not in arch]
     if missing:

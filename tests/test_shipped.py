@@ -1,0 +1,89 @@
+"""The shipped family: exported with a manifest, loaded offline without training, checked byte by
+byte and by validation loss; a damaged file is named, never loaded, never retrained over."""
+import json
+
+import pytest
+import torch
+
+from helpers import families, train
+
+
+@pytest.fixture
+def shipped(smoke_params, tmp_path, monkeypatch):
+    """The smoke family, trained into tmp_path and shipped to tmp_path/weights/embedded-smoke."""
+    monkeypatch.setattr(train, "shipped_root", lambda: tmp_path / "weights")
+    families.load_family("embedded", smoke_params, train=True)
+    out = train.ship_family(smoke_params, tmp_path / "weights" / "embedded-smoke", "python -m helpers.train --preset smoke --ship X")
+    return smoke_params, out
+
+
+def test_shipped_family_is_found_and_loaded_without_training(shipped, monkeypatch):
+    params, folder = shipped
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["members"]) == set("abcde") and manifest["weights_dtype"] == "float16"
+    for rec in manifest["members"].values():  # fp16 rounding moves the loss by far less than training differences
+        assert rec["val_loss"] == pytest.approx(rec["val_loss_fp32_weights"], abs=5e-3)
+        assert rec["precision"] in ("fp32", "bf16") and rec["cpu"]["model"]
+    # the training cache is gone: only the shipped folder can provide the family, and nothing trains
+    import shutil
+
+    shutil.rmtree(params["artifacts_dir"] + "/family")
+    monkeypatch.setattr(train, "train_member", lambda *a, **k: pytest.fail("loading a shipped family trained"))
+    fam = families.load_family("embedded", params)
+    assert fam.info["source"] == "shipped (embedded-smoke)"
+    assert fam.identity["b"] == "sha256:" + manifest["files"]["b/model.safetensors"]["sha256"]
+    model = fam.load("b")
+    assert model.W_in.dtype == torch.float32
+    # checkpoints: only the members the manifest lists; step 0 is rebuilt from the seed
+    step = manifest["checkpoint_steps"][0]
+    ck = families.load_family("embedded", params, checkpoint=step)
+    assert ck.members == manifest["checkpoint_members"]
+    init = families.load_family("embedded", params, checkpoint=0)
+    assert init.members == list("abcde") and init.identity["a"].startswith("init-sha256:")
+    assert train.check_shipped(params) == []
+
+
+def test_a_flipped_byte_is_named_and_never_loaded(shipped):
+    params, folder = shipped
+    target = folder / "c" / "model.safetensors"
+    blob = bytearray(target.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    target.write_bytes(bytes(blob))
+    fam = families.load_family("embedded", params)
+    with pytest.raises(train.ShippedWeightsError, match=r"c/model\.safetensors: sha256 differs"):
+        fam.load("c")
+    problems = train.check_shipped(params)
+    assert len(problems) == 1 and "c/model.safetensors" in problems[0]
+    with pytest.raises(SystemExit) as e:
+        train.main(["--preset", "smoke", "--check"])  # the command line exits non-zero
+    assert e.value.code == 1
+
+
+def test_truncated_and_missing_files_are_named(shipped):
+    params, folder = shipped
+    target = folder / "a" / "model.safetensors"
+    target.write_bytes(target.read_bytes()[:1000])
+    (folder / "d" / "config.json").unlink()
+    problems = train.check_shipped(params)
+    assert any("a/model.safetensors" in p and "truncated" in p for p in problems)
+    assert any("d/config.json: missing" in p for p in problems)
+    (folder / "vocab_gpt2_ids.npy").write_bytes(b"garbage")
+    with pytest.raises(train.ShippedWeightsError, match="vocab_gpt2_ids.npy"):
+        families.load_family("embedded", params)
+
+
+def test_check_names_the_member_whose_loss_differs(shipped):
+    params, folder = shipped
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["members"]["e"]["val_loss"] += 0.01
+    path.write_text(json.dumps(manifest))
+    problems = train.check_shipped(params)
+    assert len(problems) == 1 and problems[0].startswith("member e")
+
+
+def test_a_changed_preset_does_not_match_the_shipped_family(shipped):
+    params, _ = shipped
+    other = {**params, "embedded": {**params["embedded"], "lr": 0.001}}
+    with pytest.raises(families.FamilyNotTrained):
+        families.load_family("embedded", other)
