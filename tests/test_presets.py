@@ -1,6 +1,7 @@
 """The preset object: schema checks with named keys, overrides, immutability, notebook injection."""
 import copy
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,8 @@ def test_the_former_seed_key_says_what_replaced_it(tmp_path):
     ("n_tokens", "3e5", "`n_tokens` must be a positive integer"),   # YAML 1.1 reads 3e5 as a string
     ("threshold", "high", "`threshold` must be a number"),
     ("baseline", "rotated", "`baseline` must be one of 'rotation', 'gaussian'"),
-    ("train_seed", True, "`train_seed` must be an integer"),
+    ("train_seed", True, "`train_seed` must be a non-negative integer"),
+    ("sample_seed", -1, "`sample_seed` must be a non-negative integer"),
 ])
 def test_values_of_the_wrong_type_are_named(tmp_path, key, value, expected):
     with pytest.raises(PresetError, match=expected):
@@ -167,9 +169,9 @@ def test_preset_is_immutable_at_every_level():
     with pytest.raises(TypeError, match="read-only"):
         p["corpus"]["sources"].append("mine")
     assert p["embedded"]["d_model"] == 32 and "mine" not in p["corpus"]["sources"]
-    # a deep copy is an equal, still read-only, preset
+    # a deep copy or a pickled copy (worker processes) is an equal, still read-only, preset
     q = copy.deepcopy(p)
-    assert q == p
+    assert q == p == pickle.loads(pickle.dumps(p))
     with pytest.raises(TypeError):
         q["embedded"]["d_model"] = 5
 

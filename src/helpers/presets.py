@@ -63,6 +63,12 @@ def _positive_int(v):
     return v
 
 
+def _seed(v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise _Bad("a non-negative integer")
+    return v
+
+
 def _float(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _Bad("a number")
@@ -178,7 +184,7 @@ class Preset(Mapping):
     baseline_seed: int        # seed of the correlation's random baseline
     sample_seed: int          # seed of the text samples (chapter 00)
     single_model: str         # the pretrained model of the single-model comparisons (chapter 02)
-    preset: str = ""          # the preset's name (the file's stem unless the file says otherwise)
+    preset: str | None = None  # the preset's name (the file's stem unless the file says otherwise)
     n_seeds: int | None = None  # members of the embedded family (2-5; default all five)
     corpus: Mapping | None = None    # the embedded corpus (CORPUS_KEYS)
     embedded: Mapping | None = None  # the embedded family's architecture and recipe (EMBEDDED_KEYS)
@@ -247,9 +253,9 @@ TOP_KEYS: dict[str, _Key] = {
     "batch_size": _Key(_positive_int, True, "rows per forward pass"),
     "threshold": _Key(_float, True, "universality threshold on the excess correlation"),
     "baseline": _Key(_one_of(*BASELINES), True, "correlation baseline"),
-    "train_seed": _Key(_int, True, "base seed of the embedded family's training"),
-    "baseline_seed": _Key(_int, True, "seed of the correlation's random baseline"),
-    "sample_seed": _Key(_int, True, "seed of the text samples"),
+    "train_seed": _Key(_seed, True, "base seed of the embedded family's training"),
+    "baseline_seed": _Key(_seed, True, "seed of the correlation's random baseline"),
+    "sample_seed": _Key(_seed, True, "seed of the text samples"),
     "single_model": _Key(_str, True, "the single pretrained model of chapter 02"),
     "preset": _Key(_str, False, "the preset's name"),
     "n_seeds": _Key(_optional(_int), False, "members of the embedded family"),
