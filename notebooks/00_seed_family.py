@@ -47,44 +47,22 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from helpers import families, models, plots, train
+from helpers import families, models, plots, presets, train
 
 plots.setup()
 
 # %% tags=["parameters"]
 preset = "default"
-family = "embedded"
-reference = "a"
-device = "cpu"
-seed = 0
-artifacts_dir = "artifacts"
-n_tokens = 300000
-batch_size = 32
-corpus = {
-    "sources": ["python-docs", "python-code", "gcide", "wordnet", "perl-docs", "foldoc"],
-    "max_chars_per_source": 12000000,
-    "val_fraction": 0.1,
-}
-embedded = {
-    "n_layers": 2,
-    "d_model": 128,
-    "n_heads": 4,
-    "d_mlp": 1024,
-    "n_ctx": 256,
-    "d_vocab": 4096,
-    "train_tokens": 6000000,
-    "batch_size": 32,
-    "lr": 0.003,
-    "warmup_frac": 0.05,
-    "weight_decay": 0.1,
-    "n_checkpoints": 4,
-    "precision": "auto",
-}
+device = None
+n_tokens = None
+sample_seed = None
 
 # %%
-params = dict(family=family, reference=reference, device=device, seed=seed, artifacts_dir=artifacts_dir,
-              corpus=corpus, embedded=embedded)
-fam = families.load_family(family, params, device=device)
+params = presets.notebook_preset(globals())
+device, n_tokens, embedded = params.device, params.n_tokens, params.embedded
+seed = params.sample_seed  # the samples' seed; the family was trained from params.train_seed
+fam = families.load_family(params.family, params, device=device)
+reference = fam.reference
 is_embedded = fam.name.startswith("embedded")
 print(f"family {fam.name!r}: members {fam.members}")
 

@@ -1,4 +1,4 @@
-"""Checks of the notebooks as files: pairing, no outputs, the page skeleton, presets in sync."""
+"""Checks of the notebooks as files: pairing, no outputs, the page skeleton, the parameters contract."""
 import ast
 import json
 import re
@@ -53,19 +53,86 @@ def test_page_skeleton(py):
 
 
 @pytest.mark.parametrize("py", SOURCES, ids=lambda p: p.stem)
-def test_parameters_are_literals_matching_default_preset(py):
-    nb = jupytext.read(py)
-    cell = _code_cells(nb)[1]
-    tree = ast.parse(cell.source)
+def test_parameters_cell_names_a_preset_and_copies_nothing_from_it(py):
+    """`preset` plus a few scalars left to the preset (None); every value comes from params/<preset>.yaml."""
+    from helpers.presets import KEYS
+
+    cell = _code_cells(jupytext.read(py))[1]
     values = {}
-    for node in tree.body:
-        assert isinstance(node, ast.Assign), "the parameters cell holds assignments only"
-        values[node.targets[0].id] = ast.literal_eval(node.value)
-    default = yaml.safe_load((ROOT / "params" / "default.yaml").read_text())
-    for key, val in default.items():
-        if key in values:
-            assert values[key] == val, f"{py.stem}: parameter {key!r} = {values[key]!r} but params/default.yaml has {val!r}"
-    assert values.get("preset") == "default"
+    for node in ast.parse(cell.source).body:
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name), \
+            f"{py.stem}: the parameters cell holds single assignments only"
+        values[node.targets[0].id] = ast.literal_eval(node.value)  # raises on anything but a literal
+    assert values.pop("preset", None) == "default", f"{py.stem}: the parameters cell must start from `preset = \"default\"`"
+    unknown = set(values) - set(KEYS)
+    assert not unknown, f"{py.stem}: parameters {sorted(unknown)} are not preset keys (helpers.presets.KEYS)"
+    copied = {k: v for k, v in values.items() if v is not None}
+    assert not copied, f"{py.stem}: {copied} copies a preset value; set it to None (the preset's) instead"
+    assert len(values) <= 6, f"{py.stem}: a parameters cell holds the few scalars a reader would change"
+
+
+def _params_statement(py) -> str:
+    cell = _code_cells(jupytext.read(py))[2]
+    for node in ast.parse(cell.source).body:
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["params"]:
+            return ast.unparse(node)
+    raise AssertionError(f"{py.stem}: the cell after the parameters cell must build `params`")
+
+
+@pytest.mark.parametrize("py", SOURCES, ids=lambda p: p.stem)
+def test_params_are_built_from_the_preset_and_the_notebooks_variables(py):
+    assert _params_statement(py) == "params = presets.notebook_preset(globals())"
+
+
+@pytest.mark.parametrize("py", SOURCES, ids=lambda p: p.stem)
+def test_notebooks_never_type_a_member_name(py):
+    """The reference member comes from the preset (`fam.reference`), not from a typed `"a"`."""
+    for c in _code_cells(jupytext.read(py)):
+        src = "\n".join(l for l in c.source.splitlines() if not l.lstrip().startswith("%"))
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("load", "member"):
+                assert not any(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in node.args), \
+                    f"{py.stem}: {ast.unparse(node)} types a member name"
+
+
+PAPERMILL_FORMS = {
+    "-p preset NAME": lambda name: {"preset": name},
+    "-f params/NAME.yaml": lambda name: yaml.safe_load((ROOT / "params" / f"{name}.yaml").read_text()),
+    "-f params/NAME.yaml -p preset NAME": lambda name: {**yaml.safe_load((ROOT / "params" / f"{name}.yaml").read_text()),
+                                                         "preset": name},
+}
+
+
+def _papermill_namespace(py, parameters: dict) -> dict:
+    """The notebook's variables after papermill's injected cell, by papermill's own injection."""
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    from helpers import presets
+
+    nb = parameterize_notebook(load_notebook_node(str(py.with_suffix(".ipynb"))), parameters, kernel_name="python3", language="python")
+    code = _code_cells(nb)
+    assert "parameters" in code[1].metadata.get("tags", []) and "injected-parameters" in code[2].metadata.get("tags", [])
+    ns = {"presets": presets}
+    for cell in code[1:3]:
+        exec(cell.source, ns)
+    exec(_params_statement(py), ns)
+    return ns
+
+
+@pytest.mark.parametrize("form", PAPERMILL_FORMS)
+@pytest.mark.parametrize("name", ["smoke", "gpt2-small"])
+@pytest.mark.parametrize("py", SOURCES, ids=lambda p: p.stem)
+def test_both_papermill_forms_give_the_presets_params(py, name, form):
+    from helpers.presets import load_preset
+
+    assert _papermill_namespace(py, PAPERMILL_FORMS[form](name))["params"] == load_preset(name)
+
+
+@pytest.mark.parametrize("py", SOURCES, ids=lambda p: p.stem)
+def test_a_papermill_parameter_reaches_the_preset_declared_or_not(py):
+    params = _papermill_namespace(py, {"preset": "smoke", "n_tokens": 4096, "n_tokens_aux": 1024})["params"]
+    assert (params.n_tokens, params.n_tokens_aux, params.preset) == (4096, 1024, "smoke")
 
 
 @pytest.mark.parametrize("py", SOURCES, ids=lambda p: p.stem)

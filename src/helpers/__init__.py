@@ -3,7 +3,7 @@
 
 All real logic of the book lives here; the notebooks call it and plot. One module per concern:
 
-- `presets`   read `params/*.yaml`, resolve paths
+- `presets`   the checked, read-only preset of `params/*.yaml`; resolve paths
 - `artifacts` on-disk cache keyed by what produced a result
 - `data`      GPT-2 tokenizer, reduced vocabularies, token batches, token filtering
 - `corpus`    the embedded corpus (Debian documentation, CPython standard library, dictionaries)

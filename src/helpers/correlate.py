@@ -282,9 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     fam = load_family(args.family or params["family"], params, device=device)
     n_tokens = args.n_tokens or int(params["n_tokens"])
     art = resolve_dir(params.get("artifacts_dir", "artifacts"))
-    out = Path(args.out) if args.out else results_dir(fam, n_tokens, art, args.reference, args.baseline, params.get("seed", 0), args.precision)
+    out = Path(args.out) if args.out else results_dir(fam, n_tokens, art, args.reference, args.baseline, params["baseline_seed"], args.precision)
     table = correlate_family(fam, n_tokens, out, args.reference, args.batch_size or int(params.get("batch_size", 32)), device,
-                             args.precision, args.memory_budget_gb, args.checkpoint_every, args.baseline, params.get("seed", 0))
+                             args.precision, args.memory_budget_gb, args.checkpoint_every, args.baseline, params["baseline_seed"])
     if len(table):
         print(f"{out}: {int(table.is_universal.sum())} of {len(table)} neurons universal; "
               f"excess correlation median {table.excess_corr.median():.3f}, 99th percentile {table.excess_corr.quantile(0.99):.3f}")

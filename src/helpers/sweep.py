@@ -13,7 +13,6 @@ Command line: `python -m helpers.sweep --preset default --grid sweeps/embedded.y
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -34,10 +33,8 @@ def run_sweep(preset: str, grid_file: str | Path, device: str = "cpu", out_csv: 
     art = resolve_dir(base.get("artifacts_dir", "artifacts"))
     rows = []
     for cfg in grid["configs"]:
-        params = copy.deepcopy(base)
-        params["embedded"].update(grid.get("common", {}))
-        params["embedded"].update(cfg.get("overrides", {}))
-        params["n_seeds"] = int(grid.get("n_seeds", 3))
+        params = base.replace(embedded={**base["embedded"], **grid.get("common", {}), **cfg.get("overrides", {})},
+                              n_seeds=int(grid.get("n_seeds", 3)))
         print(f"== {cfg['name']}: {params['embedded']}", flush=True)
         folder = ensure_family(params, device=device)
         fam = embedded_family(params, device=device, train=False)

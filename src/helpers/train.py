@@ -70,8 +70,9 @@ def split_embedded_config(embedded: dict) -> tuple[dict, dict]:
 
 
 def train_seed(params: dict) -> int:
-    """The base seed of the embedded family's training (member `a` uses it, `b` it + 1, ...)."""
-    return int(params.get("train_seed", params.get("seed", 0)))
+    """The base seed of the embedded family's training (member `a` uses it, `b` it + 1, ...): the
+    preset's `train_seed`, which the correlation's `baseline_seed` and the `sample_seed` leave alone."""
+    return int(params["train_seed"])
 
 
 def member_seed(base_seed: int, member: str, untrained: bool = False) -> int:

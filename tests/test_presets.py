@@ -1,0 +1,259 @@
+"""The preset object: schema checks with named keys, overrides, immutability, notebook injection."""
+import copy
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import presets
+from helpers.presets import PresetError, available_presets, load_preset, notebook_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ["smoke", "default", "gpt2-small", "gpt2-medium"]
+
+
+def smoke_data() -> dict:
+    return yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+
+
+def write_preset(tmp_path, data: dict, name: str = "mine") -> Path:
+    data = {k: v for k, v in data.items() if k != "preset"}  # a file outside params/ is named by its path
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_preset_loads_with_its_own_name(name):
+    params = load_preset(name)
+    assert params.preset == params["preset"] == name
+    assert params.path == ROOT / "params" / f"{name}.yaml"
+    raw = yaml.safe_load((ROOT / "params" / f"{name}.yaml").read_text())
+    assert params.to_dict() == raw  # nothing added, nothing dropped
+    for seed in ("train_seed", "baseline_seed", "sample_seed"):
+        assert isinstance(params[seed], int)
+
+
+def test_every_file_in_params_loads():
+    assert set(SHIPPED) <= set(available_presets())
+    for name in available_presets():
+        load_preset(name)
+
+
+def test_misspelt_key_added_at_the_top_level_is_an_error_naming_file_key_and_closest(tmp_path):
+    path = write_preset(tmp_path, {**smoke_data(), "n_tokenz": 3000})
+    with pytest.raises(PresetError) as e:
+        load_preset(path)
+    msg = str(e.value)
+    assert "mine.yaml" in msg and "`n_tokenz`" in msg and "did you mean `n_tokens`?" in msg
+
+
+def test_misspelt_key_in_place_of_a_required_key_names_both(tmp_path):
+    data = smoke_data()
+    data["n_tokenz"] = data.pop("n_tokens")
+    with pytest.raises(PresetError) as e:
+        load_preset(write_preset(tmp_path, data))
+    msg = str(e.value)
+    assert "`n_tokenz` (did you mean `n_tokens`?)" in msg
+    assert "missing required key `n_tokens`" in msg
+    assert not isinstance(e.value, KeyError)
+
+
+def test_missing_required_key_is_named(tmp_path):
+    data = smoke_data()
+    del data["baseline_seed"]
+    with pytest.raises(PresetError, match="missing required key `baseline_seed`"):
+        load_preset(write_preset(tmp_path, data))
+
+
+@pytest.mark.parametrize("block,bad,closest", [("embedded", "d_modle", "d_model"), ("corpus", "val_fracton", "val_fraction")])
+def test_unknown_key_inside_a_block_names_block_key_and_closest(tmp_path, block, bad, closest):
+    data = smoke_data()
+    data[block][bad] = data[block].pop(closest)
+    with pytest.raises(PresetError) as e:
+        load_preset(write_preset(tmp_path, data))
+    msg = str(e.value)
+    assert "mine.yaml" in msg and f"`{block}` block" in msg and f"`{bad}` (did you mean `{closest}`?)" in msg
+
+
+def test_missing_architecture_key_in_the_embedded_block_is_named(tmp_path):
+    data = smoke_data()
+    del data["embedded"]["n_ctx"]
+    with pytest.raises(PresetError, match="missing required key `n_ctx` in the `embedded` block"):
+        load_preset(write_preset(tmp_path, data))
+
+
+def test_embedded_family_without_embedded_block_is_an_error(tmp_path):
+    data = smoke_data()
+    del data["embedded"]
+    with pytest.raises(PresetError, match="needs an `embedded` block"):
+        load_preset(write_preset(tmp_path, data))
+
+
+def test_the_former_seed_key_says_what_replaced_it(tmp_path):
+    data = smoke_data()
+    data["seed"] = 0
+    with pytest.raises(PresetError, match="`seed` was split into `train_seed`.*`baseline_seed`.*`sample_seed`"):
+        load_preset(write_preset(tmp_path, data))
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("n_tokens", "3e5", "`n_tokens` must be a positive integer"),   # YAML 1.1 reads 3e5 as a string
+    ("threshold", "high", "`threshold` must be a number"),
+    ("baseline", "rotated", "`baseline` must be one of 'rotation', 'gaussian'"),
+    ("train_seed", True, "`train_seed` must be a non-negative integer"),
+    ("sample_seed", -1, "`sample_seed` must be a non-negative integer"),
+])
+def test_values_of_the_wrong_type_are_named(tmp_path, key, value, expected):
+    with pytest.raises(PresetError, match=expected):
+        load_preset(write_preset(tmp_path, {**smoke_data(), key: value}))
+
+
+def test_block_values_are_checked(tmp_path):
+    data = smoke_data()
+    data["embedded"]["precision"] = "fp16"
+    with pytest.raises(PresetError, match="`embedded.precision` must be one of 'auto', 'fp32', 'bf16'"):
+        load_preset(write_preset(tmp_path, data))
+
+
+def test_a_copied_file_that_keeps_another_presets_name_is_refused(tmp_path):
+    path = tmp_path / "copy.yaml"
+    path.write_text((ROOT / "params" / "smoke.yaml").read_text())  # says `preset: smoke`
+    with pytest.raises(PresetError, match="says `preset: smoke`, which is not this file: set `preset: copy`"):
+        load_preset(path)
+
+
+def test_a_file_outside_params_is_named_by_its_stem(tmp_path):
+    assert load_preset(write_preset(tmp_path, smoke_data(), "elsewhere")).preset == "elsewhere"
+
+
+def test_overrides_replace_values_and_none_keeps_them():
+    base = load_preset("smoke")
+    p = load_preset("smoke", n_tokens=1234, device=None, threshold=0.3, baseline_seed=7)
+    assert (p.n_tokens, p["threshold"], p["baseline_seed"]) == (1234, 0.3, 7)
+    assert p.device == base.device == "cpu"
+    assert p.train_seed == base.train_seed  # the baseline seed does not touch training
+    assert load_preset("smoke", n_tokens=None, device=None) == base
+    assert base.n_tokens == 20000  # the original is untouched
+
+
+def test_an_override_replaces_a_block_as_a_whole_and_is_checked():
+    base = load_preset("smoke")
+    wider = base.replace(embedded={**base["embedded"], "d_model": 64})
+    assert wider["embedded"]["d_model"] == 64 and base["embedded"]["d_model"] == 32
+    with pytest.raises(PresetError, match="`n_layers`"):
+        base.replace(embedded={"d_model": 64})  # the rest of the block is not merged in
+
+
+def test_unknown_or_ill_typed_overrides_are_errors():
+    with pytest.raises(PresetError, match="unknown override `n_tokenz` \\(did you mean `n_tokens`\\?\\)"):
+        load_preset("smoke", n_tokenz=5)
+    with pytest.raises(PresetError, match="`batch_size` must be a positive integer, got 0"):
+        load_preset("smoke", batch_size=0)
+    with pytest.raises(PresetError, match="choose another file"):
+        load_preset("smoke", preset="default")
+
+
+def test_preset_is_immutable_at_every_level():
+    p = load_preset("smoke")
+    with pytest.raises(AttributeError):
+        p.n_tokens = 5
+    with pytest.raises(TypeError):
+        p["n_tokens"] = 5
+    with pytest.raises(TypeError, match="read-only"):
+        p["embedded"]["d_model"] = 5
+    with pytest.raises(TypeError, match="read-only"):
+        p["embedded"].update(d_model=5)
+    with pytest.raises(TypeError, match="read-only"):
+        p["corpus"]["sources"].append("mine")
+    assert p["embedded"]["d_model"] == 32 and "mine" not in p["corpus"]["sources"]
+    # a deep copy or a pickled copy (worker processes) is an equal, still read-only, preset
+    q = copy.deepcopy(p)
+    assert q == p == pickle.loads(pickle.dumps(p))
+    with pytest.raises(TypeError):
+        q["embedded"]["d_model"] = 5
+
+
+def test_mapping_interface_and_plain_copies():
+    smoke, hub = load_preset("smoke"), load_preset("gpt2-small")
+    assert smoke["embedded"]["d_model"] == smoke.embedded["d_model"] == 32
+    assert "embedded" in smoke and "embedded" not in hub and "corpus" not in hub
+    assert hub.get("corpus", {}) == {} and hub.get("n_seeds", 5) == 5
+    assert smoke["corpus"]["sources"] == smoke_data()["corpus"]["sources"]  # equal to a plain list
+    plain = smoke.to_dict()
+    assert type(plain["embedded"]) is dict and type(plain["corpus"]["sources"]) is list
+    plain["embedded"]["d_model"] = 1  # a copy: the preset keeps its value
+    assert smoke["embedded"]["d_model"] == 32
+    assert json.loads(json.dumps(dict(smoke))) == json.loads(json.dumps(smoke.to_dict())) == smoke_data()
+
+
+def test_looking_up_a_name_that_is_no_preset_key_is_an_error_not_a_default():
+    p = load_preset("smoke")
+    with pytest.raises(KeyError, match="`seed` was split"):
+        p.get("seed", 0)
+    with pytest.raises(KeyError, match="did you mean `n_tokens`"):
+        p["n_tokenz"]
+    with pytest.raises(KeyError, match="does not set `n_seeds`"):
+        p["n_seeds"]
+    assert "seed" not in p
+
+
+def test_embedded_schema_equals_the_trainers_keys_and_types():
+    from helpers import train
+
+    assert set(presets.EMBEDDED_KEYS) == set(train.ARCH_KEYS) | set(train.RECIPE_DEFAULTS)
+    assert {k for k, key in presets.EMBEDDED_KEYS.items() if key.required} == set(train.ARCH_KEYS)
+    assert presets.PRECISIONS == train.PRECISIONS
+    # every recipe default passes its own check unchanged
+    for k, v in train.RECIPE_DEFAULTS.items():
+        assert presets.EMBEDDED_KEYS[k].check(v) == v, k
+
+
+def test_the_schema_is_the_dataclass():
+    from dataclasses import fields
+
+    assert presets.KEYS == tuple(f.name for f in fields(presets.Preset) if f.name != "path")
+
+
+def test_the_training_seed_is_read_from_train_seed_only():
+    from helpers import train
+
+    assert train.train_seed(load_preset("smoke", train_seed=11)) == 11
+    with pytest.raises(KeyError):
+        train.train_seed({"seed": 3})
+
+
+# ---- notebooks: the namespace papermill leaves before the cell that builds `params` ----
+
+NOTEBOOK_PARAMETERS = {"preset": "default", "device": None, "n_tokens": None, "threshold": None}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_papermill_p_preset_selects_the_file(name):
+    ns = {**NOTEBOOK_PARAMETERS, "preset": name, "presets": presets}  # a module in the namespace is ignored
+    assert notebook_preset(ns) == load_preset(name)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_papermill_f_file_injects_every_key_and_loads_that_file(name):
+    injected = yaml.safe_load((ROOT / "params" / f"{name}.yaml").read_text())
+    ns = {**NOTEBOOK_PARAMETERS, **injected}  # the notebook declares only some of the injected keys
+    assert notebook_preset(ns) == load_preset(name)
+
+
+def test_an_injected_value_reaches_the_preset_declared_or_not():
+    ns = {**NOTEBOOK_PARAMETERS, "preset": "smoke", "n_tokens": 4096, "baseline_seed": 3}  # baseline_seed undeclared
+    p = notebook_preset(ns)
+    assert (p.n_tokens, p.baseline_seed, p.threshold) == (4096, 3, 0.5)
+
+
+def test_an_injected_misspelt_value_is_checked():
+    with pytest.raises(PresetError, match="`threshold` must be a number"):
+        notebook_preset({**NOTEBOOK_PARAMETERS, "preset": "smoke", "threshold": "0.3x"})
+
+
+def test_a_notebook_without_preset_is_told_to_set_it():
+    with pytest.raises(PresetError, match="must set `preset`"):
+        notebook_preset({"n_tokens": 5})
