@@ -192,3 +192,9 @@ def test_full_l2_penalty_adds_the_linear_branch():
     t = pd.DataFrame({"l2_penalty": [1.0, 2.0], "w_lin_norm": [3.0, np.nan]})
     assert ps.full_l2_penalty(t).tolist() == [10.0, 2.0]
     assert ps.full_l2_penalty(t.drop(columns="w_lin_norm")).tolist() == [1.0, 2.0]
+
+
+def test_medians_line_reads_the_tables():
+    a = pd.DataFrame({"k": [1.0, 2.0, 9.0]})
+    b = pd.DataFrame({"k": [4.0, 5.0]})
+    assert ps.medians_line({"A": a, "B": b}, {"k": "median k"}) == "median k: A 2, B 4.5."

@@ -287,6 +287,13 @@ def control_sentence(trained: PropertyTests, control: PropertyTests) -> str:
     return s + "."
 
 
+def medians_line(frames: dict[str, pd.DataFrame], columns: dict[str, str]) -> str:
+    """One markdown sentence of medians: for each column label, the median in each named table."""
+    parts = [f"{label}: " + ", ".join(f"{name} {frame[col].median():.3g}" for name, frame in frames.items() if col in frame)
+             for col, label in columns.items()]
+    return "; ".join(parts) + "."
+
+
 # --------------------------------------------------------------------------------------------
 # Build checks that can fail, and disclosed quantities
 # --------------------------------------------------------------------------------------------
