@@ -172,6 +172,8 @@ def test_check_activation_floor_catches_pre_post_mix_up():
         ps.check_activation_floor(swapped, "gelu_new")
     with pytest.raises(ValueError):
         ps.check_activation_floor(good, "unknown_fn")
+    with pytest.raises(ValueError, match="gated"):
+        ps.check_activation_floor(good.assign(w_lin_norm=1.0), "silu")
 
 
 def test_check_detects_planted_passes_on_a_table_and_fails_on_a_broken_ranking():

@@ -282,8 +282,8 @@ def control_sentence(trained: PropertyTests, control: PropertyTests) -> str:
         s += (": there the property comes with high excess correlation in a network that never learned, so it is a "
               "property of the metric, not of learning")
     if only:
-        s += (f". {len(only)} ({_names(only)}) show only in the trained family: these are the candidates for "
-              "properties that training gives the most universal neurons")
+        s += (f". {len(only)} ({_names(only)}) show only in the trained family: the metric alone does not produce "
+              "them, so they are candidates for properties that come with learning")
     return s + "."
 
 
@@ -316,7 +316,11 @@ def check_join(df: pd.DataFrame, n_layers: int, d_mlp: int) -> None:
 def check_activation_floor(stats: pd.DataFrame, act_fn: str, tol: float = 1e-3) -> None:
     """The post-activation mean of every neuron is at least the activation function's minimum,
     while its pre-activation mean is not bounded: fails when the pre/post hooks or columns are
-    mixed up (a neuron with a negative mean pre-activation below the floor shows as a post mean)."""
+    mixed up (a neuron with a negative mean pre-activation below the floor shows as a post mean).
+    GPT-2-style MLPs only: a gated MLP's post-activation is act(gate) times the linear branch, which
+    has no floor, so a table with `w_lin_norm` values raises ValueError."""
+    if "w_lin_norm" in stats and stats["w_lin_norm"].notna().any():
+        raise ValueError("a gated MLP's post-activation (act(gate) * linear branch) has no floor")
     floor = ACTIVATION_MINIMUM.get(act_fn)
     if floor is None:
         raise ValueError(f"no known minimum for activation {act_fn!r}")
