@@ -116,3 +116,19 @@ def layer_dimensionality(run, table: pd.DataFrame, seed: int, kind: str = "rotat
                          "measured_median": float(np.nanmedian(measured[(m, l)][same])),
                          "textbook": textbook_max_correlation(d, pr_corr)})
     return pd.DataFrame(rows)
+
+
+def families_dimensionality(families: dict, n_tokens: int | dict, artifacts_dir, device: str = "cpu", batch_size: int = 32,
+                            seed: int = 0, baseline: str = "rotation", threshold: float = 0.5, n_draws: int = 4) -> pd.DataFrame:
+    """`layer_dimensionality` of several families ({label: Family}), each from its own cached
+    correlation run over `n_tokens` (an int, or {label: int})."""
+    from .baselines import load_run
+    from .universality import universality_table
+
+    out = []
+    for label, fam in families.items():
+        n = n_tokens[label] if isinstance(n_tokens, dict) else n_tokens
+        table = universality_table(fam, n, artifacts_dir, device, batch_size, seed, baseline, threshold=threshold, verbose=False)
+        run = load_run(fam, n, artifacts_dir, device, batch_size, seed, baseline, threshold)
+        out.append(layer_dimensionality(run, table, seed, baseline, n_draws, label).assign(n_tokens=n))
+    return pd.concat(out, ignore_index=True)

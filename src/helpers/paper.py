@@ -222,3 +222,18 @@ def result_table(rows: Iterable[Comparison]) -> pd.DataFrame:
                     "paper": f"{_show(e.value, r.fmt)}{tol}; {e.model}, {e.source}", "verdict": v,
                     "reason": r.reason if v == "differs" else ""})
     return pd.DataFrame(out).set_index("quantity")
+
+
+TABLE1_KEYS = ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab", "n_ctx", "act_fn", "positional", "n_neurons",
+               "params_printed")
+
+
+def table1(ours: dict | None = None, name: str = "this book", models: Iterable[str] = (SMALL, MEDIUM)) -> pd.DataFrame:
+    """The paper's Table 1 from the registry (one column per paper model), with `ours` (a
+    `models.describe_model` dict; `n_params` is shown in the `params_printed` row) beside it."""
+    cols = {f"{m} (paper)": {k: value(k, m) for k in TABLE1_KEYS} for m in models}
+    if ours is not None:
+        cols[name] = {k: (f"{ours['n_params'] / 1e6:.2f}M" if k == "params_printed" else ours.get(k)) for k in TABLE1_KEYS}
+    out = pd.DataFrame(cols)
+    out.index.name = "Table 1"
+    return out

@@ -187,11 +187,13 @@ class NeuronSet:
 
     `table`: the per-neuron universality table with the boolean set columns `is_universal`,
     `above_control`, `top_excess`; `chosen`: the column later chapters use (`choose_set`);
-    `control`: the untrained control's table (None for families without one)."""
+    `control`: the untrained control's table and `control_family` the control (None for families
+    without one)."""
 
     table: pd.DataFrame
     chosen: str
     control: pd.DataFrame | None
+    control_family: object = None
 
     @property
     def size(self) -> int:
@@ -255,4 +257,12 @@ def neuron_set(family, control_family, params: dict, n_tokens: int, artifacts_di
         tmp.replace(cache / "sets.parquet")
     out = table.drop(columns=[c for c in SET_COLUMNS if c != "is_universal"], errors="ignore").merge(
         sets.drop(columns=["is_universal"]), on=["layer", "neuron"], validate="one_to_one")
-    return NeuronSet(out, chosen, control)
+    return NeuronSet(out, chosen, control, control_family)
+
+
+def checkpoint_families(params: dict, device: str = "cpu") -> dict:
+    """{"step N": Family} for every saved training checkpoint of the preset's embedded family."""
+    from .families import embedded_family
+    from .train import saved_checkpoint_steps
+
+    return {f"step {s}": embedded_family(params, device=device, checkpoint=s) for s in saved_checkpoint_steps(params)}
