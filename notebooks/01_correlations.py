@@ -172,9 +172,8 @@ plots.style(fig, "Fig 2b · max vs min over seeds of the max correlation", x="ma
 fig.show()
 spread = universality.seed_spread(table, "is_universal")
 spread_top = universality.seed_spread(table, "top_excess")
-print(f"mean spread (max - min over seeds): all neurons {spread['all']:.3f} (paper {paper.SEED_SPREAD_ALL}); "
-      f"universal {spread['selected']:.3f} over {spread['n_selected']} neurons (paper {paper.SEED_SPREAD_UNIVERSAL}); "
-      f"top 1% by excess {spread_top['selected']:.3f}")
+print(f"mean spread (max - min over seeds): all neurons {spread['all']:.3f}; universal {spread['selected']:.3f} over "
+      f"{spread['n_selected']} neurons; top 1% by excess {spread_top['selected']:.3f} (the paper's values: Result vs paper)")
 
 # %% [markdown]
 # ## 5. Fig 2c: depth specialisation
@@ -319,15 +318,18 @@ if control is not None:
 # The reference model correlated with an exact copy of itself must find every live neuron at
 # correlation 1; the rotated copy's derived baseline must equal the one computed directly from
 # explicitly rotated activations; and the trained family's 99th-percentile excess must exceed the
-# untrained control's. The build stops if any fails.
+# untrained control's. The build stops if a required check fails; the last one is required where the
+# recorded sweep found the gap at this family's training budget (the table says why).
 
 # %%
 check_table = checks.copy_checks(fam, min(n_tokens, 20_000), art, device=device, batch_size=batch_size, seed=seed,
                                  baseline=baseline)
 if control is not None:
-    check_table = pd.concat([check_table, checks.trained_exceeds_control(summaries[fam.name], summaries["untrained control"])])
+    check_table = pd.concat([check_table, checks.trained_exceeds_control(summaries[fam.name], summaries["untrained control"],
+                                                                         train_tokens=int(fam.info["recipe"]["train_tokens"]))])
 display(check_table)
-assert check_table.passed.all(), f"failed checks:\n{check_table[~check_table.passed]}"
+failed = check_table[check_table.required & ~check_table.passed]
+assert failed.empty, f"failed checks:\n{failed}"
 
 # %% [markdown]
 # ## Result vs paper
@@ -370,7 +372,9 @@ rows_rvp = [
                      report.sentence("{d:.2f} of best matches in the same layer (chance {ch:.2f})", d=spec["diagonal"], ch=spec["chance"]),
                      control=report.sentence("{d:.2f}", d=ctl_spec["diagonal"]) if ctl_spec else None, model=pm,
                      holds=spec["diagonal"] > spec["chance"] and spec["diagonal_is_row_max"],
-                     reason="the diagonal is not above chance in every row"),
+                     reason=report.sentence("diagonal share {d:.2f} against chance {ch:.2f}; the diagonal is the largest entry "
+                                            "of every row: {rm}", d=spec["diagonal"], ch=spec["chance"],
+                                            rm=spec["diagonal_is_row_max"])),
 ]
 rvp = paper.result_table(rows_rvp)
 display(rvp)

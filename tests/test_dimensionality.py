@@ -100,6 +100,12 @@ def test_variability_reports_spread_sizes_and_jaccard():
     assert baselines.mean_pairwise_jaccard([np.array([1, 0], bool)] * 3) == 1.0
 
 
-def test_trained_exceeds_control_can_fail():
+def test_trained_exceeds_control_can_fail(tmp_path):
     assert checks.trained_exceeds_control({"p99": 0.2}, {"p99": 0.1}).passed.all()
-    assert not checks.trained_exceeds_control({"p99": 0.1}, {"p99": 0.1}).passed.any()
+    res = checks.trained_exceeds_control({"p99": 0.1}, {"p99": 0.1})
+    assert not res.passed.any() and res.required.all()
+    csv = tmp_path / "r.csv"
+    import pandas as pd
+    pd.DataFrame({"train_tokens": [1000, 2000], "excess_p99": [0.2, 0.3], "control_p99": [0.1, 0.1]}).to_csv(csv, index=False)
+    assert not checks.trained_exceeds_control({"p99": 0.1}, {"p99": 0.2}, train_tokens=500, results_csv=csv).required.any()
+    assert checks.trained_exceeds_control({"p99": 0.1}, {"p99": 0.2}, train_tokens=1000, results_csv=csv).required.all()

@@ -93,9 +93,11 @@ def load_run(family, n_tokens: int, artifacts_dir: str | Path, device: str = "cp
 
 def layer_baselines(run: RunAccumulators, mixes: dict[tuple[str, int], torch.Tensor]) -> dict[tuple[str, int], np.ndarray]:
     """{(member, layer): [n_ref] max correlation of each reference neuron with the units `mix @ y`
-    of that layer}, for the given mixing matrices (one per comparison layer)."""
+    of that layer}, for the layers given a mixing matrix."""
     out = {}
     for m, l, cols in run.layer_cols:
+        if (m, l) not in mixes:
+            continue
         v = np.full(run.n_ref, np.nan)
         for sl, acc, grams in run.blocks:
             g = grams[[k for k, (mm, ll, _) in enumerate(run.layer_cols) if (mm, ll) == (m, l)][0]]

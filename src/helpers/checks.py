@@ -105,12 +105,36 @@ def copy_checks(family, n_tokens: int, artifacts_dir: str | Path, device: str = 
          "condition": f">= {1 - tol_max}", "passed": bool(live.any() and np.nanmin(mc[live]) >= 1 - tol_max)},
         {"check": f"rotated copy: max |derived - direct| baseline over {len(pick)} neurons", "value": err,
          "condition": f"<= {tol_baseline}", "passed": bool(err <= tol_baseline)},
-    ]).set_index("check")
+    ]).set_index("check").assign(required=True, **{"required because": "always"})
 
 
-def trained_exceeds_control(trained: dict, control: dict, statistic: str = "p99") -> pd.DataFrame:
+def sweep_control_gap(results_csv: str | Path | None = None) -> dict:
+    """What the recorded sweep (`sweeps/results.csv`) says about the trained-vs-control gap: the
+    smallest training budget it measured, and whether every configuration at that budget or more
+    had its p99 excess above its untrained control's."""
+    from .presets import repo_root
+
+    df = pd.read_csv(results_csv or repo_root() / "sweeps" / "results.csv")
+    return {"min_train_tokens": int(df.train_tokens.min()), "all_above": bool((df.excess_p99 > df.control_p99).all()),
+            "n_configs": len(df)}
+
+
+def trained_exceeds_control(trained: dict, control: dict, statistic: str = "p99", train_tokens: int | None = None,
+                            results_csv: str | Path | None = None) -> pd.DataFrame:
     """One-row check: the trained family's `statistic` of the excess correlation (an
-    `universality.excess_summary`) exceeds the untrained control's."""
+    `universality.excess_summary`) exceeds the untrained control's.
+
+    `required` says whether the build should stop when it fails: with `train_tokens` given, when
+    the recorded sweep found the gap in every configuration trained on at least that budget and
+    this family was trained on as many tokens or more (a family trained on fewer tokens may
+    genuinely show no gap); without it, always."""
     a, b = float(trained[statistic]), float(control[statistic])
+    required, why = True, "always"
+    if train_tokens is not None:
+        gap = sweep_control_gap(results_csv)
+        required = bool(gap["all_above"] and train_tokens >= gap["min_train_tokens"])
+        why = (f"trained on {train_tokens:,} tokens; the sweep found the gap in all {gap['n_configs']} configurations "
+               f"trained on {gap['min_train_tokens']:,} or more" if gap["all_above"] else "the sweep did not find the gap everywhere")
     return pd.DataFrame([{"check": f"trained {statistic} excess > untrained control's", "value": a - b,
-                          "condition": f"{a:.3f} > {b:.3f}", "passed": bool(a > b)}]).set_index("check")
+                          "condition": f"{a:.3f} > {b:.3f}", "passed": bool(a > b), "required": required,
+                          "required because": why}]).set_index("check")
