@@ -99,19 +99,12 @@ fam = families.load_family(family, params, device=device)
 # statistics use the same held-out tokens and the same token filter.
 
 # %%
-table = universality.universality_table(fam, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
-                                        baseline=baseline, threshold=threshold)
-if fam.name.startswith("embedded"):
-    control = universality.universality_table(families.load_family("embedded-untrained", params, device=device), n_tokens,
-                                              art, device=device, batch_size=batch_size, seed=seed, baseline=baseline,
-                                              threshold=threshold)
-    table = universality.add_calibrated_sets(table, control)
-else:
-    table = table.assign(above_control=False, top_excess=table.excess_corr >= table.excess_corr.quantile(0.99))
+nset = universality.neuron_set(fam, "auto", params, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
+                               baseline=baseline, threshold=threshold)
+table, chosen = nset.table, nset.chosen
 table["top_decile"] = table.excess_corr >= table.excess_corr.quantile(0.9)
 stats = neuron_stats.member_neuron_stats(fam, n_tokens, art, member=reference, batch_size=batch_size)
 df = stats.merge(table, on=["layer", "neuron"], validate="one_to_one")
-chosen = universality.choose_set(table)
 sets = list(dict.fromkeys([chosen, "top_decile"]))
 print(f"{len(df):,} neurons; set from chapter 01: {chosen} ({int(df[chosen].sum())} neurons); "
       f"also compared: top decile by excess ({int(df.top_decile.sum())} neurons)")

@@ -1,4 +1,6 @@
 """Analyses of the universality table and of neuron properties, on hand-built tables with known answers."""
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -88,3 +90,58 @@ def test_sweep_appendix_lists_every_configuration(tmp_path):
     text = (tmp_path / "b.md").read_text()
     assert "uses the architecture and recipe of **B**" in text
     assert "Within 5% of it: B (0.0200), A (0.0199)." in text and "Kept B because of C." in text
+
+
+def test_best_match_layers_counts_a_missing_layer_as_zero():
+    # seed c never matches in layer 1 from reference layer 0 and never in layer 0 from layer 1: its
+    # crosstabs lack a column; the average must still run over both seeds (rows sum to 1).
+    t = _table()
+    t["match_layer_c"] = [0, 0, 0, 1, 1, 1]
+    heat = universality.best_match_layers(t)
+    assert np.allclose(heat.sum(axis=1), 1)
+    assert heat.loc[0, 0] == pytest.approx((2 / 3 + 1) / 2) and heat.loc[0, 1] == pytest.approx((1 / 3 + 0) / 2)
+    assert heat.loc[1, 0] == pytest.approx((1 / 3 + 0) / 2)
+    spec = universality.depth_specialisation(heat)
+    assert spec["chance"] == 0.5 and spec["diagonal"] == pytest.approx((heat.loc[0, 0] + heat.loc[1, 1]) / 2)
+    assert spec["diagonal_is_row_max"]
+
+
+def test_like_for_like_medians_use_the_set_not_all_neurons():
+    t = _table()
+    t["mean_baseline"] = [0.1, 0.9, 0.9, 0.3, 0.9, 0.9]
+    med = universality.like_for_like_medians(t, "is_universal")  # L0.0 and L1.0
+    assert med["n"] == 2 and med["mean_baseline"] == pytest.approx(0.2) and med["mean_corr"] == pytest.approx(0.8)
+    assert math.isnan(universality.like_for_like_medians(t.assign(none=False), "none")["mean_corr"])
+
+
+def test_checkpoint_emergence_compares_like_with_like(monkeypatch):
+    """The control run uses the checkpoints' token count and baseline, and the checkpoints honour `baseline`."""
+    import helpers.families as families
+    import helpers.train as train
+
+    calls = []
+
+    class Fam:
+        def __init__(self, name):
+            self.name = name
+            self.info = {"recipe": {"batch_size": 2}, "arch": {"n_ctx": 4}}
+
+    def fake_table(family, n_tokens, artifacts_dir, device="cpu", batch_size=32, seed=0, baseline="rotation", precision="fp32",
+                   threshold=0.5, verbose=True):
+        calls.append((family.name, n_tokens, baseline))
+        t = _table()
+        if family.name == "control":
+            t["excess_corr"] = t.excess_corr - 0.3
+        return t
+
+    monkeypatch.setattr(universality, "universality_table", fake_table)
+    monkeypatch.setattr(families, "load_family", lambda name, params, device="cpu": Fam("control"))
+    monkeypatch.setattr(families, "embedded_family", lambda params, device="cpu", checkpoint=None: Fam(f"step{checkpoint}"))
+    monkeypatch.setattr(train, "saved_checkpoint_steps", lambda params: [0, 10])
+    em = universality.checkpoint_emergence({}, 1234, "unused", baseline="gaussian")
+    assert {c[1] for c in calls} == {1234} and {c[2] for c in calls} == {"gaussian"}
+    assert ("control", 1234, "gaussian") in calls
+    ctl_max = (_table().excess_corr - 0.3).max()
+    assert em.control_max.iloc[0] == pytest.approx(ctl_max)
+    assert em.share_above_control.iloc[0] == pytest.approx((_table().excess_corr > ctl_max).mean())
+    assert em.loc[10, "tokens_trained"] == 80

@@ -188,6 +188,7 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
                             g.merge(o)
         if rank == 0:
             blocks.append((sl, summarize(acc, grams)))
+            keep_accumulators(out, bi, sl, acc, grams, layer_cols)
             dead[sl] = acc.dead_a().cpu()
             n_valid = acc.n_tokens
             snapshots.append((sl, block_snaps))
@@ -258,6 +259,35 @@ def results_dir(family, n_tokens: int, artifacts_dir: str | Path, reference: str
              "n_tokens": int(n_tokens), "reference": reference or family.reference, "baseline": baseline, "seed": seed,
              "precision": precision, "threshold": threshold, "version": 2}
     return Path(artifacts_dir) / "correlations" / f"{family.name}-{config_hash(ident)}"
+
+
+# ------------------------------------------------------------------ kept accumulators
+# The finished run's accumulators (the reference block against every comparison neuron, and one
+# covariance per comparison layer) are kept beside the table when they are small, so that other
+# baselines (new rotations, the Gaussian variant) and the layers' spectra can be derived later
+# without another pass over the tokens (`helpers.baselines`).
+KEEP_ACCUMULATORS_BYTES = 512 * 2**20
+
+
+def keep_accumulators(out: Path, block: int, rows: slice, acc: StreamingPearson, grams: list[StreamingPearson],
+                      layer_cols: list[tuple[str, int, slice]], max_bytes: int = KEEP_ACCUMULATORS_BYTES) -> Path | None:
+    """Save `out/accumulators_block{block}.pt` (fp64 sums; the fp32 block is flushed first) unless
+    the cross-product sums exceed `max_bytes`. Returns the path, or None when not kept."""
+    if acc.n_a * acc.n_b * 8 > max_bytes:
+        return None
+    acc.flush()
+    for g in grams:
+        g.flush()
+
+    def lean(a: StreamingPearson) -> dict:
+        st = dict(a.state_dict())
+        st["block"] = None  # all zeros after the flush; rebuilt on load
+        return st
+
+    path = Path(out) / f"accumulators_block{block}.pt"
+    atomic_torch_save({"rows": (rows.start, rows.stop), "acc": lean(acc), "grams": [lean(g) for g in grams],
+                       "layer_cols": [(m, l, (c.start, c.stop)) for m, l, c in layer_cols]}, path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

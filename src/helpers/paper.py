@@ -1,24 +1,239 @@
-"""Numbers reported by the paper (Gurnee et al., 2024, arXiv v1) and computed from its released
-tables, for the "Result vs paper" comparisons. Source notes are in the book's chapters."""
+"""The paper's numbers, in one registry (Gurnee et al., 2024, arXiv v1, and its released tables).
 
-# §4.1 / §6.3: neurons with excess correlation > 0.5
-UNIVERSAL_SHARE = {"stanford-gpt2-small": 0.0416, "stanford-gpt2-medium": 0.0123, "pythia-160m": 0.0126}
-UNIVERSAL_COUNT = {"stanford-gpt2-small": 1533, "stanford-gpt2-medium": 1211, "pythia-160m": 465}
-N_NEURONS = {"stanford-gpt2-small": 36864, "stanford-gpt2-medium": 98304, "pythia-160m": 36864}
+Every number a chapter compares with is a `PaperNumber`: a key, the model it was measured on, the
+value, where it comes from (section, figure, or the released CSVs), and the **absolute**
+tolerance within which this book calls its own measurement "matched" (`None` for values that are
+shown but not scored, such as per-layer profiles). Chapters never type a paper number: they look
+it up here, and `result_table` builds their "Result vs paper" table from computed values and
+these entries, with a verdict computed from the tolerance.
 
-# Universal neurons per layer, % of the layer (computed from the released CSVs)
-UNIVERSAL_PCT_BY_LAYER = {
-    "stanford-gpt2-small": [7.2, 7.9, 3.3, 3.6, 2.3, 2.3, 1.8, 3.7, 3.3, 4.6, 4.1, 5.8],
-    "stanford-gpt2-medium": [3.2, 3.4, 1.1, 1.0, 1.0, 0.7, 0.6, 0.5, 0.6, 0.6, 0.6, 0.4, 0.9, 0.9, 1.4, 1.3, 1.3, 1.4,
-                             1.2, 1.3, 1.1, 1.3, 1.5, 2.3],
-    "pythia-160m": [2.1, 0.5, 0.6, 0.2, 0.9, 1.1, 1.4, 1.3, 2.2, 1.6, 1.6, 1.7],
-}
+Tolerances are this book's choice, not the paper's; each entry's note says what it rests on.
+"""
 
-# Mean over neurons of (max over seeds - min over seeds) of the max correlation (GPT2-medium-a)
-SEED_SPREAD_ALL = 0.049
-SEED_SPREAD_UNIVERSAL = 0.105
+from __future__ import annotations
 
-# Medians over universal neurons (released CSVs): mean_corr ~0.75, mean_baseline ~0.15-0.16
-MEDIAN_MEAN_CORR_UNIVERSAL = 0.75
-MEDIAN_BASELINE_UNIVERSAL = 0.155
-EXCESS_THRESHOLD = 0.5
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pandas as pd
+
+SMALL, MEDIUM, PYTHIA = "stanford-gpt2-small", "stanford-gpt2-medium", "pythia-160m"
+PAPER_MODELS = (SMALL, MEDIUM, PYTHIA)
+# The model a small family is compared with when it is not one of the paper's own.
+DEFAULT_MODEL = SMALL
+
+
+@dataclass(frozen=True)
+class PaperNumber:
+    """One number of the paper: `value` on `model`, from `source`; `tolerance` is the absolute
+    difference within which a measurement counts as matched (None: not scored)."""
+
+    key: str
+    model: str
+    value: Any
+    source: str
+    tolerance: float | None = None
+    note: str = ""
+
+    def matches(self, ours: Any) -> bool | None:
+        """True/False when the measurement is within/outside the tolerance (numbers) or equal/unequal
+        (strings, tuples with tolerance 0); None when the entry is not scored or `ours` is missing."""
+        if self.tolerance is None or ours is None:
+            return None
+        if isinstance(self.value, (int, float)) and not isinstance(self.value, bool):
+            try:
+                x = float(ours)
+            except (TypeError, ValueError):
+                return None
+            if math.isnan(x):
+                return None
+            return abs(x - float(self.value)) <= self.tolerance + 1e-12
+        if isinstance(self.value, (tuple, list, set, frozenset)):
+            return set(self.value) == set(ours)
+        return self.value == ours
+
+
+def _per_model(key: str, values: dict, source: str, tolerance: float | None = None, note: str = "") -> list[PaperNumber]:
+    return [PaperNumber(key, m, v, source, tolerance, note) for m, v in values.items()]
+
+
+_TABLE1 = "Table 1"
+REGISTRY: tuple[PaperNumber, ...] = tuple([
+    # --- §1, Table 1: the models -------------------------------------------------------------
+    *_per_model("n_seeds", {SMALL: 5, MEDIUM: 5, PYTHIA: 4}, "§1 (Pythia: a and 3 seeds, per the reference code)", 0,
+                "models that differ only in their random seed, the reference model included"),
+    *_per_model("n_layers", {SMALL: 12, MEDIUM: 24, PYTHIA: 12}, _TABLE1, 0),
+    *_per_model("n_heads", {SMALL: 12, MEDIUM: 16, PYTHIA: 12}, _TABLE1, 0),
+    *_per_model("d_model", {SMALL: 768, MEDIUM: 1024, PYTHIA: 768}, _TABLE1, 0),
+    *_per_model("d_mlp", {SMALL: 3072, MEDIUM: 4096, PYTHIA: 3072}, _TABLE1, 0),
+    *_per_model("d_vocab", {SMALL: 50257, MEDIUM: 50257, PYTHIA: 50304}, _TABLE1, 0),
+    *_per_model("n_ctx", {SMALL: 1024, MEDIUM: 1024, PYTHIA: 2048}, _TABLE1, 0),
+    *_per_model("act_fn", {SMALL: "gelu_new", MEDIUM: "gelu_new", PYTHIA: "gelu"}, _TABLE1, 0),
+    *_per_model("positional", {SMALL: "absolute", MEDIUM: "absolute", PYTHIA: "rotary"}, _TABLE1, 0),
+    *_per_model("n_neurons", {SMALL: 36864, MEDIUM: 98304, PYTHIA: 36864}, "Table 1 (n_layers x d_mlp)", 0),
+    *_per_model("params_printed", {SMALL: "160M", MEDIUM: "410M", PYTHIA: "160M"}, _TABLE1, None,
+                "as printed in the paper; the usual GPT-2 counts are 124M and 355M"),
+    *_per_model("train_steps", {SMALL: 400_000, MEDIUM: 400_000}, "§1 (Stanford CRFM Mistral runs)", 0),
+    *_per_model("train_data", {SMALL: "OpenWebText", MEDIUM: "OpenWebText", PYTHIA: "Pile"}, _TABLE1, 0),
+    *_per_model("weight_processing", {m: ("fold_ln", "center_writing_weights", "center_unembed") for m in PAPER_MODELS},
+                "App. A.1 (TransformerLens from_pretrained defaults)", 0,
+                "the weight statistics of chapter 02 depend on it"),
+    *_per_model("seed_only_difference", {m: "members differ only in their random seed" for m in (SMALL, MEDIUM)}, "§1", None,
+                "a claim, scored by the caller from the family's recorded configuration"),
+    # --- §2 and §4.1: universality -----------------------------------------------------------
+    *_per_model("excess_threshold", {m: 0.5 for m in PAPER_MODELS}, "§2 (eq. 3)", None,
+                "the paper states the threshold has no principled basis"),
+    *_per_model("universal_share", {SMALL: 0.0416, MEDIUM: 0.0123, PYTHIA: 0.0126}, "§4.1, §6.3; released CSVs", 0.01,
+                "share of neurons with excess correlation > 0.5; tolerance: one percentage point"),
+    *_per_model("universal_count", {SMALL: 1533, MEDIUM: 1211, PYTHIA: 465}, "§4.1, §6.3; released CSVs", None,
+                "§4.1 also says 1253 for GPT2-medium-a, which does not equal its 1.23%; the CSV has 1211"),
+    *_per_model("universal_pct_by_layer", {
+        SMALL: (7.2, 7.9, 3.3, 3.6, 2.3, 2.3, 1.8, 3.7, 3.3, 4.6, 4.1, 5.8),
+        MEDIUM: (3.2, 3.4, 1.1, 1.0, 1.0, 0.7, 0.6, 0.5, 0.6, 0.6, 0.6, 0.4, 0.9, 0.9, 1.4, 1.3, 1.3, 1.4, 1.2, 1.3, 1.1, 1.3,
+                 1.5, 2.3),
+        PYTHIA: (2.1, 0.5, 0.6, 0.2, 0.9, 1.1, 1.4, 1.3, 2.2, 1.6, 1.6, 1.7),
+    }, "Fig 12; computed from the released CSVs", None, "% of each layer's neurons with excess > 0.5"),
+    PaperNumber("seed_spread_all", MEDIUM, 0.049, "§4.1 (Fig 2b) and the reference notebook", 0.02,
+                "mean over all neurons of (max - min over seeds) of the max correlation"),
+    PaperNumber("seed_spread_universal", MEDIUM, 0.105, "§4.1 (Fig 2b) and the reference notebook", 0.03,
+                "the same mean over universal neurons"),
+    *_per_model("median_mean_corr_universal", {m: 0.75 for m in PAPER_MODELS}, "released CSVs (PAPER.md §2)", 0.05,
+                "median over universal neurons of the mean (over seeds) max correlation"),
+    *_per_model("median_baseline_universal", {m: 0.155 for m in PAPER_MODELS}, "released CSVs (PAPER.md §2)", 0.05,
+                "median over universal neurons of the mean rotation baseline (0.15-0.16 in all three models)"),
+    *_per_model("depth_specialisation", {m: "best matches lie at a similar depth" for m in (SMALL, MEDIUM)}, "§4.1, Fig 2c", None,
+                "a claim, scored by the caller: diagonal mass above chance and the largest entry of every row"),
+    # --- §4.2: properties of universal neurons (medians over universal neurons, released CSVs) --
+    *_per_model("median_pre_kurt_universal", {SMALL: 5.6, MEDIUM: 6.0, PYTHIA: 5.8}, "§4.2; released CSVs", 1.0,
+                "pre-activation kurtosis (Gaussian: 3)"),
+    *_per_model("median_pre_skew_universal", {SMALL: 0.80, MEDIUM: 0.93, PYTHIA: 0.70}, "§4.2; released CSVs", 0.2,
+                "pre-activation skew"),
+    *_per_model("median_act_freq_universal", {SMALL: 0.025, MEDIUM: 0.036, PYTHIA: 0.045}, "§4.2; released CSVs", 0.02,
+                "share of tokens with pre-activation above 0 (the paper bins at about -0.1)"),
+    *_per_model("median_input_bias_universal", {SMALL: -0.79, MEDIUM: -0.40, PYTHIA: -0.05}, "§4.2; released CSVs", 0.2,
+                "b_in after LayerNorm folding"),
+    *_per_model("median_l2_penalty_universal", {SMALL: 0.77, MEDIUM: 0.61, PYTHIA: 2.09}, "§4.2; released CSVs", 0.2,
+                "|w_in|^2 + |w_out|^2"),
+])
+
+_INDEX = {(e.key, e.model): e for e in REGISTRY}
+if len(_INDEX) != len(REGISTRY):  # pragma: no cover - a duplicated entry is a bug in this file
+    raise RuntimeError("duplicate (key, model) in the paper registry")
+
+
+def model_for(name: str, default: str = DEFAULT_MODEL) -> str:
+    """The paper model a family is compared with: itself if it is one of the paper's, else `default`."""
+    return name if name in PAPER_MODELS else default
+
+
+def entry(key: str, model: str = DEFAULT_MODEL) -> PaperNumber:
+    """The registry entry `key` for `model` (KeyError naming the models that have it)."""
+    try:
+        return _INDEX[(key, model)]
+    except KeyError:
+        have = sorted(m for k, m in _INDEX if k == key)
+        raise KeyError(f"the paper registry has no {key!r} for {model!r}" + (f"; it has it for {have}" if have else "")) from None
+
+
+def value(key: str, model: str = DEFAULT_MODEL) -> Any:
+    return entry(key, model).value
+
+
+def by_model(key: str) -> dict[str, Any]:
+    """{model: value} of one key."""
+    return {e.model: e.value for e in REGISTRY if e.key == key}
+
+
+def registry_table() -> pd.DataFrame:
+    return pd.DataFrame([e.__dict__ for e in REGISTRY]).set_index(["key", "model"])
+
+
+# Views kept for callers that read a whole key at once (all derived from REGISTRY).
+UNIVERSAL_SHARE = by_model("universal_share")
+UNIVERSAL_COUNT = by_model("universal_count")
+N_NEURONS = by_model("n_neurons")
+UNIVERSAL_PCT_BY_LAYER = {m: list(v) for m, v in by_model("universal_pct_by_layer").items()}
+PROPERTY_MEDIAN_KEYS = {"pre_kurt": "median_pre_kurt_universal", "pre_skew": "median_pre_skew_universal",
+                        "act_freq": "median_act_freq_universal", "input_bias": "median_input_bias_universal",
+                        "l2_penalty": "median_l2_penalty_universal"}
+
+
+def property_medians(model: str) -> dict[str, float]:
+    """{statistics column: the paper's median over universal neurons} for `model` (§4.2)."""
+    return {col: value(key, model) for col, key in PROPERTY_MEDIAN_KEYS.items()}
+
+
+# ------------------------------------------------------------------------ "Result vs paper"
+def _show(v: Any, fmt: str) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
+    if isinstance(v, (tuple, list, set, frozenset)):
+        return ", ".join(str(x) for x in v)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        try:
+            return format(v, fmt)
+        except (TypeError, ValueError):
+            return str(v)
+    return str(v)
+
+
+@dataclass
+class Comparison:
+    """One row of a "Result vs paper" table.
+
+    `ours` is the computed value; `control` the same measurement on the untrained control (None
+    where there is none); `key`/`model` name the registry entry. `holds` scores a claim entry
+    (tolerance None) with a computed boolean. `reason` is computed text the caller passes for a
+    row that differs (shown only then). `fmt` formats numbers (e.g. ".3f", ".2%")."""
+
+    quantity: str
+    key: str
+    ours: Any
+    control: Any = None
+    model: str = DEFAULT_MODEL
+    reason: str = ""
+    holds: bool | None = None
+    fmt: str = ".3f"
+    extra: dict = field(default_factory=dict)
+
+
+def verdict(e: PaperNumber, ours: Any, holds: bool | None = None) -> str:
+    """"matched" / "differs" from the entry's tolerance (or `holds` for a claim); "not scored" when
+    neither applies; "not measured" when `ours` is missing."""
+    if ours is None or (isinstance(ours, float) and math.isnan(ours)):
+        return "not measured"
+    ok = e.matches(ours) if holds is None else bool(holds)
+    return "not scored" if ok is None else ("matched" if ok else "differs")
+
+
+def result_table(rows: Iterable[Comparison]) -> pd.DataFrame:
+    """The chapter's "Result vs paper" table: quantity, this book, untrained control, paper (value,
+    model, source, tolerance), verdict, and the caller's reason where the verdict is "differs"."""
+    out = []
+    for r in rows:
+        e = entry(r.key, r.model)
+        v = verdict(e, r.ours, r.holds)
+        tol = "" if e.tolerance is None else f" (± {_show(e.tolerance, r.fmt)})"
+        out.append({"quantity": r.quantity, "this book": _show(r.ours, r.fmt),
+                    "untrained control": _show(r.control, r.fmt) if r.control is not None else "",
+                    "paper": f"{_show(e.value, r.fmt)}{tol}; {e.model}, {e.source}", "verdict": v,
+                    "reason": r.reason if v == "differs" else ""})
+    return pd.DataFrame(out).set_index("quantity")
+
+
+TABLE1_KEYS = ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab", "n_ctx", "act_fn", "positional", "n_neurons",
+               "params_printed")
+
+
+def table1(ours: dict | None = None, name: str = "this book", models: Iterable[str] = (SMALL, MEDIUM)) -> pd.DataFrame:
+    """The paper's Table 1 from the registry (one column per paper model), with `ours` (a
+    `models.describe_model` dict; `n_params` is shown in the `params_printed` row) beside it."""
+    cols = {f"{m} (paper)": {k: value(k, m) for k in TABLE1_KEYS} for m in models}
+    if ours is not None:
+        cols[name] = {k: (f"{ours['n_params'] / 1e6:.2f}M" if k == "params_printed" else ours.get(k)) for k in TABLE1_KEYS}
+    out = pd.DataFrame(cols)
+    out.index.name = "Table 1"
+    return out

@@ -153,3 +153,21 @@ def faceted_boxes(boxes, ranges: dict | None = None, facet: str = "metric", x: s
             fig.update_yaxes(range=[lo - pad, hi + pad], row=r + 1, col=c + 1)
     fig.update_layout(boxmode="group", height=height)
     return fig
+
+
+def baseline_vs_prediction(points, extra=None, title: str = "Rotation baseline: measured vs predicted from the spectrum") -> go.Figure:
+    """Measured baseline median against the prediction from each layer's covariance spectrum
+    (`helpers.dimensionality.layer_dimensionality` rows: `label`, `member`, `layer`,
+    `predicted_median`, `measured_median`, `pr_corr`, `d`). `extra`: more rows of the same shape
+    (e.g. the sweep's configurations), drawn the same way with their own labels."""
+    import pandas as pd
+    import plotly.express as px
+
+    df = pd.concat([points] + ([extra] if extra is not None and len(extra) else []), ignore_index=True)
+    df = df.assign(layer=df.layer.astype(str))
+    fig = px.scatter(df, x="predicted_median", y="measured_median", color="label", symbol="layer",
+                     hover_data=[c for c in ("member", "pr_corr", "pr_cov", "d", "n_tokens") if c in df])
+    lo = float(min(df.predicted_median.min(), df.measured_median.min(), 0.0))
+    fig.add_scatter(x=[lo, 1], y=[lo, 1], mode="lines", line=dict(dash="dot", color="gray"), name="measured = predicted")
+    return style(fig, title, x="predicted median max correlation with the layer's rotated units",
+                 y="measured median baseline (same layer)", legend="model · layer")

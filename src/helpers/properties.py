@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from . import paper
+
 # Fig 3's metrics: column of the statistics table -> label; direction the paper reports for
 # universal neurons relative to the rest (+1 higher, -1 lower, 0 not stated).
 FIG3_METRICS = {
@@ -20,12 +22,9 @@ FIG3_METRICS = {
     "vocab_kurt": ("W_U kurtosis", +1),
 }
 
-# Medians over universal neurons computed from the paper's released tables (PAPER.md §3)
-PAPER_MEDIANS = {
-    "stanford-gpt2-small": {"pre_kurt": 5.6, "pre_skew": 0.80, "act_freq": 0.025, "input_bias": -0.79, "l2_penalty": 0.77},
-    "stanford-gpt2-medium": {"pre_kurt": 6.0, "pre_skew": 0.93, "act_freq": 0.036, "input_bias": -0.40, "l2_penalty": 0.61},
-    "pythia-160m": {"pre_kurt": 5.8, "pre_skew": 0.70, "act_freq": 0.045, "input_bias": -0.05, "l2_penalty": 2.09},
-}
+# Medians over universal neurons computed from the paper's released tables (PAPER.md §3), read
+# from the paper registry: {model: {statistics column: median}}.
+PAPER_MEDIANS = {m: paper.property_medians(m) for m in paper.PAPER_MODELS}
 
 
 def within_layer_percentiles(df: pd.DataFrame, metrics: list[str], selected: str) -> pd.DataFrame:

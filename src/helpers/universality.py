@@ -7,11 +7,13 @@ several families or checkpoints are here too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .artifacts import read_json
 from .correlate import correlate_family, results_dir, short_name
 
 
@@ -44,17 +46,36 @@ def share_by_layer(table: pd.DataFrame, column: str = "is_universal") -> pd.Seri
     return table.groupby("layer")[column].mean()
 
 
-def best_match_layers(table: pd.DataFrame) -> pd.DataFrame:
+def best_match_layers(table: pd.DataFrame, n_layers: int | None = None) -> pd.DataFrame:
     """Fig 2c: fraction of layer-l neurons whose best match in another seed is in layer l',
-    averaged over the comparison seeds; rows l (reference layer), columns l'."""
+    averaged over the comparison seeds; rows l (reference layer), columns l'.
+
+    Each seed's table is reindexed over every layer before the average, so a layer in which one
+    seed has no best match counts as 0 for that seed (not as missing): every row sums to 1.
+    `n_layers` defaults to the reference model's layer count (the members share an architecture)."""
+    n_layers = int(table.layer.max()) + 1 if n_layers is None else int(n_layers)
+    layers = range(n_layers)
     mats = []
     for m in comparison_members(table):
         valid = table[f"match_layer_{m}"] >= 0
         ct = pd.crosstab(table.layer[valid], table[f"match_layer_{m}"][valid], normalize="index")
-        mats.append(ct)
-    full = pd.concat(mats).groupby(level=0).mean().fillna(0.0)
+        # a reference layer without any valid neuron stays NaN (no data from this seed)
+        mats.append(ct.reindex(columns=layers, fill_value=0.0).reindex(index=layers))
+    full = pd.concat(mats).groupby(level=0).mean()
+    full = full.reindex(index=layers, columns=layers)
     full.index.name, full.columns.name = "reference layer", "layer of best match"
     return full
+
+
+def depth_specialisation(heat: pd.DataFrame) -> dict:
+    """Fig 2c in numbers: the mean share of best matches in the reference neuron's own layer
+    (`diagonal`), the same share if matches fell in layers at random (`chance` = 1 / n_layers),
+    and whether the diagonal is the largest entry of every row (`diagonal_is_row_max`)."""
+    m = heat.to_numpy(dtype=float)
+    diag = np.diag(m)
+    ok = ~np.isnan(diag)
+    return {"diagonal": float(np.nanmean(diag)) if ok.any() else float("nan"), "chance": 1.0 / m.shape[1],
+            "diagonal_is_row_max": bool(ok.any() and all(m[i, i] >= np.nanmax(m[i]) for i in np.flatnonzero(ok)))}
 
 
 def seed_spread(table: pd.DataFrame, column: str = "is_universal") -> dict:
@@ -79,23 +100,44 @@ def add_calibrated_sets(table: pd.DataFrame, control: pd.DataFrame, top_fraction
 
 
 def checkpoint_emergence(params: dict, n_tokens: int, artifacts_dir: str | Path, device: str = "cpu", batch_size: int = 32,
-                         seed: int = 0, threshold: float = 0.5, control_max: float | None = None) -> pd.DataFrame:
+                         seed: int = 0, threshold: float = 0.5, baseline: str = "rotation",
+                         control_family: str = "embedded-untrained") -> pd.DataFrame:
     """Universality at every saved training checkpoint of the embedded family (the same step in every
-    seed): one row per step with the excess-correlation summary."""
-    from .families import embedded_family
+    seed): one row per step with the excess-correlation summary.
+
+    Like is compared with like: the untrained control is correlated on the **same** `n_tokens`
+    held-out tokens with the same `baseline` as the checkpoints (fewer tokens give noisier, more
+    extreme maxima), and `share_above_control` uses that run's maximum. The control's summary is in
+    the `control_*` columns."""
+    from .families import embedded_family, load_family
     from .train import saved_checkpoint_steps
 
+    ctl = load_family(control_family, params, device=device)
+    ctl_table = universality_table(ctl, n_tokens, artifacts_dir, device, batch_size, seed, baseline=baseline,
+                                   threshold=threshold, verbose=False)
+    c = excess_summary(ctl_table)
     rows = []
     for step in saved_checkpoint_steps(params):
         fam = embedded_family(params, device=device, checkpoint=step)
-        t = universality_table(fam, n_tokens, artifacts_dir, device, batch_size, seed, threshold=threshold, verbose=False)
+        t = universality_table(fam, n_tokens, artifacts_dir, device, batch_size, seed, baseline=baseline, threshold=threshold,
+                               verbose=False)
         s = excess_summary(t)
         s["step"] = step
         s["tokens_trained"] = step * fam.info["recipe"]["batch_size"] * fam.info["arch"]["n_ctx"]
-        if control_max is not None:
-            s["share_above_control"] = float((t.excess_corr > control_max).mean())
+        s["share_above_control"] = float((t.excess_corr > c["max"]).mean())
+        s.update({"control_median": c["median"], "control_p99": c["p99"], "control_max": c["max"],
+                  "n_tokens": int(n_tokens), "baseline": baseline})
         rows.append(s)
     return pd.DataFrame(rows).set_index("step")
+
+
+def like_for_like_medians(table: pd.DataFrame, column: str) -> dict:
+    """The medians the paper reports over its universal neurons, over the neurons where `column`
+    is true: `mean_corr` (mean over seeds of the max correlation) and `mean_baseline`; NaN for an
+    empty set. PAPER.md §2: about 0.75 and 0.155, medians over universal neurons, not all neurons."""
+    sel = table[table[column].astype(bool)]
+    return {"mean_corr": float(sel.mean_corr.median()) if len(sel) else float("nan"),
+            "mean_baseline": float(sel.mean_baseline.median()) if len(sel) else float("nan"), "n": int(len(sel))}
 
 
 def top_neurons(table: pd.DataFrame, k: int = 8, column: str = "excess_corr") -> pd.DataFrame:
@@ -134,3 +176,93 @@ def choose_set(table: pd.DataFrame, min_count: int = 20) -> str:
         if column in table and int(table[column].sum()) >= min_count:
             return column
     return "top_excess"
+
+
+SET_COLUMNS = ("is_universal", "above_control", "top_excess")
+
+
+@dataclass
+class NeuronSet:
+    """The control-calibrated neuron set of a family (chapters 01 onwards).
+
+    `table`: the per-neuron universality table with the boolean set columns `is_universal`,
+    `above_control`, `top_excess`; `chosen`: the column later chapters use (`choose_set`);
+    `control`: the untrained control's table and `control_family` the control (None for families
+    without one)."""
+
+    table: pd.DataFrame
+    chosen: str
+    control: pd.DataFrame | None
+    control_family: object = None
+
+    @property
+    def size(self) -> int:
+        return int(self.table[self.chosen].sum())
+
+    @property
+    def neurons(self) -> pd.DataFrame:
+        return self.table.loc[self.table[self.chosen], ["layer", "neuron"]].reset_index(drop=True)
+
+
+def default_control(family) -> str | None:
+    """The untrained control family of `family`, or None where there is none (hub families)."""
+    return "embedded-untrained" if family.name == "embedded" else None
+
+
+def neuron_set(family, control_family, params: dict, n_tokens: int, artifacts_dir: str | Path, device: str = "cpu",
+               batch_size: int = 32, seed: int = 0, baseline: str = "rotation", threshold: float = 0.5,
+               min_count: int = 20, top_fraction: float = 0.01, verbose: bool = False) -> NeuronSet:
+    """One helper for the neuron set every chapter uses: the universality tables of `family` and of
+    its untrained `control_family` (a Family, a family name, "auto" for `default_control`, or None)
+    over the same `n_tokens` tokens and `baseline`, the calibrated sets (`add_calibrated_sets`) and
+    the chosen one (`choose_set`). The correlation tables are cached by `helpers.correlate`; the
+    set table is cached under `<artifacts>/neuron_sets/`, keyed by both runs and the set rules."""
+    from .artifacts import config_hash, write_json
+
+    if isinstance(control_family, str):
+        name = default_control(family) if control_family == "auto" else control_family
+        if name is None:
+            control_family = None
+        else:
+            from .families import load_family
+
+            control_family = load_family(name, params, device=device)
+    fam_dir = results_dir(family, n_tokens, artifacts_dir, None, baseline, seed, "fp32", threshold)
+    ctl_dir = None if control_family is None else results_dir(control_family, n_tokens, artifacts_dir, None, baseline, seed,
+                                                               "fp32", threshold)
+    key = config_hash({"family": fam_dir.name, "control": None if ctl_dir is None else ctl_dir.name, "min_count": min_count,
+                       "top_fraction": top_fraction, "version": 1})
+    cache = Path(artifacts_dir) / "neuron_sets" / f"{family.name}-{key}"
+    table = universality_table(family, n_tokens, artifacts_dir, device, batch_size, seed, baseline, threshold=threshold,
+                               verbose=verbose)
+    control = None if control_family is None else universality_table(
+        control_family, n_tokens, artifacts_dir, device, batch_size, seed, baseline, threshold=threshold, verbose=verbose)
+    if (cache / "sets.parquet").is_file():
+        sets = pd.read_parquet(cache / "sets.parquet")
+        chosen = read_json(cache / "set.json")["chosen"]
+    else:
+        if control is not None:
+            sets = add_calibrated_sets(table, control, top_fraction)[["layer", "neuron", *SET_COLUMNS]]
+        else:
+            cut = table.excess_corr.quantile(1 - top_fraction)
+            sets = table.assign(above_control=False, top_excess=table.excess_corr >= cut)[["layer", "neuron", *SET_COLUMNS]]
+        chosen = choose_set(sets, min_count)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / "sets.tmp.parquet"
+        sets.to_parquet(tmp)
+        write_json(cache / "set.json", {"chosen": chosen, "family_run": fam_dir.name,
+                                         "control_run": None if ctl_dir is None else ctl_dir.name,
+                                         "min_count": min_count, "top_fraction": top_fraction, "sizes": {
+                                             c: int(sets[c].sum()) for c in SET_COLUMNS}})
+        tmp.replace(cache / "sets.parquet")
+    out = table.drop(columns=[c for c in SET_COLUMNS if c != "is_universal"], errors="ignore").merge(
+        sets.drop(columns=["is_universal"]), on=["layer", "neuron"], validate="one_to_one")
+    return NeuronSet(out, chosen, control, control_family)
+
+
+def checkpoint_families(params: dict, device: str = "cpu") -> dict:
+    """{"step N": Family} for every saved training checkpoint of the preset's embedded family."""
+    from .families import embedded_family
+    from .train import saved_checkpoint_steps
+
+    return {f"step {s}": embedded_family(params, device=device, checkpoint=s) for s in saved_checkpoint_steps(params)}

@@ -1,0 +1,46 @@
+"""Summary text from computed numbers: chapters state results in sentences whose numbers are read
+from their computed tables and formatted here, never typed.
+
+    report.summary(["{n} of {total} neurons ({share:.1%}) exceed the control's maximum."],
+                   n=..., total=..., share=...)
+
+returns an `IPython.display.Markdown` bullet list. Missing numbers (None, NaN) print as "n/a".
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from typing import Any, Iterable
+
+
+class _Formatter(string.Formatter):
+    def format_field(self, value: Any, format_spec: str) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "n/a"
+        return super().format_field(value, format_spec)
+
+
+_FMT = _Formatter()
+
+
+def sentence(template: str, **values: Any) -> str:
+    """`template.format(**values)` with None/NaN shown as "n/a"; a missing name is a KeyError."""
+    return _FMT.format(template, **values)
+
+
+def summary_markdown(lines: Iterable[str], **values: Any) -> str:
+    """A markdown bullet list, each line a `sentence` over `values`."""
+    return "\n".join("- " + sentence(t, **values) for t in lines)
+
+
+def summary(lines: Iterable[str], **values: Any):
+    """`summary_markdown` as an IPython Markdown object for `display`."""
+    from IPython.display import Markdown
+
+    return Markdown(summary_markdown(lines, **values))
+
+
+def choose(condition: bool, if_true: str, if_false: str) -> str:
+    """A clause picked by a computed condition (so the wording follows the data)."""
+    return if_true if condition else if_false
