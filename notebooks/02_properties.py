@@ -46,51 +46,27 @@ import plotly.express as px
 import plotly.graph_objects as go
 from IPython.display import Markdown
 
-from helpers import families, models, neuron_stats, plots, properties, property_stats, universality
+from helpers import families, models, neuron_stats, plots, presets, properties, property_stats, universality
 from helpers.presets import resolve_dir
 
 plots.setup()
 
 # %% tags=["parameters"]
 preset = "default"
-family = "embedded"
-reference = "a"
-device = "cpu"
-seed = 0
-artifacts_dir = "artifacts"
-n_tokens = 300000
-n_tokens_aux = 50000
-threshold = 0.5
-baseline = "rotation"
-batch_size = 32
-single_model = "smollm2-135m"
-n_tokens_single = 100000
-corpus = {
-    "sources": ["python-docs", "python-code", "gcide", "wordnet", "perl-docs", "foldoc"],
-    "max_chars_per_source": 12000000,
-    "val_fraction": 0.1,
-}
-embedded = {
-    "n_layers": 2,
-    "d_model": 128,
-    "n_heads": 4,
-    "d_mlp": 1024,
-    "n_ctx": 256,
-    "d_vocab": 4096,
-    "train_tokens": 6000000,
-    "batch_size": 32,
-    "lr": 0.003,
-    "warmup_frac": 0.05,
-    "weight_decay": 0.1,
-    "n_checkpoints": 4,
-    "precision": "auto",
-}
+device = None
+n_tokens = None
+batch_size = None
+threshold = None
+single_model = None
 
 # %%
-params = dict(family=family, reference=reference, device=device, seed=seed, artifacts_dir=artifacts_dir,
-              corpus=corpus, embedded=embedded)
-art = resolve_dir(artifacts_dir)
-fam = families.load_family(family, params, device=device)
+params = presets.notebook_preset(globals())
+device, n_tokens, n_tokens_single, batch_size = params.device, params.n_tokens, params.n_tokens_single, params.batch_size
+threshold, baseline, single_model = params.threshold, params.baseline, params.single_model
+seed = params.baseline_seed  # the rotation baseline's seed; the family was trained from params.train_seed
+art = resolve_dir(params.artifacts_dir)
+fam = families.load_family(params.family, params, device=device)
+reference = fam.reference
 
 # %% [markdown]
 # ## 1. One table: universality joined with neuron statistics
