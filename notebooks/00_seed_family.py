@@ -114,9 +114,22 @@ print("weight processing on load:", ref_model.processing)
 # ## 3. Training curves and validation loss of every seed
 #
 # All five seeds see the same number of tokens with the same recipe (AdamW, warm-up then cosine
-# decay, weight decay 0.1, bf16 autocast); only the seed differs. Validation loss is measured on
-# held-out tokens at each saved checkpoint (the initialisation, then points spaced geometrically
-# up to the end, kept for the emergence analyses of chapter 01).
+# decay, weight decay 0.1); only the seed differs. The precision is chosen by the hardware: bf16
+# autocast only where this machine's bf16 matmuls are measured at least twice as fast as fp32,
+# fp32 everywhere else. Validation loss is measured on held-out tokens at each saved checkpoint
+# (the initialisation, then points spaced geometrically up to the end, kept for the emergence
+# analyses of chapter 01).
+#
+# The default family is an asset of the book, like a dataset: it was trained once and ships in
+# `weights/` as fp16 safetensors with a manifest (sha256 of every file, each member's training
+# record and validation loss), so reading this chapter trains nothing. The table says where the
+# weights come from and how each member was trained. To check them:
+# `python -m helpers.train --preset default --check`; to retrain them from scratch:
+# `python -m helpers.train --preset default --retrain --ship weights/embedded-default`.
+
+# %%
+if is_embedded:
+    display(families.weights_table(fam))
 
 # %%
 if is_embedded:

@@ -327,3 +327,26 @@ def sample_family(family: Family, prompts: list[str], max_new_tokens: int = 30, 
         model = family.load(m)
         rows[m] = [sample_text(model, family.codec, p, max_new_tokens, temperature, seed) for p in prompts]
     return pd.DataFrame.from_dict(rows, orient="index", columns=prompts)
+
+
+def weights_table(family: Family):
+    """Per member of an embedded family: where its weights come from, its seed, how it was trained
+    (precision, CPU, seconds), its validation loss and the sha256 of its weights."""
+    import pandas as pd
+
+    from .train import _trained_members
+
+    folder = Path(family.info["family_folder"])
+    manifest = family.info.get("manifest", {}).get("members", {})
+    rows = []
+    for m in family.members:
+        log = read_json(folder / m / "train_log.json") if m in _trained_members(folder) else {}
+        run = (log.get("runs") or [{}])[-1]
+        rec = manifest.get(m, {})
+        rows.append({"member": m, "weights": family.info.get("source", ""), "seed": log.get("seed"),
+                     "precision": rec.get("precision", log.get("precision", "")),
+                     "cpu": (run.get("cpu") or {}).get("model", ""),
+                     "train seconds": round(log.get("seconds", float("nan")), 1),
+                     "val loss (nats)": rec.get("val_loss", log.get("final_val_loss")),
+                     "sha256": family.identity[m].split(":", 1)[-1][:16] + "…"})
+    return pd.DataFrame(rows).set_index("member")
