@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from helpers import correlate
-from helpers.models import Family, init_model
+from helpers.families import Family
+from helpers.models import init_model
 
 ARCH = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 128, "n_ctx": 16, "d_vocab": 50}
 PLANTED = [(0, 3), (0, 17), (1, 5), (1, 40)]  # neurons of the reference model copied into every seed

@@ -7,7 +7,8 @@ import torch
 from scipy import stats
 
 from helpers import neuron_stats as ns
-from helpers.models import Family, init_model
+from helpers.families import Family
+from helpers.models import init_model
 from helpers.neuron_stats import StreamingMoments, activation_statistics, neuron_stats_table, weight_statistics
 
 ARCH = {"n_layers": 2, "d_model": 16, "n_heads": 2, "d_mlp": 24, "n_ctx": 8, "d_vocab": 30}
