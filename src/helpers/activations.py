@@ -37,37 +37,14 @@ def hook_names(model, hook: str = "mlp.hook_post") -> list[str]:
     return [f"blocks.{layer}.{hook}" for layer in range(model.cfg.n_layers)]
 
 
-@torch.no_grad()
 def mlp_activations(model, tokens: torch.Tensor, mask: torch.Tensor | None = None, hook: str = "mlp.hook_post") -> torch.Tensor:
     """All-layer MLP activations of `tokens` [batch, pos] -> [valid tokens, n_layers * d_mlp] fp32.
 
     Layers are concatenated in order (neuron `(l, i)` is column `l * d_mlp + i`); `mask`
-    [batch, pos] selects the tokens kept (all when None).
-    """
+    [batch, pos] selects the tokens kept (all when None)."""
     names = hook_names(model, hook)
-    wanted = set(names)
-    _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=lambda n: n in wanted,
-                                    stop_at_layer=model.cfg.n_layers, return_type=None)
-    acts = torch.cat([cache[n] for n in names], dim=-1)  # [batch, pos, L*D]
-    if mask is not None:
-        acts = acts[mask.to(acts.device)]
-    else:
-        acts = acts.reshape(-1, acts.shape[-1])
-    return acts.float()
-
-
-def iter_family_activations(models: dict, rows: torch.Tensor, batch_size: int, drop_ids: Sequence[int],
-                            start_batch: int = 0, rank: int = 0, world: int = 1,
-                            hook: str = "mlp.hook_post") -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Yield `(batch index, {member: [valid tokens, n_neurons]})` for batches of `rows`, every model
-    run on the same tokens. Batches `b` with `b % world == rank` belong to this process."""
-    n_batches = (len(rows) + batch_size - 1) // batch_size
-    for b in range(start_batch, n_batches):
-        if b % world != rank:
-            continue
-        tokens = rows[b * batch_size : (b + 1) * batch_size]
-        mask = valid_token_mask(tokens, drop_ids)
-        yield b, {name: mlp_activations(m, tokens, mask, hook) for name, m in models.items()}
+    acts = hook_activations(model, tokens, names, mask)
+    return torch.cat([acts[n] for n in names], dim=-1).float()
 
 
 def distributed() -> tuple[int, int, object]:
