@@ -479,10 +479,10 @@ def main(argv: list[str] | None = None) -> None:
                     "overrides them.")
     ap.add_argument("--preset", default="default", help="params/<preset>.yaml (default: %(default)s)")
     ap.add_argument("--family", default=None, help="overrides the preset's family (e.g. embedded-untrained)")
-    ap.add_argument("--member", default=None, help="which seed (full or short name; default: the family's reference)")
+    ap.add_argument("--member", default=None, help="which seed (full or short name; default: the preset's reference, else the family's first)")
     ap.add_argument("--n-tokens", type=int, default=None, help="tokens of held-out text (default: the preset's n_tokens)")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--device", default=None, help="default: the preset's device")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's batch_size (a resumed run may use another)")
     ap.add_argument("--checkpoint-every", type=int, default=200_000, help="tokens between accumulator checkpoints")
     ap.add_argument("--out", default=None, help="output folder (default: a cache folder keyed by the run's inputs); a "
                                                 "finished table there made with other inputs is refused")
