@@ -122,14 +122,16 @@ def test_one_member_family_is_rejected(tmp_path):
         correlate.correlate_family(fam, 0, tmp_path / "x", verbose=False)
 
 
-def test_bad_budget_and_foreign_checkpoint_are_explained(tmp_path):
+def test_bad_budget_and_foreign_checkpoint_are_explained(tmp_path, capsys):
     fam, _ = planted_family(2)
     with pytest.raises(ValueError, match="per-layer covariances"):
         correlate.correlate_family(fam, 0, tmp_path / "x", memory_budget_gb=1e-9, verbose=False)
+    clean = correlate.correlate_family(fam, 0, tmp_path / "clean", verbose=False)
     (tmp_path / "y").mkdir()
     torch.save({"acc": {}, "next_batch": 1, "snapshots": []}, tmp_path / "y" / "state_block0_rank0.pt")
-    with pytest.raises(ValueError, match="delete it"):
-        correlate.correlate_family(fam, 0, tmp_path / "y", verbose=False)
+    table = correlate.correlate_family(fam, 0, tmp_path / "y", verbose=False)  # not resumed: started fresh
+    assert "state_block0_rank0.pt: checkpoint of another version" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(table, clean)
 
 
 @pytest.mark.slow

@@ -270,7 +270,7 @@ def test_activation_statistics_match_run_with_cache(make):
     assert not np.allclose(other.pre_mean, got.pre_mean)
 
 
-def test_killed_run_resumes_to_the_same_table(tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_table(tmp_path, monkeypatch, capsys):
     model, rows, drop = tiny_model(), token_rows(), [BOS, NEWLINE]
     fresh = activation_statistics(model, rows, drop, tmp_path / "fresh", batch_size=4, checkpoint_every=1)
     real, calls = ns._accumulate_batch, []
@@ -286,8 +286,8 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, monkeypatch):
     # tokens since the start), none after the 3rd (27 < 40 since then), killed in the 4th
     with pytest.raises(KeyboardInterrupt):
         activation_statistics(model, rows, drop, tmp_path / "run", batch_size=4, checkpoint_every=40)
-    st = torch.load(tmp_path / "run" / ns.STATE_FILE, weights_only=False)
-    assert (st["next_row"], st["n_valid"]) == (8, 53)
+    st = torch.load(tmp_path / "run" / ns.STATE_FILE, weights_only=False)["state"]
+    assert (st["rows_done"], st["n_tokens"]) == (8, 53)
     calls.clear()
     monkeypatch.setattr(ns, "_accumulate_batch", lambda *a: (calls.append(1), real(*a)))
     resumed = activation_statistics(model, rows, drop, tmp_path / "run", batch_size=4, checkpoint_every=40)
@@ -298,8 +298,10 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, monkeypatch):
     calls.clear()
     pd.testing.assert_frame_equal(activation_statistics(model, rows, drop, tmp_path / "run"), fresh, check_exact=True)
     assert not calls
-    with pytest.raises(ValueError, match="other token rows"):
-        activation_statistics(model, token_rows(seed=1), drop, tmp_path / "run")
+    # a state of other rows is not resumed: reported, and the other rows' statistics computed afresh
+    other = activation_statistics(model, token_rows(seed=1), drop, tmp_path / "run")
+    assert "checkpoint made with another rows_sha256" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(other, activation_statistics(model, token_rows(seed=1), drop), check_exact=True)
 
 
 def test_neuron_stats_table_joins_saves_and_caches(tmp_path, monkeypatch):

@@ -41,8 +41,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .artifacts import config_hash, read_json, sha256_file, write_json
-from .data import GPT2_EOS, GPT2_VOCAB_SIZE, encode_gpt2, gpt2_tokenizer, rows_from_stream
+from .artifacts import array_sha256, config_hash, read_json, sha256_file, write_json
+from .data import GPT2_EOS, GPT2_VOCAB_SIZE, TokenRows, VocabMap, encode_gpt2, gpt2_tokenizer, rows_from_stream
 
 BUILDER_VERSION = 1
 DEFAULT_SOURCES = ["python-docs", "python-code", "gcide", "wordnet", "perl-docs", "foldoc"]
@@ -457,20 +457,53 @@ def build_corpus(cfg: dict, out_root: str | Path, deb_dir: str | Path | None = N
 
 
 def retokenized_rows(corpus, codec, n_tokens: int, split: str = "val", n_ctx: int = 512):
+    """[rows, n_ctx] ids of the embedded corpus for a model with another tokenizer (see
+    `retokenized_token_rows`)."""
+    return retokenized_token_rows(corpus, codec, n_tokens, split, n_ctx).ids
+
+
+def retokenized_token_rows(corpus, codec, n_tokens: int, split: str = "val", n_ctx: int = 512) -> TokenRows:
     """Rows of the embedded corpus for a model with another tokenizer: each document is decoded
-    from GPT-2 ids (lossless byte-level BPE) and re-encoded; documents joined by BOS."""
-    gpt2 = gpt2_tokenizer()
-    stream = np.asarray(corpus.tokens(split))
-    starts = np.flatnonzero(stream == GPT2_EOS).tolist() + [len(stream)]
-    out: list[int] = []
-    for s, e in zip(starts[:-1], starts[1:]):
-        text = gpt2.decode(stream[s + 1 : e].tolist())
-        out += [codec.bos_id] + codec.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(out) >= n_tokens + n_ctx:
-            break
+    from GPT-2 ids (lossless byte-level BPE) and re-encoded; documents joined by BOS. Each token
+    keeps its document's source label; there are no GPT-2 ids (the tokens are not GPT-2's)."""
     import torch
 
-    return torch.from_numpy(rows_from_stream(np.array(out[: n_tokens + n_ctx]), n_ctx, bos=codec.bos_id))
+    gpt2 = gpt2_tokenizer()
+    stream = np.asarray(corpus.tokens(split))
+    doc_labels = np.asarray(corpus.token_labels(split))
+    starts = np.flatnonzero(stream == GPT2_EOS).tolist() + [len(stream)]
+    out: list[int] = []
+    labels: list[int] = []
+    for s, e in zip(starts[:-1], starts[1:]):
+        text = gpt2.decode(stream[s + 1 : e].tolist())
+        ids = [codec.bos_id] + codec.tokenizer(text, add_special_tokens=False)["input_ids"]
+        out += ids
+        labels += [int(doc_labels[s])] * len(ids)
+        if len(out) >= n_tokens + n_ctx:
+            break
+    ids = rows_from_stream(np.array(out[: n_tokens + n_ctx]), n_ctx, bos=codec.bos_id)
+    lab = rows_from_stream(np.array(labels[: n_tokens + n_ctx]), n_ctx, bos=-1)
+    return TokenRows(torch.from_numpy(ids), None, torch.from_numpy(lab), list(corpus.labels))
+
+
+def embedded_token_rows(corpus, vocab: VocabMap, n_ctx: int, split: str, max_tokens: int | None = None) -> TokenRows:
+    """Rows of a corpus split for the embedded family: each row is BOS + n_ctx-1 tokens of the
+    split's GPT-2 stream (`rows_from_stream`), with the GPT-2 ids, the model ids (`vocab.map`) and
+    the source label of each token (-1 for the inserted BOS)."""
+    import torch
+
+    stream, labels = corpus.tokens(split), corpus.token_labels(split)
+    if max_tokens:
+        stream, labels = stream[: max_tokens + n_ctx], labels[: max_tokens + n_ctx]
+    gpt2 = rows_from_stream(stream, n_ctx)
+    lab = rows_from_stream(labels, n_ctx, bos=-1)
+    return TokenRows(vocab.map(gpt2), torch.from_numpy(gpt2), torch.from_numpy(lab), list(corpus.labels))
+
+
+def embedded_rows_identity(corpus, vocab: VocabMap, n_ctx: int, split: str, max_tokens: int | None) -> dict:
+    """What the embedded family's token rows are made from (content, never a path)."""
+    return {"source": "embedded", "corpus": corpus.provenance["content_sha256"], "vocab": array_sha256(vocab.gpt2_ids),
+            "n_ctx": int(n_ctx), "split": split, "max_tokens": int(max_tokens or 0), "version": 1}
 
 
 def main(argv: list[str] | None = None) -> None:

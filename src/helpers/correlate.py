@@ -13,9 +13,12 @@ one matrix product. The baselines are not streamed: a correlation with `R_l V_l`
 function of the correlation with `V_l` and of `V_l`'s own d_mlp x d_mlp covariance
 (`helpers.correlation.mixed_correlation`), so one small covariance per layer of each comparison
 model replaces a second full-width product and the per-batch rotation (for GPT2-small, about half
-the work of the paper's pair of runs; for the embedded family, 40%). Accumulators checkpoint every `checkpoint_every` tokens and
-a restarted run resumes; under `torchrun` each rank takes every `world`-th batch and the
-statistics are merged exactly at the end.
+the work of the paper's pair of runs; for the embedded family, 40%). The pass runs on the
+streaming driver (`helpers.activations.ActivationStream`): accumulators checkpoint every
+`checkpoint_every` tokens with the run's identity, a restarted run resumes at the next row whatever
+its batch size, and under `torchrun` each rank takes a contiguous shard of the rows and the
+statistics are merged exactly at the end. The table is a content-keyed result
+(`helpers.artifacts.cached_result`).
 
 Command line: `python -m helpers.correlate --preset default` (see `--help`).
 """
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import time
 from pathlib import Path
 
@@ -32,8 +34,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .activations import iter_family_activations
-from .artifacts import atomic_torch_save, config_hash, read_json, write_json
+from .activations import ActivationStream, distributed, hook_names
+from .artifacts import (atomic_write_csv, atomic_write_parquet, cached_result, read_json, result_dir,  # noqa: F401 (read_json: callers)
+                        run_cli, write_json)
+from .data import TokenRows
 from .correlation import (DEFAULT_BYTES_PER_ELEM, StreamingPearson, gaussian_rotation, global_to_layer_neuron, max_correlation, mixed_correlation,
                           plan_blocks, random_rotation)
 
@@ -56,15 +60,21 @@ def baseline_matrices(member: str, n_layers: int, d_mlp: int, seed: int, kind: s
     return [make(d_mlp, baseline_seed(seed, member, l)).to(device) for l in range(n_layers)]
 
 
-def _dist():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, None
-    import torch.distributed as dist
+CODE_VERSION = 3  # bump when a change to this module changes its tables
+STATE_FILE = "state_block{block}_rank{rank}.pt"
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("CORR_BACKEND") != "gloo" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), dist
+
+def correlation_identity(family, n_tokens: int, reference: str | None = None, baseline: str = "rotation", seed: int = 0,
+                         precision: str = "fp32", threshold: float = 0.5, rows: TokenRows | torch.Tensor | None = None) -> dict:
+    """Everything that determines a correlation table, as content: the members' weights
+    (`family.identity`), the token rows' sha256 and shape, the dropped tokens, the reference, the
+    baseline and its seed, the precision, the threshold and the code version. No path, no batch
+    size (the pass resumes by row offset, so the batch size does not change what is computed)."""
+    rows = TokenRows.of(rows) if rows is not None else family.token_table(n_tokens)
+    return {"code_version": CODE_VERSION, "family": family.name, "weights": family.identity, "members": list(family.members),
+            "reference": reference or family.reference, "rows_sha256": rows.sha256, "rows_shape": list(rows.ids.shape),
+            "n_tokens": int(n_tokens), "drop_ids": [int(t) for t in family.codec.drop_ids], "baseline": baseline,
+            "baseline_seed": int(seed), "precision": precision, "threshold": float(threshold)}
 
 
 def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str | None = None, batch_size: int = 32,
@@ -74,22 +84,32 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
                      verbose: bool = True) -> pd.DataFrame:
     """Correlate `family`'s reference member with every other member and its baseline; returns (and
     saves as `out_dir/universality.parquet` and `.csv`) the per-neuron table. Cached: a finished
-    run in `out_dir` is loaded, an interrupted one resumes from its checkpoint."""
-    from tqdm.auto import tqdm
-
-    out = Path(out_dir)
-    table_path = out / "universality.parquet"
-    if table_path.is_file():
-        return pd.read_parquet(table_path)
-    out.mkdir(parents=True, exist_ok=True)
-    rank, world, dist = _dist()
+    run in `out_dir` made with the same inputs is loaded (its files checked); one made with other
+    inputs is refused (IdentityMismatch names the fields); an interrupted one resumes from its
+    checkpoint, whatever the batch size."""
     reference = reference or family.reference
     others = [m for m in family.members if m != reference]
     if not others:
         raise ValueError(f"family {family.name!r} has one member: correlations need at least two seeds")
+    rows = TokenRows.of(rows) if rows is not None else family.token_table(n_tokens)
+    identity = correlation_identity(family, n_tokens, reference, baseline, seed, precision, threshold, rows)
+
+    def compute(out: Path) -> dict | None:
+        return _correlate(family, rows, identity, out, reference, others, batch_size, device, precision, memory_budget_gb,
+                          checkpoint_every, baseline, seed, threshold, n_snapshots, verbose)
+
+    res = cached_result("correlations", identity, compute, folder=out_dir)
+    return res.table("universality") if res.files else pd.DataFrame()
+
+
+def _correlate(family, rows: TokenRows, identity: dict, out: Path, reference: str, others: list[str], batch_size: int,
+               device: str, precision: str, memory_budget_gb: float, checkpoint_every: int, baseline: str, seed: int,
+               threshold: float, n_snapshots: int, verbose: bool) -> dict | None:
+    t_start = time.time()
     models = {m: family.load(m) for m in [reference, *others]}
     ref_cfg = models[reference].cfg
     n_a = ref_cfg.n_layers * ref_cfg.d_mlp
+    names = {m: hook_names(models[m]) for m in models}
     sizes = {m: [models[m].cfg.d_mlp] * models[m].cfg.n_layers for m in others}
     rots = {m: baseline_matrices(m, models[m].cfg.n_layers, models[m].cfg.d_mlp, seed, baseline, device) for m in others}
     n_b = sum(sum(s) for s in sizes.values())
@@ -104,22 +124,18 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
     if gram_bytes >= memory_budget_gb * 1e9:
         raise ValueError(f"a memory budget of {memory_budget_gb} GB cannot hold the per-layer covariances of the baseline "
                          f"({gram_bytes / 1e9:.1f} GB) and the correlations: raise memory_budget_gb (--memory-budget-gb)")
-    if rows is None:
-        rows = family.token_rows(n_tokens)
-    n_batches = (len(rows) + batch_size - 1) // batch_size
-    plan = plan_blocks(n_a, n_y, memory_budget_gb * 1e9 - gram_bytes, batch_tokens=batch_size * rows.shape[1])
+    n_rows = len(rows)
+    n_batches = (n_rows + batch_size - 1) // batch_size
+    plan = plan_blocks(n_a, n_y, memory_budget_gb * 1e9 - gram_bytes, batch_tokens=batch_size * rows.n_ctx)
+    rank, world, _ = distributed()
     if verbose and rank == 0:
         print(f"{family.name}: reference {reference} ({n_a:,} neurons) vs {others} ({n_b:,} neurons); "
               f"{baseline} baseline from {len(layer_cols)} per-layer covariances ({gram_bytes / 1e9:.2f} GB)")
-        print(f"{len(rows):,} rows x {rows.shape[1]} tokens, {n_batches} batches, {world} process(es)")
+        print(f"{n_rows:,} rows x {rows.n_ctx} tokens, {n_batches} batches, {world} process(es)")
         print(plan)
-    snap_batches = sorted({max(1, round(n_batches * 2.0 ** (-(n_snapshots - 1 - i)))) for i in range(n_snapshots)})
-
-    def targets(acts: dict) -> torch.Tensor:
-        return torch.cat([acts[m] for m in others], dim=1)
-
-    def new_grams() -> list[StreamingPearson]:
-        return [StreamingPearson(c.stop - c.start, c.stop - c.start, device=device, precision=precision) for _, _, c in layer_cols]
+    # convergence snapshots after 1/2^k of the batches, as row counts (single-process runs)
+    snap_rows = sorted({min(n_rows, max(1, round(n_batches * 2.0 ** (-(n_snapshots - 1 - i)))) * batch_size)
+                        for i in range(n_snapshots)})
 
     def summarize(acc: StreamingPearson, grams: list[StreamingPearson]) -> dict:
         corr = acc.correlation()
@@ -137,64 +153,45 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
         return res
 
     blocks, snapshots, dead = [], [], torch.zeros(n_a, dtype=torch.bool)
-    t_start = time.time()
     n_valid = 0
     for bi, sl in enumerate(plan.row_slices()):
-        state_file = out / f"state_block{bi}_rank{rank}.pt"
-        acc = StreamingPearson(sl.stop - sl.start, n_y, device=device, precision=precision)
-        grams = new_grams()
-        start, last_ckpt, block_snaps = 0, 0, []
-        if state_file.is_file():
-            st = torch.load(state_file, map_location=device, weights_only=False)
-            if "grams" not in st or len(st["grams"]) != len(grams):
-                raise ValueError(f"{state_file} was written by another version of helpers.correlate (it lacks the per-layer "
-                                 "covariances of the baseline): delete it to start this block again")
-            acc.load_state_dict(st["acc"])
-            for g, gs in zip(grams, st["grams"]):
-                g.load_state_dict(gs)
-            start, block_snaps = st["next_batch"], st["snapshots"]
-            if verbose:
-                print(f"rank {rank}: resuming block {bi} at batch {start}/{n_batches} ({acc.n_tokens:,} tokens)")
-        bar = tqdm(total=n_batches, initial=start, desc=f"correlations block {bi + 1}/{plan.n_blocks}", unit="batch",
-                   disable=not verbose or rank != 0)
-        t0, tok0 = time.time(), acc.n_tokens
-        for b, acts in iter_family_activations(models, rows, batch_size, family.codec.drop_ids, start, rank, world):
-            y = targets(acts)
-            acc.update(acts[reference][:, sl], y)
+
+        def accumulators(sl=sl) -> dict:
+            accs = {"cross": StreamingPearson(sl.stop - sl.start, n_y, device=device, precision=precision)}
+            for i, (_, _, c) in enumerate(layer_cols):
+                accs[f"gram{i}"] = StreamingPearson(c.stop - c.start, c.stop - c.start, device=device, precision=precision)
+            return accs
+
+        stream = ActivationStream(models, rows, names, batch_size, family.codec.drop_ids, accumulators,
+                                  {**identity, "block": [sl.start, sl.stop]},
+                                  out / STATE_FILE.format(block=bi, rank=rank), checkpoint_every,
+                                  desc=f"correlations block {bi + 1}/{plan.n_blocks}", verbose=verbose, device=device)
+        acc = stream.accs["cross"]
+        grams = [stream.accs[f"gram{i}"] for i in range(len(layer_cols))]
+        block_snaps = stream.extra.setdefault("snapshots", [])
+        pending = [t for t in snap_rows if t > stream.rows_done]
+        for batch in stream:
+            y = torch.cat([batch.acts[m][n] for m in others for n in names[m]], dim=1)
+            acc.update(batch.concat(reference, names[reference])[:, sl], y)
             for g, (_, _, cols) in zip(grams, layer_cols):
                 yl = y[:, cols]
                 g.update(yl, yl)
-            bar.update(b + 1 - bar.n)
-            bar.set_postfix(tok_s=f"{(acc.n_tokens - tok0) / max(time.time() - t0, 1e-9):,.0f}")
-            if world == 1 and (b + 1) in snap_batches and b + 1 < n_batches:
-                s = summarize(acc, grams)
-                block_snaps.append({"tokens": acc.n_tokens, "summary": s})
-            if acc.n_tokens - last_ckpt >= checkpoint_every:
-                atomic_torch_save({"acc": acc.state_dict(), "grams": [g.state_dict() for g in grams], "next_batch": b + 1,
-                                   "snapshots": block_snaps}, state_file)
-                last_ckpt = acc.n_tokens
-        bar.close()
-        if dist is not None:
-            states = [None] * world
-            dist.all_gather_object(states, {"acc": acc.state_dict(), "grams": [g.state_dict() for g in grams]})
-            if rank == 0:
-                for r, st in enumerate(states):
-                    if r:
-                        other = StreamingPearson(sl.stop - sl.start, n_y, device=device, precision=precision)
-                        other.load_state_dict(st["acc"])
-                        acc.merge(other)
-                        for g, gs, o in zip(grams, st["grams"], new_grams()):
-                            o.load_state_dict(gs)
-                            g.merge(o)
-        if rank == 0:
+            stop = batch.rows.stop
+            if world == 1 and pending and stop >= pending[0] and stop < n_rows:
+                block_snaps.append({"tokens": acc.n_tokens, "summary": summarize(acc, grams)})
+            while pending and pending[0] <= stop:
+                pending.pop(0)
+        merged = stream.merged()
+        if merged is not None:
+            acc, grams = merged["cross"], [merged[f"gram{i}"] for i in range(len(layer_cols))]
             blocks.append((sl, summarize(acc, grams)))
             keep_accumulators(out, bi, sl, acc, grams, layer_cols)
             dead[sl] = acc.dead_a().cpu()
             n_valid = acc.n_tokens
             snapshots.append((sl, block_snaps))
-        del acc, grams
+        del acc, grams, stream, merged
     if rank != 0:
-        return pd.DataFrame()
+        return None
 
     def assemble(parts: list[tuple[slice, dict]]) -> dict:
         full = {m: {k: torch.full((n_a,), float("nan")) if k in ("max", "baseline") else torch.full((n_a,), -1, dtype=torch.long)
@@ -205,10 +202,7 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
                     full[m][k][sl] = s[m][k]
         return full
 
-    res = assemble(blocks)
-    table = universality_table(res, others, ref_cfg.n_layers, ref_cfg.d_mlp, dead, threshold)
-    table.to_parquet(table_path.with_suffix(".tmp.parquet"))
-    table.to_csv(out / "universality.csv", index=False)
+    table = universality_table(assemble(blocks), others, ref_cfg.n_layers, ref_cfg.d_mlp, dead, threshold)
     # convergence: the same statistics at earlier token counts (single-process runs)
     conv = []
     if snapshots and all(len(s) == len(snapshots[0][1]) for _, s in snapshots) and snapshots[0][1]:
@@ -218,16 +212,17 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
             t["tokens"] = snapshots[0][1][i]["tokens"]
             conv.append(t[["layer", "neuron", "tokens", "mean_corr", "mean_baseline", "excess_corr", "is_universal"]])
     final = table[["layer", "neuron", "mean_corr", "mean_baseline", "excess_corr", "is_universal"]].assign(tokens=n_valid)
-    pd.concat(conv + [final]).to_parquet(out / "convergence.parquet")
-    write_json(out / "run.json", {"family": family.name, "reference": reference, "others": others, "n_rows": len(rows),
-                                  "n_ctx": int(rows.shape[1]), "n_valid_tokens": n_valid, "baseline": baseline,
-                                  "baseline_seed": seed, "precision": precision, "threshold": threshold,
-                                  "n_dead": int(dead.sum()), "plan": str(plan), "world_size": world,
-                                  "seconds": round(time.time() - t_start, 1)})
-    os.replace(table_path.with_suffix(".tmp.parquet"), table_path)
+    run = {"family": family.name, "reference": reference, "others": others, "n_rows": n_rows, "n_ctx": rows.n_ctx,
+           "n_valid_tokens": n_valid, "baseline": baseline, "baseline_seed": seed, "precision": precision,
+           "threshold": threshold, "n_dead": int(dead.sum()), "plan": str(plan), "world_size": world,
+           "batch_size": batch_size, "seconds": round(time.time() - t_start, 1)}
+    atomic_write_parquet(table, out / "universality.parquet")
+    atomic_write_csv(table, out / "universality.csv")
+    atomic_write_parquet(pd.concat(conv + [final]), out / "convergence.parquet")
+    write_json(out / "run.json", run)
     for f in out.glob("state_block*_rank*.pt"):
         f.unlink()
-    return table
+    return run
 
 
 def universality_table(res: dict, others: list[str], n_layers: int, d_mlp: int, dead: torch.Tensor, threshold: float = 0.5) -> pd.DataFrame:
@@ -254,11 +249,10 @@ def universality_table(res: dict, others: list[str], n_layers: int, d_mlp: int, 
 
 def results_dir(family, n_tokens: int, artifacts_dir: str | Path, reference: str | None = None, baseline: str = "rotation",
                 seed: int = 0, precision: str = "fp32", threshold: float = 0.5) -> Path:
-    """Cache folder of a correlation run: keyed by everything that determines its result."""
-    ident = {"family": family.name, "family_key": family.identity, "members": family.members,
-             "n_tokens": int(n_tokens), "reference": reference or family.reference, "baseline": baseline, "seed": seed,
-             "precision": precision, "threshold": threshold, "version": 2}
-    return Path(artifacts_dir) / "correlations" / f"{family.name}-{config_hash(ident)}"
+    """Cache folder of a correlation run: `<artifacts>/correlations/<family>-<hash of its identity>`
+    (`correlation_identity`: content only, so a moved checkout finds the same folder)."""
+    ident = correlation_identity(family, n_tokens, reference, baseline, seed, precision, threshold)
+    return result_dir(artifacts_dir, "correlations", ident, prefix=family.name)
 
 
 # ------------------------------------------------------------------ kept accumulators
@@ -294,31 +288,45 @@ def main(argv: list[str] | None = None) -> None:
     from .families import load_family
     from .presets import load_preset, resolve_dir
 
-    ap = argparse.ArgumentParser(description="Correlate a reference model with the other seeds of its family (paper §2).")
-    ap.add_argument("--preset", default="default", help="params/<preset>.yaml (family, tokens, device, ...)")
-    ap.add_argument("--family", default=None, help="overrides the preset's family (e.g. embedded-untrained)")
+    ap = argparse.ArgumentParser(
+        description="Correlate a reference model with the other seeds of its family (paper §2). The family, token "
+                    "count, batch size, reference, baseline, baseline seed, threshold and device come from the preset "
+                    "unless a flag overrides them.")
+    ap.add_argument("--preset", default="default", help="params/<preset>.yaml (default: %(default)s)")
+    ap.add_argument("--family", default=None, help="default: the preset's family (e.g. embedded-untrained)")
     ap.add_argument("--n-tokens", type=int, default=None, help="tokens of held-out text (default: the preset's n_tokens)")
-    ap.add_argument("--reference", default=None)
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--reference", default=None, help="reference member (default: the preset's reference, else the first)")
+    ap.add_argument("--device", default=None, help="default: the preset's device")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     ap.add_argument("--memory-budget-gb", type=float, default=8.0)
-    ap.add_argument("--baseline", default="rotation", choices=["rotation", "gaussian"])
+    ap.add_argument("--baseline", default=None, choices=["rotation", "gaussian"], help="default: the preset's baseline")
+    ap.add_argument("--baseline-seed", type=int, default=None, help="default: the preset's baseline_seed (or seed)")
+    ap.add_argument("--threshold", type=float, default=None, help="universal if excess correlation > this "
+                                                                    "(default: the preset's threshold, else 0.5)")
     ap.add_argument("--checkpoint-every", type=int, default=200_000, help="tokens between accumulator checkpoints")
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--out", default=None, help="output folder (default: a cache folder keyed by the run's inputs)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's batch_size (does not change the "
+                                                                 "result; a resumed run may use another)")
+    ap.add_argument("--out", default=None, help="output folder (default: a cache folder keyed by the run's inputs); a "
+                                                "finished run there made with other inputs is refused")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks (also HELPERS_DEBUG=1)")
     args = ap.parse_args(argv)
     params = load_preset(args.preset)
     device = args.device or params.get("device", "cpu")
     fam = load_family(args.family or params["family"], params, device=device)
+    ref = args.reference or params.get("reference")
+    reference = fam.member(ref) if ref else fam.reference
     n_tokens = args.n_tokens or int(params["n_tokens"])
+    baseline = args.baseline or params.get("baseline", "rotation")
+    seed = args.baseline_seed if args.baseline_seed is not None else int(params["baseline_seed"])
+    threshold = args.threshold if args.threshold is not None else float(params.get("threshold", 0.5))
     art = resolve_dir(params.get("artifacts_dir", "artifacts"))
-    out = Path(args.out) if args.out else results_dir(fam, n_tokens, art, args.reference, args.baseline, params["baseline_seed"], args.precision)
-    table = correlate_family(fam, n_tokens, out, args.reference, args.batch_size or int(params.get("batch_size", 32)), device,
-                             args.precision, args.memory_budget_gb, args.checkpoint_every, args.baseline, params["baseline_seed"])
+    out = Path(args.out) if args.out else results_dir(fam, n_tokens, art, reference, baseline, seed, args.precision, threshold)
+    table = correlate_family(fam, n_tokens, out, reference, args.batch_size or int(params.get("batch_size", 32)), device,
+                             args.precision, args.memory_budget_gb, args.checkpoint_every, baseline, seed, threshold)
     if len(table):
-        print(f"{out}: {int(table.is_universal.sum())} of {len(table)} neurons universal; "
+        print(f"{out}: {int(table.is_universal.sum())} of {len(table)} neurons universal (threshold {threshold}); "
               f"excess correlation median {table.excess_corr.median():.3f}, 99th percentile {table.excess_corr.quantile(0.99):.3f}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -9,14 +9,15 @@ identity map.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .artifacts import sha256_file
+from .artifacts import array_sha256, atomic_write_bytes, cached_result, sha256_file
 
 TOKENIZER_DIR = Path(__file__).parent / "tokenizer_gpt2"
 TOKENIZER_SHA256 = {
@@ -210,3 +211,83 @@ def pile_token_rows(n_tokens: int, n_ctx: int = 512, seed: int = 0, tokenizer=No
         if len(stream) >= target:
             break
     return rows_from_stream(np.array(stream), n_ctx, bos=tok.bos_token_id or eos)
+
+
+# --------------------------------------------------------------------------------------------
+# Token rows with their per-token metadata, cached by content
+# --------------------------------------------------------------------------------------------
+
+ROWS_FILE = "rows.npz"
+
+
+@dataclass
+class TokenRows:
+    """Token rows for the analyses and what each token is.
+
+    `ids` [rows, n_ctx] int64 model ids (what the models read); `gpt2_ids` [rows, n_ctx] int64 the
+    GPT-2 ids of the same tokens (for the embedded family the model ids are a reduced vocabulary in
+    which rare tokens are `<unk>`; None where the tokenizer is not GPT-2's); `labels` [rows, n_ctx]
+    int64 index into `label_names` of the source each token comes from (-1 for an inserted BOS;
+    None when the source is unknown). `sha256` identifies the rows' content (`array_sha256` of
+    `ids`), for cache keys.
+    """
+
+    ids: torch.Tensor
+    gpt2_ids: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    label_names: list[str] = field(default_factory=list)
+    sha256: str | None = None
+
+    def __post_init__(self):
+        for name in ("gpt2_ids", "labels"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != tuple(self.ids.shape):
+                raise ValueError(f"TokenRows.{name} has shape {tuple(t.shape)}, ids have {tuple(self.ids.shape)}")
+        if self.sha256 is None:
+            self.sha256 = array_sha256(self.ids)
+
+    @classmethod
+    def of(cls, rows: "TokenRows | torch.Tensor | np.ndarray") -> "TokenRows":
+        """`rows` as TokenRows (a bare [rows, n_ctx] id tensor gets no GPT-2 ids or labels)."""
+        if isinstance(rows, TokenRows):
+            return rows
+        return cls(torch.as_tensor(np.asarray(rows) if not isinstance(rows, torch.Tensor) else rows).long())
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.ids.shape[1])
+
+
+def save_token_rows(rows: TokenRows, path: str | Path) -> None:
+    """Write `rows` as one .npz (ids int32, GPT-2 ids int32, labels int16), atomically."""
+    arrays = {"ids": rows.ids.numpy().astype(np.int32)}
+    if rows.gpt2_ids is not None:
+        arrays["gpt2_ids"] = rows.gpt2_ids.numpy().astype(np.int32)
+    if rows.labels is not None:
+        arrays["labels"] = rows.labels.numpy().astype(np.int16)
+    buf = io.BytesIO()
+    np.savez(buf, label_names=np.array(rows.label_names, dtype=str), **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_token_rows(path: str | Path, sha256: str | None = None) -> TokenRows:
+    with np.load(path) as z:
+        get = lambda k: torch.from_numpy(z[k].astype(np.int64)) if k in z else None  # noqa: E731
+        return TokenRows(get("ids"), get("gpt2_ids"), get("labels"), [str(x) for x in z["label_names"]], sha256)
+
+
+def cached_token_rows(artifacts_dir: str | Path, identity: dict, build: Callable[[], TokenRows]) -> TokenRows:
+    """Token rows built once by `build()` and cached under `artifacts_dir/token_rows/`, keyed by
+    `identity` (where the rows come from: corpus content hash, vocabulary, split, sizes, a
+    version); the rows' own sha256 is recorded, so results can be keyed on it without re-hashing."""
+
+    def compute(folder: Path) -> dict:
+        rows = build()
+        save_token_rows(rows, folder / ROWS_FILE)
+        return {"sha256": rows.sha256, "shape": list(rows.ids.shape)}
+
+    res = cached_result("token_rows", identity, compute, root=artifacts_dir, prefix=str(identity.get("source", "rows")))
+    return load_token_rows(res.file(ROWS_FILE), res.meta.get("sha256"))

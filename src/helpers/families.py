@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from .artifacts import read_json, sha256_file
-from .corpus import build_corpus, retokenized_rows
-from .data import VocabMap
+from .corpus import build_corpus, embedded_rows_identity, embedded_token_rows, retokenized_token_rows
+from .data import TokenRows, VocabMap, cached_token_rows
 from .hub import require_hub
 from .models import (MEMBERS, PROCESSING, SMOLLM2_FILE, HFCodec, VocabCodec, hooked_config, init_model, load_model,
                      load_smollm2, smollm2_path, smollm2_tokenizer)
-from .train import (checkpoint_steps, family_dir, family_members, member_seed, prepare_rows, shipped_family,
+from .train import (checkpoint_steps, family_dir, family_members, member_seed, shipped_family,
                     split_embedded_config, train_seed)
 
 
@@ -105,9 +105,14 @@ class Family:
     def token_rows(self, n_tokens: int, split: str = "val") -> torch.Tensor:
         """[rows, n_ctx] model ids for analyses, about `n_tokens` tokens: the embedded corpus's
         held-out split for embedded families (no seed trained on it), the Pile test split online."""
+        return self.token_table(n_tokens, split).ids
+
+    def token_table(self, n_tokens: int, split: str = "val") -> TokenRows:
+        """The same rows as `token_rows` with their GPT-2 ids, source labels and content sha256
+        (cached under the artifacts folder for the embedded, SmolLM2 and Pile rows)."""
         if self.rows_factory is None:
             raise NotImplementedError(f"family {self.name!r} has no token source")
-        return self.rows_factory(int(n_tokens), split)
+        return TokenRows.of(self.rows_factory(int(n_tokens), split))
 
 
 HUB_FAMILIES = {
@@ -129,7 +134,7 @@ def state_sha256(model) -> str:
     return h.hexdigest()
 
 
-def _hub_family(name: str, device: str) -> Family:
+def _hub_family(name: str, device: str, artifacts_dir: Path) -> Family:
     def loader(member: str):
         from transformer_lens import HookedTransformer
 
@@ -146,10 +151,16 @@ def _hub_family(name: str, device: str) -> Family:
         require_hub(f"the tokenizer of {name!r}")
         return HFCodec(AutoTokenizer.from_pretrained(get_official_model_name(HUB_FAMILIES[name][0])))
 
-    def rows(n_tokens: int, split: str) -> torch.Tensor:
+    def rows(n_tokens: int, split: str) -> TokenRows:
         from .data import pile_token_rows
 
-        return torch.from_numpy(pile_token_rows(n_tokens, n_ctx=512, seed=0, tokenizer=fam.codec.tokenizer))
+        def build() -> TokenRows:
+            ids = torch.from_numpy(pile_token_rows(n_tokens, n_ctx=512, seed=0, tokenizer=fam.codec.tokenizer))
+            return TokenRows(ids, ids.clone() if name.startswith("stanford-gpt2") else None)
+
+        ident = {"source": "pile", "tokenizer": HUB_FAMILIES[name][0] if not name.startswith("stanford-gpt2") else "gpt2",
+                 "n_ctx": 512, "seed": 0, "n_tokens": int(n_tokens), "version": 1}
+        return cached_token_rows(artifacts_dir, ident, build)
 
     fam = Family(name, list(HUB_FAMILIES[name]), loader, codec, device, {"source": "huggingface hub"}, rows,
                  identity_factory=lambda m: f"hf:{m}")
@@ -163,11 +174,14 @@ def _smollm2_family(device: str, params: dict | None) -> Family:
     def loader(member: str):
         return load_smollm2(device, fam.codec.tokenizer)
 
-    def rows(n_tokens: int, split: str) -> torch.Tensor:
+    def rows(n_tokens: int, split: str) -> TokenRows:
         from .presets import resolve_dir
 
-        corpus = build_corpus(params.get("corpus", {}), resolve_dir(params.get("artifacts_dir", "artifacts")), verbose=False)
-        return retokenized_rows(corpus, fam.codec, n_tokens, split, n_ctx=512)
+        art = resolve_dir(params.get("artifacts_dir", "artifacts"))
+        corpus = build_corpus(params.get("corpus", {}), art, verbose=False)
+        ident = {"source": "smollm2", "corpus": corpus.provenance["content_sha256"], "tokenizer": SMOLLM2_FILE,
+                 "n_ctx": 512, "split": split, "n_tokens": int(n_tokens), "version": 1}
+        return cached_token_rows(art, ident, lambda: retokenized_token_rows(corpus, fam.codec, n_tokens, split, n_ctx=512))
 
     def identity(member: str) -> str:
         return "sha256:" + sha256_file(smollm2_path() / SMOLLM2_FILE)
@@ -264,8 +278,9 @@ def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", 
         loader = lambda m: _load_verified(shipped, folder / m, device)  # noqa: E731
         identity = lambda m: "sha256:" + _weights_sha(shipped, folder / m)  # noqa: E731
 
-    def rows(n_tokens: int, split: str) -> torch.Tensor:
-        return prepare_rows(corpus, vocab, n_ctx, split, n_tokens)
+    def rows(n_tokens: int, split: str) -> TokenRows:
+        return cached_token_rows(art, embedded_rows_identity(corpus, vocab, n_ctx, split, n_tokens),
+                                 lambda: embedded_token_rows(corpus, vocab, n_ctx, split, n_tokens))
 
     ref = params.get("reference")
     return Family(name, members, loader, lambda: VocabCodec(vocab), device,
@@ -295,7 +310,9 @@ def load_family(name: str = "embedded", params: dict | None = None, device: str 
         return embedded_family(params, untrained=name == "embedded-untrained", device=device, **kwargs)
     if name in HUB_FAMILIES:
         require_hub(f"family {name!r}")
-        fam = _hub_family(name, device)
+        from .presets import resolve_dir
+
+        fam = _hub_family(name, device, resolve_dir((params or {}).get("artifacts_dir", "artifacts")))
     elif name == "smollm2-135m":
         smollm2_path()
         fam = _smollm2_family(device, params)

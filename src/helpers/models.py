@@ -92,10 +92,20 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", processin
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"no saved model in {folder} (expected model.safetensors and config.json)")
-    arch = json.loads((folder / "config.json").read_text())["arch"]
+    from .artifacts import DamagedFile
+
+    try:
+        arch = json.loads((folder / "config.json").read_text())["arch"]
+    except (ValueError, KeyError) as e:
+        raise DamagedFile(folder / "config.json", f"unreadable model config ({type(e).__name__}: {e})",
+                          "delete the model's folder and train it again") from None
     proc = dict(PROCESSING if processing is None else processing)
     model = HookedTransformer(hooked_config(arch, device))
-    state = load_file(str(folder / "model.safetensors"))
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
+        raise DamagedFile(folder / "model.safetensors", f"damaged weights, unreadable ({e})",
+                          "delete the model's folder and train it again") from None
     model.load_and_process_state_dict(state, refactor_factored_attn_matrices=False, **proc)
     model.eval()
     model.processing = proc

@@ -23,8 +23,6 @@ Command line: `python -m helpers.neuron_stats --preset default` (see `--help`).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -33,12 +31,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .artifacts import atomic_torch_save, config_hash, write_json
-from .data import valid_token_mask
+from .activations import ActivationStream
+from .artifacts import atomic_write_csv, atomic_write_parquet, cached_result, result_dir, run_cli, write_json
+from .data import TokenRows
 from .models import neuron_weights
 
+CODE_VERSION = 2  # bump when a change to this module changes its tables
 STATE_FILE = "activation_moments.pt"
 TABLE_FILE = "neuron_stats.parquet"
+MODEL = "model"  # the one model's key in the stream
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,30 +308,23 @@ ACTIVATION_COLUMNS = ["pre_mean", "pre_var", "pre_skew", "pre_kurt", "act_freq",
                       "post_kurt"]
 
 
-@torch.no_grad()
-def _accumulate_batch(model, tokens: torch.Tensor, mask: torch.Tensor, pre: list[StreamingMoments],
-                      post: list[StreamingMoments]) -> None:
-    """One forward pass of `tokens` [batch, pos]; each layer's `mlp.hook_pre` / `mlp.hook_post`
-    [batch, pos, d_mlp] at the `mask`ed tokens goes into that layer's accumulators (one layer's
-    activations in memory at a time, nothing cached)."""
-    device = model.cfg.device
-    mask = mask.to(device)
-
-    def into(acc: StreamingMoments):
-        def hook(act, hook):
-            acc.update(act[mask])
-
-        return hook
-
-    hooks = [(f"blocks.{l}.mlp.hook_pre", into(pre[l])) for l in range(model.cfg.n_layers)]
-    hooks += [(f"blocks.{l}.mlp.hook_post", into(post[l])) for l in range(model.cfg.n_layers)]
-    model.run_with_hooks(tokens.to(device), return_type=None, stop_at_layer=model.cfg.n_layers, fwd_hooks=hooks)
+def _accumulate_batch(batch, pre: list[StreamingMoments], post: list[StreamingMoments]) -> None:
+    """Each layer's `mlp.hook_pre` / `mlp.hook_post` at the batch's valid tokens into that layer's
+    accumulators."""
+    acts = batch.acts[MODEL]
+    for l in range(len(pre)):
+        pre[l].update(acts[f"blocks.{l}.mlp.hook_pre"])
+        post[l].update(acts[f"blocks.{l}.mlp.hook_post"])
 
 
-def _rows_fingerprint(rows: torch.Tensor, drop_ids: Sequence[int], n_layers: int, d_mlp: int) -> str:
-    h = hashlib.sha256(np.ascontiguousarray(rows.cpu().numpy().astype(np.int64)).tobytes())
-    h.update(repr((tuple(rows.shape), sorted(int(t) for t in drop_ids), n_layers, d_mlp)).encode())
-    return h.hexdigest()[:16]
+def activation_identity(model, rows: TokenRows, drop_ids: Sequence[int]) -> dict:
+    """What determines the activation statistics of `model` on `rows`: the weights as loaded
+    (sha256 of the state dict), the rows' sha256 and shape, the dropped tokens, the code version."""
+    from .families import state_sha256
+
+    return {"code_version": CODE_VERSION, "weights": state_sha256(model), "rows_sha256": rows.sha256,
+            "rows_shape": list(rows.ids.shape), "drop_ids": sorted(int(t) for t in drop_ids),
+            "n_layers": model.cfg.n_layers, "d_mlp": model.cfg.d_mlp}
 
 
 def _moments_table(pre: list[StreamingMoments], post: list[StreamingMoments], d_mlp: int) -> pd.DataFrame:
@@ -350,8 +344,9 @@ def _moments_table(pre: list[StreamingMoments], post: list[StreamingMoments], d_
     return df[["layer", "neuron", *ACTIVATION_COLUMNS]]
 
 
-def activation_statistics(model, rows: torch.Tensor, drop_ids: Sequence[int], out_dir: str | Path | None = None,
-                          batch_size: int = 32, checkpoint_every: int = 200_000, verbose: bool = False) -> pd.DataFrame:
+def activation_statistics(model, rows: torch.Tensor | TokenRows, drop_ids: Sequence[int], out_dir: str | Path | None = None,
+                          batch_size: int = 32, checkpoint_every: int = 200_000, verbose: bool = False,
+                          identity: dict | None = None) -> pd.DataFrame:
     """Activation moments of every neuron of `model` over the token rows `rows` [rows, n_ctx]
     (paper §3, Fig. 4: activation frequency, skew and kurtosis), dropping the tokens in
     `drop_ids` (BOS/pad and newline: the same tokens as the correlations).
@@ -362,53 +357,37 @@ def activation_statistics(model, rows: torch.Tensor, drop_ids: Sequence[int], ou
     the post-activation (`mlp.hook_post`). Variances are population variances; kurtoses raw
     (Gaussian = 3). Exact moments (`StreamingMoments`), not the paper's 256-bin histograms.
 
-    With `out_dir`, the accumulators are saved to `out_dir/activation_moments.pt` every
-    `checkpoint_every` valid tokens and at the end; a restarted call resumes from the saved row
-    (any `batch_size`) and gives the same result as an uninterrupted run. A finished state is
-    reused as is. A state made from other rows / drop_ids / model shape raises ValueError.
+    One pass of the streaming driver (`ActivationStream`; a batch's pre- and post-activations of
+    every layer are in memory at once). With `out_dir`, the accumulators are saved to
+    `out_dir/activation_moments.pt` every `checkpoint_every` valid tokens and at the end, with
+    their identity (`identity`, default `activation_identity`); a restarted call resumes at the
+    next row (any `batch_size`) and gives the same result as an uninterrupted run. A finished
+    state is reused as is; a state of other weights or rows is reported and not resumed.
     """
     cfg = model.cfg
     n_layers, d_mlp = cfg.n_layers, cfg.d_mlp
-    device = cfg.device
-    pre = [StreamingMoments(d_mlp, device) for _ in range(n_layers)]
-    post = [StreamingMoments(d_mlp, device) for _ in range(n_layers)]
-    fingerprint = _rows_fingerprint(rows, drop_ids, n_layers, d_mlp)
-    state_file = Path(out_dir) / STATE_FILE if out_dir is not None else None
-    start_row, n_valid = 0, 0
-    if state_file is not None and state_file.is_file():
-        st = torch.load(state_file, map_location="cpu", weights_only=False)
-        if st["fingerprint"] != fingerprint:
-            raise ValueError(f"{state_file} was made from other token rows, drop_ids or model shape; "
-                             "delete it or use another out_dir")
-        for acc, s in zip(pre + post, st["pre"] + st["post"]):
-            acc.load_state_dict(s)
-        start_row, n_valid = int(st["next_row"]), int(st["n_valid"])
-        if verbose and start_row < len(rows):
-            print(f"resuming activation statistics at row {start_row}/{len(rows)} ({n_valid:,} tokens)")
+    rows = TokenRows.of(rows)
+    identity = identity or activation_identity(model, rows, drop_ids)
+    names = [f"blocks.{l}.mlp.hook_{h}" for l in range(n_layers) for h in ("pre", "post")]
 
-    def save(next_row: int) -> None:
-        if state_file is not None:
-            atomic_torch_save({"fingerprint": fingerprint, "next_row": next_row, "n_valid": n_valid,
-                               "pre": [a.state_dict() for a in pre], "post": [a.state_dict() for a in post]}, state_file)
+    def accumulators() -> dict:
+        return {f"{h}{l}": StreamingMoments(d_mlp, cfg.device) for h in ("pre", "post") for l in range(n_layers)}
 
-    if start_row < len(rows):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(rows), initial=start_row, desc="activation statistics", unit="row", disable=not verbose)
-        last_ckpt = n_valid
-        for start in range(start_row, len(rows), batch_size):
-            tokens = rows[start : start + batch_size]
-            mask = valid_token_mask(tokens, drop_ids)
-            _accumulate_batch(model, tokens, mask, pre, post)
-            n_valid += int(mask.sum())
-            bar.update(len(tokens))
-            stop = start + len(tokens)
-            if stop == len(rows) or n_valid - last_ckpt >= checkpoint_every:
-                save(stop)
-                last_ckpt = n_valid
-        bar.close()
+    stream = ActivationStream({MODEL: model}, rows, names, batch_size, drop_ids, accumulators, identity,
+                              Path(out_dir) / STATE_FILE if out_dir is not None else None, checkpoint_every,
+                              save_at_end=True, desc="activation statistics", verbose=verbose, device=cfg.device)
+    pre = [stream.accs[f"pre{l}"] for l in range(n_layers)]
+    post = [stream.accs[f"post{l}"] for l in range(n_layers)]
+    if not stream.done:
+        for batch in stream:
+            _accumulate_batch(batch, pre, post)
+    accs = stream.merged()
+    if accs is None:
+        return pd.DataFrame()
+    pre = [accs[f"pre{l}"] for l in range(n_layers)]
+    post = [accs[f"post{l}"] for l in range(n_layers)]
     df = _moments_table(pre, post, d_mlp)
-    df.attrs["n_valid_tokens"] = n_valid
+    df.attrs["n_valid_tokens"] = stream.n_tokens
     return df
 
 
@@ -417,40 +396,54 @@ def activation_statistics(model, rows: torch.Tensor, drop_ids: Sequence[int], ou
 # --------------------------------------------------------------------------------------------
 
 
-def neuron_stats_table(model, rows: torch.Tensor, drop_ids: Sequence[int], out_dir: str | Path, batch_size: int = 32,
-                       checkpoint_every: int = 200_000, verbose: bool = True) -> pd.DataFrame:
-    """Weight and activation statistics of every neuron of `model`, joined on (`layer`,
-    `neuron`) (paper §3 and §5(d)); saved as `out_dir/neuron_stats.parquet` (and `.csv`,
-    `run.json`). Cached: a finished table in `out_dir` is returned as is; an interrupted
-    activation pass resumes from its checkpoint in `out_dir`."""
-    out = Path(out_dir)
-    table_path = out / TABLE_FILE
-    if table_path.is_file():
-        return pd.read_parquet(table_path)
-    out.mkdir(parents=True, exist_ok=True)
+def _compute_table(model, rows: TokenRows, drop_ids: Sequence[int], out: Path, batch_size: int, checkpoint_every: int,
+                   verbose: bool, identity: dict) -> dict | None:
     t0 = time.time()
     weights = weight_statistics(model)
-    acts = activation_statistics(model, rows, drop_ids, out, batch_size, checkpoint_every, verbose)
+    acts = activation_statistics(model, rows, drop_ids, out, batch_size, checkpoint_every, verbose, identity)
+    if not len(acts):  # a torchrun rank other than 0
+        return None
     n_valid = acts.attrs.get("n_valid_tokens")
     table = weights.merge(acts, on=["layer", "neuron"], how="inner", validate="one_to_one")
     assert len(table) == model.cfg.n_layers * model.cfg.d_mlp
-    tmp = table_path.with_suffix(".tmp.parquet")
-    table.to_parquet(tmp)
-    table.to_csv(out / "neuron_stats.csv", index=False)
-    write_json(out / "run.json", {"n_rows": len(rows), "n_ctx": int(rows.shape[1]), "n_valid_tokens": n_valid,
-                                  "drop_ids": [int(t) for t in drop_ids], "n_layers": model.cfg.n_layers,
-                                  "d_mlp": model.cfg.d_mlp, "gated_mlp": bool(getattr(model.cfg, "gated_mlp", False)),
-                                  "processing": getattr(model, "processing", None), "seconds": round(time.time() - t0, 1)})
-    os.replace(tmp, table_path)
-    return table
+    run = {"n_rows": len(rows), "n_ctx": rows.n_ctx, "n_valid_tokens": n_valid, "drop_ids": [int(t) for t in drop_ids],
+           "n_layers": model.cfg.n_layers, "d_mlp": model.cfg.d_mlp, "gated_mlp": bool(getattr(model.cfg, "gated_mlp", False)),
+           "processing": getattr(model, "processing", None), "batch_size": batch_size, "seconds": round(time.time() - t0, 1)}
+    atomic_write_parquet(table, out / TABLE_FILE)
+    atomic_write_csv(table, out / "neuron_stats.csv")
+    write_json(out / "run.json", run)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    return run
+
+
+def neuron_stats_table(model, rows: torch.Tensor | TokenRows, drop_ids: Sequence[int], out_dir: str | Path, batch_size: int = 32,
+                       checkpoint_every: int = 200_000, verbose: bool = True, identity: dict | None = None) -> pd.DataFrame:
+    """Weight and activation statistics of every neuron of `model`, joined on (`layer`,
+    `neuron`) (paper §3 and §5(d)); saved as `out_dir/neuron_stats.parquet` (and `.csv`,
+    `run.json`). Cached: a finished table in `out_dir` made with the same `identity` (default
+    `activation_identity`) is returned, its files checked; one of other inputs is refused
+    (IdentityMismatch); an interrupted activation pass resumes from its checkpoint in `out_dir`."""
+    rows = TokenRows.of(rows)
+    identity = identity or activation_identity(model, rows, drop_ids)
+    res = cached_result("neuron_stats", identity, lambda out: _compute_table(model, rows, drop_ids, out, batch_size,
+                                                                               checkpoint_every, verbose, identity),
+                        folder=out_dir)
+    return res.table(TABLE_FILE) if res.files else pd.DataFrame()
+
+
+def stats_identity(family, member: str, n_tokens: int, rows: TokenRows | None = None) -> dict:
+    """What determines a member's neuron statistics, as content: its weights (`family.identity`),
+    the token rows' sha256 (so the corpus they come from is in it), the dropped tokens, the code."""
+    rows = rows if rows is not None else family.token_table(n_tokens)
+    return {"code_version": CODE_VERSION, "family": family.name, "member": member, "weights": family.identity[member],
+            "rows_sha256": rows.sha256, "rows_shape": list(rows.ids.shape), "n_tokens": int(n_tokens),
+            "drop_ids": sorted(int(t) for t in family.codec.drop_ids)}
 
 
 def stats_dir(family, member: str, n_tokens: int, artifacts_dir: str | Path) -> Path:
     """Cache folder of the neuron statistics of `member` of `family` over `n_tokens` held-out
-    tokens: keyed by everything that determines the result."""
-    ident = {"family": family.name, "family_key": family.identity, "member": member,
-             "n_tokens": int(n_tokens), "version": 1}
-    return Path(artifacts_dir) / "neuron_stats" / f"{family.name}-{member}-{config_hash(ident)}"
+    tokens: `<artifacts>/neuron_stats/<family>-<member>-<hash of stats_identity>`."""
+    return result_dir(artifacts_dir, "neuron_stats", stats_identity(family, member, n_tokens), prefix=f"{family.name}-{member}")
 
 
 def member_neuron_stats(family, n_tokens: int, artifacts_dir: str | Path, member: str | None = None, batch_size: int = 32,
@@ -459,12 +452,13 @@ def member_neuron_stats(family, n_tokens: int, artifacts_dir: str | Path, member
     """The neuron statistics table of `member` (default: the family's reference) over the same
     `n_tokens` held-out rows as the correlations (`family.token_rows`), computed once, then cached."""
     member = member or family.reference
-    out = Path(out_dir) if out_dir else stats_dir(family, member, n_tokens, artifacts_dir)
-    if (out / TABLE_FILE).is_file():
-        return pd.read_parquet(out / TABLE_FILE)
-    model = family.load(member)
-    rows = family.token_rows(n_tokens)
-    return neuron_stats_table(model, rows, family.codec.drop_ids, out, batch_size, checkpoint_every, verbose)
+    rows = family.token_table(n_tokens)
+    identity = stats_identity(family, member, n_tokens, rows)
+    out = Path(out_dir) if out_dir else result_dir(artifacts_dir, "neuron_stats", identity, prefix=f"{family.name}-{member}")
+    res = cached_result("neuron_stats", identity, lambda o: _compute_table(family.load(member), rows, family.codec.drop_ids, o,
+                                                                            batch_size, checkpoint_every, verbose, identity),
+                        folder=out)
+    return res.table(TABLE_FILE) if res.files else pd.DataFrame()
 
 
 def summary(table: pd.DataFrame) -> str:
@@ -479,20 +473,25 @@ def main(argv: list[str] | None = None) -> None:
     from .families import load_family
     from .presets import load_preset, resolve_dir
 
-    ap = argparse.ArgumentParser(description="Per-neuron weight and activation statistics of one model (paper §3, §5).")
-    ap.add_argument("--preset", default="default", help="params/<preset>.yaml (family, tokens, device, ...)")
+    ap = argparse.ArgumentParser(
+        description="Per-neuron weight and activation statistics of one model (paper §3, §5). The family, member "
+                    "(the preset's reference), token count, batch size and device come from the preset unless a flag "
+                    "overrides them.")
+    ap.add_argument("--preset", default="default", help="params/<preset>.yaml (default: %(default)s)")
     ap.add_argument("--family", default=None, help="overrides the preset's family (e.g. embedded-untrained)")
-    ap.add_argument("--member", default=None, help="which seed (full or short name; default: the family's reference)")
+    ap.add_argument("--member", default=None, help="which seed (full or short name; default: the preset's reference, else the family's first)")
     ap.add_argument("--n-tokens", type=int, default=None, help="tokens of held-out text (default: the preset's n_tokens)")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--device", default=None, help="default: the preset's device")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's batch_size (a resumed run may use another)")
     ap.add_argument("--checkpoint-every", type=int, default=200_000, help="tokens between accumulator checkpoints")
-    ap.add_argument("--out", default=None, help="output folder (default: a cache folder keyed by the run's inputs)")
+    ap.add_argument("--out", default=None, help="output folder (default: a cache folder keyed by the run's inputs); a "
+                                                "finished table there made with other inputs is refused")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks (also HELPERS_DEBUG=1)")
     args = ap.parse_args(argv)
     params = load_preset(args.preset)
     device = args.device or params.get("device", "cpu")
     fam = load_family(args.family or params["family"], params, device=device)
-    member = args.member or fam.reference
+    member = args.member or params.get("reference") or fam.reference
     if member not in fam.members:
         matches = [m for m in fam.members if short_name(m) == member]
         if len(matches) != 1:
@@ -509,4 +508,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
