@@ -102,7 +102,7 @@ def cli_setup(monkeypatch, tmp_path, fam, **preset):
     import helpers.families
     import helpers.presets
 
-    params = {"family": "planted", "n_tokens": 0, "artifacts_dir": str(tmp_path / "art"), "batch_size": 50, **preset}
+    params = {"family": "planted", "n_tokens": 0, "artifacts_dir": str(tmp_path / "art"), "batch_size": 50, "baseline_seed": 0, **preset}
     monkeypatch.setattr(helpers.families, "load_family", lambda name, params, device="cpu": fam)
     monkeypatch.setattr(helpers.presets, "load_preset", lambda name: params)
     return params

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .activations import iter_family_activations
+from .activations import mlp_activations
+from .data import valid_token_mask
 from .artifacts import config_hash
 from .correlate import baseline_matrices, correlate_family, short_name
 
@@ -58,6 +59,9 @@ class CopyFamily:
     def token_rows(self, n_tokens: int, split: str = "val") -> torch.Tensor:
         return self.base.token_rows(n_tokens, split)
 
+    def token_table(self, n_tokens: int, split: str = "val"):
+        return self.base.token_table(n_tokens, split)
+
 
 def direct_copy_baseline(model, rows: torch.Tensor, drop_ids, mats: list[torch.Tensor], batch_size: int = 32,
                          neurons: np.ndarray | None = None) -> np.ndarray:
@@ -65,7 +69,8 @@ def direct_copy_baseline(model, rows: torch.Tensor, drop_ids, mats: list[torch.T
     with each reference neuron, computed directly: the activations are collected, rotated
     explicitly and correlated in float64 (no streaming accumulator). `neurons`: indices of the
     reference neurons to check (default all). Returns `[len(neurons)]`."""
-    acts = torch.cat([a["ref"] for _, a in iter_family_activations({"ref": model}, rows, batch_size, drop_ids)]).double()
+    acts = torch.cat([mlp_activations(model, rows[i : i + batch_size], valid_token_mask(rows[i : i + batch_size], drop_ids))
+                      for i in range(0, len(rows), batch_size)]).double()
     n_layers, d = model.cfg.n_layers, model.cfg.d_mlp
     x = acts if neurons is None else acts[:, torch.as_tensor(neurons)]
     x = x - x.mean(0)

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from .activations import ActivationStream, distributed, hook_names
-from .artifacts import (atomic_write_csv, atomic_write_parquet, cached_result, read_json, result_dir,  # noqa: F401 (read_json: callers)
+from .artifacts import (atomic_torch_save, atomic_write_csv, atomic_write_parquet, cached_result, read_json, result_dir,  # noqa: F401 (read_json: callers)
                         run_cli, write_json)
 from .data import TokenRows
 from .correlation import (DEFAULT_BYTES_PER_ELEM, StreamingPearson, gaussian_rotation, global_to_layer_neuron, max_correlation, mixed_correlation,
