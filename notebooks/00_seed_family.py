@@ -45,7 +45,6 @@ if IN_COLAB:
 import numpy as np
 import pandas as pd
 import plotly.express as px
-import plotly.graph_objects as go
 
 from helpers import families, models, plots, presets, train
 

@@ -42,7 +42,6 @@ if IN_COLAB:
 import numpy as np
 import pandas as pd
 import plotly.express as px
-import plotly.graph_objects as go
 
 from helpers import correlate, families, models, paper, plots, presets, universality
 from helpers.presets import resolve_dir

@@ -43,7 +43,6 @@ if IN_COLAB:
 import numpy as np
 import pandas as pd
 import plotly.express as px
-import plotly.graph_objects as go
 from IPython.display import Markdown
 
 from helpers import families, models, neuron_stats, plots, presets, properties, property_stats, universality

@@ -21,8 +21,27 @@ def test_saved_then_loaded_model_gives_same_log_probs(tmp_path, tiny_arch):
     assert torch.allclose(loaded(toks).log_softmax(-1), ref, atol=1e-4)
     assert loaded.processing == models.PROCESSING
     assert not torch.allclose(loaded.blocks[0].mlp.W_in, raw.blocks[0].mlp.W_in)
-    # centre_unembed: every column of W_U sums to zero over d_model... per token the mean over d_model is 0
-    assert loaded.W_U.mean(0).abs().max() < 1e-6
+
+
+def test_center_unembed_centres_each_residual_direction_over_the_vocabulary(tmp_path, tiny_arch):
+    """`center_unembed` subtracts, from every row of W_U (one residual direction) and from b_U, its
+    mean over the vocabulary: logits move by a constant per position, so log-probabilities do not.
+    Chapters 04-05 read vocabulary effects (W_out @ W_U) from these centred weights."""
+    raw = models.init_model(tiny_arch, seed=6)
+    with torch.no_grad():
+        # an offset per residual direction, shared by every token (zero mean over d_model, so the
+        # centring over d_model that fold_ln does leaves it): only center_unembed removes it
+        raw.unembed.W_U.add_(torch.linspace(-0.5, 0.5, tiny_arch["d_model"])[:, None])
+        raw.unembed.b_U.add_(1.0)
+    models.save_model(raw, tmp_path / "m", tiny_arch)
+    proc = dict(models.PROCESSING)
+    centred = models.load_model(tmp_path / "m", processing=proc)
+    plain = models.load_model(tmp_path / "m", processing={**proc, "center_unembed": False})
+    assert centred.W_U.mean(-1).abs().max() < 1e-6 and abs(float(centred.b_U.mean())) < 1e-6
+    assert plain.W_U.mean(-1).abs().max() > 0.4  # without it the offset stays
+    assert torch.allclose(centred.W_U, plain.W_U - plain.W_U.mean(-1, keepdim=True), atol=1e-6)
+    toks = torch.randint(0, tiny_arch["d_vocab"], (2, tiny_arch["n_ctx"]))
+    assert torch.allclose(centred(toks).log_softmax(-1), plain(toks).log_softmax(-1), atol=1e-5)
 
 
 def test_init_depends_only_on_seed(tiny_arch):
@@ -55,6 +74,7 @@ def test_hub_member_names_are_transformer_lens_names():
     assert len(set(official.values())) == 14
 
 
+@pytest.mark.slow
 def test_neuron_weights_on_full_size_gpt2_small_config():
     """The online path's weight code, on GPT2-small's real shapes with random weights."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig

@@ -19,8 +19,6 @@ import plotly.io as pio
 from plotly.io._base_renderers import MimetypeRenderer
 
 TEMPLATE = "plotly_white"
-COLORS = {"trained": "#1f77b4", "untrained": "#7f7f7f", "baseline": "#ff7f0e", "excess": "#2ca02c",
-          "universal": "#d62728", "other": "#7f7f7f", "paper": "#9467bd"}
 MEMBER_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 
 
@@ -71,17 +69,6 @@ def install_plotly_js(static_dir: str | Path) -> Path:
 
 def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-def save_static(fig: go.Figure, path: str | Path) -> Path | None:
-    """Export a PNG/SVG copy with kaleido (needs Chromium). Returns None, with a note, without it."""
-    path = Path(path)
-    if chromium_path() is None:
-        print(f"(static export of {path.name} skipped: kaleido needs Chromium, `apt-get install chromium`)")
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_image(str(path))
-    return path
 
 
 def show_html(html: str) -> None:
