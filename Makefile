@@ -24,14 +24,14 @@ install: $(STAMP)
 book: $(STAMP)
 	$(PY) -m helpers.book --preset $(PRESET)
 
-# Unit tests, then every notebook on the smoke preset: papermill injects the smoke parameters
+# Unit tests, then every notebook on the smoke preset: papermill injects `preset = "smoke"`
 # (--prepare-only, no execution) into build/smoke/, which nbmake then executes.
 test: $(STAMP)
 	$(PY) -m helpers.corpus --preset smoke
 	$(PY) -m helpers.train --preset smoke
 	rm -rf build/smoke && mkdir -p build/smoke
 	for nb in notebooks/[0-9][0-9]_*.ipynb; do \
-	  $(VENV)/bin/papermill --prepare-only -f params/smoke.yaml -p preset smoke $$nb build/smoke/$$(basename $$nb) || exit 1; \
+	  $(VENV)/bin/papermill --prepare-only -p preset smoke $$nb build/smoke/$$(basename $$nb) || exit 1; \
 	done
 	$(PY) -m pytest tests build/smoke --nbmake --nbmake-timeout=1200
 

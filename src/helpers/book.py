@@ -46,15 +46,14 @@ def sync_notebook(py: Path) -> Path:
 
 
 def execute_notebook(name: str, preset_file: Path, out_dir: Path, root: Path | None = None, extra: dict | None = None) -> float:
-    """Execute notebooks/<name>.ipynb with papermill, parameters from the preset; returns seconds."""
+    """Execute notebooks/<name>.ipynb with papermill on a preset (injected as `preset` alone: the
+    notebook reads every other value from the preset file); returns seconds."""
     import papermill as pm
-    import yaml
 
     root = root or repo_root()
     nb = sync_notebook(root / "notebooks" / f"{name}.py")
-    params = yaml.safe_load(preset_file.read_text())
-    params.setdefault("preset", preset_file.stem)
-    params.update(extra or {})
+    in_params = preset_file.resolve().parent == (root / "params").resolve()
+    params = {"preset": preset_file.stem if in_params else str(preset_file.resolve()), **(extra or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     pm.execute_notebook(str(nb), str(out_dir / f"{name}.ipynb"), parameters=params, cwd=str(root),

@@ -283,6 +283,8 @@ def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", 
                                  lambda: embedded_token_rows(corpus, vocab, n_ctx, split, n_tokens))
 
     ref = params.get("reference")
+    if ref and ref not in family_members(params):
+        raise ValueError(f"reference {ref!r} is not a member of the embedded family; members: {family_members(params)}")
     return Family(name, members, loader, lambda: VocabCodec(vocab), device,
                   {**info, "checkpoint_steps": steps, "family_folder": str(folder)}, rows, corpus,
                   identity_factory=identity, reference_member=ref if ref in members else None)
