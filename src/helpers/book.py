@@ -220,4 +220,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .artifacts import run_cli
+
+    run_cli(main)
