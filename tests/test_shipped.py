@@ -34,12 +34,17 @@ def test_shipped_family_is_found_and_loaded_without_training(shipped, monkeypatc
     assert fam.identity["b"] == "sha256:" + manifest["files"]["b/model.safetensors"]["sha256"]
     model = fam.load("b")
     assert model.W_in.dtype == torch.float32
-    # checkpoints: only the members the manifest lists; step 0 is rebuilt from the seed
+    # checkpoints: the same members at every step (those the manifest lists); step 0 is rebuilt
+    # from the seed, the last step is the final weights
     step = manifest["checkpoint_steps"][0]
     ck = families.load_family("embedded", params, checkpoint=step)
-    assert ck.members == manifest["checkpoint_members"]
+    assert ck.members == manifest["checkpoint_members"] == list("abc")
     init = families.load_family("embedded", params, checkpoint=0)
-    assert init.members == list("abcde") and init.identity["a"].startswith("init-sha256:")
+    assert init.members == list("abc") and init.identity["a"].startswith("init-sha256:")
+    end = families.load_family("embedded", params, checkpoint=fam.info["checkpoint_steps"][-1])
+    assert end.members == list("abc") and end.identity["a"] == fam.identity["a"]
+    ctl = families.load_family("embedded-untrained", params, members=["a", "b", "c"])
+    assert ctl.members == list("abc")
     assert train.check_shipped(params) == []
 
 

@@ -122,8 +122,9 @@ def test_checkpoint_emergence_compares_like_with_like(monkeypatch):
     calls = []
 
     class Fam:
-        def __init__(self, name):
+        def __init__(self, name, members=("a", "b", "c")):
             self.name = name
+            self.members = list(members)
             self.info = {"recipe": {"batch_size": 2}, "arch": {"n_ctx": 4}}
 
     def fake_table(family, n_tokens, artifacts_dir, device="cpu", batch_size=32, seed=0, baseline="rotation", precision="fp32",
@@ -135,7 +136,13 @@ def test_checkpoint_emergence_compares_like_with_like(monkeypatch):
         return t
 
     monkeypatch.setattr(universality, "universality_table", fake_table)
-    monkeypatch.setattr(families, "load_family", lambda name, params, device="cpu": Fam("control"))
+    loaded = []
+
+    def load_control(name, params, device="cpu", members=None):
+        loaded.append(members)
+        return Fam("control", members)
+
+    monkeypatch.setattr(families, "load_family", load_control)
     monkeypatch.setattr(families, "embedded_family", lambda params, device="cpu", checkpoint=None: Fam(f"step{checkpoint}"))
     monkeypatch.setattr(train, "saved_checkpoint_steps", lambda params: [0, 10])
     em = universality.checkpoint_emergence({}, 1234, "unused", baseline="gaussian")
@@ -145,3 +152,4 @@ def test_checkpoint_emergence_compares_like_with_like(monkeypatch):
     assert em.control_max.iloc[0] == pytest.approx(ctl_max)
     assert em.share_above_control.iloc[0] == pytest.approx((_table().excess_corr > ctl_max).mean())
     assert em.loc[10, "tokens_trained"] == 80
+    assert loaded == [["a", "b", "c"]]  # the control has the checkpoints' members

@@ -205,14 +205,16 @@ def _untrained_model(arch: dict, seed: int, device: str):
 
 
 def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", train: bool = False,
-                    checkpoint: int | None = None, verbose: bool = True) -> Family:
+                    checkpoint: int | None = None, verbose: bool = True, members: list[str] | None = None) -> Family:
     """The embedded family of a preset (or its untrained control, or its weights at a training step).
 
     Looks for the weights in the shipped folders of `weights/` first, then in the training cache.
     With `train=True` a family found in neither is trained here (announced, ~25 minutes for the
     default preset); without it, a missing family is an error that says how to train it.
     `checkpoint`: every member's weights saved at that training step (step 0 is the initialisation,
-    rebuilt from the member's seed); only members with a saved checkpoint are included.
+    rebuilt from the member's seed; the last step is the final weights). At every step, the same
+    members: those whose intermediate checkpoints were saved (`info["checkpoint_members"]`; all five
+    when trained here, three in the shipped family). `members`: a subset of the members to load.
     """
     from .presets import resolve_dir
 
@@ -245,7 +247,17 @@ def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", 
             ensure_family(params, device=device, verbose=verbose)
         info = {**read_json(folder / "family.json"), "source": "trained on this machine"}
     vocab = VocabMap(np.load(folder / "vocab_gpt2_ids.npy"), int(arch["d_vocab"]) - 1)
-    members = family_members(params)
+    all_members = family_members(params)
+    if members is not None:
+        unknown = [m for m in members if m not in all_members]
+        if unknown:
+            raise ValueError(f"{unknown} are not members of the embedded family; members: {all_members}")
+    members = list(members) if members is not None else all_members
+    ckpt_members = list(shipped.manifest["checkpoint_members"]) if shipped is not None else all_members
+    if checkpoint is not None:
+        members = [m for m in members if m in ckpt_members]
+        if len(members) < 2:
+            raise ValueError(f"checkpoints were saved for {ckpt_members} only: fewer than two of the requested members")
     base_seed = train_seed(params)
     n_ctx = int(arch["n_ctx"])
     steps = checkpoint_steps(max(1, int(recipe["train_tokens"]) // (int(recipe["batch_size"]) * n_ctx)),
@@ -264,12 +276,13 @@ def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", 
         identity = lambda m: "init-sha256:" + build(m)[1]  # noqa: E731
         if checkpoint == 0:
             name = f"{name}@step0"
+    elif checkpoint is not None and checkpoint == steps[-1]:  # the end of training: the final weights
+        loader = lambda m: _load_verified(shipped, folder / m, device)  # noqa: E731
+        identity = lambda m: "sha256:" + _weights_sha(shipped, folder / m)  # noqa: E731
+        name = f"{name}@step{checkpoint}"
     elif checkpoint is not None:
         if checkpoint not in steps:
             raise ValueError(f"no checkpoint at step {checkpoint}; saved steps: {steps}")
-        members = [m for m in members if (folder / m / "checkpoints" / f"step{checkpoint:06d}" / "model.safetensors").is_file()]
-        if len(members) < 2:
-            raise FileNotFoundError(f"fewer than two members saved step {checkpoint} in {folder}")
         sub = lambda m: folder / m / "checkpoints" / f"step{checkpoint:06d}"  # noqa: E731
         loader = lambda m: _load_verified(shipped, sub(m), device)  # noqa: E731
         identity = lambda m: "sha256:" + _weights_sha(shipped, sub(m))  # noqa: E731
@@ -286,7 +299,8 @@ def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", 
     if ref and ref not in family_members(params):
         raise ValueError(f"reference {ref!r} is not a member of the embedded family; members: {family_members(params)}")
     return Family(name, members, loader, lambda: VocabCodec(vocab), device,
-                  {**info, "checkpoint_steps": steps, "family_folder": str(folder)}, rows, corpus,
+                  {**info, "checkpoint_steps": steps, "checkpoint_members": ckpt_members, "family_folder": str(folder)},
+                  rows, corpus,
                   identity_factory=identity, reference_member=ref if ref in members else None)
 
 

@@ -108,16 +108,19 @@ def checkpoint_emergence(params: dict, n_tokens: int, artifacts_dir: str | Path,
     Like is compared with like: the untrained control is correlated on the **same** `n_tokens`
     held-out tokens with the same `baseline` as the checkpoints (fewer tokens give noisier, more
     extreme maxima), and `share_above_control` uses that run's maximum. The control's summary is in
-    the `control_*` columns."""
+    the `control_*` columns. Every step, and the control, uses the same members: those whose
+    checkpoints were saved."""
     from .families import embedded_family, load_family
     from .train import saved_checkpoint_steps
 
-    ctl = load_family(control_family, params, device=device)
+    steps = saved_checkpoint_steps(params)
+    members = embedded_family(params, device=device, checkpoint=steps[0]).members  # the same seeds at every step
+    ctl = load_family(control_family, params, device=device, members=members)
     ctl_table = universality_table(ctl, n_tokens, artifacts_dir, device, batch_size, seed, baseline=baseline,
                                    threshold=threshold, verbose=False)
     c = excess_summary(ctl_table)
     rows = []
-    for step in saved_checkpoint_steps(params):
+    for step in steps:
         fam = embedded_family(params, device=device, checkpoint=step)
         t = universality_table(fam, n_tokens, artifacts_dir, device, batch_size, seed, baseline=baseline, threshold=threshold,
                                verbose=False)
