@@ -124,7 +124,7 @@ def test_planted_previous_token_and_position_neurons_get_their_families(planted)
     assert t.loc[1, "family"] == "previous-token" and t.loc[1, "best_feature"].startswith("prev_")
     assert t.loc[1, "best_vr"] > 0.9
     assert t.loc[2, "family"] == "position"
-    assert t.loc[2, "kurtosis"] < 2 and t.loc[2, "position_score"] > 0.5
+    assert t.loc[2, "act_kurt"] < 2 and t.loc[2, "position_score"] > 0.5
     assert t.loc[3, "family"] == "unexplained" and t.loc[3, "position_score"] < 0.05
     prof = tabs["positions"].query("neuron == 2").sort_values("position")
     assert np.corrcoef(prof.position, prof["mean"])[0, 1] > 0.99  # mean activation rises with position

@@ -41,7 +41,7 @@ from .data import TokenRows
 from .features import FeatureSet, build_feature_set, feature_set_key, letter_of, vocab_strings_gpt2
 from .neuron_stats import StreamingMoments
 
-CODE_VERSION = 1
+CODE_VERSION = 2
 MODEL = "model"
 CUTOFFS = {"min_vr": 0.2, "max_kurtosis": 2.0, "min_position_score": 0.1}
 CUTOFF_TEXT = {"min_vr": "best VR at least this, else unexplained",
@@ -279,7 +279,7 @@ def assign_families(table: pd.DataFrame, cutoffs: dict | None = None) -> pd.Seri
     c = {**CUTOFFS, **(cutoffs or {})}
     fam = family_of(table.best_feature, table.best_group)
     fam = fam.mask(table.best_vr.fillna(0) < c["min_vr"], "unexplained")
-    pos = (table["kurtosis"] < c["max_kurtosis"]) & (table["position_score"] >= c["min_position_score"])
+    pos = (table["act_kurt"] < c["max_kurtosis"]) & (table["position_score"] >= c["min_position_score"])
     return fam.mask(pos, "position")
 
 
@@ -301,7 +301,7 @@ def explanation_tables(res: dict, fs: FeatureSet, min_positive: int, cutoffs: di
     Labels with fewer than `min_positive` positive (or negative) tokens are dropped. The table has
     one row per neuron: `family`, `best_feature`, `best_group`, `best_vr`, `runner_up`,
     `runner_up_vr`, the best VR within each label group (`vr_<group>`), the activation's mean and
-    std with and without the best label, `kurtosis`, `position_score`, `position_mi_bits`."""
+    std with and without the best label, `act_kurt` (kurtosis of the post-activation), `position_score`, `position_mi_bits`."""
     accs, neurons = res["accs"], res["neurons"]
     lab = accs["labels"]
     vr = lab.variance_reduction()
@@ -331,7 +331,7 @@ def explanation_tables(res: dict, fs: FeatureSet, min_positive: int, cutoffs: di
         t[f"vr_{g}"] = v[:, sel].max(1).values.clamp_min(0).numpy() if sel.any() else 0.0
     mom = accs["moments"]
     t["act_mean"], t["act_var"] = mom.mean().cpu().numpy(), mom.variance().cpu().numpy()
-    t["kurtosis"] = mom.kurtosis().cpu().numpy()
+    t["act_kurt"] = mom.kurtosis().cpu().numpy()
     mi, score = accs["position"].firing_information()
     t["position_mi_bits"], t["position_score"] = mi.numpy(), score.numpy()
     t["family"] = assign_families(t, cutoffs)
@@ -411,7 +411,7 @@ def explain_model(family, member: str, rows: TokenRows, artifacts_dir: str | Pat
     return Explanations(*(res.table(k) for k in TABLES), res.meta)
 
 
-def sample_neurons(stats: pd.DataFrame, n_top: int = 64, n_random: int = 64, seed: int = 0, column: str = "kurtosis") -> pd.DataFrame:
+def sample_neurons(stats: pd.DataFrame, n_top: int = 64, n_random: int = 64, seed: int = 0, column: str = "act_kurt") -> pd.DataFrame:
     """Per layer: the `n_top` neurons of highest `column` and `n_random` others drawn at random
     (seeded); columns layer, neuron, why ("top kurtosis" / "random")."""
     rng = np.random.default_rng(seed)
@@ -444,7 +444,7 @@ def explain_sampled(family, member: str, rows: TokenRows, artifacts_dir: str | P
         return {"n_tokens": int(stats.attrs.get("n_valid_tokens", 0))}
 
     stats = cached_result("selection_stats", ident, compute, root=artifacts_dir, prefix=family.name).table("stats")
-    sample = sample_neurons(stats.rename(columns={"post_kurt": "kurtosis"}), n_top, n_random, seed)
+    sample = sample_neurons(stats.rename(columns={"post_kurt": "act_kurt"}), n_top, n_random, seed)
     ex = explain_model(family, member, rest, artifacts_dir, sample, batch_size, min_positive, cutoffs,
                        sample={"n_select_rows": n_select_rows, "n_top": n_top, "n_random": n_random, "seed": seed},
                        verbose=verbose)
@@ -485,6 +485,30 @@ def gallery_long(table: pd.DataFrame) -> pd.DataFrame:
     pos = t.assign(side="label = 1", mean=t.mean_pos, std=t.std_pos)
     neg = t.assign(side="label = 0", mean=t.mean_neg, std=t.std_neg)
     return pd.concat([pos, neg])[["name", "layer", "neuron", "family", "best_vr", "side", "mean", "std"]]
+
+
+DEPTH_CLAIMS = {
+    "unigram": ("unigram_depth", lambda d: d.median() < 1 / 3),
+    "previous-token": ("previous_token_depth", lambda d: 0.1 <= d.median() <= 0.5),
+    "position": ("position_depth", lambda d: d.median() < 1 / 4),
+    "syntax": ("syntax_depth", lambda d: d.quantile(0.75) - d.quantile(0.25) > 0.25),
+}
+
+
+def depth_summary(table: pd.DataFrame, n_layers: int) -> pd.DataFrame:
+    """Per family: count, median and interquartile range of relative depth (layer / (n_layers - 1)),
+    and whether the paper's depth claim for it holds (None for families without one or no neurons)."""
+    depth = table.layer / max(n_layers - 1, 1)
+    out = []
+    for fam in FAMILIES[:-1]:
+        d = depth[table.family == fam]
+        claim = DEPTH_CLAIMS.get(fam)
+        out.append({"family": fam, "neurons": len(d), "median depth": d.median() if len(d) else np.nan,
+                    "depth IQR": d.quantile(0.75) - d.quantile(0.25) if len(d) else np.nan,
+                    "layers": ", ".join(str(l) for l in sorted(table.layer[table.family == fam].unique())),
+                    "paper key": claim[0] if claim else None,
+                    "holds": bool(claim[1](d)) if claim and len(d) else None})
+    return pd.DataFrame(out).set_index("family")
 
 
 # --------------------------------------------------------------------------------------------
