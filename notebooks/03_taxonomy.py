@@ -66,9 +66,11 @@ seed = params.baseline_seed
 art = resolve_dir(params.artifacts_dir)
 fam = families.load_family(params.family, params, device=device)
 reference = fam.reference
-# Token counts of this chapter, sized so that it runs in about 8 minutes on 2 CPU cores on the
-# default preset (see the README): the embedded models' pass costs about 1 s per 10,000 tokens, the
-# 30-layer SmolLM2 about 3 s per 512-token row.
+# Token counts of this chapter, sized to keep it under about 8 minutes on 2 CPU cores on the default
+# preset. Estimate: one batch's grouped sums at the default size (8,192 tokens x 2,048 neurons x
+# ~1,000 labels) take about 1 s on one core, so 100,000 tokens cost ~15 s per embedded model plus
+# the spaCy parse (~20 s, cached and shared with the control); SmolLM2's forward pass takes about
+# 3 s per 512-token row, so 16,384 tokens cost ~1.5 min, plus ~0.5 min to load it.
 n_explain = min(params.n_tokens, 100_000)
 n_single = min(params.n_tokens_single, 16_384)
 min_positive = 20  # a label needs this many positive (and negative) tokens to be tested
@@ -325,8 +327,8 @@ display(report.summary([
     "{pos_t:.0%} vs {pos_c:.0%}; previous-token: {prev_t:.0%} vs {prev_c:.0%}.",
     "Universal set ({chosen}, {n_set} neurons): {set_expl:.0%} explained, vs {rest_expl:.0%} of the rest.",
     "{letters} of 26 letters have an alphabet neuron with VR ≥ {alpha_cut} (paper: {paper_letters} in GPT2-medium).",
-    "SmolLM2-135M: {sm_n} sampled neurons; unigram neurons at median relative depth {sm_uni}, previous-token {sm_prev}, "
-    "syntax {sm_syn}.",
+    "SmolLM2-135M: {sm_n} sampled neurons; unigram neurons at median relative depth {sm_uni:.2f}, previous-token {sm_prev:.2f}, "
+    "syntax {sm_syn:.2f} (0: first layer, 1: last).",
     "{dropped} labels were dropped for having fewer than {minp} positive or negative tokens.",
 ], n=len(table), model=f"{fam.name}-{reference}", unexplained=int(fc.get("unexplained", 0)), min_vr=explain.CUTOFFS["min_vr"],
     top=fc.drop("unexplained", errors="ignore").idxmax() if len(fc.drop("unexplained", errors="ignore")) else "none",
