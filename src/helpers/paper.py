@@ -115,6 +115,25 @@ REGISTRY: tuple[PaperNumber, ...] = tuple([
                 "b_in after LayerNorm folding"),
     *_per_model("median_l2_penalty_universal", {SMALL: 0.77, MEDIUM: 0.61, PYTHIA: 2.09}, "§4.2; released CSVs", 0.2,
                 "|w_in|^2 + |w_out|^2"),
+    # --- §4.3: neuron families by variance reduction (eq. 4) ---------------------------------------
+    PaperNumber("alphabet_letters", MEDIUM, 18, "§4.3, Fig 1a and Fig 17", 4,
+                "letters (of 26) whose best unigram neuron has VR > 0.37; tolerance: four letters"),
+    PaperNumber("alphabet_vr_cutoff", MEDIUM, 0.37, "reference notebook (PAPER.md §4)", None,
+                "the VR a letter's best neuron must reach to count"),
+    PaperNumber("max_vr_unigram", MEDIUM, 0.99, "§4.3, Fig 4a (L0.3270 \"to\")", 0.1,
+                "the highest VR of any unigram neuron"),
+    PaperNumber("position_candidates", MEDIUM, 9, "§4.3 (universal neurons with kurtosis < 2; layers 1, 2, 5)", None),
+    PaperNumber("position_candidates", SMALL, 34, "§4.3 (released CSV)", None),
+    PaperNumber("unigram_depth", MEDIUM, "unigram neurons sit early (layers 0-1 of 24)", "§4.3, Figs 4a, 15, 16", None,
+                "a claim, scored by the caller: median relative depth of unigram neurons below 1/3"),
+    PaperNumber("previous_token_depth", MEDIUM, "previous-token neurons sit early-mid (mostly layers 4-6 of 24)",
+                "§4.3, Figs 1b, 18", None, "a claim, scored by the caller: median relative depth between 0.1 and 0.5"),
+    PaperNumber("position_depth", MEDIUM, "position neurons sit in the first layers (0-2)", "§4.3, Figs 1c, 19", None,
+                "a claim, scored by the caller: median relative depth below 1/4"),
+    PaperNumber("syntax_depth", MEDIUM, "syntax neurons are not concentrated in any part of the network",
+                "§4.3, Figs 4b, 20", None, "a claim, scored by the caller: interquartile range of relative depth above 0.25"),
+    PaperNumber("late_prediction", MEDIUM, "almost all late-layer universal neurons are prediction, suppression or partition",
+                "§4.3, §5.1", None, "W_U statistics, not a variance-reduction family: measured in chapter 02's table"),
 ])
 
 _INDEX = {(e.key, e.model): e for e in REGISTRY}

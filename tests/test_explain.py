@@ -1,0 +1,144 @@
+"""Variance reduction (eq. 4) and neuron families on synthetic activations with known answers."""
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers.data import GPT2_EOS, TokenRows, gpt2_tokenizer
+from helpers.explain import (FAMILIES, GroupedMoments, assign_families, cutoff_sensitivity, explanation_tables, stream_explanations,
+                             variance_reduction_direct)
+from helpers.features import build_feature_set, vocab_strings_gpt2
+
+
+def _random_data(seed=0, t=3000, n=5, g=7, offset=0.0):
+    rng = np.random.default_rng(seed)
+    x = rng.gamma(0.5, 1.0, size=(t, n)) + offset
+    y = rng.random((t, g)) < np.linspace(0.02, 0.6, g)
+    x[:, 0] += 3.0 * y[:, 2]  # one variable explained in part by label 2
+    return x, y
+
+
+@pytest.mark.parametrize("dtype,tol,offset", [(torch.float64, 1e-6, 0.0), (torch.float64, 1e-6, 1000.0),
+                                              (torch.float32, 1e-4, 50.0)])
+def test_streamed_variance_reduction_matches_pandas(dtype, tol, offset):
+    x, y = _random_data(offset=offset)
+    acc = GroupedMoments(x.shape[1], y.shape[1], dtype=dtype)
+    for s in range(0, len(x), 700):  # uneven chunks
+        acc.update(torch.from_numpy(x[s : s + 700]), torch.from_numpy(y[s : s + 700]))
+    vr = acc.variance_reduction().numpy()
+    direct = np.array([[variance_reduction_direct(x[:, i], y[:, j]) for j in range(y.shape[1])] for i in range(x.shape[1])])
+    np.testing.assert_allclose(vr, direct, atol=tol)
+    assert direct[0, 2] > 0.3 and np.abs(np.delete(direct[0], 2)).max() < 0.05  # the data have the planted effect
+    # group means and stds against pandas
+    m1, m0 = acc.means()
+    s1, _ = acc.stds()
+    lab = y[:, 2]
+    np.testing.assert_allclose(m1[0, 2].item(), x[lab, 0].mean(), rtol=1e-6)
+    np.testing.assert_allclose(m0[0, 2].item(), x[~lab, 0].mean(), rtol=1e-6)
+    np.testing.assert_allclose(s1[0, 2].item(), x[lab, 0].std(), rtol=1e-5)
+
+
+def test_merge_and_state_dict_give_the_unsplit_result():
+    x, y = _random_data(seed=1, offset=10.0)
+    whole = GroupedMoments(x.shape[1], y.shape[1], dtype=torch.float64, firing=True)
+    whole.update(torch.from_numpy(x), torch.from_numpy(y))
+    a = GroupedMoments(x.shape[1], y.shape[1], dtype=torch.float64, firing=True)
+    b = GroupedMoments(x.shape[1], y.shape[1], dtype=torch.float64, firing=True)
+    a.update(torch.from_numpy(x[:1000]), torch.from_numpy(y[:1000]))
+    b.update(torch.from_numpy(x[1000:] * 1.0), torch.from_numpy(y[1000:]))
+    c = GroupedMoments(x.shape[1], y.shape[1], dtype=torch.float64, firing=True)
+    c.load_state_dict(b.state_dict())
+    a.merge(c)
+    np.testing.assert_allclose(a.variance_reduction().numpy(), whole.variance_reduction().numpy(), atol=1e-9)
+    np.testing.assert_allclose(a.f1.numpy(), whole.f1.numpy())
+
+
+# ---- planted neurons in a hand-built "model" streamed by the real driver -----------------------
+
+
+def _ids(*strings):
+    tok = gpt2_tokenizer()
+    out = []
+    for s in strings:
+        ids = tok(s, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, s
+        out += ids
+    return out
+
+
+class PlantedModel:
+    """A stand-in for a HookedTransformer with one MLP layer of 4 planted neurons:
+    0 fires on the token " on" (unigram), 1 on tokens after a comma (previous token),
+    2 rises with position (bounded, sub-Gaussian, fires in the second half of a row), 3 is noise."""
+
+    def __init__(self, on_id, comma_id, n_ctx):
+        self.cfg = SimpleNamespace(n_layers=1, d_mlp=4, device="cpu")
+        self.on_id, self.comma_id, self.n_ctx = on_id, comma_id, n_ctx
+
+    def run_with_cache(self, tokens, names_filter=None, stop_at_layer=None, return_type=None):
+        b, p = tokens.shape
+        g = torch.Generator().manual_seed(int(tokens.sum()))
+        noise = 0.05 * torch.randn(b, p, 4, generator=g)
+        prev = torch.cat([torch.full_like(tokens[:, :1], -1), tokens[:, :-1]], 1)
+        pos = torch.arange(p).float()[None].expand(b, -1)
+        acts = noise
+        acts[..., 0] += 4.0 * (tokens == self.on_id)
+        acts[..., 1] += 3.0 * (prev == self.comma_id)
+        acts[..., 2] += pos / self.n_ctx - 0.5
+        acts[..., 3] += torch.randn(b, p, generator=g)
+        return None, {"blocks.0.mlp.hook_post": acts}
+
+
+@pytest.fixture(scope="module")
+def planted():
+    vocab = _ids(" on", ",", " the", " cat", " dog", ".", " is", " a", " and", " 1999", " In")
+    rng = np.random.default_rng(0)
+    n_ctx, n_rows = 32, 200
+    gpt2 = rng.choice(vocab, size=(n_rows, n_ctx))
+    gpt2[:, 0] = GPT2_EOS
+    ids = torch.from_numpy(gpt2)
+    labels = torch.from_numpy(rng.integers(0, 2, size=(n_rows, 1)).repeat(n_ctx, 1))
+    rows = TokenRows(ids, ids.clone(), labels, ["src-a", "src-b"])
+    fs = build_feature_set(rows, vocab_strings_gpt2(), True, None, "gpt2", min_positive=20, syntax=False)
+    model = PlantedModel(vocab[0], vocab[1], n_ctx)
+    res = stream_explanations(model, rows, fs, [GPT2_EOS], batch_size=16, dtype=torch.float64)
+    return fs, res, explanation_tables(res, fs, min_positive=20)
+
+
+def test_planted_unigram_neuron_has_vr_near_one_for_its_feature_only(planted):
+    fs, res, tabs = planted
+    vr = pd.Series(res["accs"]["labels"].variance_reduction()[0].numpy(), index=fs.names)
+    assert vr["unigram_on"] > 0.97
+    # labels that do not single out " on" explain almost nothing
+    for other in ("unigram_the", "contains_comma", "prev_contains_comma", "position_16_32", "source_src-b"):
+        assert abs(vr[other]) < 0.05, (other, vr[other])
+    t = tabs["table"].set_index("neuron")
+    assert t.loc[0, "family"] == "unigram" and t.loc[0, "best_vr"] > 0.97
+
+
+def test_planted_previous_token_and_position_neurons_get_their_families(planted):
+    _, _, tabs = planted
+    t = tabs["table"].set_index("neuron")
+    assert t.loc[1, "family"] == "previous-token" and t.loc[1, "best_feature"].startswith("prev_")
+    assert t.loc[1, "best_vr"] > 0.9
+    assert t.loc[2, "family"] == "position"
+    assert t.loc[2, "act_kurt"] < 2 and t.loc[2, "position_score"] > 0.5
+    assert t.loc[3, "family"] == "unexplained" and t.loc[3, "position_score"] < 0.05
+    prof = tabs["positions"].query("neuron == 2").sort_values("position")
+    assert np.corrcoef(prof.position, prof["mean"])[0, 1] > 0.99  # mean activation rises with position
+
+
+def test_cutoffs_change_the_counts_as_they_should(planted):
+    _, _, tabs = planted
+    t = tabs["table"]
+    sens = cutoff_sensitivity(t)
+    assert sens.loc[("min_vr", 1.0), list(FAMILIES)].sum() == len(t)
+    assert sens.loc[("min_vr", 2.0), "unexplained"] >= sens.loc[("min_vr", 0.5), "unexplained"]
+    # without kurtosis candidates the position neuron falls back to its best label: a position bin
+    no_candidates = assign_families(t, {"max_kurtosis": 0.0})
+    assert (no_candidates == "position").sum() == (t.best_group == "position").sum()
+    assert t.set_index("neuron").loc[2, "best_group"] == "position"
+    # a VR cut-off above 1 leaves only the position neuron (found by its firing) explained
+    assert list(assign_families(t, {"min_vr": 1.01})) == ["unexplained", "unexplained", "position", "unexplained"]
