@@ -19,7 +19,8 @@ import plotly.io as pio
 from plotly.io._base_renderers import MimetypeRenderer
 
 TEMPLATE = "plotly_white"
-COLORS = {"trained": "#1f77b4", "untrained": "#7f7f7f"}  # a family and its untrained control, on every page
+COLORS = {"trained": "#1f77b4", "untrained": "#7f7f7f",  # a family and its untrained control
+          "universal": "#d62728", "other": "#7f7f7f"}  # a neuron set and the rest
 MEMBER_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 
 
