@@ -230,6 +230,7 @@ def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", 
                 "train_seconds": {m: v["train_seconds"] for m, v in manifest["members"].items()},
                 "precision": {m: v["precision"] for m, v in manifest["members"].items()},
                 "corpus": manifest["corpus_key"], "corpus_content_sha256": manifest["corpus_content_sha256"],
+                "vocab_coverage": manifest["vocab_coverage"], "seeds": {m: v["seed"] for m, v in manifest["members"].items()},
                 "processing": PROCESSING, "manifest": manifest}
     else:
         folder = family_dir(params, corpus)
