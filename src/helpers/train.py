@@ -159,7 +159,7 @@ def choose_precision(requested: str, device: str, d_model: int = 128, d_vocab: i
             t16 = _matmul_seconds(torch.bfloat16, m, k, n, device)
             speedup = t32 / t16
             out = {"precision": "bf16" if speedup >= 2.0 else "fp32", "bf16_speedup": round(speedup, 2),
-                   "reason": f"bf16 matmul {speedup:.1f}x fp32 at [{m}x{k}]@[{k}x{n}] ({', '.join(flags)})"}
+                   "reason": f"bf16 matmul {speedup:.3g}x fp32 at [{m}x{k}]@[{k}x{n}] ({', '.join(flags)})"}
     else:
         out = {"precision": "fp32", "reason": f"no bf16 measurement for device type {dev!r}"}
     _PRECISION_CACHE[key] = out
