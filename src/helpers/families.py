@@ -32,8 +32,8 @@ from .artifacts import read_json, sha256_file
 from .corpus import build_corpus, embedded_rows_identity, embedded_token_rows, retokenized_token_rows
 from .data import TokenRows, VocabMap, cached_token_rows
 from .hub import require_hub
-from .models import (MEMBERS, PROCESSING, SMOLLM2_FILE, HFCodec, VocabCodec, hooked_config, init_model, load_model,
-                     load_smollm2, smollm2_path, smollm2_tokenizer)
+from .models import (MEMBERS, PROCESSING, SMOLLM2_FILE, HFCodec, VocabCodec, init_model, load_model,
+                     load_smollm2, processed_model, smollm2_path, smollm2_tokenizer)
 from .train import (checkpoint_steps, family_dir, family_members, member_seed, shipped_family,
                     split_embedded_config, train_seed)
 
@@ -195,13 +195,7 @@ def _smollm2_family(device: str, params: dict | None) -> Family:
 def _untrained_model(arch: dict, seed: int, device: str):
     """An untrained control member: the init of `seed`, with the same weight processing as a trained one."""
     raw = init_model(arch, seed, "cpu")
-    from transformer_lens import HookedTransformer
-
-    model = HookedTransformer(hooked_config(arch, device))
-    model.load_and_process_state_dict(raw.state_dict(), refactor_factored_attn_matrices=False, **PROCESSING)
-    model.eval()
-    model.processing = dict(PROCESSING)
-    return model, state_sha256(raw)
+    return processed_model(arch, raw.state_dict(), device), state_sha256(raw)
 
 
 def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", train: bool = False,

@@ -87,7 +87,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", processin
     """Load a saved embedded model as a `HookedTransformer`, with the weight processing of
     `from_pretrained` (`PROCESSING`, overridable) applied and recorded in `model.processing`."""
     from safetensors.torch import load_file
-    from transformer_lens import HookedTransformer
 
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file():
@@ -99,13 +98,21 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", processin
     except (ValueError, KeyError) as e:
         raise DamagedFile(folder / "config.json", f"unreadable model config ({type(e).__name__}: {e})",
                           "delete the model's folder and train it again") from None
-    proc = dict(PROCESSING if processing is None else processing)
-    model = HookedTransformer(hooked_config(arch, device))
     try:
         state = load_file(str(folder / "model.safetensors"))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
         raise DamagedFile(folder / "model.safetensors", f"damaged weights, unreadable ({e})",
                           "delete the model's folder and train it again") from None
+    return processed_model(arch, state, device, processing)
+
+
+def processed_model(arch: dict, state: dict, device: str | torch.device = "cpu", processing: dict | None = None):
+    """An embedded model built from raw (unprocessed) weights `state`, with the weight processing of
+    `from_pretrained` (`PROCESSING`, overridable) applied and recorded in `model.processing`."""
+    from transformer_lens import HookedTransformer
+
+    proc = dict(PROCESSING if processing is None else processing)
+    model = HookedTransformer(hooked_config(arch, device))
     model.load_and_process_state_dict(state, refactor_factored_attn_matrices=False, **proc)
     model.eval()
     model.processing = proc

@@ -542,7 +542,6 @@ def ship_family(params: dict, out: Path, command: str, device: str = "cpu") -> P
     """Export the preset's trained family (from the training cache) to `out` as fp16 safetensors,
     with the checkpoints of `SHIPPED_CHECKPOINT_MEMBERS` (step 0 is rebuilt from the seed and the
     last step is the final model, so neither is stored) and a manifest."""
-    from .artifacts import sha256_file as sha
     from .presets import resolve_dir
 
     arch, recipe = split_embedded_config(params["embedded"])
@@ -572,7 +571,7 @@ def ship_family(params: dict, out: Path, command: str, device: str = "cpu") -> P
                      "val_loss_fp32_weights": log["final_val_loss"], "precision": log.get("precision", "unknown"),
                      "cpu": run.get("cpu"), "forward": run.get("forward"), "torch": run.get("torch"),
                      "train_seconds": round(log["seconds"], 1), "tokens_per_second": log.get("tokens_per_second")}
-    files = {p.relative_to(tmp).as_posix(): {"sha256": sha(p), "bytes": p.stat().st_size}
+    files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {
         "version": MANIFEST_VERSION, "preset": params.get("preset"), "key": shipped_key(params, corpus.provenance["key"]),
