@@ -8,7 +8,7 @@ PRESET ?= default
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: book test install notebooks sync check-book clean
+.PHONY: book test install notebooks sync check-book browser clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (install Python 3.11 or run 'make PYTHON=python3 ...')"; exit 1; }
@@ -25,21 +25,33 @@ book: $(STAMP)
 	$(PY) -m helpers.book --preset $(PRESET)
 
 # Unit tests, then every notebook on the smoke preset: papermill injects `preset = "smoke"`
-# (--prepare-only, no execution) into build/smoke/, which nbmake then executes.
-test: $(STAMP)
+# (--prepare-only, no execution) into build/smoke/, which nbmake then executes (keeping the outputs);
+# then the smoke book is built from those chapters in build/book-smoke/ and opened in headless
+# Chromium with networking off (scripts/check_book.py).
+test: $(STAMP) browser
 	$(PY) -m helpers.corpus --preset smoke
 	$(PY) -m helpers.train --preset smoke
 	rm -rf build/smoke && mkdir -p build/smoke
 	for nb in notebooks/[0-9][0-9]_*.ipynb; do \
 	  $(VENV)/bin/papermill --prepare-only -p preset smoke $$nb build/smoke/$$(basename $$nb) || exit 1; \
 	done
-	$(PY) -m pytest tests build/smoke --nbmake --nbmake-timeout=1200
+	$(PY) -m pytest tests build/smoke --nbmake --nbmake-timeout=1200 --overwrite
+	$(PY) -m helpers.book --preset smoke --executed build/smoke
+	$(PY) scripts/check_book.py build/book-smoke/_build/html
 
 sync:
 	$(VENV)/bin/jupytext --sync notebooks/[0-9][0-9]_*.py
 
-check-book:
+check-book: browser
 	$(PY) scripts/check_book.py _build/html
+
+# The browser test needs Chromium: Debian's package, installed with apt-get when it is missing.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "installing Chromium (Debian package chromium) for the browser test of the book"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
+	    echo "error: Chromium is missing and apt-get needs root: run 'sudo apt-get install chromium'"; exit 1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 clean:
 	rm -rf _build build book/executed book/_generated

@@ -1,51 +1,150 @@
-"""Browser check of the built book: every chapter page renders its plotly figures offline.
+"""Browser test of a built book: every page renders, offline, without errors.
 
-Loads each page of `_build/html/book/executed/` in headless Chromium with networking disabled,
-lets its scripts run, and counts the figures that plotly actually drew (`svg.main-svg`). Writes a
-screenshot of each page next to it in `_build/screenshots/`. Exit status 1 if a page that holds a
-plotly figure rendered none.
+Opens every HTML page of the site in headless Chromium (driven by Playwright, with the system's
+Chromium) with networking off: every request for anything outside the site's folder is blocked and
+recorded. A page fails when
+
+- a plotly figure does not render (fewer drawn `.plot-container` elements than `Plotly.newPlot` calls
+  in its HTML),
+- a circuitsvis view does not render (a `circuits-vis-*` container left empty or of zero height),
+- it logs a JavaScript error (an uncaught exception or a `console.error`), or
+- it requests anything outside the site (a CDN script, a web font, ...).
+
+Writes a screenshot of every chapter page to `<site>/../screenshots/`. Exit status 1 if any page
+failed, 2 if no browser is available.
 
     python scripts/check_book.py _build/html
+    python scripts/check_book.py build/book-smoke/_build/html
 """
 
-import re
+from __future__ import annotations
+
+import argparse
 import shutil
-import subprocess
 import sys
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--virtual-time-budget=15000", "--window-size=1280,6000"]
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+SETTLE_MS = 1500  # after the load event: plotly and circuitsvis draw from scripts that run on load
 
 
-def main(html_dir: str = "_build/html") -> int:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if chromium is None:
-        print("chromium not found: `apt-get install chromium`")
-        return 2
-    root = Path(html_dir).resolve()
-    pages = sorted((root / "book" / "executed").glob("*.html"))
+@dataclass
+class PageReport:
+    page: str
+    plotly_expected: int = 0
+    plotly_drawn: int = 0
+    views_expected: int = 0
+    views_drawn: int = 0
+    errors: list[str] = field(default_factory=list)
+    outside: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (self.plotly_drawn >= self.plotly_expected and self.views_drawn >= self.views_expected
+                and not self.errors and not self.outside)
+
+    def line(self) -> str:
+        s = (f"{'ok  ' if self.ok else 'FAIL'} {self.page}: {self.plotly_drawn}/{self.plotly_expected} plotly figures, "
+             f"{self.views_drawn}/{self.views_expected} circuitsvis views")
+        if self.errors:
+            s += f"; {len(self.errors)} JavaScript error(s): " + " | ".join(e[:160] for e in self.errors[:3])
+        if self.outside:
+            s += f"; {len(self.outside)} request(s) outside the site: " + ", ".join(u[:100] for u in self.outside[:3])
+        return s
+
+
+def find_browser() -> str | None:
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+# JavaScript evaluated in the page once it has settled.
+COUNT_DRAWN = """() => ({
+  plotlyDrawn: Array.from(document.querySelectorAll('.js-plotly-plot'))
+          .filter(d => d.querySelector('.plot-container.plotly svg.main-svg')).length,
+  views: Array.from(document.querySelectorAll('div[id^="circuits-vis-"]'))
+          .filter(d => d.childElementCount > 0 && d.getBoundingClientRect().height > 0).length,
+})"""
+
+
+def _router(prefix: str, outside: list[str]):
+    """A request handler that lets the site's own files through and blocks, and records, the rest."""
+    def route(r):
+        url = r.request.url
+        if url.startswith(prefix) or url.startswith(("data:", "blob:", "about:")):
+            r.continue_()
+        else:
+            outside.append(url)
+            r.abort()
+    return route
+
+
+def check_site(site: str | Path, browser: str | None = None, screenshots: str | Path | None = None,
+               settle_ms: int = SETTLE_MS) -> list[PageReport]:
+    """Open every page under `site` and report what rendered; see the module docstring."""
+    from playwright.sync_api import sync_playwright
+
+    root = Path(site).resolve()
+    pages = sorted(p for p in root.rglob("*.html") if not p.name.startswith("_") and "_static" not in p.parts
+                   and p.name not in ("genindex.html", "search.html"))
     if not pages:
-        print(f"no chapter pages under {root}/book/executed")
-        return 1
-    shots = root.parent / "screenshots"
-    shots.mkdir(exist_ok=True)
-    failed = False
-    for page in pages:
-        expected = page.read_text().count("Plotly.newPlot")
-        with tempfile.TemporaryDirectory() as profile:
-            dom = subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
-                                 capture_output=True, text=True, timeout=180).stdout
-            subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shots / (page.stem + '.png')}",
-                            page.as_uri()], capture_output=True, text=True, timeout=180)
-        drawn = len(re.findall(r"class=\"plot-container plotly\"", dom))  # one per figure plotly rendered
-        ok = expected == 0 or drawn >= expected
-        failed |= not ok
-        print(f"{'ok ' if ok else 'FAIL'} {page.name}: {drawn} of {expected} plotly figures drawn")
+        raise FileNotFoundError(f"no HTML pages under {root}: build the book first (make book)")
+    prefix = root.as_uri()
+    reports = []
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=browser or find_browser(),
+                                      args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        context = chromium.new_context(viewport={"width": 1280, "height": 2000})
+        for path in pages:
+            rep = PageReport(str(path.relative_to(root)))
+            html = path.read_text(errors="replace")
+            rep.plotly_expected = html.count("Plotly.newPlot(")
+            rep.views_expected = html.count('id="circuits-vis-')
+            page = context.new_page()
+
+            page.route("**/*", _router(prefix, rep.outside))
+            page.on("pageerror", lambda e, rep=rep: rep.errors.append(f"uncaught: {e}"))
+            page.on("console", lambda m, rep=rep: m.type == "error" and rep.errors.append(f"console.error: {m.text}"))
+            page.goto(path.as_uri(), wait_until="load")
+            page.wait_for_timeout(settle_ms)
+            counts = page.evaluate(COUNT_DRAWN)
+            rep.plotly_drawn, rep.views_drawn = counts["plotlyDrawn"], counts["views"]
+            # a blocked request also logs a console error; it is reported once, as a request outside the site
+            rep.errors = [e for e in rep.errors if "net::ERR_FAILED" not in e or not rep.outside]
+            if screenshots is not None and (rep.plotly_expected or rep.views_expected):
+                Path(screenshots).mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(Path(screenshots) / (path.stem + ".png")), full_page=False)
+            page.close()
+            reports.append(rep)
+        chromium.close()
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("site", nargs="?", default="_build/html", help="the built site (the folder holding index.html)")
+    ap.add_argument("--browser", default=None, help="path of a Chromium binary (default: chromium on PATH)")
+    args = ap.parse_args(argv)
+    browser = args.browser or find_browser()
+    if browser is None:
+        print("error: no Chromium found. Install it with `make browser` (Debian's chromium package) "
+              "or pass --browser PATH")
+        return 2
+    site = Path(args.site)
+    reports = check_site(site, browser, screenshots=site.resolve().parent / "screenshots")
+    for rep in reports:
+        print(rep.line())
+    failed = [r for r in reports if not r.ok]
+    n_fig = sum(r.plotly_drawn for r in reports)
+    n_views = sum(r.views_drawn for r in reports)
+    print(f"{len(reports)} pages, {n_fig} plotly figures and {n_views} circuitsvis views drawn; "
+          f"{len(failed)} page(s) failed")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    sys.exit(main())

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -150,10 +151,38 @@ def execution_key(name: str, preset_file: Path, root: Path) -> str:
     return h.hexdigest()
 
 
-def build(preset: str = "default", notebooks: list[str] | None = None, skip_html: bool = False, force: bool = False) -> Path:
+SITE_FILES = ["_config.yml", "_toc.yml"]  # plus book/*.md: what a book needs besides its executed chapters
+
+
+def default_site(preset: str, root: Path | None = None) -> Path:
+    """Where a preset's book is built: the repository itself for the default preset (the published
+    book), `build/book-<preset>/` for every other one, so a paper-scale or smoke re-run never
+    overwrites the default book's chapters."""
+    root = root or repo_root()
+    return root if Path(preset).stem == "default" else root / "build" / f"book-{Path(preset).stem}"
+
+
+def prepare_site(site: Path, root: Path) -> None:
+    """Copy the book's configuration and prose pages into `site` (a separate output folder)."""
+    (site / "book").mkdir(parents=True, exist_ok=True)
+    for name in SITE_FILES:
+        shutil.copy2(root / name, site / name)
+    for page in (root / "book").glob("*.md"):
+        shutil.copy2(page, site / "book" / page.name)
+
+
+def build(preset: str = "default", notebooks: list[str] | None = None, skip_html: bool = False, force: bool = False,
+          site: str | Path | None = None, executed: str | Path | None = None) -> Path:
+    """Execute every chapter on `preset` and build the book in `site` (see `default_site`).
+
+    `executed`: a folder of chapters already executed on this preset (e.g. by `make test`, which runs
+    them with nbmake --overwrite); they are copied instead of executed again."""
     root = repo_root()
     pfile = preset_path(preset)
     params = load_preset(pfile)
+    site = Path(site).resolve() if site else default_site(pfile.stem, root)
+    if site != root:
+        prepare_site(site, root)
     timings: dict[str, float] = {}
     record: dict = {"preset": pfile.stem, "preset_text": pfile.read_text(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if params.get("family", "embedded").startswith("embedded"):
@@ -177,8 +206,17 @@ def build(preset: str = "default", notebooks: list[str] | None = None, skip_html
                             "seeds": {m: int(fam.info["base_seed"]) + i for i, m in enumerate(fam.members)},
                             "sha256": {m: v.removeprefix("sha256:") for m, v in fam.identity.items()},
                             "precision_here": choose_precision(recipe["precision"], params.get("device", "cpu"), arch["d_model"], arch["d_vocab"])}
-    out_dir = root / "book" / "executed"
+    out_dir = site / "book" / "executed"
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name in notebooks or notebook_names(root):
+        if executed is not None:
+            src = Path(executed) / f"{name}.ipynb"
+            if not src.is_file():
+                raise FileNotFoundError(f"{src} missing: --executed must name a folder holding every executed chapter "
+                                        f"(make test writes them to build/smoke/)")
+            shutil.copy2(src, out_dir / f"{name}.ipynb")
+            print(f"{name}: executed earlier in {executed}, copied", flush=True)
+            continue
         key = execution_key(name, pfile, root)
         stamp = out_dir / f".{name}.key"
         last = read_json(stamp) if stamp.is_file() else {}
@@ -193,17 +231,17 @@ def build(preset: str = "default", notebooks: list[str] | None = None, skip_html
         print(f"  {timings[f'notebook {name}']:.0f} s", flush=True)
     record.update(timings=timings, hardware=hardware(), versions=package_versions())
     write_json(resolve_dir(params.get("artifacts_dir", "artifacts")) / f"run_record_{pfile.stem}.json", record)
-    write_run_record(record, root / "book" / "_generated" / "run_record.md")
+    write_run_record(record, site / "book" / "_generated" / "run_record.md")
     if skip_html:
         return out_dir
     from .plots import install_plotly_js
 
-    install_plotly_js(root / "book" / "_static")
+    install_plotly_js(site / "book" / "_static")
     t0 = time.time()
     jb = Path(sys.executable).parent / "jupyter-book"
-    subprocess.run([str(jb) if jb.exists() else "jupyter-book", "build", str(root), "--path-output", str(root)], check=True)
+    subprocess.run([str(jb) if jb.exists() else "jupyter-book", "build", str(site), "--path-output", str(site)], check=True)
     print(f"jupyter-book build: {time.time() - t0:.0f} s")
-    index = root / "_build" / "html" / "index.html"
+    index = site / "_build" / "html" / "index.html"
     if not index.is_file():
         raise RuntimeError(f"jupyter-book finished but {index} is missing")
     return index
@@ -215,8 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--notebook", action="append", default=None, help="execute only these notebooks (name without suffix)")
     ap.add_argument("--skip-html", action="store_true", help="execute notebooks but do not run jupyter-book")
     ap.add_argument("--force", action="store_true", help="re-execute notebooks even if nothing they depend on changed")
+    ap.add_argument("--site", default=None, help="output folder of the book (default: the repository for the default "
+                                                 "preset, build/book-<preset>/ for any other)")
+    ap.add_argument("--executed", default=None, help="folder of chapters already executed on this preset: copy, do not execute")
     args = ap.parse_args(argv)
-    print(build(args.preset, args.notebook, args.skip_html, args.force))
+    print(build(args.preset, args.notebook, args.skip_html, args.force, args.site, args.executed))
 
 
 if __name__ == "__main__":
