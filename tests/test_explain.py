@@ -104,7 +104,7 @@ def planted():
     fs = build_feature_set(rows, vocab_strings_gpt2(), True, None, "gpt2", min_positive=20, syntax=False)
     model = PlantedModel(vocab[0], vocab[1], n_ctx)
     res = stream_explanations(model, rows, fs, [GPT2_EOS], batch_size=16, dtype=torch.float64)
-    return fs, res, explanation_tables(res, fs, min_positive=20)
+    return fs, {**res, "model": model, "rows": rows}, explanation_tables(res, fs, min_positive=20)
 
 
 def test_planted_unigram_neuron_has_vr_near_one_for_its_feature_only(planted):
@@ -128,6 +128,43 @@ def test_planted_previous_token_and_position_neurons_get_their_families(planted)
     assert t.loc[3, "family"] == "unexplained" and t.loc[3, "position_score"] < 0.05
     prof = tabs["positions"].query("neuron == 2").sort_values("position")
     assert np.corrcoef(prof.position, prof["mean"])[0, 1] > 0.99  # mean activation rises with position
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_explanation_pass_resumes_to_the_same_sums(planted, tmp_path):
+    fs, full, _ = planted
+    model = full["model"]
+    rows, ident = full["rows"], {"test": "planted"}
+    real, calls = model.run_with_cache, []
+
+    def dying(*args, **kw):  # the 5th forward pass is killed
+        if len(calls) == 4:
+            raise Killed()
+        calls.append(1)
+        return real(*args, **kw)
+
+    model.run_with_cache = dying
+    ckpt = tmp_path / "stream.pt"
+    try:
+        with pytest.raises(Killed):
+            stream_explanations(model, rows, fs, [GPT2_EOS], batch_size=16, dtype=torch.float64,
+                                checkpoint=ckpt, identity=ident, checkpoint_every=1000)
+        assert ckpt.is_file()  # 4 batches of 16 rows x 31 valid tokens: saved after the 3rd (1,488 >= 1,000)
+        calls.clear()
+        model.run_with_cache = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
+        resumed = stream_explanations(model, rows, fs, [GPT2_EOS], batch_size=16, dtype=torch.float64,
+                                      checkpoint=ckpt, identity=ident, checkpoint_every=1000)
+    finally:
+        model.run_with_cache = real
+    assert len(calls) == 13 - 3  # 200 rows in 13 batches: the 3 checkpointed ones were not redone
+    assert not ckpt.exists() and resumed["n_tokens"] == full["n_tokens"]
+    for k in ("labels", "position"):
+        a, b = resumed["accs"][k], full["accs"][k]
+        torch.testing.assert_close(a.variance_reduction(), b.variance_reduction(), rtol=1e-12, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(resumed["accs"]["moments"].kurtosis(), full["accs"]["moments"].kurtosis(), rtol=1e-10, atol=1e-10, equal_nan=True)
 
 
 def test_cutoffs_change_the_counts_as_they_should(planted):

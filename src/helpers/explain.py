@@ -230,11 +230,14 @@ def hook_columns(model, neurons: pd.DataFrame | None) -> tuple[list[str], dict[i
 
 def stream_explanations(model, rows: TokenRows, fs: FeatureSet, drop_ids: Sequence[int], neurons: pd.DataFrame | None = None,
                         batch_size: int = 32, dtype: torch.dtype = torch.float32, verbose: bool = False,
-                        checkpoint: str | Path | None = None, identity: dict | None = None) -> dict:
+                        checkpoint: str | Path | None = None, identity: dict | None = None,
+                        checkpoint_every: int = 200_000) -> dict:
     """One streaming pass of `model` over `rows`: the grouped moments of the post-activations of
     `neurons` (all by default) against every label of `fs` (`labels`), against the position
     groups with firing counts (`position`), and their exact moments (`moments`: kurtosis).
-    Returns {"accs": accumulators, "neurons": (layer, neuron) in column order, "n_tokens": ...}."""
+    Returns {"accs": accumulators, "neurons": (layer, neuron) in column order, "n_tokens": ...}.
+    With `checkpoint`, the sums are saved every `checkpoint_every` valid tokens; a killed run resumes
+    there, and the file is removed once the pass is complete."""
     names, cols, table = hook_columns(model, neurons)
     n = len(table)
     width, n_pos = position_groups(rows.n_ctx)
@@ -245,7 +248,7 @@ def stream_explanations(model, rows: TokenRows, fs: FeatureSet, drop_ids: Sequen
                 "moments": StreamingMoments(n, dev)}
 
     stream = ActivationStream({MODEL: model}, rows, names, batch_size, drop_ids, make, identity, checkpoint,
-                              save_at_end=False, desc="variance reduction", verbose=verbose, device=dev)
+                              checkpoint_every, save_at_end=False, desc="variance reduction", verbose=verbose, device=dev)
     if not stream.done:
         for batch in stream:
             x = torch.cat([batch.acts[MODEL][f"blocks.{l}.mlp.hook_post"][:, cols[l].to(dev)] for l in cols], dim=1).float()
