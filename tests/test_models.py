@@ -118,3 +118,36 @@ def test_smollm2_loads_offline_and_matches_hugging_face():
     info = models.describe_model(model)
     assert info["gated_mlp"] and info["n_layers"] == 30 and info["d_mlp"] == 1536
     assert fam.codec.bos_id in fam.codec.drop_ids and fam.codec.newline_id in fam.codec.drop_ids
+
+
+@pytest.mark.parametrize("preset", ["gpt2-small", "gpt2-medium", "pythia-160m"])
+def test_paper_scale_presets_name_a_member_of_their_family(preset, tmp_path):
+    """The reference of every online preset resolves to a member, without the hub."""
+    from helpers.presets import load_preset
+
+    params = load_preset(preset)
+    fam = families._hub_family(params.family, "cpu", tmp_path)
+    assert fam.member(params.reference) in families.HUB_FAMILIES[params.family]
+
+
+@pytest.mark.slow
+def test_full_size_pythia_160m_config_with_random_weights():
+    """The online Pythia path's weight and activation code, on Pythia-160m's real shapes (rotary,
+    parallel attention, untied embeddings; from the paper registry's Table 1) with random weights."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from helpers import paper
+    from helpers.activations import mlp_activations
+
+    v = {k: paper.value(k, paper.PYTHIA) for k in ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab", "act_fn")}
+    cfg = HookedTransformerConfig(n_layers=v["n_layers"], d_model=v["d_model"], n_heads=v["n_heads"],
+                                  d_head=v["d_model"] // v["n_heads"], d_mlp=v["d_mlp"], n_ctx=256, d_vocab=v["d_vocab"],
+                                  act_fn=v["act_fn"], normalization_type="LN", positional_embedding_type="rotary",
+                                  rotary_dim=16, parallel_attn_mlp=True, original_architecture="GPTNeoXForCausalLM", seed=0)
+    model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(model.state_dict(), **models.PROCESSING)
+    nw = models.neuron_weights(model, v["n_layers"] - 1)
+    assert nw.w_out.shape == (3072, 768) and not nw.gated
+    assert models.describe_model(model)["n_neurons"] == 36864
+    acts = mlp_activations(model, torch.randint(0, v["d_vocab"], (1, 16)))
+    assert acts.shape[-1] == v["n_layers"] * v["d_mlp"] and torch.isfinite(acts).all()

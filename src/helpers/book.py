@@ -181,6 +181,11 @@ def build(preset: str = "default", notebooks: list[str] | None = None, skip_html
     pfile = preset_path(preset)
     params = load_preset(pfile)
     site = Path(site).resolve() if site else default_site(pfile.stem, root)
+    from .families import HUB_FAMILIES
+    from .hub import require_hub
+
+    for name in {params.get("family"), params.get("single_model")} & set(HUB_FAMILIES):
+        require_hub(f"the {name!r} models of preset {pfile.stem!r}")  # before anything is executed or written
     if site != root:
         prepare_site(site, root)
     timings: dict[str, float] = {}
