@@ -21,7 +21,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 install: $(STAMP)
 
-book: $(STAMP)
+book: $(STAMP) browser
 	$(PY) -m helpers.book --preset $(PRESET)
 
 # Unit tests, then every notebook on the smoke preset: papermill injects `preset = "smoke"`

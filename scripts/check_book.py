@@ -8,7 +8,8 @@ recorded. A page fails when
   in its HTML),
 - a circuitsvis view does not render (a `circuits-vis-*` container left empty or of zero height),
 - it logs a JavaScript error (an uncaught exception or a `console.error`), or
-- it requests anything outside the site (a CDN script, a web font, ...).
+- it requests anything outside the site (a CDN script, a web font, ...), or
+- it links a static copy (PNG/SVG) of a figure that is not in the site.
 
 Writes a screenshot of every chapter page to `<site>/../screenshots/`. Exit status 1 if any page
 failed, 2 if no browser is available.
@@ -20,6 +21,7 @@ failed, 2 if no browser is available.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -104,6 +106,10 @@ def check_site(site: str | Path, browser: str | None = None, screenshots: str | 
             html = path.read_text(errors="replace")
             rep.plotly_expected = html.count("Plotly.newPlot(")
             rep.views_expected = html.count('id="circuits-vis-')
+            for href in re.findall(r'class="static-figure-links".*?</p>', html, flags=re.S):
+                for target in re.findall(r'href="([^"]+)"', href):
+                    if not (path.parent / target).resolve().is_file():
+                        rep.errors.append(f"static figure missing: {target}")
             page = context.new_page()
 
             page.route("**/*", _router(prefix, rep.outside))

@@ -34,3 +34,34 @@ def test_prepare_site_copies_config_toc_and_pages(tmp_path):
 def test_executed_folder_missing_a_chapter_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="--executed must name a folder"):
         book.build("smoke", notebooks=["00_seed_family"], skip_html=True, site=tmp_path / "s", executed=tmp_path / "none")
+
+
+def _plotly_output(title: str) -> dict:
+    import nbformat
+
+    fig = {"data": [{"type": "scatter", "y": [1, 3, 2]}], "layout": {"title": {"text": title}, "height": 300}}
+    return nbformat.v4.new_output("display_data", data={book.PLOTLY_MIME: fig, "text/html": "<div></div>"})
+
+
+@pytest.mark.skipif(__import__("shutil").which("chromium") is None, reason="kaleido needs Chromium (`make browser`)")
+def test_static_copies_of_paper_figures_only_and_idempotent(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("fig")
+    cell.outputs = [_plotly_output("Fig 5a · vocabulary effect"), _plotly_output("Training curves"),
+                    _plotly_output("Fig 5a · the same figure for another model")]
+    nb.cells = [cell]
+    path = tmp_path / "04_x.ipynb"
+    nbformat.write(nb, path)
+    static = tmp_path / "_static"
+    written = book.export_static_figures(path, static)
+    names = sorted(p.name for p in written)
+    assert names == ["fig-5a-2.png", "fig-5a-2.svg", "fig-5a.png", "fig-5a.svg"]
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert (static / "figures" / "04_x" / "fig-5a.svg").read_text().lstrip().startswith("<svg")
+    outs = nbformat.read(path, as_version=4).cells[0].outputs
+    links = [o for o in outs if book.STATIC_MARK in str(o.get("data", {}).get("text/html", ""))]
+    assert len(outs) == 5 and len(links) == 2 and "../../_static/figures/04_x/fig-5a.png" in links[0].data["text/html"]
+    book.export_static_figures(path, static)  # a second export replaces its links
+    assert len(nbformat.read(path, as_version=4).cells[0].outputs) == 5

@@ -42,6 +42,8 @@ def site(tmp_path_factory):
         "js_error.html": head + "<script>notDefinedAnywhere();</script></body></html>",
         "outside.html": head + '<img src="https://example.invalid/logo.png"></body></html>',
         "console.html": head + '<script>console.error("something broke")</script></body></html>',
+        "static.html": head + '<p class="static-figure-links"><a href="_static/plotly.min.js">JS</a> · '
+                       '<a href="figures/none.png">PNG</a></p></body></html>',
     }
     for name, html in pages.items():
         (root / name).write_text(html)
@@ -72,3 +74,7 @@ def test_javascript_errors_fail(site):
 def test_a_request_outside_the_site_is_blocked_and_fails(site):
     r = site["outside.html"]
     assert r.outside == ["https://example.invalid/logo.png"] and not r.ok
+
+
+def test_a_link_to_a_missing_static_figure_fails(site):
+    assert site["static.html"].errors == ["static figure missing: figures/none.png"]

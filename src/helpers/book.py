@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -151,6 +152,72 @@ def execution_key(name: str, preset_file: Path, root: Path) -> str:
     return h.hexdigest()
 
 
+# --------------------------------------------------------------------------------------------
+# Static copies (PNG, SVG) of the figures compared with the paper
+# --------------------------------------------------------------------------------------------
+
+PAPER_FIGURE = re.compile(r"^\s*Figs?\.?\s+\d")  # a figure whose title names a paper figure: "Fig 2a · ..."
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+STATIC_MARK = "static-figure-links"
+
+
+def _figure_title(fig: dict) -> str:
+    title = (fig.get("layout") or {}).get("title") or ""
+    return title.get("text", "") if isinstance(title, dict) else str(title)
+
+
+def _slug(title: str) -> str:
+    head = re.split(r"\s[·:]\s|:", title, maxsplit=1)[0]
+    return re.sub(r"[^a-z0-9]+", "-", head.lower()).strip("-")
+
+
+def export_static_figures(notebook: Path, static_dir: Path, formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Export every plotly figure of an executed `notebook` whose title names a paper figure
+    ("Fig 2a · ...") as PNG and SVG (kaleido, headless Chromium) into
+    `static_dir/figures/<chapter>/`, and add a line of links under the figure in the notebook. The
+    book serves `static_dir` as `_static/`; the chapter pages sit two levels below the site root.
+    Re-running replaces the links rather than adding more. Returns the written files."""
+    import kaleido
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    chapter = notebook.stem
+    out_dir = static_dir / "figures" / chapter
+    jobs, written, seen = [], [], {}
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        outputs = []
+        for out in cell.get("outputs", []):
+            if STATIC_MARK in str(out.get("data", {}).get("text/html", "")):
+                continue  # links from an earlier export
+            outputs.append(out)
+            fig = out.get("data", {}).get(PLOTLY_MIME)
+            if not fig or not PAPER_FIGURE.match(_figure_title(fig)):
+                continue
+            slug = _slug(_figure_title(fig))
+            seen[slug] = seen.get(slug, 0) + 1
+            name = slug if seen[slug] == 1 else f"{slug}-{seen[slug]}"
+            links = []
+            for fmt in formats:
+                path = out_dir / f"{name}.{fmt}"
+                jobs.append({"fig": fig, "path": str(path), "opts": {"format": fmt, "width": 1000,
+                                                                      "height": (fig.get("layout") or {}).get("height") or 450}})
+                written.append(path)
+                links.append(f'<a href="../../_static/figures/{chapter}/{name}.{fmt}">{fmt.upper()}</a>')
+            outputs.append(nbformat.v4.new_output("display_data", data={
+                "text/html": f'<p class="{STATIC_MARK}">Static copies of this figure: {" · ".join(links)}</p>'}))
+        cell.outputs = outputs
+    if jobs:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        kaleido.write_fig_from_object_sync(jobs, cancel_on_error=True)
+        missing = [p for p in written if not p.is_file()]
+        if missing:
+            raise RuntimeError(f"kaleido wrote no {missing[0]}: it needs Chromium (`make browser`)")
+    nbformat.write(nb, notebook)
+    return written
+
+
 SITE_FILES = ["_config.yml", "_toc.yml"]  # plus book/*.md: what a book needs besides its executed chapters
 
 
@@ -242,6 +309,10 @@ def build(preset: str = "default", notebooks: list[str] | None = None, skip_html
     from .plots import install_plotly_js
 
     install_plotly_js(site / "book" / "_static")
+    t0 = time.time()
+    n_static = sum(len(export_static_figures(out_dir / f"{name}.ipynb", site / "book" / "_static"))
+                   for name in notebooks or notebook_names(root))
+    print(f"static figures: {n_static} files in {time.time() - t0:.0f} s")
     t0 = time.time()
     jb = Path(sys.executable).parent / "jupyter-book"
     subprocess.run([str(jb) if jb.exists() else "jupyter-book", "build", str(site), "--path-output", str(site)], check=True)
