@@ -199,6 +199,7 @@ if is_embedded:
                          reason=f"{len(summary)} sources that install offline (section 1)"),
     ]
 display(paper.result_table(rows_rvp))
+report.publish("00_seed_family", params, {"Result vs paper": paper.result_table(rows_rvp)})
 
 # %% [markdown]
 # ## Summary

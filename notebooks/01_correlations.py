@@ -361,6 +361,7 @@ rows_rvp = [
 ]
 rvp = paper.result_table(rows_rvp)
 display(rvp)
+report.publish("01_correlations", params, {"Result vs paper": rvp})
 
 # A broken computation fails the build: the table covers every neuron of the reference model.
 assert len(table) == ref_model.cfg.n_layers * ref_model.cfg.d_mlp

@@ -51,7 +51,7 @@ import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown
 
-from helpers import families, models, neuron_stats, plots, presets, properties, property_stats, universality
+from helpers import families, models, neuron_stats, plots, presets, properties, property_stats, report, universality
 from helpers.presets import resolve_dir
 
 plots.setup()
@@ -293,6 +293,7 @@ verdicts = pd.DataFrame({"paper": tests[chosen].metrics.groupby("group").paper.a
 if has_control:
     verdicts["untrained control"] = control_tests[chosen].groups.verdict
 display(verdicts)
+report.publish("02_properties", params, {"Property medians, this book vs paper": rvp, "Direction of each property group": verdicts})
 
 # Checks that fail on a broken analysis: the join covers every neuron exactly once; no mean
 # post-activation below the activation function's minimum (catches swapped pre/post hooks; every

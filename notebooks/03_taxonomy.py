@@ -313,6 +313,7 @@ rows_rvp = [
 ]
 rvp = paper.result_table(rows_rvp)
 display(rvp)
+report.publish("03_taxonomy", params, {"Result vs paper": rvp})
 
 # Checks that fail on a broken analysis: every analysed neuron has exactly one family row; VR is a
 # share of variance; the trained model's best explanations beat what random labels could give.

@@ -65,3 +65,22 @@ def test_static_copies_of_paper_figures_only_and_idempotent(tmp_path):
     assert len(outs) == 5 and len(links) == 2 and "../../_static/figures/04_x/fig-5a.png" in links[0].data["text/html"]
     book.export_static_figures(path, static)  # a second export replaces its links
     assert len(nbformat.read(path, as_version=4).cells[0].outputs) == 5
+
+
+def test_headline_counts_verdicts_links_chapters_and_names_missing_results(tmp_path):
+    import pandas as pd
+
+    from helpers import report
+
+    names = book.notebook_names(ROOT)[:2]
+    rvp = pd.DataFrame({"quantity": ["share", "depth", "seeds"], "this book": [0.01, "late", 5],
+                        "verdict": ["matched", "differs", "not scored"]}).set_index("quantity")
+    params = {"preset": "smoke", "artifacts_dir": str(tmp_path)}
+    path = report.publish(names[0], params, {"Result vs paper": rvp})
+    assert path == tmp_path / "results" / "smoke" / f"{names[0]}.json"
+    site = tmp_path / "site"
+    text = book.write_headline(site, "smoke", tmp_path, names, ROOT).read_text()
+    assert "3 scored comparisons with the paper: 1 matched, 1 differ, 1 not scored" in text
+    assert f"<executed/{names[0]}>` | " in text and "| 1 | 1 | 1 |" in text
+    assert "| share | 0.01 | matched |" in text
+    assert "This chapter saved no results in this build." in text  # names[1] published nothing

@@ -218,6 +218,69 @@ def export_static_figures(notebook: Path, static_dir: Path, formats: tuple[str, 
     return written
 
 
+# --------------------------------------------------------------------------------------------
+# The front page's headline: every chapter's computed "Result vs paper" tables
+# --------------------------------------------------------------------------------------------
+
+def _md_escape(v) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def headline_markdown(results: dict[str, dict | None], root: Path | None = None) -> str:
+    """The front page's chapter list and "Result vs paper" tables, from the files chapters write with
+    `report.publish` ({chapter: its JSON, or None when it wrote none}). Nothing here is typed: a
+    chapter without a results file says so."""
+    root = root or repo_root()
+    verdicts: dict[str, dict[str, int]] = {}
+    for name, res in results.items():
+        counts: dict[str, int] = {}
+        for rows in (res or {}).get("tables", {}).values():
+            for row in rows:
+                if row.get("verdict"):
+                    counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
+        verdicts[name] = counts
+    total = {k: sum(c.get(k, 0) for c in verdicts.values()) for k in ("matched", "differs", "not scored", "not measured")}
+    lines = [f"*Computed by the build of this book from each chapter's results; {sum(total.values())} scored "
+             f"comparisons with the paper: {total['matched']} matched, {total['differs']} differ, "
+             f"{total['not scored']} not scored, {total['not measured']} not measured.*\n",
+             "| chapter | paper | matched | differs | other |", "|---|---|---|---|---|"]
+    for name in results:
+        h = chapter_heading(root / "notebooks" / f"{name}.py")
+        c = verdicts[name]
+        other = sum(v for k, v in c.items() if k not in ("matched", "differs"))
+        lines.append(f"| {{doc}}`{h['number']} · {h['title']} <executed/{name}>` | {h['paper']} | {c.get('matched', 0)} | "
+                     f"{c.get('differs', 0)} | {other} |")
+    for name, res in results.items():
+        h = chapter_heading(root / "notebooks" / f"{name}.py")
+        lines.append(f"\n### {h['number']} · {h['title']}\n")
+        if not res:
+            lines.append("This chapter saved no results in this build.\n")
+            continue
+        lines.append(f"From {{doc}}`the chapter <executed/{name}>` (preset `{res['preset']}`, {res['date']}).\n")
+        for title, rows in res["tables"].items():
+            lines.append(f"**{title}**\n")
+            if not rows:
+                lines.append("(empty)\n")
+                continue
+            cols = list(rows[0])
+            lines.append("| " + " | ".join(_md_escape(c) for c in cols) + " |")
+            lines.append("|" + "---|" * len(cols))
+            lines += ["| " + " | ".join(_md_escape(r.get(c, "")) for c in cols) + " |" for r in rows]
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_headline(site: Path, preset: str, artifacts_dir: Path, names: list[str], root: Path | None = None) -> Path:
+    results = {}
+    for name in names:
+        f = artifacts_dir / "results" / preset / f"{name}.json"
+        results[name] = read_json(f) if f.is_file() else None
+    path = site / "book" / "_generated" / "headline.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(headline_markdown(results, root))
+    return path
+
+
 SITE_FILES = ["_config.yml", "_toc.yml"]  # plus book/*.md: what a book needs besides its executed chapters
 
 
@@ -304,6 +367,7 @@ def build(preset: str = "default", notebooks: list[str] | None = None, skip_html
     record.update(timings=timings, hardware=hardware(), versions=package_versions())
     write_json(resolve_dir(params.get("artifacts_dir", "artifacts")) / f"run_record_{pfile.stem}.json", record)
     write_run_record(record, site / "book" / "_generated" / "run_record.md")
+    write_headline(site, pfile.stem, resolve_dir(params.get("artifacts_dir", "artifacts")), notebook_names(root), root)
     if skip_html:
         return out_dir
     from .plots import install_plotly_js

@@ -44,3 +44,30 @@ def summary(lines: Iterable[str], **values: Any):
 def choose(condition: bool, if_true: str, if_false: str) -> str:
     """A clause picked by a computed condition (so the wording follows the data)."""
     return if_true if condition else if_false
+
+
+def publish(chapter: str, params, tables: dict, artifacts_dir=None) -> "Path":
+    """Save a chapter's computed "Result vs paper" tables ({title: DataFrame}) for the book's front
+    page (`helpers.book` gathers them into `book/_generated/headline.md`). Values are stored as
+    the text the chapter shows; the file is `<artifacts>/results/<preset>/<chapter>.json`."""
+    import time
+
+    from .artifacts import write_json
+    from .presets import resolve_dir
+
+    path = resolve_dir(artifacts_dir or params["artifacts_dir"]) / "results" / str(params["preset"]) / f"{chapter}.json"
+    out = {"chapter": chapter, "preset": str(params["preset"]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "tables": {}}
+    for title, df in tables.items():
+        flat = df.reset_index() if df.index.name or any(df.index.names) else df
+        out["tables"][title] = [{str(k): _cell(v) for k, v in row.items()} for row in flat.to_dict("records")]
+    write_json(path, out)
+    return path
+
+
+def _cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
