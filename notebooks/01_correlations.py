@@ -105,7 +105,7 @@ display(table.head())
 # once, caches them, and is what every later chapter calls.
 
 # %%
-from helpers import baselines, checks, dimensionality, report
+from helpers import baselines, checks, dimensionality, report, sweep
 
 nset = universality.neuron_set(fam, "auto", params, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
                                baseline=baseline, threshold=threshold)
@@ -293,7 +293,12 @@ if control is not None:
                                                   seed=seed, baseline=baseline, threshold=threshold)
     dim_summary = dims.groupby(["label", "layer"])[["d", "pr_cov", "pr_corr", "predicted_median", "measured_median", "textbook"]].median()
     display(dim_summary.style.format(precision=3))
-    plots.baseline_vs_prediction(dims).show()
+    # the recorded sweep's configurations (sweeps/, 3 seeds each at the sweep's token budget): other
+    # widths, depths and vocabularies give points of other dimensionality
+    sweep_results, sweep_dims = sweep.recorded()
+    extra = (sweep_dims.assign(label="sweep: " + sweep_dims.label, member="median of 3 seeds")
+             if is_embedded and sweep_dims is not None else None)
+    plots.baseline_vs_prediction(dims, extra=extra).show()
 
 # %% [markdown]
 # ## 12. Checks that a broken analysis would fail
@@ -371,6 +376,9 @@ assert len(table) == ref_model.cfg.n_layers * ref_model.cfg.d_mlp
 
 # %%
 last = emergence.iloc[-1] if emergence is not None else None
+sweep_results, _ = sweep.recorded()
+sweep_base = sweep.default_config(sweep_results) if is_embedded and sweep_results is not None else None
+sweep_fx = sweep.one_change_effects(sweep_results, sweep_base) if sweep_base is not None else None
 display(report.summary([
     "Of {n:,} reference neurons, {n_univ} ({share:.2%}) have excess correlation above {t} (paper, {pm}: {paper_share:.2%}); "
     "the chosen set for later chapters is `{chosen}` with {n_set} neurons.",
@@ -385,6 +393,8 @@ display(report.summary([
     "Jaccard index is {jac:.2f}.",
     "Between the first and the last saved checkpoint the p99 excess went from {e0:.3f} to {e1:.3f} "
     "(control at the same {aux:,} tokens: {ec:.3f}).",
+    *(["Which knob moves excess correlation, from the recorded sweep ({sweep_tokens:,} tokens per seed, one change at a "
+       "time from {sweep_base}): {sweep_effects}."] if sweep_fx is not None else []),
 ], n=len(table), n_univ=int(table.is_universal.sum()), share=s["share>0.5"], t=threshold, pm=pm,
     paper_share=paper.value("universal_share", pm), chosen=chosen, n_set=nset.size, p99=s["p99"], cp99=c["p99"] if c else None,
     b=s["mean_baseline_median"], cb=c["mean_baseline_median"] if c else None, cap=1 - s["mean_baseline_median"],
@@ -396,4 +406,6 @@ display(report.summary([
     rng=float(variability["per_neuron"].baseline_range.median()) if variability is not None else None,
     jac=float(variability["stability"].loc[chosen, "jaccard_all_draws"]) if variability is not None else None,
     e0=float(emergence.p99.iloc[0]) if emergence is not None else None, e1=float(last.p99) if last is not None else None,
-    ec=float(last.control_p99) if last is not None else None, aux=n_tokens_aux))
+    ec=float(last.control_p99) if last is not None else None, aux=n_tokens_aux,
+    sweep_tokens=int(sweep_results.train_tokens.min()) if sweep_fx is not None else None,
+    sweep_base=sweep_base, sweep_effects=sweep.effects_sentence(sweep_fx) if sweep_fx is not None else None))

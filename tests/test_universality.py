@@ -153,3 +153,21 @@ def test_checkpoint_emergence_compares_like_with_like(monkeypatch):
     assert em.share_above_control.iloc[0] == pytest.approx((_table().excess_corr > ctl_max).mean())
     assert em.loc[10, "tokens_trained"] == 80
     assert loaded == [["a", "b", "c"]]  # the control has the checkpoints' members
+
+
+def test_sweep_effects_sentence_names_each_knob_and_the_largest_rise():
+    df = pd.DataFrame({"config": ["base", "wide", "deep"], "n_layers": [2, 2, 3], "d_model": [128, 256, 128],
+                       "d_mlp": 1024, "d_vocab": 4096, "lr": 0.003, "train_tokens": 750000,
+                       "excess_p99": [0.20, 0.26, 0.19], "share_above_control_max": [0.03, 0.08, 0.02],
+                       "baseline_median": [0.7, 0.6, 0.7], "p99_gain_per_cpu_minute": [0.02, 0.01, 0.01]})
+    fx = sweep.one_change_effects(df, "base")
+    text = sweep.effects_sentence(fx)
+    assert "d_model 128 → 256: p99 +0.060" in text and "n_layers 2 → 3: p99 -0.010" in text
+    assert text.endswith("came from d_model 128 → 256")
+
+
+def test_sweep_rows_of_a_partial_run_replace_their_own_and_keep_the_grid_order(tmp_path):
+    old = pd.DataFrame({"config": ["a", "b", "c"], "x": [1, 2, 3]})
+    old.to_csv(tmp_path / "r.csv", index=False)
+    out = sweep._merge_rows(tmp_path / "r.csv", pd.DataFrame({"config": ["d", "b"], "x": [40, 20]}), "config", ["a", "b", "c", "d"])
+    assert out.config.tolist() == ["a", "b", "c", "d"] and out.x.tolist() == [1, 20, 3, 40]

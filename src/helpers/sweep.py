@@ -23,7 +23,21 @@ import yaml
 from .presets import load_preset, repo_root, resolve_dir
 
 
-def run_sweep(preset: str, grid_file: str | Path, device: str = "cpu", out_csv: str | Path | None = None) -> pd.DataFrame:
+def _merge_rows(path: Path | None, new: pd.DataFrame, key: str, order: list[str]) -> pd.DataFrame:
+    """`new` rows replace those of `path` (a CSV) with the same `key`; rows ordered as in `order`."""
+    old = pd.read_csv(path) if path is not None and Path(path).is_file() else pd.DataFrame(columns=new.columns)
+    out = pd.concat([old[~old[key].isin(new[key])], new], ignore_index=True)
+    rank = {name: i for i, name in enumerate(order)}
+    return out.sort_values(key, key=lambda c: c.map(rank).fillna(len(rank)), kind="stable").reset_index(drop=True)
+
+
+def run_sweep(preset: str, grid_file: str | Path, device: str = "cpu", out_csv: str | Path | None = None,
+              only: list[str] | None = None, dims_csv: str | Path | None = None) -> pd.DataFrame:
+    """Train and score every configuration of the grid (or those named in `only`, merged into the
+    existing `out_csv`). With `dims_csv`, also record each configuration's per-layer effective
+    dimensionality and its predicted vs measured rotation baseline (medians over its members), the
+    sweep's points of chapter 01's dimensionality figure."""
+    from .dimensionality import families_dimensionality
     from .families import embedded_family
     from .train import ensure_family, training_table
     from .universality import excess_summary, universality_table
@@ -31,8 +45,14 @@ def run_sweep(preset: str, grid_file: str | Path, device: str = "cpu", out_csv: 
     base = load_preset(preset)
     grid = yaml.safe_load(Path(grid_file).read_text())
     art = resolve_dir(base.get("artifacts_dir", "artifacts"))
-    rows = []
+    names = [c["name"] for c in grid["configs"]]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise ValueError(f"{unknown} name no configuration of {grid_file}; its configurations: {names}")
+    rows, dims = [], []
     for cfg in grid["configs"]:
+        if only and cfg["name"] not in only:
+            continue
         params = base.replace(embedded={**base["embedded"], **grid.get("common", {}), **cfg.get("overrides", {})},
                               n_seeds=int(grid.get("n_seeds", 3)))
         print(f"== {cfg['name']}: {params['embedded']}", flush=True)
@@ -56,10 +76,17 @@ def run_sweep(preset: str, grid_file: str | Path, device: str = "cpu", out_csv: 
         row["p99_gain_per_cpu_minute"] = row["p99_gain_over_control"] / max(minutes, 1e-9)
         rows.append(row)
         print(pd.Series(row).to_string(), flush=True)
+        if dims_csv:
+            per_member = families_dimensionality({cfg["name"]: fam}, grid["n_tokens"], art, device, seed=base["baseline_seed"],
+                                                 baseline=base["baseline"], threshold=base["threshold"])
+            dims.append(per_member.groupby(["label", "layer"], as_index=False)[
+                ["d", "pr_cov", "pr_corr", "predicted_median", "measured_median", "textbook", "n_tokens"]].median()
+                .assign(d_model=row["d_model"], n_layers=row["n_layers"], train_tokens=row["train_tokens"]))
+            _merge_rows(Path(dims_csv), pd.concat(dims, ignore_index=True), "label", names).to_csv(dims_csv, index=False)
         if out_csv:  # after every configuration, so an interrupted sweep keeps what it measured
             Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(rows).to_csv(out_csv, index=False)
-    return pd.DataFrame(rows)
+            _merge_rows(Path(out_csv) if only else None, pd.DataFrame(rows), "config", names).to_csv(out_csv, index=False)
+    return _merge_rows(Path(out_csv) if (out_csv and only) else None, pd.DataFrame(rows), "config", names)
 
 
 def default_config(df: pd.DataFrame, preset: str = "default") -> str | None:
@@ -96,6 +123,27 @@ def one_change_effects(df: pd.DataFrame, base: str) -> pd.DataFrame:
                      "delta_baseline_median": r["baseline_median"] - b["baseline_median"],
                      "delta_p99_gain_per_cpu_minute": r["p99_gain_per_cpu_minute"] - b["p99_gain_per_cpu_minute"]})
     return pd.DataFrame(rows)
+
+
+def recorded(root: Path | None = None) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The committed sweep: `sweeps/results.csv` (one row per configuration) and
+    `sweeps/dimensionality.csv` (per configuration and layer, medians over its seeds); None where missing."""
+    root = root or repo_root()
+    res, dims = root / "sweeps" / "results.csv", root / "sweeps" / "dimensionality.csv"
+    return (pd.read_csv(res) if res.is_file() else None), (pd.read_csv(dims) if dims.is_file() else None)
+
+
+def effects_sentence(effects: pd.DataFrame, column: str = "delta_excess_p99") -> str:
+    """One computed sentence over `one_change_effects`: each knob's change and the largest rise."""
+    if effects is None or effects.empty:
+        return "the recorded sweep changes no single knob"
+    def num(v) -> str:
+        return f"{v:,.0f}" if float(v).is_integer() else f"{v:g}"
+
+    parts = [f"{r.knob} {num(r['from'])} → {num(r.to)}: p99 {r[column]:+.3f}, share above the control's maximum "
+             f"{r.delta_share_above_control_max:+.3f}" for _, r in effects.iterrows()]
+    best = effects.loc[effects[column].idxmax()]
+    return "; ".join(parts) + f". The largest rise of the p99 excess came from {best.knob} {num(best['from'])} → {num(best.to)}"
 
 
 def write_appendix(df: pd.DataFrame, command: str, path: str | Path, decision: str = "", tie: float = 0.05,
@@ -155,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="default")
     ap.add_argument("--grid", default="sweeps/embedded.yaml")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", action="append", default=None, metavar="CONFIG",
+                    help="run only this configuration of the grid (repeatable); its rows replace those in the CSVs")
     ap.add_argument("--appendix-only", action="store_true",
                     help="re-render book/appendix_sweep.md from sweeps/results.csv without running anything")
     args = ap.parse_args(argv)
@@ -164,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.appendix_only:
         df = pd.read_csv(root / "sweeps" / "results.csv")
     else:
-        df = run_sweep(args.preset, args.grid, args.device, root / "sweeps" / "results.csv")
+        df = run_sweep(args.preset, args.grid, args.device, root / "sweeps" / "results.csv", args.only,
+                       root / "sweeps" / "dimensionality.csv")
     write_appendix(df, command, root / "book" / "appendix_sweep.md", decision=grid.get("decision", ""), preset=args.preset)
     print(df.to_string())
 
