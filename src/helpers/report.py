@@ -60,7 +60,9 @@ def publish(chapter: str, params, tables: dict, artifacts_dir=None) -> "Path":
            "tables": {}}
     for title, df in tables.items():
         flat = df.reset_index() if df.index.name or any(df.index.names) else df
-        out["tables"][title] = [{str(k): _cell(v) for k, v in row.items()} for row in flat.to_dict("records")]
+        # columns and rows as lists: the JSON writer sorts mapping keys, and the column order matters
+        out["tables"][title] = {"columns": [str(c) for c in flat.columns],
+                                "rows": [[_cell(v) for v in row] for row in flat.itertuples(index=False)]}
     write_json(path, out)
     return path
 
