@@ -367,6 +367,9 @@ rows_rvp = [
 rvp = paper.result_table(rows_rvp)
 display(rvp)
 report.publish("01_correlations", params, {"Result vs paper": rvp})
+report.publish_neurons("01_correlations", params, table, report.model_label(fam),
+                       {"excess_corr": "excess correlation", "mean_corr": "max correlation (mean over seeds)",
+                        "mean_baseline": "rotation baseline", chosen: f"universal ({chosen})"})
 
 # A broken computation fails the build: the table covers every neuron of the reference model.
 assert len(table) == ref_model.cfg.n_layers * ref_model.cfg.d_mlp

@@ -314,6 +314,10 @@ rows_rvp = [
 rvp = paper.result_table(rows_rvp)
 display(rvp)
 report.publish("03_taxonomy", params, {"Result vs paper": rvp})
+cols03 = {"family": "family", "best_feature": "best feature", "best_vr": "variance reduction", "mean_pos": "mean act. (feature on)",
+          "mean_neg": "mean act. (feature off)"}
+report.publish_neurons("03_taxonomy", params, table, report.model_label(fam), cols03)
+report.publish_neurons("03_taxonomy", params, sm.table, report.model_label(single), cols03)
 
 # Checks that fail on a broken analysis: every analysed neuron has exactly one family row; VR is a
 # share of variance; the trained model's best explanations beat what random labels could give.

@@ -422,6 +422,12 @@ def build(preset: str = "default", notebooks: list[str] | None = None, skip_html
     from .plots import install_plotly_js
 
     install_plotly_js(site / "book" / "_static")
+    from .browser import build_browser
+
+    t0 = time.time()
+    info = build_browser(site, params, resolve_dir(params.get("artifacts_dir", "artifacts")), device=params.get("device", "cpu"))
+    print(f"neuron browser: {info['neurons']:,} neurons of {', '.join(info['models']) or 'no model'}, "
+          f"{sum(info['bytes'].values()) / 1e6:.1f} MB, {time.time() - t0:.0f} s", flush=True)
     t0 = time.time()
     n_static = sum(len(export_static_figures(out_dir / f"{name}.ipynb", site / "book" / "_static"))
                    for name in notebooks or notebook_names(root))

@@ -73,3 +73,28 @@ def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def model_label(family, member: str | None = None) -> str:
+    """How pages and the neuron browser name one model: `embedded-a`, `stanford-gpt2-small-a`,
+    `smollm2-135m` (a member already named after its family keeps its name)."""
+    m = family.member(member) if member else family.reference
+    return m if m.startswith(family.name) else f"{family.name}-{m}"
+
+
+def publish_neurons(chapter: str, params, table, model: str, columns: dict, artifacts_dir=None) -> "Path":
+    """Save per-neuron results of a chapter for the neuron browser (`helpers.browser`): `table`
+    holds `layer`, `neuron` and the `columns` to keep ({column: label shown in the browser});
+    `model` names the model (e.g. "embedded-a", "smollm2-135m"). Written to
+    `<artifacts>/results/<preset>/neurons/<chapter>--<model>.csv`."""
+    from .presets import resolve_dir
+
+    missing = [c for c in ("layer", "neuron", *columns) if c not in table.columns]
+    if missing:
+        raise KeyError(f"publish_neurons({chapter!r}): the table has no column(s) {missing}")
+    out = table[["layer", "neuron", *columns]].rename(columns=columns).assign(model=model)
+    folder = resolve_dir(artifacts_dir or params["artifacts_dir"]) / "results" / str(params["preset"]) / "neurons"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{chapter}--{model}.csv"
+    out.to_csv(path, index=False)
+    return path
