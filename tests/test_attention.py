@@ -110,12 +110,12 @@ def test_keys_and_values_untouched_and_other_heads_unchanged():
     assert not model.cfg.use_split_qkv_input  # switched back off
 
 
-@torch.no_grad()
 def test_zero_activation_changes_nothing():
     model, r = tiny(), rows()
     mlp = model.blocks[0].mlp
-    mlp.W_in[:, 7] = 0.0
-    mlp.b_in[7] = -30.0  # gelu_new(-30) is exactly 0 in fp32
+    with torch.no_grad():  # (the ablation itself runs with gradients enabled around it)
+        mlp.W_in[:, 7] = 0.0
+        mlp.b_in[7] = -30.0  # gelu_new(-30) is exactly 0 in fp32
     pairs = pd.DataFrame({"neuron_layer": [0, 0], "neuron": [7, 7], "head_layer": [1, 1], "head": [0, 1]})
     rec = attention.path_ablation(model, r, pairs, drop_ids=[BOS], batch_size=3)
     assert (rec.act == 0).all()

@@ -297,6 +297,7 @@ def head_effects(model, layer: int, head: int, pattern: torch.Tensor, z: torch.T
     return p_bos, out.norm(dim=-1)
 
 
+@torch.no_grad()
 def path_ablation(model, rows: TokenRows, pairs: pd.DataFrame, drop_ids: Sequence[int], batch_size: int = 8,
                   first_pos: int | None = None, verbose: bool = False) -> pd.DataFrame:
     """Per (pair, sampled token) records of the path ablation of `pairs` (columns neuron_layer,
@@ -497,3 +498,46 @@ def head_patterns(model, tokens: torch.Tensor, neuron_layer: int, neuron: int, h
     clean = head_run(model, head_layer, cache[pre], head, None, ("pattern",))["pattern"][0, head]
     abl = head_run(model, head_layer, cache[pre], head, delta, ("pattern",))["pattern"][0, head]
     return {"clean": clean.cpu(), "ablated": abl.cpu(), "act": a[0].cpu()}
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds: do the strongest pairs recur?
+# --------------------------------------------------------------------------------------------
+
+
+def neuron_best(table: pd.DataFrame) -> pd.DataFrame:
+    """Per neuron, its strongest pair: `best` (the score of largest |h_n| over the later heads),
+    `abs_best`, and that head. Neuron indices are not aligned across seeds, so seeds are compared
+    through these per-neuron values."""
+    t = table.assign(abs_score=table.score.abs())
+    i = t.groupby(["neuron_layer", "neuron"]).abs_score.idxmax()
+    out = t.loc[i, ["neuron_layer", "neuron", "head_layer", "head", "score", "abs_score"]]
+    return out.rename(columns={"score": "best", "abs_score": "abs_best"}).reset_index(drop=True)
+
+
+def matched_recurrence(ref: pd.DataFrame, others: dict[str, pd.DataFrame], corr: pd.DataFrame, k: int = 20) -> pd.DataFrame:
+    """For the `k` neurons of the reference with the largest |h_n| (`neuron_best` tables), the
+    neuron each other member matches it with in chapter 01's correlation table (`corr`: columns
+    layer, neuron, max_corr_<m>, match_layer_<m>, match_neuron_<m>), and where that neuron's own
+    |h_n| stands among its member's neurons (`percentile`, 0-100; 50 is what chance gives) and
+    whether its strongest score has the same sign. One row per (reference neuron, member)."""
+    top = ref.nlargest(k, "abs_best")
+    c = corr.set_index(["layer", "neuron"])
+    out = []
+    for m, o in others.items():
+        if f"match_neuron_{m}" not in c.columns:
+            continue
+        oi = o.set_index(["neuron_layer", "neuron"])
+        pct = oi.abs_best.rank(pct=True) * 100
+        for _, r in top.iterrows():
+            key = (int(r.neuron_layer), int(r.neuron))
+            if key not in c.index:
+                continue
+            ml, mn = int(c.loc[key, f"match_layer_{m}"]), int(c.loc[key, f"match_neuron_{m}"])
+            hit = (ml, mn) in oi.index
+            out.append({"neuron_layer": key[0], "neuron": key[1], "best": r.best, "member": m,
+                        "max_corr": float(c.loc[key, f"max_corr_{m}"]), "match": f"L{ml}.{mn}",
+                        "match_best": float(oi.loc[(ml, mn), "best"]) if hit else float("nan"),
+                        "percentile": float(pct.loc[(ml, mn)]) if hit else float("nan"),
+                        "same_sign": bool(np.sign(oi.loc[(ml, mn), "best"]) == np.sign(r.best)) if hit else None})
+    return pd.DataFrame(out)
