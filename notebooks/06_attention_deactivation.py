@@ -157,8 +157,9 @@ plots.ablation_scatter(records, pairs, top_ids, f"Figs 8b,c and 26 · path ablat
 single = families.load_family(single_model, params, device=device)
 srows = single.token_table(n_single)
 t0 = time.time()
+smodel = single.load(single.reference)  # once: for the run (if not cached) and the circuitsvis view
 srun = attention.attention_deactivation(single, single.reference, srows, art, n_top_single, n_random_single, seed,
-                                        batch_size=2, bos_rows=2, verbose=True)
+                                        batch_size=2, bos_rows=2, verbose=True, model=smodel)
 timings["SmolLM2-135M"] = time.time() - t0
 slabel = single_model
 spairs, srecords = srun.table("pairs"), srun.table("records")
@@ -254,19 +255,21 @@ fig.show()
 # %% [markdown]
 # ## 6. One head with and without the ablation (circuitsvis)
 #
-# The SmolLM2 pair with the largest measured mean effect among its top pairs, on the first tokens
-# of one row: the head's attention pattern clean, and with the neuron's write removed from its query.
+# The SmolLM2 pair with the largest measured mean effect among its top pairs, at the sampled token
+# where removing the neuron's write changed the head's BOS attention most. The view keeps BOS and
+# the last `n_show` positions up to that token (a block of the full pattern, so rows need not sum to
+# 1): the head's attention clean, and with the neuron's write removed from its query.
 
 # %%
 show_pair = spairs[spairs.why != "random"].assign(abs_eff=lambda d: d.effect_bos.abs()).nlargest(1, "abs_eff").iloc[0]
-n_show = 64
-smodel = single.load(single.reference)
-pat = attention.head_patterns(smodel, srows.ids[0, :n_show], int(show_pair.neuron_layer), int(show_pair.neuron),
-                              int(show_pair.head_layer), int(show_pair["head"]))
-tok_strs = [single.codec.decode([int(t)]) for t in srows.ids[0, :n_show]]
+at = srecords[srecords.pair == show_pair.pair].assign(abs_d=lambda d: d.d_bos.abs()).nlargest(1, "abs_d").iloc[0]
+n_show = 40
+pat = attention.head_patterns(smodel, srows.ids[int(at.row)], int(show_pair.neuron_layer), int(show_pair.neuron),
+                              int(show_pair.head_layer), int(show_pair["head"]), end=int(at.pos), window=n_show)
+tok_strs = [single.codec.decode([int(srows.ids[int(at.row), int(p)])]) for p in pat["positions"]]
 name = f"L{int(show_pair.neuron_layer)}.{int(show_pair.neuron)} → L{int(show_pair.head_layer)}.H{int(show_pair['head'])}"
-print(f"{name}: h_n {show_pair.score:+.3f}; mean BOS attention on these tokens: clean {float(pat['clean'][1:, 0].mean()):.3f}, "
-      f"ablated {float(pat['ablated'][1:, 0].mean()):.3f}")
+print(f"{name}: h_n {show_pair.score:+.3f}; row {int(at.row)}, position {int(at.pos)} (activation {at.act:+.3f}): attention on "
+      f"BOS clean {float(pat['clean'][-1, 0]):.3f}, ablated {float(pat['ablated'][-1, 0]):.3f}")
 plots.show_circuitsvis(cv.attention.attention_heads(attention=np.stack([pat["clean"].numpy(), pat["ablated"].numpy()]), tokens=tok_strs,
                                                     attention_head_names=[f"{name} clean", f"{name} ablated"]))
 
@@ -281,7 +284,8 @@ ratio_t = float(run.table("bos").ratio.median())
 ratio_c = float(run_ctl.table("bos").ratio.median()) if run_ctl else None
 ratio_s = float(sbos.ratio.median())
 tails_t, tails_c, tails_s = run.meta["tails"], run_ctl.meta["tails"] if run_ctl else None, srun.meta["tails"]
-heavy = lambda t: t["share_beyond_baseline"] > 0.001  # noqa: E731
+n_beyond = lambda t: int(round(t["share_beyond_baseline"] * t["n_pairs"]))  # noqa: E731
+heavy = lambda t: n_beyond(t) >= 10  # noqa: E731
 
 
 def example(p):
@@ -303,12 +307,13 @@ rows_rvp = [
     paper.Comparison(f"most negative h_n ({label})", "attn_score_min", tails_t["min"],
                      control=tails_c["min"] if tails_c else None, model=paper.MEDIUM, fmt=".2f"),
     paper.Comparison(f"most negative h_n ({slabel})", "attn_score_min", tails_s["min"], model=paper.MEDIUM, fmt=".2f"),
-    paper.Comparison(f"heavier tails than random ({label}: {tails_t['share_beyond_baseline']:.2%} of pairs beyond the random max)",
-                     "attn_score_heavy_tails", f"{tails_t['share_beyond_baseline']:.2%}", model=paper.MEDIUM, holds=heavy(tails_t),
-                     control=f"{tails_c['share_beyond_baseline']:.2%}" if tails_c else None,
+    paper.Comparison(f"heavier tails than random ({label}: pairs beyond the random maximum)",
+                     "attn_score_heavy_tails", f"{n_beyond(tails_t)} of {tails_t['n_pairs']:,}", model=paper.MEDIUM, holds=heavy(tails_t),
+                     control=f"{n_beyond(tails_c)} of {tails_c['n_pairs']:,}" if tails_c else None,
                      reason=f"largest |h_n| {max(-tails_t['min'], tails_t['max']):.2f} vs {max(-tails_t['baseline_min'], tails_t['baseline_max']):.2f} for random vectors"),
-    paper.Comparison(f"heavier tails than random ({slabel}: {tails_s['share_beyond_baseline']:.2%} beyond the random max)",
-                     "attn_score_heavy_tails", f"{tails_s['share_beyond_baseline']:.2%}", model=paper.MEDIUM, holds=heavy(tails_s)),
+    paper.Comparison(f"heavier tails than random ({slabel}: pairs beyond the random maximum)",
+                     "attn_score_heavy_tails", f"{n_beyond(tails_s)} of {tails_s['n_pairs']:,}", model=paper.MEDIUM, holds=heavy(tails_s),
+                     reason="fewer than 10 pairs beyond the random maximum"),
     paper.Comparison(f"top-h_n pair is a deactivation pair ({label}: slopes {ex_t.slope_bos:+.2g}, {ex_t.slope_norm:+.2g}%)",
                      "attn_example_deactivation", f"L{int(ex_t.neuron_layer)}.{int(ex_t.neuron)} → L{int(ex_t.head_layer)}.H{int(ex_t['head'])}",
                      model=paper.MEDIUM, holds=ok_t, reason="the fitted slopes do not both have the predicted sign"),
@@ -351,8 +356,8 @@ display(report.summary([
     "untrained control) and {rs:.2f}× in SmolLM2-135M; the paper reports {rp}× for GPT2-medium-a.",
     "Attention on BOS at the sampled tokens (the ablated heads' mean): {pb_t:.4f} in {model}, {pb_s:.3f} in SmolLM2. {sink}",
     "Scores: {model}'s h_n span [{tmin:.2f}, {tmax:.2f}] against [{bmin:.2f}, {bmax:.2f}] for random unit vectors "
-    "({tshare:.2%} of pairs beyond the random maximum: {tails_t_txt}); SmolLM2's span [{smin:.2f}, {smax:.2f}] against "
-    "[{sbmin:.2f}, {sbmax:.2f}] ({sshare:.2%} beyond: {tails_s_txt}); the paper's minimum is {pmin}.",
+    "({tn} of {tN:,} pairs beyond the random maximum: {tails_t_txt}); SmolLM2's span [{smin:.2f}, {smax:.2f}] against "
+    "[{sbmin:.2f}, {sbmax:.2f}] ({sn} of {sN:,} beyond: {tails_s_txt}); the paper's minimum is {pmin}.",
     "Path ablation: the fitted slope of Δp(BOS) on the activation has the sign the score predicts for {sok_t:.0%} of "
     "{model}'s top pairs and {sok_s:.0%} of SmolLM2's.",
     "Across pairs, h_n × mean activation ranks the measured mean effect with Spearman ρ {rho_t:.2f} [{lo_t:.2f}, {hi_t:.2f}] "
@@ -366,10 +371,10 @@ display(report.summary([
                        "neuron to move, which is why its effects are small.",
                        "Both models' heads put measurable attention on BOS."),
     tmin=tails_t["min"], tmax=tails_t["max"], bmin=tails_t["baseline_min"], bmax=tails_t["baseline_max"],
-    tshare=tails_t["share_beyond_baseline"], tails_t_txt=report.choose(heavy(tails_t), "heavier tails, as in the paper",
+    tn=n_beyond(tails_t), tN=tails_t["n_pairs"], tails_t_txt=report.choose(heavy(tails_t), "heavier tails, as in the paper",
                                                                        "no heavier tails than random, unlike the paper"),
     smin=tails_s["min"], smax=tails_s["max"], sbmin=tails_s["baseline_min"], sbmax=tails_s["baseline_max"],
-    sshare=tails_s["share_beyond_baseline"], tails_s_txt=report.choose(heavy(tails_s), "heavier tails, as in the paper",
+    sn=n_beyond(tails_s), sN=tails_s["n_pairs"], tails_s_txt=report.choose(heavy(tails_s), "heavier tails, as in the paper",
                                                                        "no heavier tails than random, unlike the paper"),
     pmin=paper.value("attn_score_min", paper.MEDIUM),
     sok_t=sign_ok.get(label), sok_s=sign_ok.get(slabel), rho_t=rank_t["rho"], lo_t=rank_t["lo"], hi_t=rank_t["hi"],

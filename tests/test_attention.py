@@ -237,3 +237,28 @@ def test_rank_correlation_and_selection():
     assert list(sel[sel.why == "most positive h_n"].score) == [29, 28, 27]
     assert list(sel[sel.why == "most negative h_n"].score) == [-20, -19, -18]
     assert len(sel) == 11 and sel.neuron.is_unique
+
+
+@torch.no_grad()
+def test_head_patterns_window_is_a_block_of_the_full_pattern():
+    model, r = tiny(), rows(1)
+    full = attention.head_patterns(model, r.ids[0], 0, 5, 1, 1)
+    win = attention.head_patterns(model, r.ids[0], 0, 5, 1, 1, end=12, window=4)
+    assert list(win["positions"]) == [0, 9, 10, 11, 12]
+    keep = win["positions"]
+    assert torch.allclose(win["clean"], full["clean"][:13, :13][keep][:, keep], atol=1e-6)
+    assert torch.allclose(win["ablated"], full["ablated"][:13, :13][keep][:, keep], atol=1e-6)
+    assert torch.allclose(full["clean"].sum(-1), torch.ones(ARCH["n_ctx"]), atol=1e-5)
+
+
+def test_matched_recurrence_reads_the_match_and_its_rank():
+    ref = pd.DataFrame({"neuron_layer": 0, "neuron": [0, 1, 2], "head_layer": 1, "head": 0, "best": [5.0, -0.1, 0.2],
+                        "abs_best": [5.0, 0.1, 0.2]})
+    other = pd.DataFrame({"neuron_layer": 0, "neuron": [0, 1, 2, 3], "head_layer": 1, "head": 0, "best": [0.1, 0.2, -0.3, 4.0],
+                          "abs_best": [0.1, 0.2, 0.3, 4.0]})
+    corr = pd.DataFrame({"layer": 0, "neuron": [0, 1, 2], "max_corr_b": [0.9, 0.5, 0.4], "match_layer_b": 0,
+                         "match_neuron_b": [3, 0, 1]})
+    rec = attention.matched_recurrence(ref, {"b": other}, corr, k=1)
+    assert len(rec) == 1 and rec.match.iloc[0] == "L0.3" and rec.percentile.iloc[0] == 100 and rec.same_sign.iloc[0]
+    assert attention.neuron_best(pd.DataFrame({"neuron_layer": 0, "neuron": [0, 0], "head_layer": 1, "head": [0, 1],
+                                               "score": [0.5, -2.0]})).best.iloc[0] == -2.0

@@ -429,14 +429,15 @@ def tail_summary(score: torch.Tensor, baseline: torch.Tensor) -> dict:
 
 def attention_deactivation(family, member: str, rows: TokenRows, artifacts_dir: str | Path, n_top: int = 20,
                            n_random: int = 40, seed: int = 0, batch_size: int = 8, bos_rows: int | None = None,
-                           head_layers: Sequence[int] | None = None, verbose: bool = False):
+                           head_layers: Sequence[int] | None = None, verbose: bool = False, model=None):
     """The chapter's measurements on one model, cached under `<artifacts>/attention/` keyed by the
     weights, the rows, the pair selection and this code's version.
 
     Scores for all pairs (positions averaged: the measured half of the row), their Fig 8a histogram
     and tail summary, the BOS value norms (on the first `bos_rows` rows, default all), the path
     ablation of `select_pairs(n_top, n_random)` with per-token records and per-pair summaries.
-    Returns the Result (tables "pairs", "records", "bos", "hist", "top_scores"; meta has "tails")."""
+    Returns the Result (tables "pairs", "records", "bos", "hist", "top_scores"; meta has "tails").
+    `model`: the member already loaded (it is loaded only when the result is not cached otherwise)."""
     rows = TokenRows.of(rows)
     first = rows.n_ctx // 2
     positions = list(range(first, rows.n_ctx))
@@ -446,18 +447,18 @@ def attention_deactivation(family, member: str, rows: TokenRows, artifacts_dir: 
              "head_layers": None if head_layers is None else list(head_layers), "first_pos": first}
 
     def compute(folder: Path) -> dict:
-        model = family.load(member)
-        sc = heuristic_scores(model, family.codec.bos_id, positions, seed, head_layers=head_layers)
+        m = model if model is not None else family.load(member)
+        sc = heuristic_scores(m, family.codec.bos_id, positions, seed, head_layers=head_layers)
         table = score_table(sc["score"])
         atomic_write_parquet(score_histogram(sc["score"], sc["baseline"]), folder / "hist.parquet")
         k = min(200, len(table) // 2)
         top = pd.concat([table.nlargest(k, "score"), table.nsmallest(k, "score")], ignore_index=True)
         atomic_write_parquet(top, folder / "top_scores.parquet")
         bos_sub = TokenRows(rows.ids[:bos_rows]) if bos_rows else rows
-        bos = bos_value_norms(model, bos_sub, family.codec.bos_id, family.codec.drop_ids, batch_size, verbose)
+        bos = bos_value_norms(m, bos_sub, family.codec.bos_id, family.codec.drop_ids, batch_size, verbose)
         atomic_write_parquet(bos, folder / "bos.parquet")
         pairs = select_pairs(table, n_top, n_random, seed)
-        rec = path_ablation(model, rows, pairs, family.codec.drop_ids, batch_size, first, verbose)
+        rec = path_ablation(m, rows, pairs, family.codec.drop_ids, batch_size, first, verbose)
         atomic_write_parquet(rec, folder / "records.parquet")
         atomic_write_parquet(pair_summary(pairs, rec), folder / "pairs.parquet")
         per_member = {"score_quantiles": {str(q): float(table.score.quantile(q)) for q in (0.0001, 0.001, 0.01, 0.5, 0.99, 0.999, 0.9999)}}
@@ -486,10 +487,15 @@ def score_only(family, member: str, rows_n_ctx: int, artifacts_dir: str | Path, 
 
 
 @torch.no_grad()
-def head_patterns(model, tokens: torch.Tensor, neuron_layer: int, neuron: int, head_layer: int, head: int) -> dict:
-    """One row's attention pattern of `head` clean and with the path ablation of the neuron
-    (for the circuitsvis view): {"clean": [pos, pos], "ablated": [pos, pos], "act": [pos]}."""
-    tokens = tokens.reshape(1, -1).to(model.cfg.device)
+def head_patterns(model, tokens: torch.Tensor, neuron_layer: int, neuron: int, head_layer: int, head: int,
+                  end: int | None = None, window: int | None = None) -> dict:
+    """One row's attention pattern of `head` clean and with the path ablation of the neuron (for
+    the circuitsvis view): {"clean", "ablated": [n, n], "act": [n], "positions": [n]}.
+
+    The row `tokens` [pos] is run up to `end` (default its end). With `window`, only the BOS
+    column/row and the last `window` query and key positions up to `end` are kept (a sub-block
+    of the pattern: its rows need not sum to 1); `positions` says which positions they are."""
+    tokens = tokens.reshape(1, -1)[:, : (tokens.numel() if end is None else int(end) + 1)].to(model.cfg.device)
     post, pre = f"blocks.{neuron_layer}.mlp.hook_post", f"blocks.{head_layer}.hook_resid_pre"
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in (post, pre), stop_at_layer=head_layer + 1,
                                     return_type=None)
@@ -497,7 +503,11 @@ def head_patterns(model, tokens: torch.Tensor, neuron_layer: int, neuron: int, h
     delta = a[..., None] * neuron_weights(model, neuron_layer).w_out[neuron]
     clean = head_run(model, head_layer, cache[pre], head, None, ("pattern",))["pattern"][0, head]
     abl = head_run(model, head_layer, cache[pre], head, delta, ("pattern",))["pattern"][0, head]
-    return {"clean": clean.cpu(), "ablated": abl.cpu(), "act": a[0].cpu()}
+    n = tokens.shape[1]
+    keep = torch.arange(n) if window is None or window + 1 >= n else torch.cat([torch.zeros(1, dtype=torch.long),
+                                                                               torch.arange(n - window, n)])
+    sub = lambda p: p.cpu()[keep][:, keep]  # noqa: E731
+    return {"clean": sub(clean), "ablated": sub(abl), "act": a[0].cpu()[keep], "positions": keep}
 
 
 # --------------------------------------------------------------------------------------------
