@@ -262,3 +262,13 @@ def test_matched_recurrence_reads_the_match_and_its_rank():
     assert len(rec) == 1 and rec.match.iloc[0] == "L0.3" and rec.percentile.iloc[0] == 100 and rec.same_sign.iloc[0]
     assert attention.neuron_best(pd.DataFrame({"neuron_layer": 0, "neuron": [0, 0], "head_layer": 1, "head": [0, 1],
                                                "score": [0.5, -2.0]})).best.iloc[0] == -2.0
+
+
+def test_convergence_uses_the_first_rows():
+    pairs = pd.DataFrame({"neuron_layer": 0, "neuron": range(6), "head_layer": 1, "head": 0, "score": np.arange(6.0), "why": "random"})
+    rng = np.random.default_rng(0)
+    rec = pd.DataFrame([{"pair": p, "row": r, "pos": 5, "act": 1.0 + rng.random(), "d_bos": -p * 0.01 * (1 + r) + 1e-4 * rng.random(),
+                         "d_norm_pct": 0.0, "p_bos": 0.5} for p in range(6) for r in range(4)])
+    c = attention.convergence(pairs, rec, fractions=(0.5, 1.0))
+    assert list(c.rows) == [2, 4] and list(c.tokens_per_pair) == [2, 4]
+    assert (c.rho > 0.9).all()

@@ -551,3 +551,18 @@ def matched_recurrence(ref: pd.DataFrame, others: dict[str, pd.DataFrame], corr:
                         "percentile": float(pct.loc[(ml, mn)]) if hit else float("nan"),
                         "same_sign": bool(np.sign(oi.loc[(ml, mn), "best"]) == np.sign(r.best)) if hit else None})
     return pd.DataFrame(out)
+
+
+def convergence(pairs: pd.DataFrame, records: pd.DataFrame, fractions: Sequence[float] = (0.25, 0.5, 1.0), seed: int = 0) -> pd.DataFrame:
+    """How the heuristic-vs-effect rank correlation moves with the number of rows: the per-pair
+    summaries recomputed on the first `fraction` of the ablated rows (`pairs`: the columns of
+    `select_pairs`; `records`: `path_ablation`'s). Columns fraction, rows, tokens_per_pair, rho, lo, hi."""
+    rows_all = np.sort(records.row.unique())
+    out = []
+    for f in fractions:
+        keep = rows_all[: max(1, int(round(f * len(rows_all))))]
+        rec = records[records.row.isin(keep)]
+        s = pair_summary(pairs[["neuron_layer", "neuron", "head_layer", "head", "score", "why"]], rec)
+        rc = rank_correlation(s.predicted, s.effect_bos, seed=seed, n_boot=500)
+        out.append({"fraction": f, "rows": len(keep), "tokens_per_pair": int(s.n_tokens.iloc[0]), **rc})
+    return pd.DataFrame(out)
