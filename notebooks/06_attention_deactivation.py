@@ -57,10 +57,8 @@ import circuitsvis as cv
 import numpy as np
 import pandas as pd
 import plotly.express as px
-from IPython.display import Markdown
 
 from helpers import attention, explain, families, paper, plots, presets, report, universality
-from helpers.data import TokenRows
 from helpers.presets import resolve_dir
 
 plots.setup()

@@ -332,6 +332,7 @@ def path_ablation(model, rows: TokenRows, pairs: pd.DataFrame, drop_ids: Sequenc
         acts = {k: v.view(b, n, -1) for k, v in batch.acts["m"].items()}
         keep = valid_token_mask(batch.ids, drop_ids) & (batch.positions >= first)
         r_idx, p_idx = keep.nonzero(as_tuple=True)
+        keep = keep.to(model.cfg.device)
         for L in hlayers:
             resid = acts[f"blocks.{L}.hook_resid_pre"]
             clean = head_run(model, L, resid, 0)
@@ -344,7 +345,7 @@ def path_ablation(model, rows: TokenRows, pairs: pd.DataFrame, drop_ids: Sequenc
                     delta = a[..., None].float() * w_out[l][i]
                     abl = head_run(model, L, resid, h, delta)
                     p1, n1 = head_effects(model, L, h, abl["pattern"], abl["z"])
-                    pc, pa, nc, na = (t[keep].cpu() for t in (p0, p1, n0, n1))
+                    pc, pa, nc, na = (t[keep].float().cpu() for t in (p0, p1, n0, n1))
                     out.append(pd.DataFrame({
                         "pair": pid, "row": (batch.rows.start + r_idx).numpy(), "pos": p_idx.numpy(),
                         "act": a[keep].float().cpu().numpy(), "p_bos": pc.numpy(), "p_bos_ablated": pa.numpy(),
