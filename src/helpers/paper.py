@@ -134,6 +134,26 @@ REGISTRY: tuple[PaperNumber, ...] = tuple([
                 "§4.3, Figs 4b, 20", None, "a claim, scored by the caller: interquartile range of relative depth above 0.25"),
     PaperNumber("late_prediction", MEDIUM, "almost all late-layer universal neurons are prediction, suppression or partition",
                 "§4.3, §5.1", None, "W_U statistics, not a variance-reduction family: measured in chapter 02's table"),
+    # --- chapter 06, §5.3: attention (de)activation neurons (Figs 8, 26) --------------------------
+    PaperNumber("bos_value_ratio_median", MEDIUM, 19.4, "§5.3", 10.0,
+                "median over heads of mean ‖W_O v‖ over other tokens / ‖W_O v_BOS‖; tolerance: this book's, "
+                "an order-of-magnitude check (9.4-29.4)"),
+    PaperNumber("attn_score_min", MEDIUM, -11.7, "Fig 8a", None,
+                "the most negative h_n over all (neuron, later head) pairs; its scale depends on the model's size"),
+    PaperNumber("attn_score_heavy_tails", MEDIUM, "the scores of neurons have far heavier tails than random directions",
+                "Fig 8a", None, "a claim, scored by the caller: at least 10 pairs beyond the largest |score| of as many "
+                "random unit vectors (about 1 is expected by chance)"),
+    PaperNumber("attn_example_deactivation", MEDIUM,
+                "ablating a high-h_n neuron's positive activation lowers the head's BOS attention and raises its output norm",
+                "§5.3, Fig 8b,c (L4.3594 -> L5.H0)", None,
+                "a claim, scored by the caller: for the measured pair of largest h_n, the fitted slope of Δp(BOS) on "
+                "the activation is negative and that of the norm change positive"),
+    PaperNumber("attn_example_points", MEDIUM, 12288, "Fig 8b,c (A5H0L4N0_12288dp.csv)", None,
+                "tokens in the example's scatter"),
+    PaperNumber("attn_heuristic_predicts", MEDIUM, "pairs chosen by the heuristic show the predicted effect",
+                "§5.3, Figs 8, 26 (examples only)", None,
+                "this book's test across many pairs, scored by the caller: the 95% bootstrap interval of the Spearman "
+                "correlation between h_n x mean activation and the measured mean effect lies above 0"),
 ])
 
 _INDEX = {(e.key, e.model): e for e in REGISTRY}

@@ -160,3 +160,67 @@ def baseline_vs_prediction(points, extra=None, title: str = "Rotation baseline: 
     fig.add_scatter(x=[lo, 1], y=[lo, 1], mode="lines", line=dict(dash="dot", color="gray"), name="measured = predicted")
     return style(fig, title, x="predicted median max correlation with the layer's rotated units",
                  y="measured median baseline (same layer)", legend="model · layer")
+
+
+# ---- chapter 06: attention (de)activation neurons -------------------------------------------
+
+
+def score_histograms(hists: dict, title: str, log_y: bool = True) -> go.Figure:
+    """Fig 8a: step histograms of h_n over all (neuron, later head) pairs against the random-vector
+    baseline. `hists` {model label: `attention.score_histogram` table (center, neurons, random)}."""
+    fig = go.Figure()
+    for i, (label, h) in enumerate(hists.items()):
+        color = MEMBER_COLORS[i % len(MEMBER_COLORS)]
+        fig.add_scatter(x=h.center, y=h.neurons, mode="lines", line=dict(shape="hvh", color=color), name=f"{label}: neurons w_out")
+        fig.add_scatter(x=h.center, y=h.random, mode="lines", line=dict(shape="hvh", color=color, dash="dot"),
+                        name=f"{label}: random unit vectors")
+    if log_y:
+        fig.update_yaxes(type="log")
+    return style(fig, title, x="heuristic score h_n = w_out·W_Q k_BOS / sqrt(d_head)", y="pairs" + (" (log scale)" if log_y else ""),
+                 legend="directions")
+
+
+def ablation_scatter(records, pairs, pair_ids, title: str, max_points: int = 1500, seed: int = 0) -> go.Figure:
+    """Figs 8b,c and 26: per pair (one row each), the neuron's activation against the change of the
+    head's BOS attention and the % change of its output norm when the neuron's write is removed
+    from the head's query, with the least-squares line and Pearson r over ALL sampled tokens (the
+    points drawn are a random subset of at most `max_points`)."""
+    import numpy as np
+    from plotly.subplots import make_subplots
+
+    pair_ids = list(pair_ids)
+    titles = []
+    for pid in pair_ids:
+        p = pairs.set_index("pair").loc[pid]
+        titles += [f"L{int(p.neuron_layer)}.{int(p.neuron)} → L{int(p.head_layer)}.H{int(p['head'])} (h_n {p.score:+.2f}): r {p.r_bos:+.2f}",
+                   f"… norm: r {p.r_norm:+.2f}"]
+    fig = make_subplots(rows=len(pair_ids), cols=2, subplot_titles=titles, vertical_spacing=0.25 / max(len(pair_ids), 1))
+    rng = np.random.default_rng(seed)
+    for i, pid in enumerate(pair_ids):
+        g = records[records.pair == pid]
+        shown = g.iloc[rng.permutation(len(g))[:max_points]] if len(g) > max_points else g
+        p = pairs.set_index("pair").loc[pid]
+        xs = np.linspace(float(g.act.min()), float(g.act.max()), 2)
+        for c, (col, slope, icpt) in enumerate([("d_bos", "slope_bos", None), ("d_norm_pct", "slope_norm", None)]):
+            fig.add_scatter(x=shown.act, y=shown[col], mode="markers", marker=dict(size=3, opacity=0.4, color=MEMBER_COLORS[0]),
+                            showlegend=False, row=i + 1, col=c + 1)
+            b, a = np.polyfit(g.act, g[col], 1) if g.act.std() > 0 else (0.0, float(g[col].mean()))
+            fig.add_scatter(x=xs, y=a + b * xs, mode="lines", line=dict(color=COLORS["universal"]), showlegend=False,
+                            row=i + 1, col=c + 1)
+        fig.update_xaxes(title_text="neuron activation", row=i + 1)
+        fig.update_yaxes(title_text="Δ p(BOS) (ablated − clean)", row=i + 1, col=1)
+        fig.update_yaxes(title_text="Δ ‖W_O z‖ (%)", row=i + 1, col=2)
+    return style(fig, title, height=300 * len(pair_ids) + 100)
+
+
+def heuristic_vs_effect(summary, title: str) -> go.Figure:
+    """Across pairs: the heuristic's prediction h_n · mean activation against the measured mean
+    contribution of the neuron to the head's BOS attention (clean − ablated), per model and choice."""
+    import plotly.express as px
+
+    fig = px.scatter(summary, x="predicted", y="effect_bos", color="model", symbol="why",
+                     hover_data=["neuron_layer", "neuron", "head_layer", "head", "score", "mean_act"])
+    fig.add_hline(y=0, line_color="gray", line_dash="dot")
+    fig.add_vline(x=0, line_color="gray", line_dash="dot")
+    return style(fig, title, x="h_n × mean activation (predicted BOS-logit shift)",
+                 y="mean contribution to p(BOS): clean − ablated", legend="model, pairs", height=480)
