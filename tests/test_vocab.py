@@ -122,7 +122,7 @@ def test_planted_partition_neuron_is_classified_as_partition(planted):
     assert (counts.xs(4, level=1).prediction.diff().dropna() <= 0).all()  # fewer at a stricter threshold
 
 
-def test_next_token_conditioning_recovers_a_planted_dependence():
+def test_next_token_conditioning_recovers_a_planted_dependence(tmp_path):
     """The layer-0 neuron TRIGGER reads the embedding of one trigger token; in the rows, the
     trigger is always followed by a year. Its pre-activation split by "next token is a year" must
     be higher on the year side, and the streamed numbers must equal a direct computation."""
@@ -142,6 +142,13 @@ def test_next_token_conditioning_recovers_a_planted_dependence():
     masks[0, years] = True
     neurons = pd.DataFrame({"layer": [0], "neuron": [TRIGGER]})
     out = vocab.stream_next_token_split(model, rows, neurons, masks, drop_ids=[0], batch_size=7)
+    fam = SimpleNamespace(identity={"m": "planted"}, codec=codec, load=lambda m: model, name="planted")
+    parts = vocab.next_token_conditioning(fam, "m", rows, neurons, masks, tmp_path, batch_size=5)
+    merged = parts[parts.part == "all"].drop(columns="part").reset_index(drop=True)
+    pd.testing.assert_frame_equal(merged, out, check_dtype=False)
+    assert set(parts.part) == {"1 of 2", "2 of 2", "all"}
+    eff = vocab.conditioning_effect(parts).set_index("part")
+    assert (eff["diff"] > 0).all() and eff.loc["all", "n_in"] == eff.loc[["1 of 2", "2 of 2"], "n_in"].sum()
     # direct
     _, cache = model.run_with_cache(rows.ids, names_filter="blocks.0.mlp.hook_pre")
     pre = cache["blocks.0.mlp.hook_pre"][:, :-1, TRIGGER][:, 1:]  # positions 1..14 (a next token, not BOS)

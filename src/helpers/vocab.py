@@ -50,7 +50,7 @@ from .explain import GroupedMoments
 from .features import PRONOUNS, SYMBOLS, WORD_GROUPS, token_feature_table, vocab_strings_gpt2
 from .models import neuron_weights
 
-CODE_VERSION = 1
+CODE_VERSION = 2
 MODEL = "model"
 KURTOSIS_THRESHOLD = 10.0  # the reference code's `vocab_kurt > 10` (PAPER.md §5a)
 PARTITION_RATIO = 4.0
@@ -197,13 +197,15 @@ def vocab_cosines(model, layer: int | None = None, real_tokens: RealTokens | Non
 
 def row_moments(c: torch.Tensor) -> dict[str, np.ndarray]:
     """Population mean, variance, skew and raw kurtosis (Gaussian: 3) of each row of `c`
-    `[rows, tokens]`, in float64."""
-    c = c.double()
-    mean = c.mean(1, keepdim=True)
-    d = c - mean
-    m2 = d.square().mean(1)
-    m3 = (d ** 3).mean(1)
-    m4 = d.square().square().mean(1)
+    `[rows, tokens]`. Powers are formed in float32 (cosines are O(0.1), their fourth powers O(1e-4):
+    far from float32's limits) and every mean over tokens is accumulated in float64."""
+    c = c.float()
+    mean = c.mean(1, keepdim=True, dtype=torch.float64)
+    d = c - mean.float()
+    d2 = d * d
+    m2 = d2.mean(1, dtype=torch.float64)
+    m3 = (d2 * d).mean(1, dtype=torch.float64)
+    m4 = (d2 * d2).mean(1, dtype=torch.float64)
     safe = m2.clamp_min(1e-300)
     return {"vocab_mean": mean[:, 0].cpu().numpy(), "vocab_var": m2.cpu().numpy(),
             "vocab_skew": (m3 / safe ** 1.5).cpu().numpy(), "vocab_kurt": (m4 / safe ** 2).cpu().numpy()}
@@ -221,11 +223,12 @@ def random_direction_variance(model, real_tokens: RealTokens | None = None, n: i
 
 @torch.no_grad()
 def vocab_moments(model, real_tokens: RealTokens | None = None, block: int = 512, null_seed: int = 0,
-                  verbose: bool = False) -> pd.DataFrame:
+                  neurons_per_layer: int | None = None, verbose: bool = False) -> pd.DataFrame:
     """Moments of cos(W_U, w_out) over the kept tokens for every neuron (Fig 6a,b): DataFrame with
     layer, neuron, vocab_mean, vocab_var, vocab_skew, vocab_kurt, var_ratio (vocab_var over
     `random_direction_variance`), w_out_norm. Streamed in blocks of `block` neurons, so a
-    30-layer model never holds its [neurons, vocab] matrix."""
+    30-layer model never holds its [neurons, vocab] matrix. `neurons_per_layer`: only the first
+    that many neurons of each layer (a cheaper slice for CI; neuron indices carry no meaning)."""
     from tqdm.auto import tqdm
 
     unit = _unit_unembed(model, real_tokens)
@@ -233,6 +236,8 @@ def vocab_moments(model, real_tokens: RealTokens | None = None, block: int = 512
     parts = []
     for layer in tqdm(range(model.cfg.n_layers), desc="W_U moments", disable=not verbose):
         w = neuron_weights(model, layer).w_out.float()
+        if neurons_per_layer is not None:
+            w = w[: int(neurons_per_layer)]
         norm = w.norm(dim=1)
         w = w / norm[:, None].clamp_min(1e-30)
         rows = [row_moments(w[s : s + block] @ unit) for s in range(0, len(w), block)]
@@ -300,15 +305,58 @@ def class_shares_by_layer(moments: pd.DataFrame, kurtosis_threshold: float = KUR
     return out
 
 
-def rise_depth(shares: pd.Series, n_layers: int, min_share: float = 0.05) -> float:
-    """The relative depth (layer / (n_layers - 1)) of the first layer from which the share of
-    prediction neurons stays at least `min_share` (NaN if no layer reaches it)."""
-    s = shares.sort_index()
-    ok = (s >= min_share).to_numpy()
-    for i in range(len(ok)):
-        if ok[i:].all():
-            return float(s.index[i]) / max(n_layers - 1, 1)
-    return float("nan")
+def rise_depth(counts: pd.Series, n_layers: int, fraction: float = 0.1) -> float:
+    """Where prediction neurons rise (Fig 6a): the relative depth (layer / (n_layers - 1)) of the
+    first layer whose count (or share) of prediction neurons reaches `fraction` of the largest
+    per-layer value; NaN when no layer has any. The rule needs only per-layer counts, so it applies
+    to the paper's published counts as well as to ours."""
+    s = pd.Series(counts).sort_index()
+    if len(s) == 0 or not np.isfinite(s.max()) or s.max() <= 0:
+        return float("nan")
+    return float(s.index[np.argmax((s >= fraction * s.max()).to_numpy())]) / max(n_layers - 1, 1)
+
+
+def relative_depth(layer, n_layers: int):
+    """layer / (n_layers - 1): 0 for the first layer, 1 for the last."""
+    return layer / max(n_layers - 1, 1)
+
+
+def depth_pattern(moments: pd.DataFrame, n_layers: int, kurtosis_threshold: float = KURTOSIS_THRESHOLD) -> dict:
+    """The paper's depth claims measured on one model's W_U moments (Fig 6): the share of heavy-tailed
+    (kurtosis > threshold) neurons in the first half (relative depth < 0.5) and the last quarter
+    (>= 0.75) of the layers, whether the late share exceeds the early one (`late_pattern`), the
+    counts of prediction and suppression neurons in the last layer and whether suppression
+    dominates there, and `rise_depth` of the prediction share."""
+    cls = classify(moments, kurtosis_threshold)
+    depth = relative_depth(moments.layer, n_layers)
+    heavy = cls.isin(["prediction", "suppression"])
+    early, late = heavy[depth < 0.5], heavy[depth >= 0.75]
+    last = cls[moments.layer == n_layers - 1]
+    shares = class_shares_by_layer(moments, kurtosis_threshold)
+    return {"heavy_share_first_half": float(early.mean()) if len(early) else float("nan"),
+            "heavy_share_last_quarter": float(late.mean()) if len(late) else float("nan"),
+            "late_pattern": bool(late.mean() > early.mean()) if len(early) and len(late) else None,
+            "last_prediction": int((last == "prediction").sum()), "last_suppression": int((last == "suppression").sum()),
+            "suppression_dominates_last": bool((last == "suppression").sum() > (last == "prediction").sum()),
+            "rise_depth": rise_depth(shares["prediction"].reindex(range(n_layers), fill_value=0.0), n_layers)}
+
+
+def seed_consistency(moments: pd.DataFrame, n_layers: int, kurtosis_threshold: float = KURTOSIS_THRESHOLD,
+                     max_rel_range: float = 0.25) -> dict:
+    """Fig 6's consistency across seeds (`moments` with a `member` column): the largest, over
+    layers, seed range (max - min) of the 95th-percentile W_U kurtosis divided by its seed mean;
+    each seed's majority class among heavy-tailed last-layer neurons ("prediction", "suppression",
+    "tie" when equal, including none at all); `consistent` when the range is at most
+    `max_rel_range` and every seed has the same majority class."""
+    p95 = moments.groupby(["member", "layer"]).vocab_kurt.quantile(0.95).unstack("member")
+    rel = float(((p95.max(1) - p95.min(1)) / p95.mean(1)).max())
+    major = {}
+    for m, g in moments[moments.layer == n_layers - 1].groupby("member"):
+        c = classify(g, kurtosis_threshold).value_counts()
+        p, s_ = int(c.get("prediction", 0)), int(c.get("suppression", 0))
+        major[m] = "prediction" if p > s_ else "suppression" if s_ > p else "tie"
+    return {"max_rel_range_p95_kurt": rel, "last_layer_majority": major,
+            "consistent": bool(rel <= max_rel_range and len(set(major.values())) == 1)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,6 +474,42 @@ def w_out_cosine_fn(model, table: pd.DataFrame):
     return fn
 
 
+def vocab_effect_rows(model, table: pd.DataFrame, real_tokens: RealTokens | None = None) -> torch.Tensor:
+    """W_U w_out of the neurons in the rows of `table` (columns layer, neuron), in row order:
+    `[len(table), kept tokens]` float32."""
+    if len(table) == 0:
+        return torch.zeros(0, real_tokens.n_kept if real_tokens is not None else model.cfg.d_vocab)
+    w = torch.stack([neuron_weights(model, int(l)).w_out[int(n)].float() for l, n in zip(table.layer, table.neuron)])
+    wu = model.W_U.detach().float()
+    if real_tokens is not None:
+        wu = wu[:, torch.from_numpy(real_tokens.ids).to(wu.device)]
+    return w @ wu
+
+
+def class_masks(table: pd.DataFrame, classes: pd.DataFrame, d_vocab: int, column: str = "best_class") -> np.ndarray:
+    """`[len(table), d_vocab]` bool over model ids: the token class named in each row's `column`
+    (`classes` from `token_classes`, indexed by model id)."""
+    m = np.zeros((len(table), d_vocab), dtype=bool)
+    for i, c in enumerate(table[column]):
+        m[i, classes.index[classes[c].to_numpy()]] = True
+    return m
+
+
+def effect_by_class(model, table: pd.DataFrame, real_tokens: RealTokens, classes: pd.DataFrame,
+                    column: str = "best_class") -> pd.DataFrame:
+    """Figs 23 and 24 (left): for each neuron of `table`, W_U w_out on the tokens of its class
+    (`column`) and on the rest: long table (row, side, mean, std, q5, q25, q50, q75, q95)."""
+    eff = vocab_effect_rows(model, table, real_tokens).double().cpu().numpy()
+    out = []
+    for i, c in enumerate(table[column]):
+        inc = classes[c].to_numpy()
+        for side, v in (("in class", eff[i, inc]), ("other", eff[i, ~inc])):
+            q = np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95])
+            out.append({"row": i, "side": side, "mean": v.mean(), "std": v.std(),
+                        **dict(zip(["q5", "q25", "q50", "q75", "q95"], q))})
+    return pd.DataFrame(out)
+
+
 def effect_histograms(effect: torch.Tensor, in_class: np.ndarray, bins: int = 60) -> pd.DataFrame:
     """Fig 5 from counts: histogram of one neuron's W_U w_out `[kept tokens]`, split by `in_class`
     [kept tokens] bool (long: bin centre, side, count)."""
@@ -499,48 +583,115 @@ class SplitHistogram:
         return pd.DataFrame(rows)
 
 
+def _split_accumulator(model, rows, neurons: pd.DataFrame, class_masks: np.ndarray, drop_ids: Sequence[int],
+                       batch_size: int, hook: str, lo: float, hi: float, verbose: bool, desc: str = "next-token split"
+                       ) -> SplitHistogram:
+    layers = sorted({int(l) for l in neurons.layer})
+    names = [f"blocks.{l}.{hook}" for l in layers]
+    masks = torch.from_numpy(np.asarray(class_masks, dtype=bool))
+    stream = ActivationStream({MODEL: model}, rows, names, batch_size, drop_ids, lambda: {"split": SplitHistogram(len(neurons), lo, hi)},
+                              desc=desc, verbose=verbose, device=model.cfg.device)
+    for batch in stream:
+        acts = torch.stack([batch.acts[MODEL][f"blocks.{int(l)}.{hook}"][:, int(n)] for l, n in zip(neurons.layer, neurons.neuron)], 1)
+        nxt = torch.cat([batch.ids[:, 1:], torch.full_like(batch.ids[:, :1], -1)], dim=1)  # the next token; none at the end
+        nv = batch.valid(nxt)
+        keep = nv >= 0
+        y = masks[:, nv[keep]].T  # [tokens, neurons]: is the next token in this neuron's class
+        stream.accs["split"].update(acts[keep.to(acts.device)].float(), y)
+    return stream.merged()["split"]
+
+
+def _check_split_args(neurons: pd.DataFrame, class_masks: np.ndarray) -> pd.DataFrame:
+    neurons = neurons.reset_index(drop=True)
+    if class_masks.ndim != 2 or class_masks.shape[0] != len(neurons):
+        raise ValueError(f"class_masks must be [neurons, d_vocab]; got {class_masks.shape} for {len(neurons)} neurons")
+    return neurons
+
+
 def stream_next_token_split(model, rows, neurons: pd.DataFrame, class_masks: np.ndarray, drop_ids: Sequence[int],
                             batch_size: int = 8, hook: str = "mlp.hook_pre", lo: float = -10.0, hi: float = 15.0,
                             verbose: bool = False) -> pd.DataFrame:
     """Fig 24: the pre-activation of each neuron of `neurons` (layer, neuron), split by whether the
     NEXT token is in that neuron's class (`class_masks` `[len(neurons), d_vocab]` bool over model
-    ids), over the valid tokens of `rows` that have a next token. One `ActivationStream` pass;
-    returns `SplitHistogram.summary()` joined with `neurons`."""
-    neurons = neurons.reset_index(drop=True)
-    if class_masks.shape[0] != len(neurons):
-        raise ValueError(f"class_masks has {class_masks.shape[0]} rows for {len(neurons)} neurons")
-    layers = sorted({int(l) for l in neurons.layer})
-    names = [f"blocks.{l}.{hook}" for l in layers]
-    masks = torch.from_numpy(np.asarray(class_masks, dtype=bool))
-    stream = ActivationStream({MODEL: model}, rows, names, batch_size, drop_ids, lambda: {"split": SplitHistogram(len(neurons), lo, hi)},
-                              desc="next-token split", verbose=verbose, device=model.cfg.device)
-    for batch in stream:
-        acts = torch.stack([batch.acts[MODEL][f"blocks.{int(l)}.{hook}"][:, int(n)] for l, n in zip(neurons.layer, neurons.neuron)], 1)
-        nxt = torch.cat([batch.ids[:, 1:], torch.full_like(batch.ids[:, :1], -1)], dim=1)
-        nv = batch.valid(nxt)
-        keep = nv >= 0
-        y = masks[:, nv[keep]].T  # [tokens, neurons]
-        stream.accs["split"].update(acts[keep.to(acts.device)].float(), y)
-    out = stream.merged()["split"].summary()
-    return neurons.assign(index=np.arange(len(neurons))).merge(out, on="index").drop(columns="index")
+    ids), over the valid tokens of `rows` that have a next token (the last position has none).
+    One `ActivationStream` pass; returns `SplitHistogram.summary()` joined with `neurons`."""
+    neurons = _check_split_args(neurons, class_masks)
+    acc = _split_accumulator(model, rows, neurons, class_masks, drop_ids, batch_size, hook, lo, hi, verbose)
+    return _join(neurons, acc.summary())
+
+
+def _join(neurons: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    return neurons.assign(index=np.arange(len(neurons))).merge(summary, on="index").drop(columns="index")
 
 
 def next_token_conditioning(family, member: str, rows, neurons: pd.DataFrame, class_masks: np.ndarray,
-                            artifacts_dir: str | Path, batch_size: int = 8, verbose: bool = False) -> pd.DataFrame:
-    """`stream_next_token_split`, cached under `<artifacts>/next_token_split/`, keyed by the member's
-    weights, the rows' sha256, the neurons and their class masks."""
+                            artifacts_dir: str | Path, batch_size: int = 8, n_parts: int = 2, verbose: bool = False) -> pd.DataFrame:
+    """`stream_next_token_split` over `n_parts` consecutive parts of `rows`, cached under
+    `<artifacts>/next_token_split/` (keyed by the member's weights, the rows' sha256, the neurons and
+    their class masks). Returns one summary per part (`part` = "1 of 2", ...) and for all rows
+    (`part` = "all", the exact merge of the parts' histograms): the parts show how far the result
+    has converged at the token count used."""
+    neurons = _check_split_args(neurons, class_masks)
     ident = {"code_version": CODE_VERSION, "weights": family.identity[member], "rows_sha256": rows.sha256,
              "rows_shape": list(rows.ids.shape), "neurons": neurons[["layer", "neuron"]].astype(int).values.tolist(),
-             "classes": config_hash(np.flatnonzero(np.asarray(class_masks).ravel()).tolist(), 16),
+             "classes": config_hash(np.flatnonzero(np.asarray(class_masks).ravel()).tolist(), 16), "n_parts": int(n_parts),
              "drop_ids": sorted(int(i) for i in family.codec.drop_ids)}
 
     def compute(folder: Path) -> dict:
-        t = stream_next_token_split(family.load(member), rows, neurons, class_masks, family.codec.drop_ids, batch_size,
-                                    verbose=verbose)
-        atomic_write_parquet(t, folder / "split.parquet")
-        return {"n_neurons": len(neurons)}
+        from .data import TokenRows
+
+        model = family.load(member)
+        bounds = np.linspace(0, len(rows), n_parts + 1).astype(int)
+        accs, out = [], []
+        for k in range(n_parts):
+            part = TokenRows(rows.ids[bounds[k] : bounds[k + 1]])
+            acc = _split_accumulator(model, part, neurons, class_masks, family.codec.drop_ids, batch_size, "mlp.hook_pre",
+                                     -10.0, 15.0, verbose, desc=f"next-token split {k + 1}/{n_parts}")
+            accs.append(acc)
+            out.append(_join(neurons, acc.summary()).assign(part=f"{k + 1} of {n_parts}"))
+        total = SplitHistogram(len(neurons))
+        for a in accs:
+            total.merge(a)
+        out.append(_join(neurons, total.summary()).assign(part="all"))
+        atomic_write_parquet(pd.concat(out, ignore_index=True), folder / "split.parquet")
+        return {"n_neurons": len(neurons), "n_parts": int(n_parts)}
 
     return cached_result("next_token_split", ident, compute, root=artifacts_dir, prefix=f"{family.name}-{member}").table("split")
+
+
+def conditioning_effect(split: pd.DataFrame) -> pd.DataFrame:
+    """Per neuron (and part): mean pre-activation with the next token in its class minus without,
+    in units of the out-of-class standard deviation (columns `diff`, `effect_size`)."""
+    keys = [c for c in split.columns if c not in ("next_in_class", "n", "mean", "std", "q5", "q25", "q50", "q75", "q95")]
+    on = split[split.next_in_class].set_index(keys)
+    off = split[~split.next_in_class].set_index(keys)
+    out = pd.DataFrame({"n_in": on.n, "n_out": off.n, "mean_in": on["mean"], "mean_out": off["mean"],
+                        "diff": on["mean"] - off["mean"]})
+    out["effect_size"] = out["diff"] / off["std"].where(off["std"] > 0)
+    return out.reset_index()
+
+
+def sign_test(diffs: Sequence[float]) -> dict:
+    """Two-sided exact binomial sign test over neurons (the unit of inference) that the differences
+    are as often positive as negative: {n, positive, p_value}."""
+    from scipy.stats import binomtest
+
+    d = np.asarray([x for x in diffs if np.isfinite(x) and x != 0])
+    if len(d) == 0:
+        return {"n": 0, "positive": 0, "p_value": float("nan")}
+    pos = int((d > 0).sum())
+    return {"n": len(d), "positive": pos, "p_value": float(binomtest(pos, len(d), 0.5).pvalue)}
+
+
+def direction_test(effects: pd.DataFrame, direction: str = "suppresses", n_tests: int = 1, part: str = "all") -> dict:
+    """Fig 24's finding as a test: among the neurons of `effects` (`conditioning_effect` rows with a
+    `direction` column) that `direction` their class, the sign test over neurons of "the mean
+    pre-activation is higher when the next token is in the class", Bonferroni-corrected for
+    `n_tests` tests: {n, positive, p_value, p_bonferroni, median_effect_size}."""
+    d = effects[(effects.part == part) & (effects.direction == direction)]
+    st = sign_test(d["diff"].to_numpy())
+    return {**st, "p_bonferroni": min(1.0, st["p_value"] * n_tests) if st["n"] else float("nan"),
+            "median_effect_size": float(d.effect_size.median()) if len(d) else float("nan")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,15 +699,17 @@ def next_token_conditioning(family, member: str, rows, neurons: pd.DataFrame, cl
 # --------------------------------------------------------------------------------------------
 
 
-def member_vocab_moments(family, member: str, artifacts_dir: str | Path, verbose: bool = False) -> pd.DataFrame:
+def member_vocab_moments(family, member: str, artifacts_dir: str | Path, neurons_per_layer: int | None = None,
+                         verbose: bool = False) -> pd.DataFrame:
     """`vocab_moments` of one member over its real next tokens, cached under
-    `<artifacts>/vocab_moments/`, keyed by the member's weights and the excluded columns."""
+    `<artifacts>/vocab_moments/`, keyed by the member's weights, the excluded columns and the slice."""
     model = family.load(member)
     real = real_token_mask(family, model)
-    ident = {"code_version": CODE_VERSION, "weights": family.identity[member], "real_tokens": real.key()}
+    ident = {"code_version": CODE_VERSION, "weights": family.identity[member], "real_tokens": real.key(),
+             "neurons_per_layer": neurons_per_layer}
 
     def compute(folder: Path) -> dict:
-        t = vocab_moments(model, real, verbose=verbose)
+        t = vocab_moments(model, real, neurons_per_layer=neurons_per_layer, verbose=verbose)
         atomic_write_parquet(t, folder / "moments.parquet")
         return {"null_var": t.attrs["null_var"], "n_kept": real.n_kept}
 
