@@ -177,3 +177,38 @@ def test_split_histogram_merges_and_rejects_bad_shapes():
         whole.update(x, y[:, :2])
     with pytest.raises(ValueError):
         vocab.classify(pd.DataFrame({"vocab_kurt": [1.0], "vocab_skew": [0.0], "var_ratio": [1.0]}), kurtosis_threshold=0)
+
+
+def test_class_helpers_and_the_sign_test(planted):
+    model, codec, strings, real, moments = planted
+    classes = vocab.token_classes(real)
+    t = pd.DataFrame({"layer": [1, 1], "neuron": [PRED, SUPP], "best_class": ["is_year", "is_year"]})
+    m = vocab.class_masks(t, classes, len(strings))
+    assert m.shape == (2, len(strings)) and sorted(np.flatnonzero(m[0])) == sorted(strings.index(y) for y in YEARS)
+    e = vocab.effect_by_class(model, t, real, classes).set_index(["row", "side"])
+    assert e.loc[(0, "in class"), "mean"] > e.loc[(0, "other"), "q95"]  # the predictor raises years above almost all else
+    assert e.loc[(1, "in class"), "mean"] < e.loc[(1, "other"), "q5"]
+    eff = pd.DataFrame({"part": "all", "direction": ["suppresses"] * 8 + ["predicts"] * 3, "diff": [1.0] * 8 + [-1.0] * 3,
+                        "effect_size": 0.5})
+    r = vocab.direction_test(eff, "suppresses", n_tests=2)
+    assert (r["n"], r["positive"]) == (8, 8) and r["p_value"] == pytest.approx(2 / 2 ** 8) and r["p_bonferroni"] == pytest.approx(4 / 2 ** 8)
+    assert vocab.rise_depth(pd.Series({0: 0, 1: 1, 2: 5, 3: 10}), 4) == pytest.approx(1 / 3)
+    assert np.isnan(vocab.rise_depth(pd.Series({0: 0, 1: 0}), 2))
+
+
+def test_hf_tokenizer_special_tokens_and_padding_columns_are_excluded():
+    class Added:
+        def __init__(self, content, special):
+            self.content, self.special = content, special
+
+        def __str__(self):
+            return self.content
+
+    tok = SimpleNamespace(added_tokens_decoder={0: Added("<|endoftext|>", True), 1: Added("<|im_start|>", True),
+                                                4: Added("extra", False)}, pad_token_id=None)
+    codec = SimpleNamespace(tokenizer=tok, token_strings=lambda: ["<|endoftext|>", "<|im_start|>", " a", "b", "extra"],
+                            bos_id=0, d_vocab=5)
+    model = SimpleNamespace(cfg=SimpleNamespace(d_vocab=7))
+    real = vocab.real_token_mask(codec, model)
+    assert real.excluded.id.tolist() == [0, 1, 5, 6] and real.kept_strings == [" a", "b", "extra"]
+    assert real.excluded.set_index("id").reason[5].startswith("padding column")
