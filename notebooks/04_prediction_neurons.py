@@ -227,16 +227,19 @@ display(by_set.style.format(precision=3))
 # Chapter 03's token features applied to the vocabulary strings (GPT-2's string for each entry of
 # the embedded family's reduced vocabulary, SmolLM2's own otherwise). For each neuron, each class's
 # variance reduction of W_U w_out over the kept tokens, and the mean difference in-class minus
-# out-of-class (positive: the neuron raises the class). Explained: every neuron of the embedded
+# out-of-class (positive: the neuron raises the class). A prediction neuron's best class is the one
+# of highest VR among those it raises, a suppression neuron's among those it lowers (the tail that
+# makes it heavy-tailed); other neurons take any class. Explained: every neuron of the embedded
 # reference member, and every classified neuron of SmolLM2.
 
 # %%
 classes = vocab.token_classes(real)
 classes_sm = vocab.token_classes(real_sm)
-ex = vocab.explain_effects(vocab.vocab_effect(ref_model, None, real), classes,
-                           mom[mom.member == reference].reset_index(drop=True))
+ref_rows = mom[mom.member == reference].reset_index(drop=True)
+ex = vocab.explain_effects(vocab.vocab_effect(ref_model, None, real), classes, ref_rows, sign=vocab.class_sign(ref_rows.vocab_class))
 sm_sel = mom_sm[mom_sm.vocab_class != "none"].sort_values(["layer", "neuron"]).reset_index(drop=True)
-ex_sm = vocab.explain_effects(vocab.vocab_effect_rows(sm_model, sm_sel, real_sm), classes_sm, sm_sel)
+ex_sm = vocab.explain_effects(vocab.vocab_effect_rows(sm_model, sm_sel, real_sm), classes_sm, sm_sel,
+                              sign=vocab.class_sign(sm_sel.vocab_class))
 print(f"{classes.shape[1]} token classes with at least 5 members on the {fam.name} vocabulary, {classes_sm.shape[1]} on "
       f"{single_model}'s")
 show_cols = ["layer", "neuron", "vocab_class", "vocab_kurt", "vocab_skew", "var_ratio", "class_words", "direction", "best_vr",

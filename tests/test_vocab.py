@@ -212,3 +212,15 @@ def test_hf_tokenizer_special_tokens_and_padding_columns_are_excluded():
     real = vocab.real_token_mask(codec, model)
     assert real.excluded.id.tolist() == [0, 1, 5, 6] and real.kept_strings == [" a", "b", "extra"]
     assert real.excluded.set_index("id").reason[5].startswith("padding column")
+
+
+def test_sign_restricts_the_best_class_to_the_raised_or_lowered_ones(planted):
+    model, codec, strings, real, moments = planted
+    classes = vocab.token_classes(real)
+    eff = vocab.vocab_effect(model, 1, real, neurons=[PRED, SUPP])
+    free = vocab.explain_effects(eff, classes)
+    assert (free.best_class == "is_year").all()
+    # told that both raise their class, the suppressor can no longer take "years" (which it lowers)
+    forced = vocab.explain_effects(eff, classes, sign=np.array([1, 1]))
+    assert forced.best_class[0] == "is_year" and forced.best_class[1] != "is_year" and forced.direction[1] == "predicts"
+    assert list(vocab.class_sign(["prediction", "suppression", "partition"])) == [1, -1, 0]

@@ -407,14 +407,17 @@ def describe_class(name: str) -> str:
 
 
 def explain_effects(effect: torch.Tensor, classes: pd.DataFrame, neurons: pd.DataFrame | None = None,
-                    block: int = 1024) -> pd.DataFrame:
+                    block: int = 1024, sign: np.ndarray | None = None) -> pd.DataFrame:
     """Each neuron's best token class for its vocabulary effect (Figs 5, 23).
 
     `effect` `[neurons, kept tokens]` (raw W_U w_out, columns in the order of `classes.index`);
     `classes` `[kept tokens, classes]` bool (`token_classes`). For each neuron and class the variance
     reduction (eq. 4, over tokens instead of activations) and the mean difference of the effect
     (in-class minus out-of-class mean, logit units). The best class is the one of highest VR;
-    `direction` is "predicts" when its mean difference is positive, else "suppresses".
+    `direction` is "predicts" when its mean difference is positive, else "suppresses". `sign`
+    [neurons] (+1, -1 or 0) restricts a neuron's candidates to the classes it raises (+1: a
+    prediction neuron's class is one it predicts) or lowers (-1); 0 leaves them all (see
+    `class_sign`).
     Returns `neurons` (or a 0..n-1 `row` column) with best_class, best_vr, mean_diff, direction,
     runner_up, runner_up_vr, class_words."""
     if effect.shape[1] != len(classes):
@@ -427,6 +430,9 @@ def explain_effects(effect: torch.Tensor, classes: pd.DataFrame, neurons: pd.Dat
         acc.update(effect[s : s + block].T.double().cpu(), y)
         vr = torch.nan_to_num(acc.variance_reduction(), nan=-1.0)
         m1, m0 = acc.means()
+        if sign is not None:
+            sg = torch.as_tensor(np.asarray(sign)[s : s + block], dtype=torch.float64)[:, None]
+            vr = vr.masked_fill((sg != 0) & (sg * (m1 - m0) <= 0), -1.0)
         top = vr.topk(min(2, vr.shape[1]), dim=1)
         best = top.indices[:, 0]
         idx = torch.arange(len(best))
@@ -440,6 +446,12 @@ def explain_effects(effect: torch.Tensor, classes: pd.DataFrame, neurons: pd.Dat
     res["class_words"] = res.best_class.map(describe_class)
     base = neurons.reset_index(drop=True) if neurons is not None else pd.DataFrame({"row": np.arange(len(res))})
     return pd.concat([base, res], axis=1)
+
+
+def class_sign(vocab_class) -> np.ndarray:
+    """+1 for prediction neurons, -1 for suppression neurons, 0 otherwise (for `explain_effects`)."""
+    c = np.asarray(vocab_class)
+    return np.where(c == "prediction", 1, np.where(c == "suppression", -1, 0))
 
 
 def ensembles(table: pd.DataFrame, w_out_cos=None, min_vr: float = 0.0, antipodal: float = ANTIPODAL_COS) -> pd.DataFrame:
