@@ -154,6 +154,36 @@ REGISTRY: tuple[PaperNumber, ...] = tuple([
                 "§5.3, Figs 8, 26 (examples only)", None,
                 "this book's test across many pairs, scored by the caller: the 95% bootstrap interval of the Spearman "
                 "correlation between h_n x mean activation and the measured mean effect lies above 0"),
+    # --- §5.1 (chapter 04): prediction, suppression and partition neurons --------------------------
+    PaperNumber("wu_kurtosis_threshold", MEDIUM, 10, "reference code (`vocab_kurt > 10`; PAPER.md §5a)", None,
+                "W_U kurtosis above which a neuron is a prediction (skew > 0) or suppression (skew < 0) neuron"),
+    PaperNumber("prediction_rise_depth", MEDIUM, 0.5, "§5.1, Fig 6a (prediction neurons become common 'after about "
+                "the midpoint')", 0.25, "relative depth layer / (layers - 1); ours by `vocab.rise_depth` (the first layer "
+                "whose count of prediction neurons reaches 10% of the largest per-layer count; the notebook applies the same "
+                "rule to universal_wu_kurt_gt10_by_layer); tolerance: 'about the midpoint' read as 0.25-0.75"),
+    PaperNumber("suppression_last_layer", MEDIUM, "suppression neurons dominate the very last layer", "§5.1, Fig 6b,c", None,
+                "a claim, scored by the caller: in the last layer, suppression neurons outnumber prediction neurons"),
+    PaperNumber("wu_seed_consistency", MEDIUM, "the per-layer W_U pattern is very consistent across the five seeds",
+                "§5.1, Fig 6 (min-max bands over seeds a-e)", None,
+                "a claim, scored by the caller: `vocab.seed_consistency` (every layer's 95th-percentile W_U kurtosis within "
+                "25% of its seed mean, and the same majority class among heavy-tailed last-layer neurons in every seed)"),
+    PaperNumber("wu_pattern_tied", MEDIUM, "heavy-tailed (prediction/suppression) neurons concentrate in late layers "
+                "with tied embeddings (GPT2)", "§5.1, Fig 6", None,
+                "a claim, scored by the caller: the share of heavy-tailed neurons in the last quarter of the layers exceeds "
+                "that in the first half"),
+    PaperNumber("wu_pattern_untied", MEDIUM, "the same late-layer pattern with untied embeddings (Pythia 410M-6.9B; "
+                "GPT2-medium is the tied model it is compared with)",
+                "§5.1, App. Fig 22", None, "a claim, scored by the caller with the rule of wu_pattern_tied"),
+    PaperNumber("universal_wu_kurt_gt10_by_layer", MEDIUM, ((14, 4), (15, 8), (16, 11), (17, 16), (18, 24), (19, 28),
+                                                            (20, 31), (21, 37), (22, 50), (23, 77)),
+                "reference notebook (PAPER.md §4, 'also mentioned')", None,
+                "(layer, universal neurons with W_U kurtosis > 10) in GPT2-medium-a; almost none before layer 14 of 24"),
+    PaperNumber("suppression_fires_on_class", MEDIUM, "suppression neurons fire more when the next token is in "
+                "their class", "§5.1, Fig 24", None,
+                "a claim, scored by the caller: most tested suppression neurons have a higher mean pre-activation when "
+                "the next token is in their class (sign test over neurons)"),
+    PaperNumber("antipodal_cos", MEDIUM, -0.8, "§5.1 (ensembles; PAPER.md §5a)", None,
+                "cos(w_out_i, w_out_j) below which two neurons of a class ensemble count as an antipodal pair"),
 ])
 
 _INDEX = {(e.key, e.model): e for e in REGISTRY}

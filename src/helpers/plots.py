@@ -224,3 +224,35 @@ def heuristic_vs_effect(summary, title: str) -> go.Figure:
     fig.add_vline(x=0, line_color="gray", line_dash="dot")
     return style(fig, title, x="h_n × mean activation (predicted BOS-logit shift)",
                  y="mean contribution to p(BOS): clean − ablated", legend="model, pairs", height=480)
+def percentile_bands(long, x: str = "layer", value: str = "value", group: str = "percentile", member: str = "member",
+                     dashed=None, x_title: str | None = None) -> go.Figure:
+    """Fig 6a,b: one line per `group` value (e.g. the 5/10/50/90/95th percentile) of the mean over
+    `member`s of `value` against `x`, with the min-max band over members shaded. `dashed`: a second
+    long table of the same shape (e.g. the untrained control) drawn as dashed mean lines."""
+    fig = go.Figure()
+    for i, (g, part) in enumerate(long.groupby(group, sort=True)):
+        color = MEMBER_COLORS[i % len(MEMBER_COLORS)]
+        agg = part.groupby(x)[value].agg(["mean", "min", "max"]).reset_index()
+        fig.add_scatter(x=agg[x], y=agg["max"], mode="lines", line=dict(width=0, color=color), showlegend=False,
+                        hoverinfo="skip", legendgroup=str(g))
+        fig.add_scatter(x=agg[x], y=agg["min"], mode="lines", line=dict(width=0, color=color), fill="tonexty",
+                        opacity=0.25, showlegend=False, hoverinfo="skip", legendgroup=str(g))
+        fig.add_scatter(x=agg[x], y=agg["mean"], mode="lines+markers", line=dict(color=color), name=f"{g}th",
+                        legendgroup=str(g))
+        if dashed is not None:
+            d = dashed[dashed[group] == g].groupby(x)[value].mean().reset_index()
+            fig.add_scatter(x=d[x], y=d[value], mode="lines", line=dict(color=color, dash="dot"), name=f"{g}th (control)",
+                            legendgroup=str(g))
+    return fig
+
+
+def split_quantile_boxes(df, x: str, side: str, title: str, y: str, names: dict | None = None) -> go.Figure:
+    """Boxes drawn from precomputed quantiles (`q5`, `q25`, `q50`, `q75`, `q95` columns; whiskers at
+    the 5th and 95th percentiles), one per `x` value and `side` value (Fig 24)."""
+    fig = go.Figure()
+    for i, (s, part) in enumerate(df.groupby(side, sort=True)):
+        fig.add_trace(go.Box(x=list(part[x]), q1=list(part.q25), median=list(part.q50), q3=list(part.q75),
+                             lowerfence=list(part.q5), upperfence=list(part.q95),
+                             name=(names or {}).get(s, str(s)), marker_color=MEMBER_COLORS[i % len(MEMBER_COLORS)]))
+    fig.update_layout(boxmode="group")
+    return style(fig, title, x=x, y=y, legend=side)
