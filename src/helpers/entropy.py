@@ -200,3 +200,101 @@ def unembed_cosines(model, neurons) -> pd.DataFrame:
         w = neuron_weights(model, int(l)).w_out[int(n)].detach().double()
         out.append(pd.DataFrame({"layer": int(l), "neuron": int(n), "cos": ((w / w.norm()) @ U).numpy()}))
     return pd.concat(out, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------- one model's study
+@dataclass
+class Study:
+    """Everything the chapter shows for one model: the weight table, its spectrum, the chosen neurons
+    (`neurons`: layer, neuron, role, act_min/act_max/act_mean, scale of the grid), and the sweep."""
+
+    name: str
+    table: pd.DataFrame
+    spectrum: Spectrum
+    neurons: pd.DataFrame
+    partner_cos: float
+    sweep: pd.DataFrame
+    seconds: float | None = None
+
+    def role(self, role: str) -> pd.DataFrame:
+        return self.neurons[self.neurons.role == role]
+
+
+def _grid_scale(act_min: float, act_max: float) -> float:
+    """The activation the paper's grid top (6) is mapped to: the largest activation seen, or, for a
+    neuron that never goes above 0 (a gated neuron can be negative), the largest magnitude."""
+    return act_max if act_max > 0 else abs(act_min)
+
+
+def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_candidates: int = 2, n_random: int = 20,
+          seed: int = 0, rows_random=None, random_grid=None, stats: pd.DataFrame | None = None, batch_size: int = 4,
+          random_modes: tuple[str, ...] = ("total",), verbose: bool = True) -> Study:
+    """Identify the entropy neurons of `model` from its weights and sweep them (Figs 7, 1f, 25).
+
+    Candidates (`entropy.candidates`, `n_candidates`, roles "entropy" and "candidate 2", ...), the top
+    candidate's anti-entropy partner ("anti-entropy", by cos of w_out) and `n_random` baseline neurons
+    ("random", seeded with `seed`). Each neuron's grid is the paper's, scaled to the largest activation
+    it reaches on `rows` (`interventions.scaled_grid`). Candidates and the partner are swept on `rows`
+    in both modes; the random neurons on `rows_random` (default `rows`) in `random_modes`, on the
+    grid points `random_grid` (paper units; default the whole grid). Cached by content."""
+    import time
+
+    from . import interventions as iv
+    from .data import TokenRows
+
+    t0 = time.time()
+    rows = TokenRows.of(rows)
+    rows_random = rows if rows_random is None else TokenRows.of(rows_random)
+    sp = unembed_spectrum(model)
+    table = entropy_table(model, sp, stats=stats)
+    cand = candidates(table, k=n_candidates)
+    top = cand.iloc[0]
+    partner = anti_partner(model, int(top.layer), int(top.neuron))
+    rand = random_baseline(table, n_random, seed)
+    chosen = pd.concat([
+        cand[["layer", "neuron"]].assign(role=["entropy"] + [f"candidate {i + 2}" for i in range(len(cand) - 1)]),
+        pd.DataFrame([{"layer": partner["layer"], "neuron": partner["neuron"], "role": "anti-entropy"}]),
+        rand[["layer", "neuron"]].assign(role="random"),
+    ]).drop_duplicates(["layer", "neuron"]).reset_index(drop=True)
+    ranges = iv.activation_ranges(model, rows, list(zip(chosen.layer, chosen.neuron)), drop_ids, batch_size)
+    chosen = chosen.merge(ranges, on=["layer", "neuron"])
+    chosen["grid_scale"] = [_grid_scale(a, b) for a, b in zip(chosen.act_min, chosen.act_max)]
+    chosen = chosen[chosen.grid_scale > 0].reset_index(drop=True)
+    grid = iv.paper_grid()
+    rgrid = grid if random_grid is None else np.asarray(random_grid, dtype=np.float64)
+
+    def target(r, g, modes):
+        return iv.Target(int(r.layer), int(r.neuron), iv.scaled_grid(r.grid_scale, grid)[np.isin(grid, g)], g, r.role, modes)
+
+    main = [target(r, grid, iv.MODES) for r in chosen.itertuples() if r.role != "random"]
+    base = [target(r, rgrid, tuple(random_modes)) for r in chosen.itertuples() if r.role == "random"]
+    sweeps = [iv.cached_sweep(model, model_id, rows, main, drop_ids, artifacts_dir, batch_size, verbose=verbose, prefix=name)]
+    if base:
+        s = iv.cached_sweep(model, model_id, rows_random, base, drop_ids, artifacts_dir, batch_size, verbose=verbose, prefix=name)
+        if rows_random is not rows:  # another token set: its rows and its unintervened run kept apart
+            s = s.assign(row=s.row + 10**6, mode=s["mode"].replace("nominal", "nominal (random rows)"))
+        sweeps.append(s)
+    sweep = pd.concat(sweeps, ignore_index=True)
+    return Study(name, table, sp, chosen, partner["cos"], sweep, time.time() - t0)
+
+
+def seed_summary(studies: dict) -> pd.DataFrame:
+    """One row per model: its top candidate, ranks, null-space fraction (and its multiple of a random
+    direction's), the anti-entropy partner's cosine, and the total effect of the top candidate at the
+    grid's top vs 0 on the scale, entropy and reciprocal rank, with monotonicity."""
+    from . import interventions as iv
+
+    out = []
+    for name, s in studies.items():
+        top = s.role("entropy").iloc[0]
+        t = s.table.set_index(["layer", "neuron"]).loc[(int(top.layer), int(top.neuron))]
+        eff = iv.effect_summary(s.sweep)
+        e = eff[(eff.role == "entropy") & (eff["mode"] == "total")].iloc[0]
+        rnd = eff[(eff.role == "random") & (eff["mode"] == "total")]
+        out.append({"model": name, "neuron": f"L{int(top.layer)}.{int(top.neuron)}", "l2_rank": int(t.l2_rank),
+                    "vocab_var_rank": int(t.vocab_var_rank), "null_frac": float(t.null_frac), "null_ratio": float(t.null_ratio),
+                    "k": s.spectrum.k, "partner_cos": s.partner_cos, "d_scale": e.d_scale, "d_entropy": e.d_entropy, "d_rr": e.d_rr,
+                    "monotone": bool(e.scale_monotone and e.entropy_monotone and e.scale_direction == 1 and e.entropy_direction == 1),
+                    "top1_same_min": e.top1_same_min,
+                    "random_max_abs_d_entropy": float(rnd.d_entropy.abs().max()) if len(rnd) else np.nan})
+    return pd.DataFrame(out).set_index("model")

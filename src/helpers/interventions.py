@@ -317,15 +317,11 @@ def halves(table: pd.DataFrame) -> pd.DataFrame:
     second half of the token rows: the largest absolute difference between the halves per (neuron,
     mode, metric), and the range of the effect on all rows. A curve has converged where the halves
     differ by little compared with how much it moves."""
-    rows = np.sort(table.row.unique())
-    half = pd.Series(np.where(table.row.isin(rows[: len(rows) // 2]), "first", "second"), index=table.index)
-    c = curves(table.assign(half=half), by=["half"])
-    c = c[c["mode"] != "nominal"]
     out = []
-    for (l, n, role, mode), g in c.groupby(["layer", "neuron", "role", "mode"]):
-        a = g[g.half == "first"].set_index("grid").sort_index()
-        b = g[g.half == "second"].set_index("grid").sort_index()
-        whole = curves(table[(table.layer == l) & (table.neuron == n) & (table["mode"] == mode)]).set_index("grid").sort_index()
+    for (l, n, role, mode), g in table[~table["mode"].str.startswith("nominal")].groupby(["layer", "neuron", "role", "mode"]):
+        rows = np.sort(g.row.unique())
+        first = g.row.isin(rows[: len(rows) // 2])
+        a, b, whole = (curves(x).set_index("grid").sort_index() for x in (g[first], g[~first], g))
         for k in ("scale", "entropy", "loss", "rr"):
             ea, eb, ew = (x[k] - x[k].iloc[int(np.argmin(np.abs(x.index.to_numpy())))] for x in (a, b, whole))
             out.append({"layer": l, "neuron": n, "role": role, "mode": mode, "metric": k,
@@ -341,7 +337,7 @@ def effect_summary(table: pd.DataFrame) -> pd.DataFrame:
     lowest over the grid). The grid's negative point is left out of the monotonicity check: there
     the activation is below 0, where a neuron writes its vector reversed."""
     c = curves(table)
-    c = c[(c["mode"] != "nominal") & (c.grid >= 0)].sort_values("grid")
+    c = c[~c["mode"].str.startswith("nominal") & (c.grid >= 0)].sort_values("grid")
     out = []
     for (l, n, role, mode), g in c.groupby(["layer", "neuron", "role", "mode"]):
         top, zero = g.iloc[-1], g.iloc[(g.grid - 0).abs().argmin()]
