@@ -52,7 +52,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from helpers import entropy, families, interventions, neuron_stats, paper, plots, presets, report
+from helpers import entropy, families, interventions, paper, plots, presets, report
 from helpers.data import TokenRows
 from helpers.presets import resolve_dir
 
@@ -83,8 +83,9 @@ full_size = params.n_tokens_single >= 50_000  # the book's preset, not the CI on
 rows_all = fam.token_table(params.n_tokens)
 n_rows = max(2, min(len(rows_all), 2048 // rows_all.n_ctx))
 rows = TokenRows(rows_all.ids[:n_rows])
-ctx_single = 512 if full_size else 128
+ctx_single = 512 if full_size else 64
 n_rows_single, n_rows_single_random = (4, 2) if full_size else (2, 2)
+n_random_single = n_random if full_size else 5  # CI: 5 random neurons of SmolLM2 keep the test run short
 random_grid_single = (-0.17, 0.0, 3.0, 6.0)  # SmolLM2's random neurons: 4 of the 8 grid points
 print(f"embedded: {n_rows} rows x {rows.n_ctx} tokens; {single_model}: {n_rows_single} rows x {ctx_single} tokens "
       f"(random neurons: {n_rows_single_random} rows, grid points {random_grid_single})")
@@ -106,9 +107,6 @@ control_fam = families.load_family("embedded-untrained", params, device=device) 
 control = control_fam.load(reference) if control_fam else None
 single = families.load_family(single_model, params, device=device)
 sm_model = single.load(single.reference)
-# SmolLM2's L2 penalty and vocabulary-effect variance: chapter 02's cached statistics table (the
-# same weight statistics; computing them again costs minutes for the max-cosine columns).
-sm_stats = neuron_stats.member_neuron_stats(single, params.n_tokens_single, art, batch_size=8, verbose=False)
 spectra = {f"{fam.name}-{reference}": entropy.unembed_spectrum(model), single_model: entropy.unembed_spectrum(sm_model)}
 if control is not None:
     spectra[f"untrained control-{reference}"] = entropy.unembed_spectrum(control)
@@ -136,9 +134,13 @@ display(pd.DataFrame({k: {"d_model": s.d, "exact zeros left out": s.n_zero, "nul
 # nearly opposite (`entropy.anti_partner`). The random baseline is the paper's: 20 late neurons drawn
 # with the preset's seed, excluding the top decile of L2 penalty and the bottom decile of vocabulary
 # variance. Each neuron's grid is the paper's (−0.17, 0, 1, …, 6) **scaled** so that 6 is the largest
-# activation the neuron reaches on the token set (−0.17 keeps its ratio to it): a GELU neuron of
+# magnitude the neuron's activation reaches on the token set, max(act_max, −act_min), floored at the
+# median of that over its layer (`entropy.grid_scales`); −0.17 keeps its ratio to 6. A GELU neuron of
 # GPT2-medium reaches a few units, ours reach other ranges, so the paper's absolute values would
-# over- or under-drive them. Plots use the paper's units on the x-axis.
+# over- or under-drive them; the floor keeps a nearly silent neuron (one that writes a huge vector
+# but rarely fires on this text) from being driven to almost nothing. Plots use the paper's units on
+# the x-axis; the table gives each neuron's scale. For SmolLM2 the ranks are among its last two
+# layers' neurons (the weight statistics of all 46k neurons cost minutes for nothing used here).
 
 # %%
 studies = {}
@@ -151,9 +153,9 @@ if control is not None:
                                       n_candidates=1, n_random=n_random, seed=seed, random_grid=random_grid_single, batch_size=8)
 sm_rows = TokenRows(single.token_table(params.n_tokens_single).ids[:, :ctx_single])
 studies[single_model] = entropy.study(sm_model, single_model, single.identity[single.reference], TokenRows(sm_rows.ids[:n_rows_single]),
-                                      single.codec.drop_ids, art, n_candidates=1, n_random=n_random, seed=seed,
+                                      single.codec.drop_ids, art, n_candidates=1, n_random=n_random_single, seed=seed,
                                       rows_random=TokenRows(sm_rows.ids[n_rows_single:n_rows_single + n_rows_single_random]),
-                                      random_grid=random_grid_single, stats=sm_stats, batch_size=2)
+                                      random_grid=random_grid_single, late_only=True, batch_size=2)
 chosen = pd.concat({k: s.neurons.merge(s.table, on=["layer", "neuron"])[
     ["layer", "neuron", "role", "l2_penalty", "l2_rank", "vocab_var", "vocab_var_rank", "w_out_norm", "null_frac", "null_ratio",
      "act_min", "act_max", "grid_scale"]] for k, s in studies.items()}, names=["model", None]).droplevel(1)
@@ -170,22 +172,11 @@ display(chosen[chosen.role == "random"].groupby("model")[["l2_penalty", "vocab_v
 # token's unembedding.
 
 # %%
-for k, s in studies.items():
-    late = s.table[s.table.late]
-    fig = px.histogram(late, x="l2_penalty", nbins=80, log_y=True, color_discrete_sequence=["#7f7f7f"])
-    for r in s.neurons[s.neurons.role != "random"].itertuples():
-        x = float(s.table.set_index(["layer", "neuron"]).loc[(r.layer, r.neuron), "l2_penalty"])
-        fig.add_vline(x=x, line_color=plots.ROLE_COLORS.get(r.role, "#333"), annotation_text=f"{r.role} L{r.layer}.{r.neuron}",
-                      annotation_textangle=-90)
-    plots.style(fig, f"Fig 7a · L2 penalty of the last two layers' neurons · {k}", x="‖w_in‖² + ‖w_out‖²", y="neurons (log)")
-    fig.show()
+plots.show_all(plots.l2_histogram(s.table[s.table.late], s.neurons[s.neurons.role != "random"].merge(s.table[["layer", "neuron", "l2_penalty"]]),
+                                  f"Fig 7a · L2 penalty of the last two layers' neurons · {k}") for k, s in studies.items())
 models_by_name = {name_ref: model, single_model: sm_model, **({name_ctl: control} if control is not None else {})}
-cos_long = []
-for k, s in studies.items():
-    sel = s.neurons[s.neurons.role.isin(["entropy", "anti-entropy", "random"])]
-    c = entropy.unembed_cosines(models_by_name[k], list(zip(sel.layer, sel.neuron))).merge(sel[["layer", "neuron", "role"]])
-    cos_long.append(c.assign(model=k))
-cos_long = pd.concat(cos_long)
+cos_long = pd.concat([entropy.unembed_cosines(models_by_name[k], list(zip(sel.layer, sel.neuron))).merge(sel[["layer", "neuron", "role"]]).assign(model=k)
+                      for k, sel in ((k, s.neurons[s.neurons.role.isin(["entropy", "anti-entropy", "random"])]) for k, s in studies.items())])
 fig = px.histogram(cos_long, x="cos", color="role", facet_col="model", barmode="overlay", histnorm="probability density",
                    nbins=120, color_discrete_map=plots.ROLE_COLORS, height=380)
 fig.update_xaxes(matches=None)
@@ -203,15 +194,11 @@ display(cos_sd.rename(columns=lambda c: f"sd of cos ({c})").style.format(precisi
 # so the result does not hang on the chosen k.
 
 # %%
-for k, s in studies.items():
-    late = s.table[s.table.late].merge(s.neurons[["layer", "neuron", "role"]], on=["layer", "neuron"], how="left")
-    late["role"] = late.role.fillna("other")
-    fig = px.scatter(late, x="w_out_norm", y="null_frac", color="role", opacity=0.7, hover_data=["layer", "neuron"],
-                     color_discrete_map={**plots.ROLE_COLORS, "other": "#dddddd"}, log_y=True)
-    fig.add_hline(y=s.spectrum.random_fraction, line_dash="dot", line_color="gray")
-    plots.style(fig, f"Null-space fraction vs norm · {k} (k = {s.spectrum.k}; dotted: a random direction)", x="‖w_out‖",
-                y="share of ‖w_out‖² in W_U's null space (log)", legend="neuron")
-    fig.show()
+late_roles = {k: s.table[s.table.late].merge(s.neurons[["layer", "neuron", "role"]], on=["layer", "neuron"], how="left").fillna({"role": "other"})
+              for k, s in studies.items()}
+plots.show_all(plots.null_fraction_scatter(late_roles[k], s.spectrum.random_fraction,
+                                           f"Null-space fraction vs norm · {k} (k = {s.spectrum.k}; dotted: a random direction)")
+               for k, s in studies.items())
 curve_k = pd.concat([entropy.null_fraction_curve(models_by_name[k], s.spectrum, list(zip(s.role("entropy").layer, s.role("entropy").neuron)),
                                                  sorted({1, 2, 4, 8, 16, 32, s.spectrum.k})).assign(model=k)
                      for k, s in studies.items()])
@@ -227,8 +214,7 @@ display(curve_k.pivot_table(index="k", columns="model", values=["null_frac", "ra
 # %%
 curves = {k: interventions.curves(s.sweep) for k, s in studies.items()}
 noms = {k: interventions.nominal(s.sweep) for k, s in studies.items()}
-for k in studies:
-    plots.intervention_curves(curves[k], noms[k], f"Fig 7c-f · fixed-activation interventions · {k}").show()
+plots.show_all(plots.intervention_curves(curves[k], noms[k], f"Fig 7c-f · fixed-activation interventions · {k}") for k in studies)
 plots.intervention_curves(curves[single_model], noms[single_model], f"Fig 1f · next-token entropy against the fixed activation · {single_model}",
                           metrics=("entropy",), letters="f", height=420).show()
 effects = pd.concat({k: interventions.effect_summary(s.sweep) for k, s in studies.items()}, names=["model", None]).droplevel(1)
@@ -245,8 +231,7 @@ display(effects[effects["mode"] == "total"].groupby(["model", "role"]).agg(
 # stays near the unintervened entropy; the gap is the share of the effect that goes through the scale.
 
 # %%
-for k in studies:
-    plots.total_vs_direct(curves[k], noms[k], f"Total vs direct effect on the entropy · {k}").show()
+plots.show_all(plots.total_vs_direct(curves[k], noms[k], f"Total vs direct effect on the entropy · {k}") for k in studies)
 td = effects[effects.role != "random"].pivot_table(index=["model", "role", "layer", "neuron"], columns="mode", values="d_entropy")
 td["share through the scale"] = 1 - td["direct"] / td["total"]
 display(td.style.format(precision=4))
@@ -275,13 +260,11 @@ display(conv_summary.style.format(precision=4))
 # while the top-1 token stays the same for at least 90% of tokens.
 
 # %%
-seed_studies = {name_ref: studies[name_ref]}
-for m in fam.members:
-    if m != reference:
-        seed_studies[f"{fam.name}-{m}"] = entropy.study(fam.load(m), f"{fam.name}-{m}", fam.identity[m], rows, fam.codec.drop_ids, art,
-                                                        n_candidates=1, n_random=0, seed=seed, batch_size=8, verbose=False)
-if control is not None:
-    seed_studies[name_ctl] = studies[name_ctl]
+seed_studies = {name_ref: studies[name_ref],
+                **{f"{fam.name}-{m}": entropy.study(fam.load(m), f"{fam.name}-{m}", fam.identity[m], rows, fam.codec.drop_ids, art,
+                                                    n_candidates=1, n_random=0, seed=seed, batch_size=8, verbose=False)
+                   for m in fam.members if m != reference},
+                **({name_ctl: studies[name_ctl]} if control is not None else {})}
 seeds = entropy.seed_summary(seed_studies)
 chance = float(seeds.loc[name_ref, "random_max_abs_d_entropy"])
 seeds["has entropy neuron"] = seeds.monotone & (seeds.d_entropy > chance) & (seeds.top1_same_min >= 0.9)
@@ -330,46 +313,48 @@ def null_beats_random(k):
     return float(tab.loc[(top.layer, top.neuron), "null_ratio"]), float(rnd.null_ratio.max())
 
 
-rows_rvp = []
-for k, r, ctl in ((name_ref, ref_row, ctl_row), (single_model, sm_row, None)):
+def comparisons(k, r, ctl):
+    """The "Result vs paper" rows of one model (`r`: its `seed_summary` row; `ctl`: the control's or None)."""
     flat_rr = abs(r.d_rr) < 0.25 * abs(r.d_entropy) if r.d_entropy else False
-    rows_rvp.append(paper.Comparison(f"entropy neuron raises scale and entropy, rank nearly flat ({k})", "entropy_monotone",
-                                     claim_text(r), control=claim_text(ctl) if ctl is not None else None, model=paper.MEDIUM,
-                                     holds=bool(r["has entropy neuron"] and flat_rr),
-                                     reason="the top weight candidate's effect is within the random neurons' range or not monotone"))
-    rows_rvp.append(paper.Comparison(f"cos(w_out) of the anti-entropy partner ({k})", "entropy_anti_cos", float(r.partner_cos),
-                                     control=float(ctl.partner_cos) if ctl is not None else None, model=paper.MEDIUM,
-                                     reason="no near-antipodal late neuron: the partner found is only partly opposite"))
     ae = anti_effect(k)
-    rows_rvp.append(paper.Comparison(f"the partner lowers the entropy ({k})", "entropy_anti_partner", f"entropy {ae:+.3f} nats (grid 6 vs 0)",
-                                     control=f"{anti_effect(name_ctl):+.3f}" if ctl is not None else None, model=paper.MEDIUM,
-                                     holds=bool(ae < 0 and abs(ae) > chance if k == name_ref else ae < 0),
-                                     reason="fixing the partner higher does not lower the entropy beyond chance"))
     mine, rnd_max = null_beats_random(k)
     ctl_null = null_beats_random(name_ctl)[0] if ctl is not None else None
-    rows_rvp.append(paper.Comparison(f"null-space fraction, multiple of a random direction's ({k})", "entropy_null_space",
-                                     f"{mine:.2f}x (random neurons up to {rnd_max:.2f}x)",
-                                     control=f"{ctl_null:.2f}x" if ctl_null is not None else None, model=paper.MEDIUM,
-                                     holds=bool(mine > rnd_max and mine > 2),
-                                     reason="the candidate's output is not concentrated in W_U's small directions"))
-    rows_rvp.append(paper.Comparison(f"L2-penalty rank of the entropy neuron ({k})", "entropy_neuron_l2_rank", int(r.l2_rank),
-                                     control=int(ctl.l2_rank) if ctl is not None else None, model=paper.MEDIUM, fmt="d"))
-    rows_rvp.append(paper.Comparison(f"vocab-variance rank of the entropy neuron ({k})", "entropy_neuron_vocab_var_rank",
-                                     int(r.vocab_var_rank), control=int(ctl.vocab_var_rank) if ctl is not None else None,
-                                     model=paper.MEDIUM, fmt="d"))
-    rows_rvp.append(paper.Comparison(f"Δ entropy, grid 5 vs 0 (nats; {k})", "entropy_delta_entropy", delta_5(k),
-                                     control=delta_5(name_ctl) if ctl is not None else None, model=paper.MEDIUM))
+    return [
+        paper.Comparison(f"entropy neuron raises scale and entropy, rank nearly flat ({k})", "entropy_monotone", claim_text(r),
+                         control=claim_text(ctl) if ctl is not None else None, model=paper.MEDIUM,
+                         holds=bool(r["has entropy neuron"] and flat_rr),
+                         reason="the top weight candidate's effect is within the random neurons' range, not monotone, or moves the rank"),
+        paper.Comparison(f"cos(w_out) of the anti-entropy partner ({k})", "entropy_anti_cos", float(r.partner_cos),
+                         control=float(ctl.partner_cos) if ctl is not None else None, model=paper.MEDIUM,
+                         reason="no near-antipodal late neuron: the partner found is only partly opposite"),
+        paper.Comparison(f"the partner lowers the entropy ({k})", "entropy_anti_partner", f"entropy {ae:+.3f} nats (grid 6 vs 0)",
+                         control=f"{anti_effect(name_ctl):+.3f}" if ctl is not None else None, model=paper.MEDIUM,
+                         holds=bool(ae < 0 and abs(ae) > r.random_max_abs_d_entropy) if np.isfinite(r.random_max_abs_d_entropy) else None,
+                         reason="fixing the partner higher does not lower the entropy beyond the random neurons' range"),
+        paper.Comparison(f"null-space fraction, multiple of a random direction's ({k})", "entropy_null_space",
+                         f"{mine:.2f}x (random neurons up to {rnd_max:.2f}x)", control=f"{ctl_null:.2f}x" if ctl_null is not None else None,
+                         model=paper.MEDIUM, holds=bool(mine > rnd_max and mine > 2),
+                         reason="the candidate's output is not concentrated in W_U's small directions"),
+        paper.Comparison(f"L2-penalty rank of the entropy neuron ({k})", "entropy_neuron_l2_rank", int(r.l2_rank),
+                         control=int(ctl.l2_rank) if ctl is not None else None, model=paper.MEDIUM, fmt="d"),
+        paper.Comparison(f"vocab-variance rank of the entropy neuron ({k})", "entropy_neuron_vocab_var_rank", int(r.vocab_var_rank),
+                         control=int(ctl.vocab_var_rank) if ctl is not None else None, model=paper.MEDIUM, fmt="d"),
+        paper.Comparison(f"Δ entropy, grid 5 vs 0 (nats; {k})", "entropy_delta_entropy", delta_5(k),
+                         control=delta_5(name_ctl) if ctl is not None else None, model=paper.MEDIUM),
+    ]
+
+
+rows_rvp = comparisons(name_ref, ref_row, ctl_row) + comparisons(single_model, sm_row, None)
 rvp = paper.result_table(rows_rvp)
 display(rvp)
 
-# Checks that fail on a broken analysis, not on a negative result.
-for k, s in studies.items():
-    nom = noms[k]
-    assert np.isfinite(nom[list(interventions.METRICS)]).all() and 0 < nom.rr <= 1 and nom.entropy > 0
-    d = effects.loc[[k]]
-    # the direct run freezes the scale: its top-1 agreement is the best of the two at the grid's top
-    assert (d[d["mode"] == "direct"].top1_same_min.min() >= d[d["mode"] == "total"].top1_same_min.min() - 0.5)
-    assert s.spectrum.k >= 1 and s.table.null_frac.between(-1e-9, 1 + 1e-9).all()
+# Checks that fail on a broken analysis, not on a negative result: finite unintervened metrics, a
+# reciprocal rank in (0, 1], null-space fractions that are shares, a direct run whose top-1 agreement
+# is never far below the total run's (it freezes the one path that rescales every logit).
+assert all(np.isfinite(noms[k][list(interventions.METRICS)]).all() and 0 < noms[k].rr <= 1 and noms[k].entropy > 0 for k in studies)
+assert all(s.spectrum.k >= 1 and s.table.null_frac.between(-1e-9, 1 + 1e-9).all() for s in studies.values())
+assert (effects[effects["mode"] == "direct"].groupby("model").top1_same_min.min()
+        >= effects[effects["mode"] == "total"].groupby("model").top1_same_min.min() - 0.5).all()
 assert len(seeds) == len(seed_studies) and seeds.d_entropy.notna().all()
 minutes = (time.time() - t_start) / 60
 print(f"chapter compute: {minutes:.1f} min (cached results reused where present)")

@@ -131,6 +131,10 @@ def test_sweep_batches_replicas_and_caches(tmp_path):
     assert set(h.metric) == {"scale", "entropy", "loss", "rr"} and (h.max_half_diff >= 0).all()
     with pytest.raises(ValueError):
         iv.scaled_grid(0.0)
+    ranges = iv.activation_ranges(model, rows, [0, 1], [0], batch_size=2)
+    assert len(ranges) == 2 * ARCH["d_mlp"] and (ranges.act_min <= ranges.act_mean).all() and (ranges.act_mean <= ranges.act_max).all()
+    scales = entropy.grid_scales(ranges)
+    assert (scales >= ranges.act_max - 1e-12).all() and (scales >= ranges.groupby("layer").act_max.transform("median") - 1e-12).all()
 
 
 def test_entropy_neuron_found_from_weights():

@@ -27,21 +27,27 @@ from .neuron_stats import weight_statistics
 VOCAB_COLUMNS = ["layer", "neuron", "l2_penalty", "vocab_var", "w_out_norm"]
 
 
-def vocab_statistics(model, stats: pd.DataFrame | None = None) -> pd.DataFrame:
+class _LayerView:
+    """A model seen through some of its layers only (renumbered 0..), for `weight_statistics`."""
+
+    def __init__(self, model, layers):
+        import copy
+
+        self.cfg = copy.copy(model.cfg)
+        self.cfg.n_layers = len(layers)
+        self.blocks = [model.blocks[l] for l in layers]
+        self.W_U = model.W_U
+
+
+def vocab_statistics(model, layers=None) -> pd.DataFrame:
     """Per-neuron `layer`, `neuron`, `l2_penalty`, `vocab_var` (variance over the vocabulary of
-    cos(W_U[:, t], w_out)), `w_out_norm`: the one place this chapter reads the vocabulary effect
-    (`neuron_stats.weight_statistics`). `stats`: a neuron-statistics table of the same model that
-    already holds these columns (chapter 02's cached table; for SmolLM2 computing them again takes
-    minutes, for the max-cosine columns this chapter does not use)."""
-    if stats is not None:
-        missing = [c for c in VOCAB_COLUMNS if c not in stats.columns]
-        if missing:
-            raise ValueError(f"the statistics table lacks {missing}")
-        n = model.cfg.n_layers * model.cfg.d_mlp
-        if len(stats) != n:
-            raise ValueError(f"the statistics table has {len(stats)} rows; the model has {n} neurons")
-        return stats[VOCAB_COLUMNS].sort_values(["layer", "neuron"]).reset_index(drop=True)
-    return weight_statistics(model)[VOCAB_COLUMNS]
+    cos(W_U[:, t], w_out)), `w_out_norm` of the `layers` given (default all): the one place this
+    chapter reads the vocabulary effect (`neuron_stats.weight_statistics`). Restricting the layers
+    matters for SmolLM2, where the all-pairs max cosines of 46k neurons take minutes."""
+    layers = list(range(model.cfg.n_layers)) if layers is None else sorted(int(l) for l in layers)
+    t = weight_statistics(_LayerView(model, layers))[VOCAB_COLUMNS].copy()
+    t["layer"] = np.asarray(layers)[t.layer.to_numpy()]
+    return t
 
 
 def w_out_matrix(model) -> torch.Tensor:
@@ -123,14 +129,14 @@ def null_space_fraction(model, spectrum: Spectrum, k: int | None = None) -> np.n
     return ((W @ null).square().sum(1) / total.clamp_min(1e-300)).numpy()
 
 
-def entropy_table(model, spectrum: Spectrum | None = None, n_last: int = 2, stats: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per neuron: `l2_penalty`, `vocab_var`, `w_out_norm`, `null_frac` (and `null_ratio`,
-    its multiple of a random direction's), the ranks `l2_rank` (1 = largest L2 penalty of the model)
-    and `vocab_var_rank` (1 = smallest vocabulary-effect variance), and `late` (in the last `n_last`
-    layers, where the paper looks). `stats`: see `vocab_statistics`."""
+def entropy_table(model, spectrum: Spectrum | None = None, n_last: int = 2, layers=None) -> pd.DataFrame:
+    """One row per neuron of `layers` (default all): `l2_penalty`, `vocab_var`, `w_out_norm`,
+    `null_frac` (and `null_ratio`, its multiple of a random direction's), the ranks `l2_rank` (1 =
+    largest L2 penalty among these neurons) and `vocab_var_rank` (1 = smallest vocabulary-effect
+    variance), and `late` (in the model's last `n_last` layers, where the paper looks)."""
     spectrum = spectrum or unembed_spectrum(model)
-    t = vocab_statistics(model, stats).copy()
-    t["null_frac"] = null_space_fraction(model, spectrum)
+    t = vocab_statistics(model, layers)
+    t["null_frac"] = null_space_fraction(model, spectrum)[t.layer.to_numpy() * model.cfg.d_mlp + t.neuron.to_numpy()]
     t["null_ratio"] = t.null_frac / spectrum.random_fraction
     t["l2_rank"] = t.l2_penalty.rank(ascending=False, method="min").astype(int)
     t["vocab_var_rank"] = t.vocab_var.rank(ascending=True, method="min").astype(int)
@@ -220,23 +226,28 @@ class Study:
         return self.neurons[self.neurons.role == role]
 
 
-def _grid_scale(act_min: float, act_max: float) -> float:
-    """The activation the paper's grid top (6) is mapped to: the largest activation seen, or, for a
-    neuron that never goes above 0 (a gated neuron can be negative), the largest magnitude."""
-    return act_max if act_max > 0 else abs(act_min)
+def grid_scales(ranges: pd.DataFrame) -> pd.Series:
+    """The activation each neuron's grid top (the paper's 6) is mapped to: the largest magnitude it
+    reached on the token set, max(act_max, -act_min) (a gated neuron can be large and negative),
+    but at least the median of that over its layer, so a nearly silent neuron is still driven to
+    a typical activation of its layer instead of to almost nothing."""
+    mag = np.maximum(ranges.act_max, -ranges.act_min)
+    floor = mag.groupby(ranges.layer).transform("median")
+    return np.maximum(mag, floor)
 
 
 def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_candidates: int = 2, n_random: int = 20,
-          seed: int = 0, rows_random=None, random_grid=None, stats: pd.DataFrame | None = None, batch_size: int = 4,
+          seed: int = 0, rows_random=None, random_grid=None, late_only: bool = False, batch_size: int = 4,
           random_modes: tuple[str, ...] = ("total",), verbose: bool = True) -> Study:
     """Identify the entropy neurons of `model` from its weights and sweep them (Figs 7, 1f, 25).
 
     Candidates (`entropy.candidates`, `n_candidates`, roles "entropy" and "candidate 2", ...), the top
     candidate's anti-entropy partner ("anti-entropy", by cos of w_out) and `n_random` baseline neurons
     ("random", seeded with `seed`). Each neuron's grid is the paper's, scaled to the largest activation
-    it reaches on `rows` (`interventions.scaled_grid`). Candidates and the partner are swept on `rows`
+    it reaches on `rows`, floored at its layer's median (`grid_scales`, `interventions.scaled_grid`). Candidates and the partner are swept on `rows`
     in both modes; the random neurons on `rows_random` (default `rows`) in `random_modes`, on the
-    grid points `random_grid` (paper units; default the whole grid). Cached by content."""
+    grid points `random_grid` (paper units; default the whole grid). `late_only`: the weight table
+    holds the last two layers only (ranks are then among them). The sweeps are cached by content."""
     import time
 
     from . import interventions as iv
@@ -246,7 +257,7 @@ def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_cand
     rows = TokenRows.of(rows)
     rows_random = rows if rows_random is None else TokenRows.of(rows_random)
     sp = unembed_spectrum(model)
-    table = entropy_table(model, sp, stats=stats)
+    table = entropy_table(model, sp, layers=range(model.cfg.n_layers - 2, model.cfg.n_layers) if late_only else None)
     cand = candidates(table, k=n_candidates)
     top = cand.iloc[0]
     partner = anti_partner(model, int(top.layer), int(top.neuron))
@@ -256,9 +267,9 @@ def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_cand
         pd.DataFrame([{"layer": partner["layer"], "neuron": partner["neuron"], "role": "anti-entropy"}]),
         rand[["layer", "neuron"]].assign(role="random"),
     ]).drop_duplicates(["layer", "neuron"]).reset_index(drop=True)
-    ranges = iv.activation_ranges(model, rows, list(zip(chosen.layer, chosen.neuron)), drop_ids, batch_size)
+    ranges = iv.activation_ranges(model, rows, sorted(set(chosen.layer)), drop_ids, batch_size)
+    ranges["grid_scale"] = grid_scales(ranges)
     chosen = chosen.merge(ranges, on=["layer", "neuron"])
-    chosen["grid_scale"] = [_grid_scale(a, b) for a, b in zip(chosen.act_min, chosen.act_max)]
     chosen = chosen[chosen.grid_scale > 0].reset_index(drop=True)
     grid = iv.paper_grid()
     rgrid = grid if random_grid is None else np.asarray(random_grid, dtype=np.float64)

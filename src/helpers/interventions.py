@@ -165,12 +165,12 @@ class Target:
                 "values": [round(float(v), 7) for v in self.values], "grid": [round(float(g), 7) for g in self.grid]}
 
 
-def activation_ranges(model, rows: TokenRows, neurons: Sequence[tuple[int, int]], drop_ids: Sequence[int],
-                      batch_size: int = 8, verbose: bool = False) -> pd.DataFrame:
-    """Min, max and mean post-activation of `neurons` [(layer, neuron)] over the valid tokens of `rows`,
+def activation_ranges(model, rows: TokenRows, layers: Sequence[int], drop_ids: Sequence[int], batch_size: int = 8,
+                      verbose: bool = False) -> pd.DataFrame:
+    """Min, max and mean post-activation of every neuron of `layers` over the valid tokens of `rows`,
     streamed with `ActivationStream`. Returns one row per neuron (`layer`, `neuron`, `act_min`,
     `act_max`, `act_mean`)."""
-    layers = sorted({int(l) for l, _ in neurons})
+    layers = sorted({int(l) for l in layers})
     names = [f"blocks.{l}.mlp.hook_post" for l in layers]
     lo = {l: None for l in layers}
     hi, tot, n = dict(lo), dict(lo), 0
@@ -184,8 +184,11 @@ def activation_ranges(model, rows: TokenRows, neurons: Sequence[tuple[int, int]]
         n += batch.n_tokens
     if n == 0:
         raise ValueError("no valid tokens in the rows")
-    return pd.DataFrame([{"layer": int(l), "neuron": int(i), "act_min": float(lo[l][i]), "act_max": float(hi[l][i]),
-                          "act_mean": float(tot[l][i] / n)} for l, i in neurons])
+    d = model.cfg.d_mlp
+    return pd.DataFrame({"layer": np.repeat(layers, d), "neuron": np.tile(np.arange(d), len(layers)),
+                         "act_min": torch.cat([lo[l] for l in layers]).cpu().numpy(),
+                         "act_max": torch.cat([hi[l] for l in layers]).cpu().numpy(),
+                         "act_mean": (torch.cat([tot[l] for l in layers]) / n).cpu().numpy()})
 
 
 def _sums(metrics: dict[str, torch.Tensor], scale: torch.Tensor, mask: torch.Tensor, R: int, B: int) -> dict[str, np.ndarray]:

@@ -212,3 +212,31 @@ def total_vs_direct(curves, nominal, title: str, metric: str = "entropy") -> go.
     fig.add_hline(y=float(nominal[metric]), line_dash="dot", line_color="black")
     return style(fig, title, x="fixed activation (paper grid units)", y=INTERVENTION_METRICS[metric],
                  legend="neuron · effect (dotted: unintervened)")
+
+
+def show_all(figs) -> None:
+    """Show several figures in order (a notebook cell holds no loops)."""
+    for fig in figs:
+        fig.show()
+
+
+def l2_histogram(late, marked, title: str) -> go.Figure:
+    """Fig 7a: histogram of the L2 penalty of `late` neurons (columns `l2_penalty`), with the neurons of
+    `marked` (`layer`, `neuron`, `role`, `l2_penalty`) as vertical lines coloured by role."""
+    fig = go.Figure(go.Histogram(x=late.l2_penalty, nbinsx=80, marker_color="#7f7f7f", name="late neurons"))
+    for r in marked.itertuples():
+        fig.add_vline(x=float(r.l2_penalty), line_color=ROLE_COLORS.get(r.role, "#333"), annotation_text=f"{r.role} L{r.layer}.{r.neuron}",
+                      annotation_textangle=-90)
+    fig.update_yaxes(type="log")
+    return style(fig, title, x="‖w_in‖² + ‖w_out‖²", y="neurons (log)")
+
+
+def null_fraction_scatter(late, random_fraction: float, title: str) -> go.Figure:
+    """Every late neuron's share of ‖w_out‖² in W_U's null space (`null_frac`) against ‖w_out‖
+    (`w_out_norm`), coloured by `role`; dotted: a random direction's share."""
+    import plotly.express as px
+
+    fig = px.scatter(late, x="w_out_norm", y="null_frac", color="role", opacity=0.7, hover_data=["layer", "neuron"],
+                     color_discrete_map={**ROLE_COLORS, "other": "#dddddd"}, log_y=True)
+    fig.add_hline(y=random_fraction, line_dash="dot", line_color="gray")
+    return style(fig, title, x="‖w_out‖", y="share of ‖w_out‖² in W_U's null space (log)", legend="neuron")
