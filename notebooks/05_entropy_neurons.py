@@ -86,7 +86,7 @@ rows = TokenRows(rows_all.ids[:n_rows])
 ctx_single = 512 if full_size else 64
 n_rows_single, n_rows_single_random = (4, 2) if full_size else (2, 2)
 n_random_single = n_random if full_size else 5  # CI: 5 random neurons of SmolLM2 keep the test run short
-random_grid_single = (-0.17, 0.0, 3.0, 6.0)  # SmolLM2's random neurons: 4 of the 8 grid points
+random_grid_single = (0.0, 3.0, 6.0)  # SmolLM2's random neurons and the control's: 3 of the 8 grid points
 print(f"embedded: {n_rows} rows x {rows.n_ctx} tokens; {single_model}: {n_rows_single} rows x {ctx_single} tokens "
       f"(random neurons: {n_rows_single_random} rows, grid points {random_grid_single})")
 
@@ -155,7 +155,7 @@ sm_rows = TokenRows(single.token_table(params.n_tokens_single).ids[:, :ctx_singl
 studies[single_model] = entropy.study(sm_model, single_model, single.identity[single.reference], TokenRows(sm_rows.ids[:n_rows_single]),
                                       single.codec.drop_ids, art, n_candidates=1, n_random=n_random_single, seed=seed,
                                       rows_random=TokenRows(sm_rows.ids[n_rows_single:n_rows_single + n_rows_single_random]),
-                                      random_grid=random_grid_single, late_only=True, batch_size=2)
+                                      random_grid=random_grid_single, late_only=True, partner_modes=("total",), batch_size=2)
 chosen = pd.concat({k: s.neurons.merge(s.table, on=["layer", "neuron"])[
     ["layer", "neuron", "role", "l2_penalty", "l2_rank", "vocab_var", "vocab_var_rank", "w_out_norm", "null_frac", "null_ratio",
      "act_min", "act_max", "grid_scale"]] for k, s in studies.items()}, names=["model", None]).droplevel(1)
@@ -262,7 +262,8 @@ display(conv_summary.style.format(precision=4))
 # %%
 seed_studies = {name_ref: studies[name_ref],
                 **{f"{fam.name}-{m}": entropy.study(fam.load(m), f"{fam.name}-{m}", fam.identity[m], rows, fam.codec.drop_ids, art,
-                                                    n_candidates=1, n_random=0, seed=seed, batch_size=8, verbose=False)
+                                                    n_candidates=1, n_random=0, seed=seed, batch_size=8, candidate_modes=("total",),
+                                                    partner_modes=None, verbose=False)
                    for m in fam.members if m != reference},
                 **({name_ctl: studies[name_ctl]} if control is not None else {})}
 seeds = entropy.seed_summary(seed_studies)

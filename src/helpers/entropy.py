@@ -238,7 +238,8 @@ def grid_scales(ranges: pd.DataFrame) -> pd.Series:
 
 def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_candidates: int = 2, n_random: int = 20,
           seed: int = 0, rows_random=None, random_grid=None, late_only: bool = False, batch_size: int = 4,
-          random_modes: tuple[str, ...] = ("total",), verbose: bool = True) -> Study:
+          random_modes: tuple[str, ...] = ("total",), partner_modes: tuple[str, ...] | None = ("total", "direct"),
+          candidate_modes: tuple[str, ...] = ("total", "direct"), verbose: bool = True) -> Study:
     """Identify the entropy neurons of `model` from its weights and sweep them (Figs 7, 1f, 25).
 
     Candidates (`entropy.candidates`, `n_candidates`, roles "entropy" and "candidate 2", ...), the top
@@ -246,7 +247,9 @@ def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_cand
     ("random", seeded with `seed`). Each neuron's grid is the paper's, scaled to the largest activation
     it reaches on `rows`, floored at its layer's median (`grid_scales`, `interventions.scaled_grid`). Candidates and the partner are swept on `rows`
     in both modes; the random neurons on `rows_random` (default `rows`) in `random_modes`, on the
-    grid points `random_grid` (paper units; default the whole grid). `late_only`: the weight table
+    grid points `random_grid` (paper units; default the whole grid). The top candidate is swept in
+    `candidate_modes`, the others and the partner in `partner_modes` (None: the partner is found
+    but not swept). `late_only`: the weight table
     holds the last two layers only (ranks are then among them). The sweeps are cached by content."""
     import time
 
@@ -277,7 +280,9 @@ def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_cand
     def target(r, g, modes):
         return iv.Target(int(r.layer), int(r.neuron), iv.scaled_grid(r.grid_scale, grid)[np.isin(grid, g)], g, r.role, modes)
 
-    main = [target(r, grid, iv.MODES) for r in chosen.itertuples() if r.role != "random"]
+    modes = {"entropy": tuple(candidate_modes)}
+    main = [target(r, grid, modes.get(r.role, partner_modes)) for r in chosen.itertuples()
+            if r.role != "random" and modes.get(r.role, partner_modes)]
     base = [target(r, rgrid, tuple(random_modes)) for r in chosen.itertuples() if r.role == "random"]
     sweeps = [iv.cached_sweep(model, model_id, rows, main, drop_ids, artifacts_dir, batch_size, verbose=verbose, prefix=name)]
     if base:
