@@ -228,12 +228,13 @@ display(effects[effects["mode"] == "total"].groupby(["model", "role"]).agg(
 #
 # The same intervention with the final scale frozen at its unintervened value, token by token (dashed),
 # beside the total effect (solid). For a neuron that acts through the normalisation the dashed curve
-# stays near the unintervened entropy; the gap is the share of the effect that goes through the scale.
+# stays near the unintervened entropy; the gap (total − direct, in the table) is the part of the
+# effect that goes through the scale. The two can have opposite signs.
 
 # %%
 plots.show_all(plots.total_vs_direct(curves[k], noms[k], f"Total vs direct effect on the entropy · {k}") for k in studies)
 td = effects[effects.role != "random"].pivot_table(index=["model", "role", "layer", "neuron"], columns="mode", values="d_entropy")
-td["share through the scale"] = 1 - td["direct"] / td["total"]
+td["through the scale (total − direct)"] = td["total"] - td["direct"]
 display(td.style.format(precision=4))
 
 # %% [markdown]
@@ -257,7 +258,8 @@ display(conv_summary.style.format(precision=4))
 # baseline per seed; the reference member's random neurons give the scale of a chance effect). A
 # member *has* an entropy neuron here when its top candidate's total effect raises the scale and the
 # entropy monotonically, by more than the largest entropy effect of any random neuron of the reference,
-# while the top-1 token stays the same for at least 90% of tokens.
+# while the top-1 token stays the same for at least 90% of tokens; its top candidate *is anti-entropy*
+# when both fall monotonically by as much.
 
 # %%
 seed_studies = {name_ref: studies[name_ref],
@@ -268,11 +270,16 @@ seed_studies = {name_ref: studies[name_ref],
                 **({name_ctl: studies[name_ctl]} if control is not None else {})}
 seeds = entropy.seed_summary(seed_studies)
 chance = float(seeds.loc[name_ref, "random_max_abs_d_entropy"])
-seeds["has entropy neuron"] = seeds.monotone & (seeds.d_entropy > chance) & (seeds.top1_same_min >= 0.9)
+seeds["has entropy neuron"] = seeds.monotone & (seeds.direction == 1) & (seeds.d_entropy > chance) & (seeds.top1_same_min >= 0.9)
+seeds["top candidate is anti-entropy"] = (seeds.monotone & (seeds.direction == -1) & (-seeds.d_entropy > chance)
+                                          & (seeds.top1_same_min >= 0.9))
 display(seeds.style.format(precision=4))
 sm_summary = entropy.seed_summary({single_model: studies[single_model]})
-sm_summary["has entropy neuron"] = (sm_summary.monotone & (sm_summary.d_entropy > sm_summary.random_max_abs_d_entropy)
+sm_chance = sm_summary.random_max_abs_d_entropy
+sm_summary["has entropy neuron"] = (sm_summary.monotone & (sm_summary.direction == 1) & (sm_summary.d_entropy > sm_chance)
                                     & (sm_summary.top1_same_min >= 0.9))
+sm_summary["top candidate is anti-entropy"] = (sm_summary.monotone & (sm_summary.direction == -1) & (-sm_summary.d_entropy > sm_chance)
+                                               & (sm_summary.top1_same_min >= 0.9))
 display(sm_summary.style.format(precision=4))
 
 # %% [markdown]
@@ -324,7 +331,10 @@ def comparisons(k, r, ctl):
         paper.Comparison(f"entropy neuron raises scale and entropy, rank nearly flat ({k})", "entropy_monotone", claim_text(r),
                          control=claim_text(ctl) if ctl is not None else None, model=paper.MEDIUM,
                          holds=bool(r["has entropy neuron"] and flat_rr),
-                         reason="the top weight candidate's effect is within the random neurons' range, not monotone, or moves the rank"),
+                         reason=report.choose(r.direction == -1 and r.monotone,
+                                              "the top weight candidate lowers the scale and the entropy: it acts as an anti-entropy neuron",
+                                              "the top weight candidate's effect is within the random neurons' range, not monotone, "
+                                              "or moves the rank")),
         paper.Comparison(f"cos(w_out) of the anti-entropy partner ({k})", "entropy_anti_cos", float(r.partner_cos),
                          control=float(ctl.partner_cos) if ctl is not None else None, model=paper.MEDIUM,
                          reason="no near-antipodal late neuron: the partner found is only partly opposite"),
@@ -364,6 +374,7 @@ print(f"chapter compute: {minutes:.1f} min (cached results reused where present)
 # ## What does not reproduce, and why
 
 # %%
+sm_ent = studies[single_model].role("entropy").iloc[0]
 display(report.summary([
     "Reference model {ref}: the top weight candidate {ref_n} (L2 rank {ref_l2}, vocab-variance rank {ref_vv}) puts {ref_null:.2f}x a random "
     "direction's share of its norm in W_U's null space; fixed from 0 to its largest activation it moves the final scale by {ref_ds:+.3f} "
@@ -371,11 +382,14 @@ display(report.summary([
     "W_U's spectrum of the embedded model is {flat_text} (smallest / median singular value {ref_ratio:.2f}): with 128 dimensions and a "
     "4,096-token vocabulary the unembedding reads almost every direction, so there is little null space for a neuron to write into.",
     "The untrained control's top candidate {ctl_n} moves the entropy by {ctl_de:+.3f} nats (null ratio {ctl_null:.2f}x).",
-    "{n_has} of {n_members} seeds of the family have an entropy neuron by this section's criterion.",
-    "SmolLM2-135M: its top candidate {sm_n} (L2 rank {sm_l2} of {sm_total}, vocab-variance rank {sm_vv}) holds {sm_null:.2f}x a random "
-    "direction's null-space share with k = {sm_k}; fixed from 0 to its largest activation it moves the scale by {sm_ds:+.3f} and the entropy "
-    "by {sm_de:+.3f} nats, the reciprocal rank by {sm_drr:+.3f}; {sm_share:.0%} of the entropy effect goes through the final scale; "
-    "its anti-entropy partner has cos {sm_cos:+.3f} (paper: {paper_cos}).",
+    "{n_has} of {n_members} seeds of the family have an entropy neuron by section 8's criterion ({n_anti} a monotone anti-entropy top candidate).",
+    "SmolLM2-135M: its top candidate {sm_n} (L2 rank {sm_l2} of the last two layers' {sm_total}, vocab-variance rank {sm_vv}) holds "
+    "{sm_null:.2f}x a random direction's null-space share with k = {sm_k}; fixed from 0 to {sm_scale:.2f} (the grid's 6) it moves the scale "
+    "by {sm_ds:+.3f} and the entropy by {sm_de:+.3f} nats, the reciprocal rank by {sm_drr:+.4f} (random neurons: entropy up to "
+    "{sm_chance:.3f}); with the scale frozen the entropy moves by {sm_direct:+.3f}, so {sm_via:+.3f} nats go through the final scale. "
+    "{sm_kind}",
+    "SmolLM2's most nearly opposite late neuron has cos {sm_cos:+.3f} with it (paper's pair: {paper_cos}).",
+    "On this text {sm_n} itself stays within [{sm_lo:+.4f}, {sm_hi:+.4f}]; {sm_floor}",
     "Token counts are small ({n_rows} rows of {ctx} tokens embedded, {n_sm} rows of {ctx_sm} for SmolLM2); the halves of the token set "
     "differ by at most {conv_sm:.3f} nats on SmolLM2's candidate entropy curves against an effect range of {range_sm:.3f}.",
 ], ref=name_ref, ref_n=ref_row.neuron, ref_l2=int(ref_row.l2_rank), ref_vv=int(ref_row.vocab_var_rank), ref_null=ref_row.null_ratio,
@@ -387,9 +401,21 @@ display(report.summary([
                     / np.median(spectra[name_ref].values[: spectra[name_ref].d - spectra[name_ref].n_zero])),
     ctl_n=ctl_row.neuron if ctl_row is not None else None, ctl_de=ctl_row.d_entropy if ctl_row is not None else None,
     ctl_null=ctl_row.null_ratio if ctl_row is not None else None, n_has=n_has, n_members=n_trained_members,
+    n_anti=int(seeds.loc[[f"{fam.name}-{m}" for m in fam.members], "top candidate is anti-entropy"].sum()),
     sm_n=sm_row.neuron, sm_l2=int(sm_row.l2_rank), sm_total=len(studies[single_model].table), sm_vv=int(sm_row.vocab_var_rank),
     sm_null=sm_row.null_ratio, sm_k=spectra[single_model].k, sm_ds=sm_row.d_scale, sm_de=sm_row.d_entropy, sm_drr=sm_row.d_rr,
-    sm_share=float(td.loc[(single_model, "entropy")]["share through the scale"].iloc[0]), sm_cos=sm_row.partner_cos,
+    sm_direct=float(td.loc[(single_model, "entropy")]["direct"].iloc[0]),
+    sm_via=float(td.loc[(single_model, "entropy")]["through the scale (total − direct)"].iloc[0]), sm_cos=sm_row.partner_cos,
+    sm_chance=float(sm_row.random_max_abs_d_entropy), sm_lo=float(sm_ent.act_min), sm_hi=float(sm_ent.act_max),
+    sm_floor=report.choose(bool(sm_ent.grid_scale > max(sm_ent.act_max, -sm_ent.act_min) + 1e-9),
+                           "the sweep drives it to its layer's typical magnitude (the grid's floor), beyond anything it does on this "
+                           "corpus, so the curves say what it can do, not what it does here.",
+                           "the sweep covers its own range."), sm_scale=float(sm_ent.grid_scale),
+    sm_kind=report.choose(bool(sm_row["top candidate is anti-entropy"]),
+                          "It is a weight-space entropy candidate that acts as an ANTI-entropy neuron: driven up, it shrinks the residual "
+                          "norm and sharpens the distribution.",
+                          report.choose(bool(sm_row["has entropy neuron"]), "It acts as an entropy neuron.",
+                                        "Its effect is not a clean temperature change beyond chance.")),
     paper_cos=paper.value("entropy_anti_cos", paper.MEDIUM), n_rows=n_rows, ctx=rows.n_ctx, n_sm=n_rows_single, ctx_sm=ctx_single,
     conv_sm=float(conv_summary.loc[(single_model, "candidates", "entropy"), "max_half_diff"]),
     range_sm=float(conv_summary.loc[(single_model, "candidates", "entropy"), "effect_range"])))
@@ -413,9 +439,9 @@ display(report.summary([
     "Candidates come from the weights by a shown rule (bottom-decile vocabulary variance, largest L2 penalty, last two layers); "
     "the null space is W_U's directions below half the median singular value, with the zero direction of weight processing left out.",
     "{ref}: entropy effect {ref_de:+.3f} nats vs random up to {chance:.3f}; control {ctl_de:+.3f}. {n_has} of {n_members} seeds pass.",
-    "{sm}: {sm_n} raises the entropy by {sm_de:+.3f} nats with the top-1 token unchanged for at least {sm_top1:.0%} of tokens; "
-    "{sm_share:.0%} of it goes through the final RMSNorm scale.",
+    "{sm}: driving {sm_n} up moves the entropy by {sm_de:+.3f} nats with the top-1 token unchanged for at least {sm_top1:.0%} of tokens; "
+    "{sm_via:+.3f} nats of it go through the final RMSNorm scale.",
     "Chapter compute on this machine: {minutes:.1f} min.",
 ], ref=name_ref, ref_de=ref_row.d_entropy, chance=chance, ctl_de=ctl_row.d_entropy if ctl_row is not None else None, n_has=n_has,
     n_members=n_trained_members, sm=single_model, sm_n=sm_row.neuron, sm_de=sm_row.d_entropy, sm_top1=sm_row.top1_same_min,
-    sm_share=float(td.loc[(single_model, "entropy")]["share through the scale"].iloc[0]), minutes=minutes))
+    sm_via=float(td.loc[(single_model, "entropy")]["through the scale (total − direct)"].iloc[0]), minutes=minutes))

@@ -297,7 +297,8 @@ def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_cand
 def seed_summary(studies: dict) -> pd.DataFrame:
     """One row per model: its top candidate, ranks, null-space fraction (and its multiple of a random
     direction's), the anti-entropy partner's cosine, and the total effect of the top candidate at the
-    grid's top vs 0 on the scale, entropy and reciprocal rank, with monotonicity."""
+    grid's top vs 0 on the scale, entropy and reciprocal rank; `monotone` when scale and entropy both
+    move monotonically in the same `direction` (+1 up, -1 down) over the grid's non-negative values."""
     from . import interventions as iv
 
     out = []
@@ -310,7 +311,8 @@ def seed_summary(studies: dict) -> pd.DataFrame:
         out.append({"model": name, "neuron": f"L{int(top.layer)}.{int(top.neuron)}", "l2_rank": int(t.l2_rank),
                     "vocab_var_rank": int(t.vocab_var_rank), "null_frac": float(t.null_frac), "null_ratio": float(t.null_ratio),
                     "k": s.spectrum.k, "partner_cos": s.partner_cos, "d_scale": e.d_scale, "d_entropy": e.d_entropy, "d_rr": e.d_rr,
-                    "monotone": bool(e.scale_monotone and e.entropy_monotone and e.scale_direction == 1 and e.entropy_direction == 1),
+                    "monotone": bool(e.scale_monotone and e.entropy_monotone and e.scale_direction == e.entropy_direction),
+                    "direction": int(e.entropy_direction),
                     "top1_same_min": e.top1_same_min,
                     "random_max_abs_d_entropy": float(rnd.d_entropy.abs().max()) if len(rnd) else np.nan})
     return pd.DataFrame(out).set_index("model")
