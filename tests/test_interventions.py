@@ -160,3 +160,17 @@ def test_entropy_neuron_found_from_weights():
     assert (curve.null_frac > 0.99).all() and np.allclose(curve.random, np.array([1, 2, 4]) / 31)
     cos = entropy.unembed_cosines(model, [PLANTED, (0, 1)])
     assert cos[cos.neuron == PLANTED[1]].cos.abs().max() < cos[cos.neuron == 1].cos.abs().max()
+
+
+def test_study_finds_and_sweeps_the_planted_entropy_neuron(tmp_path):
+    model, _ = planted_entropy_model(eps=0.0)
+    rows = _rows(4)
+    s = entropy.study(model, "planted", "planted-weights", rows, [0], tmp_path, n_candidates=1, n_random=20, seed=0,
+                      random_grid=(0.0, 3.0, 6.0), batch_size=2, verbose=False)
+    top = s.role("entropy").iloc[0]
+    assert (top.layer, top.neuron) == PLANTED
+    assert len(s.role("random")) == 20 and len(s.role("anti-entropy")) == 1
+    assert set(s.sweep[s.sweep.role == "random"].grid.unique()) == {0.0, 3.0, 6.0}
+    summary = entropy.seed_summary({"planted": s}).loc["planted"]
+    assert summary.monotone and summary.direction == 1 and summary.d_entropy > 2 * summary.random_max_abs_d_entropy
+    assert summary.top1_same_min == 1.0 and summary.null_ratio > 10
