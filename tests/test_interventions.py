@@ -163,7 +163,7 @@ def test_entropy_neuron_found_from_weights():
 
 
 def test_study_finds_and_sweeps_the_planted_entropy_neuron(tmp_path):
-    model, _ = planted_entropy_model(eps=0.0)
+    model, _ = planted_entropy_model(eps=0.02)  # a small but non-zero gain: an exact zero would be left out with LayerNorm's
     rows = _rows(4)
     s = entropy.study(model, "planted", "planted-weights", rows, [0], tmp_path, n_candidates=1, n_random=20, seed=0,
                       random_grid=(0.0, 3.0, 6.0), batch_size=2, verbose=False)
@@ -173,4 +173,4 @@ def test_study_finds_and_sweeps_the_planted_entropy_neuron(tmp_path):
     assert set(s.sweep[s.sweep.role == "random"].grid.unique()) == {0.0, 3.0, 6.0}
     summary = entropy.seed_summary({"planted": s}).loc["planted"]
     assert summary.monotone and summary.direction == 1 and summary.d_entropy > 2 * summary.random_max_abs_d_entropy
-    assert summary.top1_same_min == 1.0 and summary.null_ratio > 10
+    assert summary.null_ratio > 10  # (top-1 agreement is tested with an exact null space above)
