@@ -75,20 +75,22 @@ reference = fam.reference
 n_random = paper.value("entropy_n_random", paper.MEDIUM)  # the paper's baseline size
 t_start = time.time()
 # Token counts, sized to keep the chapter near 8 minutes on 2 CPU cores without bf16. An intervened
-# forward pass repeats the batch once per (neuron, value); the embedded model costs ~0.03 s per
-# 256-token row and replica, SmolLM2 ~0.7 s per 512-token row and replica (starting at its layer 28:
-# two blocks, the 49k-token unembedding and the metrics), about 2 s per row for its full pass. The
-# paper used 24 rows of 512 tokens; section 7 shows how far the curves have converged at these sizes.
+# forward pass repeats the batch once per (neuron, value); measured on a shared 2-core machine (load
+# ~4): the embedded model ~0.02 s per 256-token row and replica, SmolLM2 ~1.4 s per 512-token row
+# and replica (it starts at layer 28: two blocks, the 49k-token unembedding and the metrics) and ~2 s
+# per row for its full pass. The paper used 24 rows of 512 tokens; section 7 shows how far the curves
+# have converged at these sizes.
 full_size = params.n_tokens_single >= 50_000  # the book's preset, not the CI one
 rows_all = fam.token_table(params.n_tokens)
 n_rows = max(2, min(len(rows_all), 2048 // rows_all.n_ctx))
 rows = TokenRows(rows_all.ids[:n_rows])
 ctx_single = 512 if full_size else 64
 n_rows_single, n_rows_single_random = (4, 2) if full_size else (2, 2)
+ctx_single_random = ctx_single // 2  # SmolLM2's random neurons: half-length rows (flat curves need fewer tokens)
 n_random_single = n_random if full_size else 5  # CI: 5 random neurons of SmolLM2 keep the test run short
 random_grid_single = (0.0, 3.0, 6.0)  # SmolLM2's random neurons and the control's: 3 of the 8 grid points
 print(f"embedded: {n_rows} rows x {rows.n_ctx} tokens; {single_model}: {n_rows_single} rows x {ctx_single} tokens "
-      f"(random neurons: {n_rows_single_random} rows, grid points {random_grid_single})")
+      f"(random neurons: {n_rows_single_random} other rows x {ctx_single_random} tokens, grid points {random_grid_single})")
 
 # %% [markdown]
 # ## 1. The unembedding's spectrum and its null space
@@ -154,7 +156,7 @@ if control is not None:
 sm_rows = TokenRows(single.token_table(params.n_tokens_single).ids[:, :ctx_single])
 studies[single_model] = entropy.study(sm_model, single_model, single.identity[single.reference], TokenRows(sm_rows.ids[:n_rows_single]),
                                       single.codec.drop_ids, art, n_candidates=1, n_random=n_random_single, seed=seed,
-                                      rows_random=TokenRows(sm_rows.ids[n_rows_single:n_rows_single + n_rows_single_random]),
+                                      rows_random=TokenRows(sm_rows.ids[n_rows_single:n_rows_single + n_rows_single_random, :ctx_single_random]),
                                       random_grid=random_grid_single, late_only=True, partner_modes=("total",), batch_size=2)
 chosen = pd.concat({k: s.neurons.merge(s.table, on=["layer", "neuron"])[
     ["layer", "neuron", "role", "l2_penalty", "l2_rank", "vocab_var", "vocab_var_rank", "w_out_norm", "null_frac", "null_ratio",
