@@ -174,3 +174,31 @@ def test_study_finds_and_sweeps_the_planted_entropy_neuron(tmp_path):
     summary = entropy.seed_summary({"planted": s}).loc["planted"]
     assert summary.monotone and summary.direction == 1 and summary.d_entropy > 2 * summary.random_max_abs_d_entropy
     assert summary.null_ratio > 10  # (top-1 agreement is tested with an exact null space above)
+
+
+def test_rmsnorm_final_scale_is_the_hook_and_freezing_it_works():
+    """SmolLM2-style models: RMSNorm (folded: RMSPre) and a gated MLP. `ln_final.hook_scale` is the
+    root-mean-square of the final residual stream, and freezing it removes a null-space neuron's effect."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=48, n_ctx=16, d_vocab=97, act_fn="silu",
+                                  normalization_type="RMSPre", gated_mlp=True, positional_embedding_type="rotary", seed=5)
+    model = HookedTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(32, generator=g)
+    v = v / v.norm()
+    with torch.no_grad():
+        model.W_U.mul_(8.0)
+        model.W_U.copy_(model.W_U - torch.outer(v, v @ model.W_U))
+        model.blocks[1].mlp.W_out[4] = GAIN * v
+    ids = _rows(2)
+    logits, cache = model.run_with_cache(ids, names_filter=lambda n: n in (iv.SCALE_HOOK, "ln_final.hook_normalized", "blocks.1.hook_resid_post"))
+    resid = cache["blocks.1.hook_resid_post"]
+    rms = (resid.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
+    assert torch.allclose(cache[iv.SCALE_HOOK], rms, rtol=1e-5)
+    direct, _ = iv.intervened_logits(model, ids, [(1, 4, 3.0)], frozen_scale=cache[iv.SCALE_HOOK])
+    total, scale = iv.intervened_logits(model, ids, [(1, 4, 3.0)])
+    assert (direct - logits).abs().max() < 1e-3 < (total - logits).abs().max()
+    with pytest.raises(ValueError):
+        iv.check_final_scale(HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=8, d_mlp=8, n_ctx=4,
+                                                                       d_vocab=5, act_fn="relu", normalization_type=None)))
