@@ -212,12 +212,16 @@ display(curve_k.pivot_table(index="k", columns="model", values=["null_frac", "ra
 # Token means over the token set of the final normalisation scale (c), the reciprocal rank of the
 # true next token (d), the entropy (e) and the loss (f), against the fixed activation, for the
 # candidates (coloured) and the 20 random neurons (grey); dashed: the unintervened run. Total effect.
+# SmolLM2's random neurons run on other rows (sizes printed at the top); their curves are shifted by the
+# difference of the two token sets' unintervened means so all start from the same level (the effect
+# tables use the unshifted values).
 
 # %%
 curves = {k: interventions.curves(s.sweep) for k, s in studies.items()}
+aligned = {k: interventions.aligned_curves(s.sweep) for k, s in studies.items()}
 noms = {k: interventions.nominal(s.sweep) for k, s in studies.items()}
-plots.show_all(plots.intervention_curves(curves[k], noms[k], f"Fig 7c-f · fixed-activation interventions · {k}") for k in studies)
-plots.intervention_curves(curves[single_model], noms[single_model], f"Fig 1f · next-token entropy against the fixed activation · {single_model}",
+plots.show_all(plots.intervention_curves(aligned[k], noms[k], f"Fig 7c-f · fixed-activation interventions · {k}") for k in studies)
+plots.intervention_curves(aligned[single_model], noms[single_model], f"Fig 1f · next-token entropy against the fixed activation · {single_model}",
                           metrics=("entropy",), letters="f", height=420).show()
 effects = pd.concat({k: interventions.effect_summary(s.sweep) for k, s in studies.items()}, names=["model", None]).droplevel(1)
 display(effects[effects["mode"] == "total"].groupby(["model", "role"]).agg(

@@ -309,6 +309,23 @@ def curves(table: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
     return g
 
 
+def aligned_curves(table: pd.DataFrame) -> pd.DataFrame:
+    """`curves`, with neurons swept on a second token set (whose unintervened rows are labelled
+    "nominal (random rows)") shifted by the difference of the two sets' unintervened means, so that
+    every curve starts from the same unintervened level in a plot; their shapes are unchanged."""
+    c = curves(table)
+    other = table[table["mode"] == "nominal (random rows)"]
+    if len(other) == 0:
+        return c
+    shift = nominal(table) - other[list(METRICS)].sum() / other["n"].sum()
+    main_rows = set(table[table["mode"] == "nominal"].row)
+    on_other = {(l, n) for l, n, r in zip(table.layer, table.neuron, table.row) if r not in main_rows and l >= 0}
+    mask = [(l, n) in on_other for l, n in zip(c.layer, c.neuron)]
+    for k in METRICS:
+        c.loc[mask, k] = c.loc[mask, k] + shift[k]
+    return c
+
+
 def nominal(table: pd.DataFrame) -> pd.Series:
     """The unintervened token-weighted means of the metrics."""
     t = table[table["mode"] == "nominal"]
