@@ -184,6 +184,27 @@ REGISTRY: tuple[PaperNumber, ...] = tuple([
                 "the next token is in their class (sign test over neurons)"),
     PaperNumber("antipodal_cos", MEDIUM, -0.8, "§5.1 (ensembles; PAPER.md §5a)", None,
                 "cos(w_out_i, w_out_j) below which two neurons of a class ensemble count as an antipodal pair"),
+    # --- §5.2: entropy neurons (chapter 05) ----------------------------------------------------
+    PaperNumber("entropy_grid", MEDIUM, (-0.17, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0), "§5.2 (entropy_intervention.py)", None,
+                "the fixed post-GELU activations; -0.17 is GELU's minimum"),
+    PaperNumber("entropy_n_random", MEDIUM, 20, "§5.2, Fig 7 (sample_baseline_neurons)", None,
+                "random neurons of the last two layers, without the top decile of l2_penalty or bottom decile of vocab_var"),
+    PaperNumber("entropy_neuron_l2_rank", MEDIUM, 15, "§5.2 (L23.945 is the 15th-largest-norm neuron)", None,
+                "rank of the entropy neuron's ||w_in||^2 + ||w_out||^2 among all neurons"),
+    PaperNumber("entropy_neuron_vocab_var_rank", MEDIUM, 1, "§5.2 (L23.945 has the lowest var of W_U w_out)", None,
+                "rank of the entropy neuron's vocabulary-effect variance, lowest first"),
+    PaperNumber("entropy_anti_cos", MEDIUM, -0.886, "§5.2 (cos of w_out, L23.945 vs L22.2882)", 0.15,
+                "an antipodal pair; tolerance: this book's"),
+    PaperNumber("entropy_delta_entropy", MEDIUM, 0.83, "§5.2 reference notebook (2.61 -> 3.44 nats, L23.945 at 5 vs 0)", None,
+                "24 sequences; not scored: model and activation scale differ"),
+    PaperNumber("entropy_monotone", MEDIUM, "fixing the entropy neuron higher raises the final-LN scale and the entropy "
+                "steeply while the reciprocal rank stays nearly flat; random neurons are flat", "§5.2, Fig 7c-e", None,
+                "a claim, scored by the caller from the computed curves"),
+    PaperNumber("entropy_anti_partner", MEDIUM, "an anti-entropy neuron lowers the scale and the entropy",
+                "§5.2, Fig 7c,e (L22.2882)", None, "a claim, scored by the caller"),
+    PaperNumber("entropy_null_space", MEDIUM, "the entropy neuron's output lies mostly in W_U's null space",
+                "§5.2 (mechanism); quantified in Stolfo et al. 2024", None,
+                "a claim, scored by the caller: null-space fraction far above random neurons'"),
 ])
 
 _INDEX = {(e.key, e.model): e for e in REGISTRY}

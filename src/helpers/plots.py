@@ -256,3 +256,81 @@ def split_quantile_boxes(df, x: str, side: str, title: str, y: str, names: dict 
                              name=(names or {}).get(s, str(s)), marker_color=MEMBER_COLORS[i % len(MEMBER_COLORS)]))
     fig.update_layout(boxmode="group")
     return style(fig, title, x=x, y=y, legend=side)
+ROLE_COLORS = {"entropy": "#d62728", "anti-entropy": "#1f77b4", "candidate 2": "#ff7f0e", "candidate 3": "#9467bd",
+               "random": "#b0b0b0"}
+INTERVENTION_METRICS = {"scale": "final normalisation scale", "rr": "reciprocal rank of the true token",
+                        "entropy": "next-token entropy (nats)", "loss": "loss (nats)"}
+
+
+def intervention_curves(curves, nominal, title: str, metrics=("scale", "rr", "entropy", "loss"), mode: str = "total",
+                        letters: str = "cdef", height: int = 640) -> go.Figure:
+    """Figs 7c-f / 1f: each metric's token mean against the fixed activation (in the paper's grid
+    units), one line per neuron coloured by role (random neurons thin grey), the unintervened mean
+    as a dashed line. `curves` from `interventions.curves`, `nominal` from `interventions.nominal`."""
+    from plotly.subplots import make_subplots
+
+    n = len(metrics)
+    cols = 2 if n > 1 else 1
+    rows = (n + cols - 1) // cols
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"({letters[i]}) {INTERVENTION_METRICS[m]}" for i, m in enumerate(metrics)])
+    c = curves[curves["mode"] == mode]
+    shown = set()
+    for i, m in enumerate(metrics):
+        r, col = i // cols + 1, i % cols + 1
+        for (layer, neuron, role), g in c.groupby(["layer", "neuron", "role"]):
+            g = g.sort_values("grid")
+            first = role not in shown
+            shown.add(role)
+            fig.add_trace(go.Scatter(x=g.grid, y=g[m], mode="lines+markers" if role != "random" else "lines",
+                                     line=dict(color=ROLE_COLORS.get(role, "#333"), width=1 if role == "random" else 2.5),
+                                     name=role if role == "random" else f"{role} L{int(layer)}.{int(neuron)}",
+                                     legendgroup=role if role == "random" else f"{role}{layer}{neuron}",
+                                     showlegend=(i == 0 and (first or role != "random")),
+                                     hovertemplate=f"L{int(layer)}.{int(neuron)} ({role})<br>grid %{{x}}<br>{m} %{{y:.4f}}"),
+                          row=r, col=col)
+        fig.add_hline(y=float(nominal[m]), line_dash="dash", line_color="black", row=r, col=col)
+        fig.update_xaxes(title_text="fixed activation (paper grid units: 6 = the neuron's largest activation)", row=r, col=col)
+        fig.update_yaxes(title_text=INTERVENTION_METRICS[m], row=r, col=col)
+    return style(fig, title, height=height, legend="neuron (dashed: unintervened)")
+
+
+def total_vs_direct(curves, nominal, title: str, metric: str = "entropy") -> go.Figure:
+    """The total effect (solid) and the direct effect with the final scale frozen (dashed) on `metric`
+    for every non-random neuron; the gap is the part that goes through the final normalisation."""
+    fig = go.Figure()
+    c = curves[(curves.role != "random") & curves["mode"].isin(["total", "direct"])]
+    for (layer, neuron, role, mode), g in c.groupby(["layer", "neuron", "role", "mode"]):
+        g = g.sort_values("grid")
+        fig.add_trace(go.Scatter(x=g.grid, y=g[metric], mode="lines+markers", name=f"{role} L{int(layer)}.{int(neuron)} · {mode}",
+                                 line=dict(color=ROLE_COLORS.get(role, "#333"), dash="solid" if mode == "total" else "dash")))
+    fig.add_hline(y=float(nominal[metric]), line_dash="dot", line_color="black")
+    return style(fig, title, x="fixed activation (paper grid units)", y=INTERVENTION_METRICS[metric],
+                 legend="neuron · effect (dotted: unintervened)")
+
+
+def show_all(figs) -> None:
+    """Show several figures in order (a notebook cell holds no loops)."""
+    for fig in figs:
+        fig.show()
+
+
+def l2_histogram(late, marked, title: str) -> go.Figure:
+    """Fig 7a: histogram of the L2 penalty of `late` neurons (columns `l2_penalty`), with the neurons of
+    `marked` (`layer`, `neuron`, `role`, `l2_penalty`) as vertical lines coloured by role."""
+    fig = go.Figure(go.Histogram(x=late.l2_penalty, nbinsx=80, marker_color="#7f7f7f", name="late neurons"))
+    for r in marked.itertuples():
+        fig.add_vline(x=float(r.l2_penalty), line_color=ROLE_COLORS.get(r.role, "#333"), annotation_text=f"{r.role} L{r.layer}.{r.neuron}",
+                      annotation_textangle=-90)
+    fig.update_yaxes(type="log")
+    return style(fig, title, x="‖w_in‖² + ‖w_out‖²", y="neurons (log)")
+
+
+def null_fraction_scatter(late, random_fraction: float, title: str) -> go.Figure:
+    """Every late neuron's share of ‖w_out‖² in W_U's null space (`null_frac`) against ‖w_out‖
+    (`w_out_norm`), coloured by `role`; dotted: a random direction's share."""
+    import plotly.express as px
+
+    fig = px.scatter(late, x="w_out_norm", y="null_frac", color="role", opacity=0.7, hover_data=["layer", "neuron"],
+                     color_discrete_map={**ROLE_COLORS, "other": "#dddddd"}, log_y=True)
+    fig.add_hline(y=random_fraction, line_dash="dot", line_color="gray")
+    return style(fig, title, x="‖w_out‖", y="share of ‖w_out‖² in W_U's null space (log)", legend="neuron")

@@ -1,0 +1,204 @@
+"""Fixed-activation interventions and entropy neurons on tiny hand-built models with known answers
+(paper §5.2): a planted neuron whose output lies in W_U's null space."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers import entropy, interventions as iv
+from helpers.models import init_model, processed_model
+
+ARCH = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64, "n_ctx": 16, "d_vocab": 97}
+PLANTED = (1, 7)  # the entropy neuron: last layer
+ANTI = (1, 30)  # its anti-entropy partner (weights tests only)
+GAIN = 20.0
+
+
+def _project_out(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`w` [..., d_model] without its component along unit `v`."""
+    return w - (w @ v)[..., None] * v
+
+
+def planted_entropy_model(eps: float = 0.0, anti: bool = False, seed: int = 3):
+    """A processed 2-layer model in which unit direction v (orthogonal to the all-ones direction that
+    LayerNorm removes) is read by W_U with gain `eps` of its own (0: exactly W_U's null space) and
+    written by no component but neuron PLANTED, whose w_out is GAIN * v. With `anti`, neuron ANTI
+    writes -0.9 GAIN v plus a little noise."""
+    model = processed_model(ARCH, init_model(ARCH, seed).state_dict())
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(ARCH["d_model"], generator=g)
+    v = v - v.mean()
+    v = v / v.norm()
+    with torch.no_grad():
+        model.W_U.mul_(8.0)  # sharp predictions (an untrained model is near uniform), so temperature shows
+        model.W_U.copy_(model.W_U - (1 - eps) * torch.outer(v, v @ model.W_U))
+        model.b_U.zero_()
+        for p in (model.embed.W_E, model.pos_embed.W_pos):
+            p.copy_(_project_out(p, v))
+        for blk in model.blocks:
+            blk.attn.W_O.copy_(_project_out(blk.attn.W_O, v))
+            blk.attn.b_O.copy_(_project_out(blk.attn.b_O, v))
+            blk.mlp.W_out.copy_(_project_out(blk.mlp.W_out, v))
+            blk.mlp.b_out.copy_(_project_out(blk.mlp.b_out, v))
+        model.blocks[PLANTED[0]].mlp.W_out[PLANTED[1]] = GAIN * v
+        if anti:
+            noise = _project_out(torch.randn(ARCH["d_model"], generator=g), v)
+            model.blocks[ANTI[0]].mlp.W_out[ANTI[1]] = -0.9 * GAIN * v + 0.3 * noise / noise.norm() * GAIN
+    return model, v
+
+
+def _rows(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(1, ARCH["d_vocab"], (n, ARCH["n_ctx"]), generator=g)
+    rows[:, 0] = 0
+    return rows
+
+
+def test_planted_neuron_raises_scale_and_entropy_and_keeps_top1():
+    model, _ = planted_entropy_model()
+    values = np.array([0.0, 0.5, 1.0, 2.0, 4.0])
+    t = iv.Target(*PLANTED, values=values, grid=values, role="entropy", modes=("total",))
+    table = iv.intervention_sweep(model, _rows(), [t], drop_ids=[0], batch_size=4, verbose=False)
+    c = iv.curves(table)
+    c = c[c["mode"] == "total"].sort_values("grid")
+    assert (np.diff(c.scale) > 0).all() and (np.diff(c.entropy) > 0).all()
+    assert c.entropy.iloc[-1] - c.entropy.iloc[0] > 0.5  # a large effect, not rounding
+    assert (c.top1_same == 1.0).all()  # only the temperature changes: the argmax never moves
+    eff = iv.effect_summary(table).iloc[0]
+    assert eff.scale_monotone and eff.entropy_monotone and eff.scale_direction == 1 and eff.d_entropy > 0.5
+    # an ordinary neuron of the same layer moves the entropy much less per unit of activation
+    other = iv.Target(1, 3, values=values, grid=values, role="random", modes=("total",))
+    oc = iv.curves(iv.intervention_sweep(model, _rows(), [other], [0], 4, verbose=False))
+    assert oc.scale.max() - oc.scale.min() < 0.2 * (c.scale.max() - c.scale.min())
+
+
+def test_frozen_scale_removes_the_null_space_neurons_effect():
+    model, _ = planted_entropy_model()
+    ids = _rows(3)
+    logits, cache = model.run_with_cache(ids, names_filter=lambda n: n == iv.SCALE_HOOK)
+    scale = cache[iv.SCALE_HOOK]
+    specs = [(*PLANTED, 4.0)]
+    direct, _ = iv.intervened_logits(model, ids, specs, frozen_scale=scale)
+    total, total_scale = iv.intervened_logits(model, ids, specs)
+    assert (direct - logits).abs().max() < 1e-4  # the direct effect is ~0: the output is in W_U's null space
+    assert (total - logits).abs().max() > 0.1  # the total effect is not
+    assert (total_scale > scale).all()
+    # the sweep's bookkeeping says the same: direct-mode entropy equals the nominal one
+    t = iv.Target(*PLANTED, values=np.array([0.0, 4.0]), grid=np.array([0.0, 6.0]), role="entropy")
+    table = iv.intervention_sweep(model, ids, [t], [0], batch_size=2, verbose=False)
+    c = iv.curves(table)
+    direct_entropy = c[c["mode"] == "direct"].entropy
+    assert np.allclose(direct_entropy, iv.nominal(table).entropy, atol=1e-5)
+    assert c[c["mode"] == "total"].entropy.max() > iv.nominal(table).entropy + 0.2
+
+
+def test_intervening_at_its_own_activation_reproduces_the_run():
+    model, _ = planted_entropy_model(eps=0.1)
+    ids = _rows(4)
+    name = "blocks.0.mlp.hook_post"
+    logits, cache = model.run_with_cache(ids, names_filter=lambda n: n == name)
+    own = cache[name][..., 11]  # [batch, pos]: a layer-0 neuron, so layer 1 sees the change too
+    same, _ = iv.intervened_logits(model, ids, [(0, 11, own), (None, 0, 0.0)])
+    assert torch.equal(same[:4], logits) and torch.equal(same[4:], logits)
+    moved, _ = iv.intervened_logits(model, ids, [(0, 11, own + 1.0)])
+    assert (moved - logits).abs().max() > 1e-3  # the check can fail: a different value changes the logits
+    # starting at a later layer from the cached residual stream is the same computation
+    _, c1 = model.run_with_cache(ids, names_filter=lambda n: n == "blocks.1.hook_resid_pre")
+    full, _ = iv.intervened_logits(model, ids, [(*PLANTED, 2.0)])
+    late, _ = iv.intervened_logits(model, ids, [(*PLANTED, 2.0)], start_layer=1, start_resid=c1["blocks.1.hook_resid_pre"])
+    assert (full - late).abs().max() < 1e-5
+
+
+def test_sweep_batches_replicas_and_caches(tmp_path):
+    model, _ = planted_entropy_model(eps=0.1)
+    rows = _rows(5)
+    values = iv.scaled_grid(2.0)
+    assert values[-1] == pytest.approx(2.0) and values[0] == pytest.approx(-0.17 * 2 / 6)
+    targets = [iv.Target(*PLANTED, values, iv.paper_grid(), "entropy"), iv.Target(0, 2, values, iv.paper_grid(), "random", ("total",))]
+    one = iv.intervention_sweep(model, rows, targets, [0], batch_size=2, max_logit_elems=1, verbose=False)  # one replica per pass
+    many = iv.intervention_sweep(model, rows, targets, [0], batch_size=3, verbose=False)  # all replicas in one pass
+    key = ["row", "layer", "neuron", "mode", "grid"]
+    a, b = one.sort_values(key).reset_index(drop=True), many.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a[key + ["n"]], b[key + ["n"]])
+    assert np.allclose(a[list(iv.METRICS)], b[list(iv.METRICS)], atol=1e-4)
+    assert len(one) == 5 * (1 + 8 * 2 + 8)  # nominal + entropy (total, direct) + random (total)
+    assert (one[one["mode"] == "nominal"].n == 14).all()  # 15 positions with a next token, less the BOS
+    first = iv.cached_sweep(model, "planted", iv.TokenRows.of(rows), targets, [0], tmp_path, batch_size=2, verbose=False)
+    second = iv.cached_sweep(model, "planted", iv.TokenRows.of(rows), targets, [0], tmp_path, batch_size=2, verbose=False)
+    pd.testing.assert_frame_equal(first, second)
+    assert len(list((tmp_path / "entropy_intervention").iterdir())) == 1
+    h = iv.halves(first)
+    assert set(h.metric) == {"scale", "entropy", "loss", "rr"} and (h.max_half_diff >= 0).all()
+    with pytest.raises(ValueError):
+        iv.scaled_grid(0.0)
+    ranges = iv.activation_ranges(model, rows, [0, 1], [0], batch_size=2)
+    assert len(ranges) == 2 * ARCH["d_mlp"] and (ranges.act_min <= ranges.act_mean).all() and (ranges.act_mean <= ranges.act_max).all()
+    scales = entropy.grid_scales(ranges)
+    assert (scales >= ranges.act_max - 1e-12).all() and (scales >= ranges.groupby("layer").act_max.transform("median") - 1e-12).all()
+
+
+def test_entropy_neuron_found_from_weights():
+    model, v = planted_entropy_model(eps=0.02, anti=True)
+    sp = entropy.unembed_spectrum(model)
+    assert sp.n_zero == 1  # the all-ones direction that LayerNorm folding removes, left out
+    ones = torch.ones(ARCH["d_model"], dtype=torch.float64) / ARCH["d_model"] ** 0.5
+    assert abs(float(sp.zero[:, 0] @ ones)) > 0.999
+    assert abs(float(sp.directions[:, sp.d - 2] @ v.double())) > 0.999  # v: the smallest non-zero direction
+    table = entropy.entropy_table(model, sp)
+    row = table.set_index(["layer", "neuron"]).loc[PLANTED]
+    assert row.null_frac > 0.99 and row.null_ratio > 10 and row.l2_rank <= 2 and row.vocab_var_rank <= 2
+    others = table.set_index(["layer", "neuron"]).drop([PLANTED, ANTI])
+    assert others.null_frac.max() < 0.5
+    top = entropy.candidates(table, k=1).iloc[0]
+    assert (top.layer, top.neuron) == PLANTED
+    partner = entropy.anti_partner(model, *PLANTED)
+    assert (partner["layer"], partner["neuron"]) == ANTI and partner["cos"] < -0.9
+    base = entropy.random_baseline(table, n=20, seed=0)
+    assert len(base) == 20 and PLANTED not in set(zip(base.layer, base.neuron))
+    assert base.equals(entropy.random_baseline(table, n=20, seed=0)) and not base.equals(entropy.random_baseline(table, n=20, seed=1))
+    curve = entropy.null_fraction_curve(model, sp, [PLANTED], [1, 2, 4])
+    assert (curve.null_frac > 0.99).all() and np.allclose(curve.random, np.array([1, 2, 4]) / 31)
+    cos = entropy.unembed_cosines(model, [PLANTED, (0, 1)])
+    assert cos[cos.neuron == PLANTED[1]].cos.abs().max() < cos[cos.neuron == 1].cos.abs().max()
+
+
+def test_study_finds_and_sweeps_the_planted_entropy_neuron(tmp_path):
+    model, _ = planted_entropy_model(eps=0.02)  # a small but non-zero gain: an exact zero would be left out with LayerNorm's
+    rows = _rows(4)
+    s = entropy.study(model, "planted", "planted-weights", rows, [0], tmp_path, n_candidates=1, n_random=20, seed=0,
+                      random_grid=(0.0, 3.0, 6.0), batch_size=2, verbose=False)
+    top = s.role("entropy").iloc[0]
+    assert (top.layer, top.neuron) == PLANTED
+    assert len(s.role("random")) == 20 and len(s.role("anti-entropy")) == 1
+    assert set(s.sweep[s.sweep.role == "random"].grid.unique()) == {0.0, 3.0, 6.0}
+    summary = entropy.seed_summary({"planted": s}).loc["planted"]
+    assert summary.monotone and summary.direction == 1 and summary.d_entropy > 2 * summary.random_max_abs_d_entropy
+    assert summary.null_ratio > 10  # (top-1 agreement is tested with an exact null space above)
+
+
+def test_rmsnorm_final_scale_is_the_hook_and_freezing_it_works():
+    """SmolLM2-style models: RMSNorm (folded: RMSPre) and a gated MLP. `ln_final.hook_scale` is the
+    root-mean-square of the final residual stream, and freezing it removes a null-space neuron's effect."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=48, n_ctx=16, d_vocab=97, act_fn="silu",
+                                  normalization_type="RMSPre", gated_mlp=True, positional_embedding_type="rotary", seed=5)
+    model = HookedTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(32, generator=g)
+    v = v / v.norm()
+    with torch.no_grad():
+        model.W_U.mul_(8.0)
+        model.W_U.copy_(model.W_U - torch.outer(v, v @ model.W_U))
+        model.blocks[1].mlp.W_out[4] = GAIN * v
+    ids = _rows(2)
+    logits, cache = model.run_with_cache(ids, names_filter=lambda n: n in (iv.SCALE_HOOK, "ln_final.hook_normalized", "blocks.1.hook_resid_post"))
+    resid = cache["blocks.1.hook_resid_post"]
+    rms = (resid.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
+    assert torch.allclose(cache[iv.SCALE_HOOK], rms, rtol=1e-5)
+    direct, _ = iv.intervened_logits(model, ids, [(1, 4, 3.0)], frozen_scale=cache[iv.SCALE_HOOK])
+    total, scale = iv.intervened_logits(model, ids, [(1, 4, 3.0)])
+    assert (direct - logits).abs().max() < 1e-3 < (total - logits).abs().max()
+    with pytest.raises(ValueError):
+        iv.check_final_scale(HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=8, d_mlp=8, n_ctx=4,
+                                                                       d_vocab=5, act_fn="relu", normalization_type=None)))
