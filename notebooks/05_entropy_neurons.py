@@ -185,8 +185,7 @@ plots.show_all(plots.l2_histogram(s.table[s.table.late], s.neurons[s.neurons.rol
 models_by_name = {name_ref: model, single_model: sm_model, **({name_ctl: control} if control is not None else {})}
 cos_long = pd.concat([entropy.unembed_cosines(models_by_name[k], list(zip(sel.layer, sel.neuron))).merge(sel[["layer", "neuron", "role"]]).assign(model=k)
                       for k, sel in ((k, s.neurons[s.neurons.role.isin(["entropy", "anti-entropy", "random"])]) for k, s in studies.items())])
-fig = px.histogram(cos_long, x="cos", color="role", facet_col="model", barmode="overlay", histnorm="probability density",
-                   nbins=120, color_discrete_map=plots.ROLE_COLORS, height=380)
+fig = plots.density_histogram(cos_long, "cos", "role", facet_col="model", nbins=120, color_map=plots.ROLE_COLORS)
 fig.update_xaxes(matches=None)
 plots.style(fig, "Fig 7b · cos(W_U[:, t], w_out) over the vocabulary", y="density", legend="neuron", height=380)
 fig.show()

@@ -158,12 +158,16 @@ def test_checkpoint_emergence_compares_like_with_like(monkeypatch):
 def test_sweep_effects_sentence_names_each_knob_and_the_largest_rise():
     df = pd.DataFrame({"config": ["base", "wide", "deep"], "n_layers": [2, 2, 3], "d_model": [128, 256, 128],
                        "d_mlp": 1024, "d_vocab": 4096, "lr": 0.003, "train_tokens": 750000,
-                       "excess_p99": [0.20, 0.26, 0.19], "share_above_control_max": [0.03, 0.08, 0.02],
+                       "excess_p99": [0.20, 0.26, 0.19], "control_p99": [0.07, 0.07, 0.05], "share_above_control_max": [0.03, 0.08, 0.02],
                        "baseline_median": [0.7, 0.6, 0.7], "p99_gain_per_cpu_minute": [0.02, 0.01, 0.01]})
     fx = sweep.one_change_effects(df, "base")
     text = sweep.effects_sentence(fx)
-    assert "d_model 128 → 256: p99 +0.060" in text and "n_layers 2 → 3: p99 -0.010" in text
-    assert text.endswith("came from d_model 128 → 256")
+    assert "d_model 128 → 256: p99 +0.060 (over its control +0.060)" in text
+    assert "n_layers 2 → 3: p99 -0.010 (over its control +0.010)" in text
+    assert text.endswith("p99 excess over the untrained control came from d_model 128 → 256")
+    # a knob that lifts the control's tail as much as the trained one's does not win
+    df.loc[1, "control_p99"] = 0.13
+    assert sweep.effects_sentence(sweep.one_change_effects(df, "base")).endswith("came from n_layers 2 → 3")
 
 
 def test_sweep_rows_of_a_partial_run_replace_their_own_and_keep_the_grid_order(tmp_path):

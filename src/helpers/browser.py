@@ -215,8 +215,9 @@ def page_html(static_prefix: str = "../_static") -> str:
 
 def build_browser(site: Path, params, artifacts_dir: Path, n_tokens: int = 8192, device: str = "cpu") -> dict:
     """Write the neuron browser of a built preset into `site`: the page's markup
-    (`book/_generated/neurons.html`) and its data under `book/_static/`. Cards are computed for
-    every published neuron of the reference model and of the single model (cached)."""
+    (`book/_generated/neurons.html`) and its data under `book/_static/`. Every published neuron gets
+    a row; cards (cached) are computed for every neuron of the reference model and for the single
+    model's neurons that chapter 03 analysed."""
     from .families import load_family
 
     preset = str(params["preset"])
@@ -229,7 +230,12 @@ def build_browser(site: Path, params, artifacts_dir: Path, n_tokens: int = 8192,
         single = load_family(params["single_model"], params, device=device)
         sources[model_label(single)] = (single, single.reference)
     for model_name, (family, member) in sources.items():
-        neurons = table[table.model == model_name][["layer", "neuron"]].drop_duplicates()
+        rows = table[table.model == model_name]
+        if family is not fam and "family" in rows:
+            # the single model's cards: chapter 03's per-layer sample (the neurons with a family),
+            # not every neuron some chapter scored (that would put ~10 MB of cards into the book)
+            rows = rows[rows["family"].notna()]
+        neurons = rows[["layer", "neuron"]].drop_duplicates()
         if neurons.empty:
             continue
         n = n_tokens if family is fam else min(n_tokens, 4096)

@@ -334,3 +334,27 @@ def null_fraction_scatter(late, random_fraction: float, title: str) -> go.Figure
                      color_discrete_map={**ROLE_COLORS, "other": "#dddddd"}, log_y=True)
     fig.add_hline(y=random_fraction, line_dash="dot", line_color="gray")
     return style(fig, title, x="‖w_out‖", y="share of ‖w_out‖² in W_U's null space (log)", legend="neuron")
+
+
+def density_histogram(df, x: str, color: str, facet_col: str | None = None, nbins: int = 120, color_map: dict | None = None,
+                      height: int = 380) -> go.Figure:
+    """An overlaid probability-density histogram computed here (numpy) and drawn as bars: the page
+    carries `nbins` numbers per curve instead of every value (a vocabulary-sized sample per neuron
+    would put megabytes of raw data into the book). Bins are shared within a facet."""
+    import numpy as np
+    import pandas as pd
+    import plotly.express as px
+
+    parts = []
+    for facet, fd in (df.groupby(facet_col, sort=False) if facet_col else [(None, df)]):
+        vals = fd[x].to_numpy(dtype=float)
+        edges = np.histogram_bin_edges(vals[np.isfinite(vals)], bins=nbins)
+        for key, g in fd.groupby(color, sort=False):
+            dens, _ = np.histogram(g[x].to_numpy(dtype=float), bins=edges, density=True)
+            parts.append(pd.DataFrame({x: (edges[:-1] + edges[1:]) / 2, "density": dens, color: key,
+                                       **({facet_col: facet} if facet_col else {})}))
+    out = pd.concat(parts, ignore_index=True)
+    fig = px.bar(out, x=x, y="density", color=color, facet_col=facet_col, barmode="overlay", opacity=0.6,
+                 color_discrete_map=color_map, height=height)
+    fig.update_layout(bargap=0)
+    return fig

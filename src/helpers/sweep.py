@@ -121,6 +121,7 @@ def one_change_effects(df: pd.DataFrame, base: str) -> pd.DataFrame:
                      "delta_excess_p99": r["excess_p99"] - b["excess_p99"],
                      "delta_share_above_control_max": r["share_above_control_max"] - b["share_above_control_max"],
                      "delta_baseline_median": r["baseline_median"] - b["baseline_median"],
+                     "delta_p99_gain_over_control": (r["excess_p99"] - r["control_p99"]) - (b["excess_p99"] - b["control_p99"]),
                      "delta_p99_gain_per_cpu_minute": r["p99_gain_per_cpu_minute"] - b["p99_gain_per_cpu_minute"]})
     return pd.DataFrame(rows)
 
@@ -133,17 +134,22 @@ def recorded(root: Path | None = None) -> tuple[pd.DataFrame | None, pd.DataFram
     return (pd.read_csv(res) if res.is_file() else None), (pd.read_csv(dims) if dims.is_file() else None)
 
 
-def effects_sentence(effects: pd.DataFrame, column: str = "delta_excess_p99") -> str:
-    """One computed sentence over `one_change_effects`: each knob's change and the largest rise."""
+def effects_sentence(effects: pd.DataFrame, column: str = "delta_p99_gain_over_control") -> str:
+    """One computed sentence over `one_change_effects`: each knob's change of the p99 excess, of its
+    gain over the configuration's own untrained control, and of the share above the control's
+    maximum; and the knob with the largest rise of `column` (the gain over the control: a knob
+    that lifts the control's tail as much as the trained one's moves nothing)."""
     if effects is None or effects.empty:
         return "the recorded sweep changes no single knob"
     def num(v) -> str:
         return f"{v:,.0f}" if float(v).is_integer() else f"{v:g}"
 
-    parts = [f"{r.knob} {num(r['from'])} → {num(r.to)}: p99 {r[column]:+.3f}, share above the control's maximum "
-             f"{r.delta_share_above_control_max:+.3f}" for _, r in effects.iterrows()]
+    parts = [f"{r.knob} {num(r['from'])} → {num(r.to)}: p99 {r.delta_excess_p99:+.3f} (over its control "
+             f"{r.delta_p99_gain_over_control:+.3f}), share above the control's maximum {r.delta_share_above_control_max:+.3f}"
+             for _, r in effects.iterrows()]
     best = effects.loc[effects[column].idxmax()]
-    return "; ".join(parts) + f". The largest rise of the p99 excess came from {best.knob} {num(best['from'])} → {num(best.to)}"
+    what = "p99 excess over the untrained control" if column == "delta_p99_gain_over_control" else column
+    return "; ".join(parts) + f". The largest rise of the {what} came from {best.knob} {num(best['from'])} → {num(best.to)}"
 
 
 def write_appendix(df: pd.DataFrame, command: str, path: str | Path, decision: str = "", tie: float = 0.05,
