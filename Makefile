@@ -37,7 +37,7 @@ test: $(STAMP) browser
 	done
 	$(PY) -m pytest tests build/smoke --nbmake --nbmake-timeout=1200 --overwrite
 	$(PY) -m helpers.book --preset smoke --executed build/smoke
-	$(PY) scripts/check_book.py build/book-smoke/_build/html
+	$(PY) scripts/check_book.py build/book-smoke/_build/html --max-mb 60
 
 sync:
 	$(VENV)/bin/jupytext --sync notebooks/[0-9][0-9]_*.py

@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("site", nargs="?", default="_build/html", help="the built site (the folder holding index.html)")
     ap.add_argument("--browser", default=None, help="path of a Chromium binary (default: chromium on PATH)")
+    ap.add_argument("--max-mb", type=float, default=None, help="fail if the whole site is larger than this (MB)")
     args = ap.parse_args(argv)
     browser = args.browser or find_browser()
     if browser is None:
@@ -147,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in reports if not r.ok]
     n_fig = sum(r.plotly_drawn for r in reports)
     n_views = sum(r.views_drawn for r in reports)
+    size = sum(f.stat().st_size for f in site.rglob("*") if f.is_file()) / 1e6
     print(f"{len(reports)} pages, {n_fig} plotly figures and {n_views} circuitsvis views drawn; "
-          f"{len(failed)} page(s) failed")
+          f"{len(failed)} page(s) failed; the site is {size:.1f} MB")
+    if args.max_mb is not None and size > args.max_mb:
+        print(f"FAIL the site is larger than --max-mb {args.max_mb:g}")
+        return 1
     return 1 if failed else 0
 
 
