@@ -75,3 +75,11 @@ def test_the_page_draws_a_card_from_its_data_without_errors(tmp_path):
     (tmp_path / "book" / "neurons.html").write_text("<html><body>" + browser.page_html() + "</body></html>")
     rep = check_book.check_site(tmp_path, settle_ms=800)[0]
     assert rep.ok and (rep.views_expected, rep.views_drawn) == (1, 1), rep.line()
+
+
+def test_the_page_lists_the_reference_model_and_the_single_models_analysed_neurons():
+    t = pd.DataFrame({"model": ["ref", "ref", "sm", "sm", "sm", "sm"], "layer": [0, 1, 0, 1, 2, 3], "neuron": 0,
+                      "family": [None, None, "unigram", None, None, None],
+                      "vocabulary class": [None, None, None, "prediction", "none", None]})
+    out = browser._browsable(t, "ref")
+    assert list(zip(out.model, out.layer)) == [("ref", 0), ("ref", 1), ("sm", 0), ("sm", 1)]

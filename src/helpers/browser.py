@@ -213,6 +213,18 @@ def page_html(static_prefix: str = "../_static") -> str:
 """
 
 
+def _browsable(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """The rows the page lists: every neuron of the reference model; of any other model, the neurons
+    chapter 03 analysed (a `family`) and those with a vocabulary class, not every neuron a
+    weight-only pass scored (SmolLM2 has 46k)."""
+    keep = table.model == reference
+    if "family" in table:
+        keep |= table["family"].notna()
+    if "vocabulary class" in table:
+        keep |= table["vocabulary class"].notna() & (table["vocabulary class"] != "none")
+    return table[keep].reset_index(drop=True)
+
+
 def build_browser(site: Path, params, artifacts_dir: Path, n_tokens: int = 8192, device: str = "cpu") -> dict:
     """Write the neuron browser of a built preset into `site`: the page's markup
     (`book/_generated/neurons.html`) and its data under `book/_static/`. Every published neuron gets
@@ -222,6 +234,7 @@ def build_browser(site: Path, params, artifacts_dir: Path, n_tokens: int = 8192,
 
     preset = str(params["preset"])
     table = published_neurons(Path(artifacts_dir) / "results" / preset / "neurons")
+    table = _browsable(table, model_label(load_family(params["family"], params, device=device)))
     cards: dict[str, dict] = {}
     fam = load_family(params["family"], params, device=device)
     ref = fam.reference
