@@ -57,3 +57,8 @@ def test_summary_formats_computed_numbers():
     assert text == "- 12 neurons, 1.2%\n- p99 n/a"
     with pytest.raises(KeyError):
         report.sentence("{missing}")
+
+
+def test_result_table_shows_a_tolerance_only_for_numbers():
+    t = paper.result_table([paper.Comparison("layers", "n_layers", 2), paper.Comparison("activation", "act_fn", "gelu_new")])
+    assert "(± 0.000)" in t.loc["layers", "paper"] and "±" not in t.loc["activation", "paper"]

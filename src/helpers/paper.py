@@ -306,7 +306,8 @@ def result_table(rows: Iterable[Comparison]) -> pd.DataFrame:
     for r in rows:
         e = entry(r.key, r.model)
         v = verdict(e, r.ours, r.holds)
-        tol = "" if e.tolerance is None else f" (± {_show(e.tolerance, r.fmt)})"
+        numeric = isinstance(e.value, (int, float)) and not isinstance(e.value, bool)
+        tol = "" if e.tolerance is None or not numeric else f" (± {_show(e.tolerance, r.fmt)})"  # none for a text value
         out.append({"quantity": r.quantity, "this book": _show(r.ours, r.fmt),
                     "untrained control": _show(r.control, r.fmt) if r.control is not None else "",
                     "paper": f"{_show(e.value, r.fmt)}{tol}; {e.model}, {e.source}", "verdict": v,
