@@ -23,8 +23,8 @@
 # (its "null space"). Switching such a neuron on barely changes *which* token is predicted, but it
 # grows the residual stream's norm, so the final normalisation divides by a larger scale, every logit
 # shrinks, and the next-token distribution flattens: a learned temperature. An *anti-entropy* neuron,
-# writing nearly the opposite vector, sharpens it (paper: cos = −0.886 for L23.945 and L22.2882 of
-# GPT2-medium-a).
+# writing nearly the opposite vector, sharpens it (the paper's pair in GPT2-medium-a, L23.945 and
+# L22.2882, and their cosine are in the Result-vs-paper table, read from the paper registry).
 #
 # This chapter finds candidates **from the weights** with the criteria shown (high L2 penalty, low
 # variance of the vocabulary effect, the share of ‖w_out‖² in W_U's smallest singular directions),

@@ -27,7 +27,8 @@
 # random directions, and checks a few top pairs with a path ablation.
 #
 # This chapter measures, with `helpers.attention`:
-# 1. the BOS value norms of every head (paper: the median head's is 19.4× smaller than other tokens');
+# 1. the BOS value norms of every head (paper: the median head's is many times smaller than other
+#    tokens'; its ratio is in the Result-vs-paper table, from the paper registry);
 # 2. h_n for **every** neuron and every head of a later layer, against random unit vectors (Fig 8a);
 #    **sign convention**: h_n > 0 means a positive activation raises the head's attention to BOS
 #    (a deactivation neuron), h_n < 0 lowers it (an activation neuron);
