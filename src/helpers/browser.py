@@ -234,9 +234,9 @@ def build_browser(site: Path, params, artifacts_dir: Path, n_tokens: int = 8192,
 
     preset = str(params["preset"])
     table = published_neurons(Path(artifacts_dir) / "results" / preset / "neurons")
-    table = _browsable(table, model_label(load_family(params["family"], params, device=device)))
-    cards: dict[str, dict] = {}
     fam = load_family(params["family"], params, device=device)
+    table = _browsable(table, model_label(fam))
+    cards: dict[str, dict] = {}
     ref = fam.reference
     sources = {model_label(fam, ref): (fam, fam.member(ref))}
     if params.get("single_model"):
