@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 00 · The seed family (paper §1, Table 1)
 #
-# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/main/notebooks/00_seed_family.ipynb)
+# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/v0.1.0/notebooks/00_seed_family.ipynb)
 #
 # The paper's whole method rests on a **family of models that differ only in their random seed**:
 # five GPT2-small and five GPT2-medium models trained by Stanford CRFM on OpenWebText, identical
@@ -144,12 +144,26 @@ if is_embedded:
 # %%
 if is_embedded:
     table = train.training_table(fam.info["family_folder"])
+    # An untrained model's loss sits near the uniform guess, far above a trained member's: the
+    # control is measured on the first 16,384 held-out tokens, not on the 200,000 of the trained
+    # members' validation loss, and its change from the first half of those tokens, printed next to
+    # the gap between each member and its control, shows that this precision is enough.
     control = families.load_family("embedded-untrained", params, device=device)
-    held_out = fam.token_rows(min(n_tokens, 200_000), "val")
-    table["untrained control loss"] = pd.Series(families.evaluate_family(control, held_out))
+    ctl_rows = fam.token_rows(min(n_tokens, 16_384), "val")
+    ctl_loss = {m: train.row_losses(control.load(m), ctl_rows) for m in control.members}
+    ctl_table = pd.DataFrame({m: {"loss": l.mean(), "loss on the first half": l[: len(l) // 2].mean()}
+                              for m, l in ctl_loss.items()}).T
+    ctl_table["change from the first half"] = ctl_table["loss"] - ctl_table["loss on the first half"]
+    table["untrained control loss"] = ctl_table["loss"]
     display(table)
+    print(f"untrained control on {ctl_rows.numel():,} held-out tokens ({len(ctl_rows)} rows of {ctl_rows.shape[1]}):")
+    display(ctl_table.style.format("{:.4f}"))
     val = table["val_loss"]
     spread = float(val.max() - val.min())
+    gap = float((table["untrained control loss"] - table["val_loss"]).min())
+    change = float(ctl_table["change from the first half"].abs().max())
+    print(f"smallest gap between a member and its control: {gap:.2f} nats; largest change of a control's loss from "
+          f"half its tokens: {change:.3f} nats")
     print(f"validation loss: mean {val.mean():.4f}, std {val.std(ddof=1):.4f}, spread (max - min) {spread:.4f} nats; "
           f"uniform guess over the vocabulary: {np.log(embedded['d_vocab']):.2f} nats")
     # A broken training or a seed that diverged fails the build here.

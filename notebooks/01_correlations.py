@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 01 · Which neurons are universal (paper §2 and §4.1; Figs 2, 11, 12, 13)
 #
-# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/main/notebooks/01_correlations.ipynb)
+# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/v0.1.0/notebooks/01_correlations.ipynb)
 #
 # **The claim.** Most neurons of a GPT-2 model have no close counterpart in a model trained from
 # another seed; a small set (1-5% of neurons) does, in every seed. For each neuron `i` of the

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 02 · What makes universal neurons different (paper §4.2 and §6; Figs 3, 9, 10, 14)
 #
-# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/main/notebooks/02_properties.ipynb)
+# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/v0.1.0/notebooks/02_properties.ipynb)
 #
 # **The claim.** Universal neurons are statistically unusual. Compared with the other neurons of
 # their layer they have large weight norms, a large negative input bias and hence a negative mean
@@ -199,12 +199,14 @@ fig.show()
 # SmolLM2's forward pass is the costly part of this chapter (about 3 s per 512-token row on a CPU
 # without bf16), and this section reports medians over neurons, which settle long before the
 # paper's token counts: the statistics are computed on at most 32,768 tokens, and on the first half
-# of them as a convergence check (the per-layer medians of the two runs are compared below).
+# of them as a convergence check (the per-layer medians of the two are compared below). Both come
+# from one forward pass: the half's table is written when the pass has consumed its rows.
 
 # %%
 single = families.load_family(single_model, params, device=device)
 n_single = min(n_tokens_single, 32_768)
-single_stats = neuron_stats.member_neuron_stats(single, n_single, art, batch_size=8)
+# the half-token table is written from the same forward pass (its rows are the first half)
+single_stats = neuron_stats.member_neuron_stats(single, n_single, art, batch_size=8, prefixes=[n_single // 2])
 half_stats = neuron_stats.member_neuron_stats(single, n_single // 2, art, batch_size=8)
 conv_cols = ["pre_kurt", "pre_skew", "act_freq", "vocab_kurt"]
 med_full, med_half = (t.groupby("layer")[conv_cols].median() for t in (single_stats, half_stats))

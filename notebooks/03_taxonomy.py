@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 03 · Neuron families by variance reduction (paper §4.3; Figs 1a-d, 4, 15-21)
 #
-# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/main/notebooks/03_taxonomy.ipynb)
+# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/v0.1.0/notebooks/03_taxonomy.ipynb)
 #
 # **The claim.** Universal neurons are interpretable and fall into a few families: unigram neurons
 # (one specific token), alphabet neurons (a single letter), previous-token neurons, position

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 04 · Prediction, suppression and partition neurons (paper §5.1; Figs 5, 6, 22-24)
 #
-# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/main/notebooks/04_prediction_neurons.ipynb)
+# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/v0.1.0/notebooks/04_prediction_neurons.ipynb)
 #
 # **The claim.** Late-layer neurons act directly on the next-token distribution. A neuron's
 # vocabulary effect W_U w_out (one number per token) is heavy-tailed for many of them: **prediction

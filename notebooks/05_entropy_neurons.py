@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 05 · Entropy neurons, a learned temperature (paper §5.2; Figs 7, 25, 1f)
 #
-# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/main/notebooks/05_entropy_neurons.ipynb)
+# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/v0.1.0/notebooks/05_entropy_neurons.ipynb)
 #
 # **The claim.** Some late-layer neurons have a very large weight norm but almost no direct effect on
 # the logits: their output vector lies in the span of the unembedding's smallest singular directions

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 06 · Attention (de)activation neurons (paper §5.3; Figs 8, 26)
 #
-# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/main/notebooks/06_attention_deactivation.ipynb)
+# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/v0.1.0/notebooks/06_attention_deactivation.ipynb)
 #
 # **The claim.** Many heads park their attention on the beginning-of-sequence (BOS) token when they
 # have nothing to do: the BOS value, once through W_O, is small, so a head attending to BOS is

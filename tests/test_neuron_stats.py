@@ -334,3 +334,38 @@ def test_cli_on_a_tiny_family(tmp_path, monkeypatch, capsys):
     direct = weight_statistics(models["x-b"])
     np.testing.assert_array_equal(table.w_in_norm.to_numpy(), direct.w_in_norm.to_numpy())
     assert ns.stats_dir(fam, "x-a", 100, tmp_path) != out != ns.stats_dir(fam, "x-b", 200, tmp_path)
+
+
+def test_prefix_statistics_come_from_the_same_pass(tmp_path, monkeypatch):
+    """A convergence check's smaller token count is written during the larger run's pass: the same
+    table as a separate run over the first rows, and no row goes through the model twice."""
+    from types import SimpleNamespace
+
+    from helpers.data import TokenRows
+
+    model, all_rows = tiny_model(), token_rows(n_rows=21)
+    n_ctx = ARCH["n_ctx"]
+    fam = Family("tiny", ["a"], lambda m: model, lambda: SimpleNamespace(drop_ids=[BOS, NEWLINE]), "cpu", {},
+                 lambda n, split: TokenRows(all_rows[: n // n_ctx]), identity_factory=lambda m: "tiny-a")
+    seen = []
+    import helpers.activations as acts
+
+    orig = acts.hook_activations
+    monkeypatch.setattr(acts, "hook_activations", lambda model, ids, *a, **k: (seen.append(len(ids)), orig(model, ids, *a, **k))[1])
+    # 20 rows in batches of 8; the prefix of 9 rows is not a multiple of the batch size
+    full = ns.member_neuron_stats(fam, 20 * n_ctx, tmp_path, batch_size=8, verbose=False, prefixes=[9 * n_ctx])
+    assert seen == [8, 1, 8, 3]  # a batch is cut at the prefix's last row; each of the 20 rows seen once
+    seen.clear()
+    half = ns.member_neuron_stats(fam, 9 * n_ctx, tmp_path, batch_size=8, verbose=False)
+    assert seen == []  # read from the cache written during the pass
+    separate = ns.neuron_stats_table(model, all_rows[:9], [BOS, NEWLINE], tmp_path / "separate", batch_size=3, verbose=False)
+    cols = ["layer", "neuron", *ns.ACTIVATION_COLUMNS, "w_in_norm", "vocab_kurt"]
+    pd.testing.assert_frame_equal(half[cols], separate[cols], check_exact=False, rtol=1e-5, atol=1e-6)  # other batch sizes: fp32 rounding
+    assert not np.allclose(half.pre_mean, full.pre_mean)  # a table of fewer rows, not the full one
+    # rows that are not a prefix (another source) are not snapshotted: computed on their own when asked
+    other = Family("tiny", ["a"], lambda m: model, lambda: SimpleNamespace(drop_ids=[BOS, NEWLINE]), "cpu", {},
+                   lambda n, split: TokenRows(token_rows(n_rows=n // n_ctx, seed=int(n < 20 * n_ctx))),
+                   identity_factory=lambda m: "tiny-a")
+    seen.clear()
+    ns.member_neuron_stats(other, 20 * n_ctx, tmp_path / "o", batch_size=8, verbose=False, prefixes=[9 * n_ctx])
+    assert seen == [8, 8, 4]

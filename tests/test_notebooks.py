@@ -8,6 +8,8 @@ import jupytext
 import pytest
 import yaml
 
+from helpers.presets import release_ref
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
@@ -40,8 +42,8 @@ def test_page_skeleton(py):
     first = nb.cells[0]
     assert first.cell_type == "markdown" and first.source.startswith("# "), "the page starts with an H1"
     repo = CONFIG["repository"]["url"].removeprefix("https://github.com/")
-    colab = f"https://colab.research.google.com/github/{repo}/blob/{CONFIG['repository']['branch']}/notebooks/{py.stem}.ipynb"
-    assert colab in first.source, f"the first cell must link to the source notebook in Colab: {colab}"
+    colab = f"https://colab.research.google.com/github/{repo}/blob/{release_ref(ROOT)}/notebooks/{py.stem}.ipynb"
+    assert colab in first.source, f"the first cell must link to the release's notebook in Colab: {colab}"
     code = _code_cells(nb)
     assert "IN_COLAB" in code[0].source, "first code cell is the set-up cell"
     assert "parameters" in code[1].metadata.get("tags", []), "second code cell is the parameters cell"
@@ -181,7 +183,7 @@ def test_colab_set_up_installs_the_pinned_release_with_every_extra():
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    ref = "v" + project["version"]
+    ref = release_ref(ROOT)
     blocks = {py.stem: _colab_block(py) for py in SOURCES}
     assert len(set(blocks.values())) == 1, "the notebooks' Colab set-up cells differ"
     block = next(iter(blocks.values()))

@@ -124,3 +124,18 @@ def test_precision_auto_needs_a_measured_2x_speedup(monkeypatch, bf16_seconds, e
 def test_old_autocast_key_gets_a_clear_error():
     with pytest.raises(ValueError, match="precision: auto"):
         train.split_embedded_config({"n_layers": 1, "autocast_bf16": True})
+
+
+def test_row_losses_average_to_the_validation_loss(tiny_arch):
+    """Per-row losses, by hand for one row, and their mean equal to `evaluate_loss`."""
+    model = models.init_model(tiny_arch, seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, tiny_arch["d_vocab"], (7, tiny_arch["n_ctx"]), generator=g)
+    per_row = train.row_losses(model, rows, batch_size=3)
+    assert per_row.shape == (7,)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(rows[2:3]).double()[0, :-1], -1)
+    by_hand = -logp[torch.arange(tiny_arch["n_ctx"] - 1), rows[2, 1:]].mean().item()
+    assert per_row[2] == pytest.approx(by_hand, rel=1e-5)
+    assert per_row.mean() == pytest.approx(train.evaluate_loss(model, rows, batch_size=2), rel=1e-6)
+    assert np.ptp(per_row) > 0  # rows differ: an interval over rows is not degenerate

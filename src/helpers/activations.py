@@ -131,12 +131,17 @@ class ActivationStream:
     process's shard. A rerun resumes from the row after the last one saved, whatever its batch
     size; a checkpoint of another identity or shard, or a damaged one, is reported in one line and
     not resumed.
+
+    `split_at`: row counts at which a batch must end (a batch never straddles one), so a caller
+    can snapshot its accumulators over exactly the first `k` rows in the same pass
+    (`batch.rows.stop == k`).
     """
 
     def __init__(self, models: Mapping, rows: TokenRows | torch.Tensor, hooks: Sequence[str] | Mapping[str, Sequence[str]],
                  batch_size: int, drop_ids: Sequence[int], accumulators: Callable[[], dict], identity: dict | None = None,
                  checkpoint: str | Path | None = None, checkpoint_every: int = 200_000, save_at_end: bool = False,
-                 desc: str = "activations", verbose: bool = True, device: str | torch.device = "cpu"):
+                 desc: str = "activations", verbose: bool = True, device: str | torch.device = "cpu",
+                 split_at: Sequence[int] = ()):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.models = dict(models)
@@ -151,6 +156,7 @@ class ActivationStream:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.checkpoint_every, self.save_at_end = int(checkpoint_every), save_at_end
         self.desc, self.verbose = desc, verbose
+        self.split_at = sorted({int(k) for k in split_at})
         self.accs = accumulators()
         self.rows_done, self.n_tokens, self.extra = 0, 0, {}
         self.resumed = False
@@ -184,8 +190,7 @@ class ActivationStream:
         t0, tok0, last = time.time(), self.n_tokens, self.n_tokens
         pos = torch.arange(r.n_ctx)
         index = 0
-        for start in range(self.lo + self.rows_done, self.hi, self.batch_size):
-            sl = slice(start, min(start + self.batch_size, self.hi))
+        for sl in self._slices(self.lo + self.rows_done):
             ids = r.ids[sl]
             mask = valid_token_mask(ids, self.drop_ids)
             acts = {m: hook_activations(model, ids, self.hooks[m], mask) for m, model in self.models.items()}
@@ -202,6 +207,14 @@ class ActivationStream:
         bar.close()
         if self.save_at_end:
             self.save()
+
+    def _slices(self, start: int) -> Iterator[slice]:
+        """Batches of `batch_size` rows from `start` to the shard's end, cut at `split_at`."""
+        while start < self.hi:
+            stop = min(start + self.batch_size, self.hi)
+            stop = min([k for k in self.split_at if start < k < stop] or [stop])
+            yield slice(start, stop)
+            start = stop
 
     def merged(self) -> dict | None:
         """The accumulators over every rank's rows (exact merges) on rank 0; None on other ranks.

@@ -25,14 +25,14 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .activations import ActivationStream
-from .artifacts import atomic_write_csv, atomic_write_parquet, cached_result, result_dir, run_cli, write_json
+from .artifacts import atomic_write_csv, atomic_write_parquet, cached_result, open_result, result_dir, run_cli, write_json
 from .data import TokenRows
 from .models import neuron_weights
 
@@ -317,6 +317,17 @@ def _accumulate_batch(batch, pre: list[StreamingMoments], post: list[StreamingMo
         post[l].update(acts[f"blocks.{l}.mlp.hook_post"])
 
 
+def stats_hooks(model) -> list[str]:
+    """The hooks the activation statistics read: every layer's `mlp.hook_pre` and `mlp.hook_post`."""
+    return [f"blocks.{l}.mlp.hook_{h}" for l in range(model.cfg.n_layers) for h in ("pre", "post")]
+
+
+def moment_accumulators(model) -> dict:
+    """{`pre{l}` / `post{l}`: StreamingMoments}: the accumulators of the activation statistics."""
+    d_mlp = model.cfg.d_mlp
+    return {f"{h}{l}": StreamingMoments(d_mlp, model.cfg.device) for h in ("pre", "post") for l in range(model.cfg.n_layers)}
+
+
 def activation_identity(model, rows: TokenRows, drop_ids: Sequence[int]) -> dict:
     """What determines the activation statistics of `model` on `rows`: the weights as loaded
     (sha256 of the state dict), the rows' sha256 and shape, the dropped tokens, the code version."""
@@ -346,7 +357,8 @@ def _moments_table(pre: list[StreamingMoments], post: list[StreamingMoments], d_
 
 def activation_statistics(model, rows: torch.Tensor | TokenRows, drop_ids: Sequence[int], out_dir: str | Path | None = None,
                           batch_size: int = 32, checkpoint_every: int = 200_000, verbose: bool = False,
-                          identity: dict | None = None) -> pd.DataFrame:
+                          identity: dict | None = None,
+                          snapshots: Mapping[int, Callable[[pd.DataFrame], None]] | None = None) -> pd.DataFrame:
     """Activation moments of every neuron of `model` over the token rows `rows` [rows, n_ctx]
     (paper §3, Fig. 4: activation frequency, skew and kurtosis), dropping the tokens in
     `drop_ids` (BOS/pad and newline: the same tokens as the correlations).
@@ -363,24 +375,34 @@ def activation_statistics(model, rows: torch.Tensor | TokenRows, drop_ids: Seque
     their identity (`identity`, default `activation_identity`); a restarted call resumes at the
     next row (any `batch_size`) and gives the same result as an uninterrupted run. A finished
     state is reused as is; a state of other weights or rows is reported and not resumed.
+
+    `snapshots` {k: callback}: in the same pass, the table over exactly the first `k` rows is
+    handed to `callback` as soon as they are consumed (single-process runs; a pass resumed past
+    `k` skips it), so the statistics of a prefix of the rows cost no second forward pass.
     """
     cfg = model.cfg
     n_layers, d_mlp = cfg.n_layers, cfg.d_mlp
     rows = TokenRows.of(rows)
     identity = identity or activation_identity(model, rows, drop_ids)
-    names = [f"blocks.{l}.mlp.hook_{h}" for l in range(n_layers) for h in ("pre", "post")]
+    names = stats_hooks(model)
 
     def accumulators() -> dict:
-        return {f"{h}{l}": StreamingMoments(d_mlp, cfg.device) for h in ("pre", "post") for l in range(n_layers)}
+        return moment_accumulators(model)
 
+    snapshots = {int(k): cb for k, cb in (snapshots or {}).items() if 0 < int(k) < len(rows)}
     stream = ActivationStream({MODEL: model}, rows, names, batch_size, drop_ids, accumulators, identity,
                               Path(out_dir) / STATE_FILE if out_dir is not None else None, checkpoint_every,
-                              save_at_end=True, desc="activation statistics", verbose=verbose, device=cfg.device)
+                              save_at_end=True, desc="activation statistics", verbose=verbose, device=cfg.device,
+                              split_at=list(snapshots))
     pre = [stream.accs[f"pre{l}"] for l in range(n_layers)]
     post = [stream.accs[f"post{l}"] for l in range(n_layers)]
     if not stream.done:
         for batch in stream:
             _accumulate_batch(batch, pre, post)
+            if stream.world == 1 and batch.rows.stop in snapshots:
+                part = _moments_table(pre, post, d_mlp)
+                part.attrs["n_valid_tokens"] = int(pre[0].count)
+                snapshots[batch.rows.stop](part)
     accs = stream.merged()
     if accs is None:
         return pd.DataFrame()
@@ -396,13 +418,9 @@ def activation_statistics(model, rows: torch.Tensor | TokenRows, drop_ids: Seque
 # --------------------------------------------------------------------------------------------
 
 
-def _compute_table(model, rows: TokenRows, drop_ids: Sequence[int], out: Path, batch_size: int, checkpoint_every: int,
-                   verbose: bool, identity: dict) -> dict | None:
-    t0 = time.time()
-    weights = weight_statistics(model)
-    acts = activation_statistics(model, rows, drop_ids, out, batch_size, checkpoint_every, verbose, identity)
-    if not len(acts):  # a torchrun rank other than 0
-        return None
+def _write_table(model, weights: pd.DataFrame, acts: pd.DataFrame, rows: TokenRows, drop_ids: Sequence[int], out: Path,
+                 batch_size: int, t0: float) -> dict:
+    """Join the weight and activation statistics and write the table's files into `out`."""
     n_valid = acts.attrs.get("n_valid_tokens")
     table = weights.merge(acts, on=["layer", "neuron"], how="inner", validate="one_to_one")
     assert len(table) == model.cfg.n_layers * model.cfg.d_mlp
@@ -412,6 +430,26 @@ def _compute_table(model, rows: TokenRows, drop_ids: Sequence[int], out: Path, b
     atomic_write_parquet(table, out / TABLE_FILE)
     atomic_write_csv(table, out / "neuron_stats.csv")
     write_json(out / "run.json", run)
+    return run
+
+
+def _compute_table(model, rows: TokenRows, drop_ids: Sequence[int], out: Path, batch_size: int, checkpoint_every: int,
+                   verbose: bool, identity: dict, prefixes: Sequence[tuple[TokenRows, dict, Path]] = ()) -> dict | None:
+    """The table of `model` over `rows` into `out`; `prefixes` [(rows, identity, folder)] are
+    tables over the first rows of `rows`, written from the same pass when they are reached."""
+    t0 = time.time()
+    weights = weight_statistics(model)
+
+    def writer(p_rows: TokenRows, p_ident: dict, p_out: Path):
+        return lambda part: cached_result("neuron_stats", p_ident,
+                                          lambda o: _write_table(model, weights, part, p_rows, drop_ids, o, batch_size, t0),
+                                          folder=p_out)
+
+    snapshots = {len(p_rows): writer(p_rows, p_ident, p_out) for p_rows, p_ident, p_out in prefixes}
+    acts = activation_statistics(model, rows, drop_ids, out, batch_size, checkpoint_every, verbose, identity, snapshots)
+    if not len(acts):  # a torchrun rank other than 0
+        return None
+    run = _write_table(model, weights, acts, rows, drop_ids, out, batch_size, t0)
     (out / STATE_FILE).unlink(missing_ok=True)
     return run
 
@@ -448,15 +486,33 @@ def stats_dir(family, member: str, n_tokens: int, artifacts_dir: str | Path) -> 
 
 def member_neuron_stats(family, n_tokens: int, artifacts_dir: str | Path, member: str | None = None, batch_size: int = 32,
                         checkpoint_every: int = 200_000, out_dir: str | Path | None = None,
-                        verbose: bool = True) -> pd.DataFrame:
+                        verbose: bool = True, prefixes: Sequence[int] = ()) -> pd.DataFrame:
     """The neuron statistics table of `member` (default: the family's reference) over the same
-    `n_tokens` held-out rows as the correlations (`family.token_rows`), computed once, then cached."""
+    `n_tokens` held-out rows as the correlations (`family.token_rows`), computed once, then cached.
+
+    `prefixes`: smaller token counts whose tables come from the same forward pass (for a
+    convergence check): when their rows are the first rows of these ones and they are not cached
+    yet, they are written, each under its own cache key, as the pass reaches them, so a later
+    `member_neuron_stats(family, k)` reads them instead of running the model again."""
     member = member or family.reference
     rows = family.token_table(n_tokens)
     identity = stats_identity(family, member, n_tokens, rows)
     out = Path(out_dir) if out_dir else result_dir(artifacts_dir, "neuron_stats", identity, prefix=f"{family.name}-{member}")
+    found = open_result(out, "neuron_stats", identity)
+    if found is not None:
+        return found.table(TABLE_FILE)
+    shared = []
+    for k in sorted({int(k) for k in prefixes}):
+        p_rows = family.token_table(k)
+        if not (0 < len(p_rows) < len(rows) and torch.equal(p_rows.ids, rows.ids[: len(p_rows)])):
+            continue  # not a prefix of these rows: computed on its own when asked for
+        p_ident = stats_identity(family, member, k, p_rows)
+        p_out = result_dir(artifacts_dir, "neuron_stats", p_ident, prefix=f"{family.name}-{member}")
+        if open_result(p_out, "neuron_stats", p_ident) is None:
+            shared.append((p_rows, p_ident, p_out))
     res = cached_result("neuron_stats", identity, lambda o: _compute_table(family.load(member), rows, family.codec.drop_ids, o,
-                                                                            batch_size, checkpoint_every, verbose, identity),
+                                                                            batch_size, checkpoint_every, verbose, identity,
+                                                                            shared),
                         folder=out)
     return res.table(TABLE_FILE) if res.files else pd.DataFrame()
 

@@ -368,6 +368,15 @@ def _apply_overrides(base: Preset, overrides: Mapping[str, Any]) -> Preset:
 ROOT_ENV = "UNIVERSAL_NEURONS_ROOT"  # set by the Colab set-up cell to the cloned repository
 
 
+def release_ref(root: Path | None = None) -> str:
+    """The git ref that Colab installs and links to: the release tag `v<version>` of pyproject.toml
+    (the one place it is set; a release commit gets that tag)."""
+    import tomllib
+
+    root = root or repo_root()
+    return "v" + tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+
+
 def repo_root() -> Path:
     """The repository root: `$UNIVERSAL_NEURONS_ROOT` if set, else the nearest parent of this file
     (or of the cwd) holding `params/` and `_config.yml`."""

@@ -233,6 +233,20 @@ def evaluate_loss(model, rows: torch.Tensor, batch_size: int = 32) -> float:
     return total / max(count, 1)
 
 
+@torch.no_grad()
+def row_losses(model, rows: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+    """Mean next-token cross-entropy (nats) of `model` on each row of `rows` [n, n_ctx], in fp32:
+    [n]. Every row scores n_ctx - 1 tokens, so their mean is `evaluate_loss`."""
+    model.eval()
+    out = []
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i : i + batch_size].to(model.cfg.device)
+        logits = model(batch, return_type="logits").float()
+        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")  # [batch, n_ctx - 1]
+        out.append(loss.mean(1).double().cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
 def cpu_description() -> dict:
     """CPU model, core count, bf16 instruction sets and torch's kernel level, for run records."""
     name = platform.processor() or platform.machine()
