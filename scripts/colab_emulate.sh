@@ -46,13 +46,18 @@ export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0="url.file://$WORK/origin.insteadOf" G
 echo "== a fresh environment with Colab's preinstalled torch and kernel ($WORK/venv)"
 "$PYTHON" -m venv "$WORK/venv"
 VPY="$WORK/venv/bin/python"
-"$VPY" -m pip install -q --upgrade pip
-"$VPY" -m pip install -q "torch==$(grep '^torch==' "$ROOT/constraints.txt" | cut -d= -f3)" ipykernel papermill
+quiet() { grep -v "^WARNING: Location 'file:" || true; }  # this machine's pip config lists local indexes
+"$VPY" -m pip install -q --upgrade pip 2>&1 | quiet
+"$VPY" -m pip install -q "torch==$(grep '^torch==' "$ROOT/constraints.txt" | cut -d= -f3)" ipykernel papermill 2>&1 | quiet
 SITE=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 mkdir -p "$SITE/google/colab"
 printf '"""Stand-in for Colab'"'"'s module: its presence is what the set-up cell tests."""\n' > "$SITE/google/colab/__init__.py"
 touch "$SITE/google/__init__.py"
 "$VPY" -m ipykernel install --prefix "$WORK/venv" --name colab-emulated >/dev/null
+# Colab's kernel has imported google.colab before the first cell runs
+export IPYTHONDIR="$WORK/ipython"
+mkdir -p "$IPYTHONDIR/profile_default/startup"
+echo "import google.colab" > "$IPYTHONDIR/profile_default/startup/00-colab.py"
 
 mkdir -p "$CONTENT" "$WORK/out"
 status=0
