@@ -317,17 +317,6 @@ def _accumulate_batch(batch, pre: list[StreamingMoments], post: list[StreamingMo
         post[l].update(acts[f"blocks.{l}.mlp.hook_post"])
 
 
-def stats_hooks(model) -> list[str]:
-    """The hooks the activation statistics read: every layer's `mlp.hook_pre` and `mlp.hook_post`."""
-    return [f"blocks.{l}.mlp.hook_{h}" for l in range(model.cfg.n_layers) for h in ("pre", "post")]
-
-
-def moment_accumulators(model) -> dict:
-    """{`pre{l}` / `post{l}`: StreamingMoments}: the accumulators of the activation statistics."""
-    d_mlp = model.cfg.d_mlp
-    return {f"{h}{l}": StreamingMoments(d_mlp, model.cfg.device) for h in ("pre", "post") for l in range(model.cfg.n_layers)}
-
-
 def activation_identity(model, rows: TokenRows, drop_ids: Sequence[int]) -> dict:
     """What determines the activation statistics of `model` on `rows`: the weights as loaded
     (sha256 of the state dict), the rows' sha256 and shape, the dropped tokens, the code version."""
@@ -384,10 +373,10 @@ def activation_statistics(model, rows: torch.Tensor | TokenRows, drop_ids: Seque
     n_layers, d_mlp = cfg.n_layers, cfg.d_mlp
     rows = TokenRows.of(rows)
     identity = identity or activation_identity(model, rows, drop_ids)
-    names = stats_hooks(model)
+    names = [f"blocks.{l}.mlp.hook_{h}" for l in range(n_layers) for h in ("pre", "post")]
 
     def accumulators() -> dict:
-        return moment_accumulators(model)
+        return {f"{h}{l}": StreamingMoments(d_mlp, cfg.device) for h in ("pre", "post") for l in range(n_layers)}
 
     snapshots = {int(k): cb for k, cb in (snapshots or {}).items() if 0 < int(k) < len(rows)}
     stream = ActivationStream({MODEL: model}, rows, names, batch_size, drop_ids, accumulators, identity,
