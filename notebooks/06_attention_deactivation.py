@@ -355,7 +355,8 @@ display(pd.Series(timings, name="seconds (this run; cached results load in secon
 # probabilities; the ablation measured every pair on the same tokens; the score's sign predicts the
 # direction of the per-token effect for most top pairs of the real model (SmolLM2).
 cfg = fam.load(reference).cfg
-assert tails_t["n_pairs"] == cfg.d_mlp * cfg.n_heads * (cfg.n_layers - 1)
+# every neuron pairs with every head of each strictly later layer: sum over l of (n_layers - 1 - l) head layers
+assert tails_t["n_pairs"] == cfg.d_mlp * cfg.n_heads * cfg.n_layers * (cfg.n_layers - 1) // 2
 assert records.p_bos.between(0, 1).all() and records.p_bos_ablated.between(0, 1).all()
 assert pairs.n_tokens.nunique() == 1 and spairs.n_tokens.nunique() == 1
 assert sign_ok.loc[slabel] > 0.7
