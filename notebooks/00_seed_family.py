@@ -128,8 +128,10 @@ print("weight processing on load:", ref_model.processing)
 # `weights/` as fp16 safetensors with a manifest (sha256 of every file, each member's training
 # record and validation loss), so reading this chapter trains nothing. The table says where the
 # weights come from and how each member was trained. To check them:
-# `python -m helpers.train --preset default --check`; to retrain them from scratch:
-# `python -m helpers.train --preset default --retrain --ship weights/embedded-default`.
+# `python -m helpers.train --preset default --check`. They were trained on a GPU (the manifest's
+# `command`); retraining them needs one: `python -m helpers.train --preset default --device cuda
+# --retrain --ship weights/embedded-deep`. The two-layer family the book used before trains on a CPU
+# in hours: `python -m helpers.train --preset two-layer`.
 
 # %%
 if is_embedded:
@@ -173,8 +175,8 @@ if is_embedded:
 # %% [markdown]
 # ## 4. What the seeds write
 #
-# Samples (temperature 0.7, the unknown-token id excluded) from each seed on the same prompts. Small models trained for
-# minutes produce locally plausible text in the corpus's registers (reStructuredText, Python,
+# Samples (temperature 0.7, the unknown-token id excluded) from each seed on the same prompts. Models this small
+# produce locally plausible text in the corpus's registers (reStructuredText, Python,
 # dictionary entries), not coherent prose.
 
 # %%
@@ -190,8 +192,9 @@ display(samples)
 
 # %%
 paper_model = paper.model_for(fam.name)
-budget = (f"sized for {int(table.train_tokens.iloc[0]):,} training tokens per seed on this machine"
-          if is_embedded else "")
+budget = (f"sized for {int(table.train_tokens.iloc[0]):,} training tokens per seed, about "
+          f"{np.median(list(fam.info['train_seconds'].values())):.0f} s of training per member where it was trained "
+          f"({fam.info.get('source', 'trained here')})" if is_embedded else "")
 rows_rvp = [
     paper.Comparison("models differing only in their seed", "n_seeds", len(fam.members), model=paper_model, fmt="d",
                      reason=f"this preset's family has {len(fam.members)} members"),

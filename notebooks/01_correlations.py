@@ -98,7 +98,7 @@ display(table.head())
 # The same computation, on the same tokens, for five **untrained** models of the same architecture
 # measures what random networks share by construction (the same tokens, the same embedding
 # statistics). The paper's 0.5 threshold was set on GPT-2, whose rotation baselines are low; small
-# dense models have far higher baselines (sections 10-11 measure why), so the neuron set also has a
+# dense models have far higher baselines (sections 11-12 measure why), so the neuron set also has a
 # threshold calibrated on the control: neurons whose excess correlation exceeds the **largest**
 # excess of any control neuron (`above_control`), and the top 1% by excess correlation
 # (`top_excess`). `universality.neuron_set` computes both tables, the sets and the chosen set
@@ -233,9 +233,45 @@ if is_embedded:
     plots.style(fig, f"Emergence of universality during training ({n_tokens_aux:,} held-out tokens per point)",
                 x="training tokens per seed", y="excess correlation", legend="over neurons (control_p99: untrained control)")
     fig.show()
+    flat = universality.plateau(emergence, "p99", tolerance=0.05)
+    print(f"The p99 excess rose by {flat['rise_from_init']:+.3f} from the initialisation; from {flat['tokens_trained']:,} "
+          f"training tokens on it stays within {flat['tolerance']} of its final value "
+          f"({', '.join(f'{v:.3f}' for v in flat['values_from_there'])}: {flat['rise_from_there']:+.3f} in all).")
 
 # %% [markdown]
-# ## 9. The most universal neurons
+# ## 9. Depth and training length: the two-layer family beside this one
+#
+# Before the six-layer family, the book's default was a two-layer family (2 x d_model 128, d_mlp 1024,
+# 6M training tokens per member, trained on a CPU). It is no longer shipped, but its universality was
+# recorded by this repository's code on the same held-out tokens (`sweeps/families.csv`, made by
+# `scripts/record_two_layer.sh`, which restores its weights from git history and runs
+# `python -m helpers.universality --preset two-layer`). The same row is computed here for this
+# family, from the tables above. A quantity counts as changed when it moved by more than the stated
+# smallest change (0.05 for correlations, a tenth of the paper's threshold; 0.05 nats for the loss).
+
+# %%
+depth_cmp, two_layer, this_row = None, None, None
+families_rec = universality.recorded_families()
+if is_embedded and control is not None:
+    this_row = universality.family_record(nset, fam, n_tokens, threshold)
+    if families_rec is not None:
+        same = families_rec[(families_rec.preset == "two-layer") & (families_rec.n_tokens == n_tokens)]
+        two_layer = same.iloc[-1].to_dict() if len(same) else None
+if two_layer is not None:
+    side = pd.DataFrame({f"two-layer ({two_layer['train_tokens'] / 1e6:.0f}M tokens)": two_layer,
+                         f"this family ({this_row['n_layers']} layers, {this_row['train_tokens'] / 1e6:.0f}M tokens)": this_row})
+    display(side.loc[["n_layers", "d_mlp", "neurons", "train_tokens", "n_tokens", *universality.DEPTH_QUANTITIES,
+                      "n_above_threshold", "share_above_control_max", "same_layer_chance"]])
+    depth_cmp = universality.compare_families(two_layer, this_row)
+    display(depth_cmp[["before", "after", "change", "smallest_change", "changed"]].style.format(precision=3))
+    print(universality.depth_conclusion(depth_cmp, "the two-layer family", f"this {this_row['n_layers']}-layer family"))
+    print(f"recorded by: {two_layer['command']}")
+else:
+    print(f"no recorded two-layer row at {n_tokens:,} tokens in sweeps/families.csv (the default preset's token count "
+          "has one): run scripts/record_two_layer.sh " + str(n_tokens))
+
+# %% [markdown]
+# ## 10. The most universal neurons
 #
 # The neurons with the highest excess correlation, and the held-out contexts where they fire most
 # (circuitsvis: pick a neuron to colour the tokens by its activation).
@@ -248,7 +284,7 @@ held_out = fam.token_rows(min(n_tokens_aux, 200_000))
 plots.show_circuitsvis(universality.context_visualisation(ref_model, fam.codec, held_out, top.head(4), k=3))
 
 # %% [markdown]
-# ## 10. How much the baseline depends on the draw
+# ## 11. How much the baseline depends on the draw
 #
 # The baseline is one random rotation per layer. The run kept its accumulators, so new draws cost no
 # pass over the tokens (`helpers.baselines`): five more seeded orthogonal rotations and the paper's
@@ -274,7 +310,7 @@ if control is not None:
     fig.show()
 
 # %% [markdown]
-# ## 11. Why the baseline is high: the effective dimension of each layer
+# ## 12. Why the baseline is high: the effective dimension of each layer
 #
 # For each layer of the comparison seeds (whose rotated units make the baseline), of the untrained
 # control and of each checkpoint: the participation ratio of the covariance spectrum and of the
@@ -301,7 +337,7 @@ if control is not None:
     plots.baseline_vs_prediction(dims, extra=extra).show()
 
 # %% [markdown]
-# ## 12. Checks that a broken analysis would fail
+# ## 13. Checks that a broken analysis would fail
 #
 # The reference model correlated with an exact copy of itself must find every live neuron at
 # correlation 1; the rotated copy's derived baseline must equal the one computed directly from
@@ -349,7 +385,7 @@ rows_rvp = [
     paper.Comparison(f"median mean_baseline over the set ({chosen})", "median_baseline_universal", med["mean_baseline"],
                      control=ctl_med.get("mean_baseline"), model=pm, reason=report.sentence(
                          "the layers' correlation matrices have a median participation ratio of {pr:.1f}, which predicts "
-                         "a baseline of {pred:.2f} (section 11)", pr=pr_corr, pred=pred)),
+                         "a baseline of {pred:.2f} (section 12)", pr=pr_corr, pred=pred)),
     paper.Comparison("mean seed spread of max corr, all neurons", "seed_spread_all", spread["all"],
                      control=ctl_spread.get("all"), model=paper.MEDIUM,
                      reason=report.sentence("{k} comparison seeds of a small model", k=len(universality.comparison_members(table)))),
@@ -396,6 +432,9 @@ display(report.summary([
     "Jaccard index is {jac:.2f}.",
     "Between the first and the last saved checkpoint the p99 excess went from {e0:.3f} to {e1:.3f} "
     "(control at the same {aux:,} tokens: {ec:.3f}).",
+    *(["From {flat_tokens:,} training tokens on, the p99 excess stays within {flat_tol} of its final value "
+       "({flat_vals}): the curve is flat after that point."] if emergence is not None else []),
+    *(["{depth_sentence}"] if depth_cmp is not None else []),
     *(["Which knob moves excess correlation, from the recorded sweep ({sweep_tokens:,} tokens per seed, one change at a "
        "time from {sweep_base}): {sweep_effects}."] if sweep_fx is not None else []),
 ], n=len(table), n_univ=int(table.is_universal.sum()), share=s["share>0.5"], t=threshold, pm=pm,
@@ -410,5 +449,9 @@ display(report.summary([
     jac=float(variability["stability"].loc[chosen, "jaccard_all_draws"]) if variability is not None else None,
     e0=float(emergence.p99.iloc[0]) if emergence is not None else None, e1=float(last.p99) if last is not None else None,
     ec=float(last.control_p99) if last is not None else None, aux=n_tokens_aux,
+    flat_tokens=flat["tokens_trained"] if emergence is not None else None, flat_tol=flat["tolerance"] if emergence is not None else None,
+    flat_vals=", ".join(f"{v:.3f}" for v in flat["values_from_there"]) if emergence is not None else None,
+    depth_sentence=universality.depth_conclusion(depth_cmp, "the two-layer family", f"this {this_row['n_layers']}-layer family")
+    if depth_cmp is not None else None,
     sweep_tokens=int(sweep_results.train_tokens.min()) if sweep_fx is not None else None,
     sweep_base=sweep_base, sweep_effects=sweep.effects_sentence(sweep_fx) if sweep_fx is not None else None))

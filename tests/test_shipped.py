@@ -92,3 +92,27 @@ def test_a_changed_preset_does_not_match_the_shipped_family(shipped):
     other = {**params, "embedded": {**params["embedded"], "lr": 0.001}}
     with pytest.raises(families.FamilyNotTrained):
         families.load_family("embedded", other)
+
+
+def test_the_default_preset_keeps_the_key_of_the_shipped_six_layer_family():
+    """The shipped family was trained on a GPU and cannot be retrained on a CPU: a change to the
+    default preset's architecture, recipe, seeds, members or corpus, to `TRAINER_VERSION` or to how
+    the key is computed would orphan it. The key is pinned here, computed without building anything."""
+    from helpers.artifacts import config_hash
+    from helpers.corpus import corpus_config
+    from helpers.presets import load_preset, repo_root
+
+    params = load_preset("default")
+    manifest = json.loads((repo_root() / "weights" / "embedded-deep" / "manifest.json").read_text())
+    corpus_key = config_hash(corpus_config(params["corpus"]))
+    assert corpus_key == manifest["corpus_key"] == "eb998101dfab"
+    assert train.shipped_key(params, corpus_key) == manifest["key"] == "d3e57dd9b0cb"
+    assert manifest["arch"]["n_layers"] == 6 and train.TRAINER_VERSION == manifest["trainer"] == 2
+
+
+def test_weights_env_points_at_another_folder_of_families(tmp_path, monkeypatch):
+    monkeypatch.setenv(train.WEIGHTS_ENV, str(tmp_path))
+    assert train.shipped_root() == tmp_path.resolve()
+    monkeypatch.setenv(train.WEIGHTS_ENV, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="UNIVERSAL_NEURONS_WEIGHTS"):
+        train.shipped_root()

@@ -81,7 +81,7 @@ def test_sweep_appendix_lists_every_configuration(tmp_path):
     assert "not in this grid" in text  # no architecture columns: nothing matches the default preset
 
     # With architecture columns the default preset's row is named, and near-ties are listed.
-    emb = sweep.load_preset("default")["embedded"]
+    emb = sweep.load_preset("two-layer")["embedded"]
     arch = {k: emb[k] for k in ("n_layers", "d_model", "d_mlp", "d_vocab", "lr")}
     df = df.assign(**arch, train_tokens=750_000)
     df.loc[0, "n_layers"] = arch["n_layers"] + 1
@@ -175,3 +175,40 @@ def test_sweep_rows_of_a_partial_run_replace_their_own_and_keep_the_grid_order(t
     old.to_csv(tmp_path / "r.csv", index=False)
     out = sweep._merge_rows(tmp_path / "r.csv", pd.DataFrame({"config": ["d", "b"], "x": [40, 20]}), "config", ["a", "b", "c", "d"])
     assert out.config.tolist() == ["a", "b", "c", "d"] and out.x.tolist() == [1, 20, 3, 40]
+
+
+def test_family_record_and_the_comparison_of_two_families():
+    from types import SimpleNamespace
+
+    t = _table()
+    control = t.assign(excess_corr=[0.0, 0.05, 0.1, 0.0, 0.02, 0.3])  # control max 0.3
+    t = universality.add_calibrated_sets(t, control)
+    nset = universality.NeuronSet(t, "above_control", control)
+    fam = SimpleNamespace(name="embedded", info={"arch": {"n_layers": 2, "d_model": 8, "d_mlp": 3},
+                                                 "recipe": {"train_tokens": 1000}, "val_loss": {"a": 2.0, "b": 3.0}})
+    rec = universality.family_record(nset, fam, n_tokens=500, threshold=0.5)
+    # excess = mean_corr - 0.2: [0.6, 0.3, 0.1, 0.6, 0.2, 0.4]
+    assert rec["n_above_threshold"] == 2 and rec["excess_max"] == pytest.approx(0.6)
+    assert rec["share_above_control_max"] == pytest.approx(3 / 6)  # 0.6, 0.6, 0.4 > 0.3
+    assert rec["val_loss_mean"] == pytest.approx(2.5) and rec["control_max"] == pytest.approx(0.3)
+    assert rec["same_layer_chance"] == pytest.approx(0.5) and rec["neurons"] == 6
+    with pytest.raises(ValueError, match="no untrained control"):
+        universality.family_record(universality.NeuronSet(t, "top_excess", None), fam, 500)
+
+    after = dict(rec, excess_p99=rec["excess_p99"] + 0.01, val_loss_mean=1.5, n_above_threshold=2)
+    cmp = universality.compare_families(rec, after)
+    assert not cmp.loc["p99 excess correlation", "changed"]  # 0.01 is below the smallest change 0.05
+    assert cmp.loc["held-out loss (nats)", "changed"] and cmp.loc["held-out loss (nats)", "change"] == pytest.approx(-1.0)
+    assert not cmp.loc["neurons with excess > 0.5", "changed"]
+    text = universality.depth_conclusion(cmp, "A", "B")
+    assert "held-out loss (nats) (2.5 → 1.5)" in text.split("These did not")[0]
+    assert "p99 excess correlation" in text.split("These did not")[1]
+
+
+def test_plateau_finds_where_the_emergence_curve_stops_moving():
+    e = pd.DataFrame({"tokens_trained": [0, 30, 60, 120], "p99": [0.06, 0.244, 0.253, 0.256]}, index=[0, 916, 1831, 3662])
+    p = universality.plateau(e, "p99", tolerance=0.05)
+    assert p["step"] == 916 and p["tokens_trained"] == 30 and p["values_from_there"] == [0.244, 0.253, 0.256]
+    assert p["rise_from_init"] == pytest.approx(0.196) and p["rise_from_there"] == pytest.approx(0.012)
+    still_rising = e.assign(p99=[0.0, 0.1, 0.2, 0.3])
+    assert universality.plateau(still_rising, "p99", 0.05)["step"] == 3662  # only the last point

@@ -469,9 +469,20 @@ class ShippedWeightsError(RuntimeError):
     """A shipped weight file is missing, truncated or altered: never loaded, never retrained over."""
 
 
+WEIGHTS_ENV = "UNIVERSAL_NEURONS_WEIGHTS"  # another folder of shipped families (e.g. one restored from git history)
+
+
 def shipped_root() -> Path:
+    """The folder of shipped families: `weights/` of the repository, or `$UNIVERSAL_NEURONS_WEIGHTS`."""
     from .presets import repo_root
 
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        root = Path(env).expanduser().resolve()
+        if not root.is_dir():
+            raise FileNotFoundError(f"${WEIGHTS_ENV}={env} is not a folder: point it at a folder of shipped families "
+                                    "(each with a manifest.json), or unset it to use weights/")
+        return root
     return repo_root() / "weights"
 
 
@@ -644,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default=None, help="overrides the preset's device (cpu, cuda, mps)")
     ap.add_argument("--retrain", action="store_true", help="delete this preset's cached training first (never touches weights/)")
     ap.add_argument("--ship", metavar="FOLDER", default=None,
-                    help="after training, export the family to FOLDER (e.g. weights/embedded-default) as fp16 with a manifest")
+                    help="after training, export the family to FOLDER (e.g. weights/embedded-deep) as fp16 with a manifest")
     ap.add_argument("--check", action="store_true",
                     help="verify the shipped family of the preset (sha256 of every file, validation loss of every member "
                          "within 1e-3 nats of the manifest); exits 1 naming what differs")

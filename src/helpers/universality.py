@@ -134,6 +134,22 @@ def checkpoint_emergence(params: dict, n_tokens: int, artifacts_dir: str | Path,
     return pd.DataFrame(rows).set_index("step")
 
 
+def plateau(emergence: pd.DataFrame, column: str = "p99", tolerance: float = 0.05) -> dict:
+    """Where a statistic of `checkpoint_emergence` stops moving: the first checkpoint from which every
+    later value (the last included) lies within `tolerance` of the last value. Returns its step and
+    training tokens, the values from there on, and the total rise from the initialisation."""
+    e = emergence.sort_values("tokens_trained")
+    vals = e[column].to_numpy(dtype=float)
+    final = vals[-1]
+    within = np.abs(vals - final) <= tolerance
+    first = len(vals) - 1
+    while first > 0 and within[first - 1]:
+        first -= 1
+    return {"step": int(e.index[first]), "tokens_trained": int(e.tokens_trained.iloc[first]), "tolerance": tolerance,
+            "values_from_there": [float(v) for v in vals[first:]], "rise_from_init": float(final - vals[0]),
+            "rise_from_there": float(final - vals[first])}
+
+
 def like_for_like_medians(table: pd.DataFrame, column: str) -> dict:
     """The medians the paper reports over its universal neurons, over the neurons where `column`
     is true: `mean_corr` (mean over seeds of the max correlation) and `mean_baseline`; NaN for an
@@ -269,3 +285,123 @@ def checkpoint_families(params: dict, device: str = "cpu") -> dict:
     from .train import saved_checkpoint_steps
 
     return {f"step {s}": embedded_family(params, device=device, checkpoint=s) for s in saved_checkpoint_steps(params)}
+
+
+# --------------------------------------------------------------------------------------------
+# One row per family: the depth comparison of chapter 01 (the two-layer family beside the default)
+# --------------------------------------------------------------------------------------------
+
+RECORD_FILE = "sweeps/families.csv"  # recorded rows of families the book no longer ships
+
+
+def family_record(nset: NeuronSet, family, n_tokens: int, threshold: float = 0.5) -> dict:
+    """The universality of one trained family and its untrained control on `n_tokens` held-out
+    tokens, in one row: architecture and training budget, held-out loss, the excess-correlation
+    tail (median, p99, max, neurons above `threshold`), the rotation baseline, the control's tail,
+    the share above the control's maximum and the Fig 2c diagonal."""
+    t, c = nset.table, nset.control
+    if c is None:
+        raise ValueError(f"family {family.name!r} has no untrained control: a record compares a family with its control")
+    s, cs = excess_summary(t), excess_summary(c)
+    spec = depth_specialisation(best_match_layers(t))
+    arch, recipe = family.info["arch"], family.info["recipe"]
+    return {"n_layers": int(arch["n_layers"]), "d_model": int(arch["d_model"]), "d_mlp": int(arch["d_mlp"]),
+            "neurons": len(t), "train_tokens": int(recipe["train_tokens"]),
+            "val_loss_mean": float(np.mean(list(family.info["val_loss"].values()))), "n_tokens": int(n_tokens),
+            "baseline_median": float(s["mean_baseline_median"]), "excess_median": float(s["median"]),
+            "excess_p99": float(s["p99"]), "excess_max": float(s["max"]),
+            "n_above_threshold": int((t.excess_corr > threshold).sum()), "threshold": float(threshold),
+            "control_p99": float(cs["p99"]), "control_max": float(cs["max"]),
+            "share_above_control_max": float(t.above_control.mean()),
+            "same_layer_share": spec["diagonal"], "same_layer_chance": spec["chance"]}
+
+
+def record_family(params, out_csv: str | Path, n_tokens: int | None = None, device: str = "cpu", command: str = "",
+                  verbose: bool = True) -> pd.DataFrame:
+    """Compute `family_record` for the preset's embedded family and write it into `out_csv`, one row
+    per (preset, n_tokens), replacing an older row of the same key. Returns the file's table."""
+    from .families import load_family
+
+    n = int(n_tokens or params.n_tokens)
+    fam = load_family(params.family, params, device=device)
+    nset = neuron_set(fam, "auto", params, n, params.artifacts_dir, device=device, batch_size=params.batch_size,
+                      seed=params.baseline_seed, baseline=params.baseline, threshold=params.threshold, verbose=verbose)
+    row = {"preset": params.preset, **family_record(nset, fam, n, params.threshold),
+           "weights": fam.info.get("source", ""), "command": command}
+    out_csv = Path(out_csv)
+    old = pd.read_csv(out_csv) if out_csv.is_file() else pd.DataFrame(columns=list(row))
+    old = old[~((old.preset == row["preset"]) & (old.n_tokens == row["n_tokens"]))]
+    table = pd.concat([old, pd.DataFrame([row])], ignore_index=True).sort_values(["n_layers", "n_tokens"])
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_csv, index=False)
+    return table
+
+
+def recorded_families(root: Path | None = None) -> pd.DataFrame | None:
+    """The committed rows of `RECORD_FILE` (None if absent)."""
+    from .presets import repo_root
+
+    path = (root or repo_root()) / RECORD_FILE
+    return pd.read_csv(path) if path.is_file() else None
+
+
+# Quantities compared between two families, and the smallest change that counts as a change: for
+# correlations, 0.05 (a tenth of the paper's 0.5 threshold); for the held-out loss, 0.05 nats.
+DEPTH_QUANTITIES = {
+    "val_loss_mean": ("held-out loss (nats)", 0.05),
+    "baseline_median": ("median rotation baseline", 0.05),
+    "excess_median": ("median excess correlation", 0.05),
+    "excess_p99": ("p99 excess correlation", 0.05),
+    "excess_max": ("largest excess correlation", 0.05),
+    "control_p99": ("untrained control's p99 excess", 0.05),
+    "same_layer_share": ("share of best matches in the same layer (Fig 2c)", 0.05),
+}
+
+
+def compare_families(before: dict, after: dict) -> pd.DataFrame:
+    """One row per quantity of `DEPTH_QUANTITIES` (and the count above the threshold): the value in
+    `before` and `after`, the change, and whether it counts as changed (|change| above the stated
+    smallest change; for the count: any change)."""
+    rows = []
+    for key, (label, tol) in DEPTH_QUANTITIES.items():
+        a, b = float(before[key]), float(after[key])
+        rows.append({"quantity": label, "key": key, "before": a, "after": b, "change": b - a, "smallest_change": tol,
+                     "changed": bool(abs(b - a) > tol)})
+    a, b = int(before["n_above_threshold"]), int(after["n_above_threshold"])
+    rows.append({"quantity": f"neurons with excess > {after['threshold']:g}", "key": "n_above_threshold", "before": a,
+                 "after": b, "change": b - a, "smallest_change": 0.0, "changed": a != b})
+    return pd.DataFrame(rows).set_index("quantity")
+
+
+def depth_conclusion(cmp: pd.DataFrame, before: str, after: str) -> str:
+    """The sentence chapter 01 prints: which quantities moved from `before` to `after`, which did not."""
+    fmt = lambda r: f"{r.before:.3g} → {r.after:.3g}"  # noqa: E731
+    moved = [f"{q} ({fmt(r)})" for q, r in cmp.iterrows() if r.changed]
+    held = [f"{q} ({fmt(r)})" for q, r in cmp.iterrows() if not r.changed]
+    return (f"From {before} to {after}, these changed by more than the stated smallest change: "
+            f"{'; '.join(moved) if moved else 'none'}. These did not: {'; '.join(held) if held else 'none'}.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    from .presets import load_preset
+
+    ap = argparse.ArgumentParser(description="Record a preset's family in one row (chapter 01's comparison of families).")
+    ap.add_argument("--preset", required=True)
+    ap.add_argument("--record", default=RECORD_FILE, help=f"the CSV to write into (default {RECORD_FILE})")
+    ap.add_argument("--n-tokens", type=int, default=None, help="held-out tokens (default: the preset's n_tokens)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--command", default=None, help="the command to record as having made the row (default: this one)")
+    args = ap.parse_args(argv)
+    params = load_preset(args.preset)
+    command = args.command or "python -m helpers.universality " + " ".join(argv if argv is not None else sys.argv[1:])
+    table = record_family(params, args.record, args.n_tokens, args.device or params.device, command)
+    print(table.to_string())
+
+
+if __name__ == "__main__":
+    from .artifacts import run_cli
+
+    run_cli(main)
