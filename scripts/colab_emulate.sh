@@ -6,14 +6,14 @@
 # What is the same as in Colab:
 #   - a fresh Python environment that has only what Colab preinstalls and the chapters lean on
 #     (torch, the Jupyter kernel), plus a `google.colab` module, so `IN_COLAB` is true;
-#   - the chapter's set-up cell runs as written: `git clone --branch v<version>` of the repository's
-#     URL into /content, then `%pip install "/content/...[colab]"` (the package's dependency
-#     *ranges*, not this repository's pins: what Colab resolves) and the SmolLM2 package;
-#   - the notebook is the one Colab opens (notebooks/<chapter>.ipynb at the release tag), run top to
-#     bottom with the default parameters.
+#   - the chapter's set-up cell runs as written: `git clone --branch <published branch>` of the
+#     repository's URL into /content, then `%pip install "/content/...[colab]"` (the package's
+#     dependency *ranges*, not this repository's pins: what Colab resolves) and the SmolLM2 package;
+#   - the notebook is the one Colab opens (notebooks/<chapter>.ipynb on the published branch,
+#     `repository.branch` of _config.yml), run top to bottom with the default parameters.
 # What differs: the clone's URL is redirected (git's url.<base>.insteadOf, for this process only) to
-# a local copy of this repository's HEAD tagged as the release, because the tag may not be published
-# yet and nothing outside PyPI is reachable here; papermill drives the kernel (Colab's browser
+# a local copy of this repository whose published branch is this HEAD, because HEAD may not be
+# pushed yet and nothing outside PyPI is reachable here; papermill drives the kernel (Colab's browser
 # front end cannot run here); the Python version is this machine's.
 set -euo pipefail
 
@@ -24,10 +24,9 @@ CONTENT=/content
 CLONE=$CONTENT/universal-neurons-book
 CHAPTERS=("${@:-00_seed_family}")
 
-VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/pyproject.toml")
-REF="v$VERSION"
+REF=$(sed -n 's/^  branch: //p' "$ROOT/_config.yml")
 URL=$(sed -n 's/^  url: //p' "$ROOT/_config.yml")
-[ -n "$VERSION" ] && [ -n "$URL" ] || { echo "error: no version in pyproject.toml or no repository url in _config.yml" >&2; exit 2; }
+[ -n "$REF" ] && [ -n "$URL" ] || { echo "error: no repository url or branch in _config.yml" >&2; exit 2; }
 grep -q -- "--branch $REF $URL $CLONE" "$ROOT/notebooks/${CHAPTERS[0]}.py" || {
   echo "error: notebooks/${CHAPTERS[0]}.py does not clone $URL at $REF into $CLONE: the set-up cell and this script disagree" >&2; exit 2; }
 if [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no)" ]; then
@@ -37,9 +36,9 @@ if [ -e "$CLONE" ]; then
   echo "error: $CLONE exists (a previous emulation?): remove it first" >&2; exit 2
 fi
 
-echo "== release $REF = HEAD $(git -C "$ROOT" rev-parse --short HEAD), served from $WORK/origin"
+echo "== branch $REF = HEAD $(git -C "$ROOT" rev-parse --short HEAD), served from $WORK/origin"
 git clone -q --no-local "$ROOT" "$WORK/origin"
-git -C "$WORK/origin" tag -f "$REF" HEAD >/dev/null
+git -C "$WORK/origin" checkout -q -B "$REF"  # the published branch, at the HEAD that was cloned
 # the redirect, for git processes started from here only (no global configuration is changed)
 export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0="url.file://$WORK/origin.insteadOf" GIT_CONFIG_VALUE_0="$URL"
 
@@ -63,7 +62,7 @@ mkdir -p "$CONTENT" "$WORK/out"
 status=0
 for ch in "${CHAPTERS[@]}"; do
   nb="$WORK/origin/notebooks/$ch.ipynb"
-  [ -f "$nb" ] || { echo "error: no notebook $ch at $REF" >&2; exit 2; }
+  [ -f "$nb" ] || { echo "error: no notebook $ch on $REF" >&2; exit 2; }
   echo "== $ch (Colab's working directory: $CONTENT)"
   start=$(date +%s)
   if (cd "$CONTENT" && env -u UNIVERSAL_NEURONS_ROOT JUPYTER_PATH="$WORK/venv/share/jupyter" \

@@ -8,7 +8,7 @@ import jupytext
 import pytest
 import yaml
 
-from helpers.presets import release_ref
+from helpers.presets import published_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
@@ -42,8 +42,10 @@ def test_page_skeleton(py):
     first = nb.cells[0]
     assert first.cell_type == "markdown" and first.source.startswith("# "), "the page starts with an H1"
     repo = CONFIG["repository"]["url"].removeprefix("https://github.com/")
-    colab = f"https://colab.research.google.com/github/{repo}/blob/{release_ref(ROOT)}/notebooks/{py.stem}.ipynb"
-    assert colab in first.source, f"the first cell must link to the release's notebook in Colab: {colab}"
+    colab = f"https://colab.research.google.com/github/{repo}/blob/{published_ref(ROOT)}/notebooks/{py.stem}.ipynb"
+    assert colab in first.source, f"the first cell must link to the published branch's notebook in Colab: {colab}"
+    links = re.findall(r"https://colab\.research\.google\.com/\S+?\.ipynb", "\n".join(c.source for c in nb.cells))
+    assert set(links) == {colab}, f"every Colab link of the page must be {colab}: {sorted(set(links))}"
     code = _code_cells(nb)
     assert "IN_COLAB" in code[0].source, "first code cell is the set-up cell"
     assert "parameters" in code[1].metadata.get("tags", []), "second code cell is the parameters cell"
@@ -177,18 +179,27 @@ def _colab_block(py) -> str:
     return "\n".join(lines[:end]).rstrip()
 
 
-def test_colab_set_up_installs_the_pinned_release_with_every_extra():
-    """One place for the Colab ref: pyproject's version, as the release tag v<version>; every
-    chapter's set-up is the same and installs the extras and the SmolLM2 package the chapters use."""
+def test_published_ref_is_the_configured_branch(tmp_path):
+    """One place for the Colab ref: `repository.branch` of `_config.yml`, the published branch."""
+    assert CONFIG["repository"]["branch"] and published_ref(ROOT) == CONFIG["repository"]["branch"]
+    (tmp_path / "_config.yml").write_text(f"repository:\n  url: {CONFIG['repository']['url']}\n")
+    with pytest.raises(ValueError, match="no `repository: branch:`"):
+        published_ref(tmp_path)
+
+
+def test_colab_set_up_clones_the_published_branch_with_every_extra():
+    """Every chapter's set-up is the same: it clones the repository at the ref its Colab link
+    opens (the configured branch), and installs the extras and the SmolLM2 package the chapters use."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    ref = release_ref(ROOT)
+    ref, url = published_ref(ROOT), CONFIG["repository"]["url"]
     blocks = {py.stem: _colab_block(py) for py in SOURCES}
     assert len(set(blocks.values())) == 1, "the notebooks' Colab set-up cells differ"
     block = next(iter(blocks.values()))
-    assert f"--branch {ref} " in block, f"the set-up must clone the release {ref} (pyproject's version)"
-    assert "@main" not in block
+    clones = re.findall(r"git clone .*", block)
+    assert clones == [f"git clone -q --depth 1 --branch {ref} {url} /content/universal-neurons-book"], \
+        f"the set-up must clone {url} at the configured branch {ref}: {clones}"
     assert "[colab]" in block and "colab" in project["optional-dependencies"]
     assert 'os.environ["UNIVERSAL_NEURONS_ROOT"]' in block, "the helpers must be pointed at the clone"
     makefile = (ROOT / "Makefile").read_text()

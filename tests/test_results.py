@@ -1,8 +1,14 @@
 """Results and checkpoints that cannot silently be wrong: content-keyed caches, resume by row
 offset, damaged and stale files named in one line, the preset reaching the command line, and the
 streaming driver's token metadata lined up with the activations."""
+import fcntl
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -201,6 +207,59 @@ def test_cached_result_records_identity_and_files(tmp_path):
     assert cached_result("demo", {"a": 1}, compute, root=tmp_path, prefix="p").meta == {"note": "m"} and len(calls) == 1
     with pytest.raises(IdentityMismatch, match="another a"):
         cached_result("demo", {"a": 2}, compute, folder=res.path)
+
+
+# A process that waits for `go`, then asks for one result whose compute takes a second and counts
+# its runs; it prints the result's metadata.
+RACER = """
+import json, os, sys, time
+from pathlib import Path
+from helpers.artifacts import cached_result, write_json
+
+root, name = Path(sys.argv[1]), sys.argv[2]
+(root / f"ready-{name}").touch()
+while not (root / "go").exists():
+    time.sleep(0.01)
+
+def compute(folder):
+    with open(root / "runs.txt", "a") as f:
+        f.write(name + "\\n")
+    time.sleep(1.0)
+    write_json(folder / "x.json", {"by": name})
+    return {"by": name}
+
+print(json.dumps(cached_result("demo", {"a": 1}, compute, root=root / "artifacts").meta))
+"""
+
+
+def test_two_processes_asking_for_one_result_compute_it_once(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(artifacts.__file__).parents[1])}
+    env.pop("WORLD_SIZE", None)
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), name], env=env, stdout=subprocess.PIPE, text=True)
+             for name in ("first", "second")]
+    deadline = time.time() + 30
+    while not all((tmp_path / f"ready-{n}").exists() for n in ("first", "second")) and time.time() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()  # both are running: they ask at the same moment
+    metas = [json.loads(p.communicate(timeout=30)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    runs = (tmp_path / "runs.txt").read_text().split()
+    assert len(runs) == 1, f"computed {len(runs)} times: {runs}"
+    assert metas[0] == metas[1] == {"by": runs[0]}
+
+
+def test_a_failed_compute_releases_the_lock(tmp_path):
+    def fail(folder):
+        raise RuntimeError("compute failed")
+
+    with pytest.raises(RuntimeError, match="compute failed"):
+        cached_result("demo", {"a": 1}, fail, root=tmp_path)
+    folder = artifacts.result_dir(tmp_path, "demo", {"a": 1})
+    with open(folder / artifacts.LOCK_FILE) as f:  # another open file: blocked while the lock is held
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, fcntl.LOCK_UN)
+    res = cached_result("demo", {"a": 1}, lambda o: artifacts.write_json(o / "x.json", {}) or {"ok": 1}, root=tmp_path)
+    assert res.meta == {"ok": 1} and set(res.files) == {"x.json"}
 
 
 def test_truncated_weights_name_the_file(tmp_path, tiny_arch):

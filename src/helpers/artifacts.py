@@ -11,7 +11,9 @@ identity is content, never a path (weights' sha256, the token rows' sha256, the 
 version), so a moved or re-cloned checkout with the same artifacts folder reuses every result. A
 finished result folder holds `result.json`, written last: its identity and the size and sha256 of
 each of its files. A file that fails that check is reported in one line and the result recomputed;
-a folder recorded with another identity is refused, naming the fields that differ.
+a folder recorded with another identity is refused, naming the fields that differ. Two processes
+asking for the same missing result take turns on a lock file in its folder: the second waits, finds
+the first one's result and reuses it instead of computing it again.
 """
 
 from __future__ import annotations
@@ -21,12 +23,20 @@ import json
 import os
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: results are not locked there
+    fcntl = None
 
 DEBUG_ENV = "HELPERS_DEBUG"
 RESULT_FILE = "result.json"
+LOCK_FILE = ".lock"
 
 
 def config_hash(obj: Any, length: int = 12) -> str:
@@ -258,6 +268,33 @@ def open_result(folder: str | os.PathLike, kind: str, identity: dict) -> Result 
     return Result(kind, folder, rec["identity"], rec.get("meta", {}), rec["files"])
 
 
+_held = threading.local()  # .folders: the result folders whose lock this thread holds
+
+
+@contextmanager
+def result_lock(folder: Path) -> Iterator[None]:
+    """Hold the inter-process lock of the result folder `folder` (an exclusive `flock` on its
+    `.lock` file, released when the block ends, also on an exception, or when the process dies).
+
+    Not taken under torchrun (WORLD_SIZE > 1): there every rank calls `cached_result` on the same
+    folder and computes the one result together, so a lock held by one rank would leave the others
+    waiting for it while it waits for them. Re-entrant within a process (a `compute` that asks for
+    the same folder again does not wait on itself). Without `fcntl` (Windows) nothing is locked."""
+    folder = Path(folder).resolve()
+    held = _held.__dict__.setdefault("folders", set())
+    if fcntl is None or int(os.environ.get("WORLD_SIZE", "1")) > 1 or folder in held:
+        yield
+        return
+    with open(folder / LOCK_FILE, "a") as f:  # never deleted: a removed lock file could be locked twice
+        fcntl.flock(f, fcntl.LOCK_EX)
+        held.add(folder)
+        try:
+            yield
+        finally:
+            held.discard(folder)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def cached_result(kind: str, identity: dict, compute: Callable[[Path], dict], root: str | os.PathLike | None = None,
                   folder: str | os.PathLike | None = None, prefix: str = "") -> Result:
     """Return the result of `kind` made with `identity`, computing it once.
@@ -268,7 +305,9 @@ def cached_result(kind: str, identity: dict, compute: Callable[[Path], dict], ro
     checkpoints (`*.pt`) and temporary files, is recorded in `result.json`, which is written last.
     A finished result is reused when its identity matches and its files pass their size and sha256
     checks; a damaged file is reported in one line and the result recomputed; a result made with
-    another identity raises IdentityMismatch naming the differing fields."""
+    another identity raises IdentityMismatch naming the differing fields. A missing result is
+    computed under `result_lock(folder)`, looked for again once the lock is held, so two processes
+    asking for it at once compute it once: the second waits and reuses the first one's."""
     if folder is None:
         if root is None:
             raise ValueError("cached_result needs a root (the artifacts folder) or an explicit folder")
@@ -278,6 +317,14 @@ def cached_result(kind: str, identity: dict, compute: Callable[[Path], dict], ro
     if found is not None:
         return found
     folder.mkdir(parents=True, exist_ok=True)
+    with result_lock(folder):
+        found = open_result(folder, kind, identity)  # another process may have finished it meanwhile
+        if found is not None:
+            return found
+        return _compute_result(kind, identity, compute, folder)
+
+
+def _compute_result(kind: str, identity: dict, compute: Callable[[Path], dict], folder: Path) -> Result:
     meta = compute(folder)
     if meta is None:  # a process that does not write the result (a torchrun rank other than 0)
         return Result(kind, folder, identity)

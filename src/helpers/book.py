@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .artifacts import read_json, write_json
-from .presets import load_preset, preset_path, release_ref, repo_root, resolve_dir
+from .presets import load_preset, preset_path, published_ref, repo_root, resolve_dir
 
 PACKAGES = ["torch", "transformer_lens", "transformers", "numpy", "pandas", "plotly", "circuitsvis",
             "papermill", "jupytext", "jupyter-book", "nbmake", "safetensors", "scipy"]
@@ -480,7 +480,7 @@ def chapter_table(root: Path | None = None) -> str:
 
     root = root or repo_root()
     cfg = yaml.safe_load((root / "_config.yml").read_text())["repository"]
-    repo, branch = cfg["url"].removeprefix("https://github.com/"), release_ref(root)  # the notebooks at the release
+    repo, branch = cfg["url"].removeprefix("https://github.com/"), published_ref(root)  # the notebooks as published
     runtimes = load_runtimes(root)
     kinds = list(runtimes)
     head = ["notebook", "chapter", "paper", *[f"runtime, default preset ({k})" for k in kinds], "Colab"]

@@ -368,13 +368,15 @@ def _apply_overrides(base: Preset, overrides: Mapping[str, Any]) -> Preset:
 ROOT_ENV = "UNIVERSAL_NEURONS_ROOT"  # set by the Colab set-up cell to the cloned repository
 
 
-def release_ref(root: Path | None = None) -> str:
-    """The git ref that Colab installs and links to: the release tag `v<version>` of pyproject.toml
-    (the one place it is set; a release commit gets that tag)."""
-    import tomllib
-
+def published_ref(root: Path | None = None) -> str:
+    """The git ref that the Colab links open and the Colab set-up cell clones: the published branch,
+    `repository.branch` of `_config.yml` (the one place it is set; Jupyter Book reads it too). A
+    branch and not a tag, since the branch is what is pushed with the history the book is built from."""
     root = root or repo_root()
-    return "v" + tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    branch = (yaml.safe_load((root / "_config.yml").read_text()).get("repository") or {}).get("branch")
+    if not branch:
+        raise ValueError(f"{root / '_config.yml'} has no `repository: branch:`, the published branch that Colab opens")
+    return str(branch)
 
 
 def repo_root() -> Path:
