@@ -179,3 +179,29 @@ def test_cutoffs_change_the_counts_as_they_should(planted):
     assert t.set_index("neuron").loc[2, "best_group"] == "position"
     # a VR cut-off above 1 leaves only the position neuron (found by its firing) explained
     assert list(assign_families(t, {"min_vr": 1.01})) == ["unexplained", "unexplained", "position", "unexplained"]
+
+
+# ---- the position score: bias-corrected mutual information -----------------------------------
+
+
+def test_position_score_is_bias_corrected():
+    """Neurons that fire independently of position score about 0 (the plug-in MI of 3,000 tokens
+    in 100 position groups would give them about 99 / (2 * 3000 * ln 2) = 0.024 bits of each bit
+    of firing entropy); a neuron that fires exactly in the first half of the positions scores 1."""
+    g = torch.Generator().manual_seed(0)
+    t, groups, n = 3000, 100, 41
+    pos = torch.randint(0, groups, (t,), generator=g)
+    x = torch.randn(t, n, generator=g, dtype=torch.float64)
+    x[:, 0] = torch.where(pos < groups // 2, 1.0, -1.0) + 0.01 * torch.randn(t, generator=g, dtype=torch.float64)
+    acc = GroupedMoments(n, groups, dtype=torch.float64, firing=True).update(x, torch.nn.functional.one_hot(pos, groups))
+    mi, score = acc.firing_information()
+    # the plug-in estimate, directly: sum over positions and firing of p log2(p / (p_pos p_fire))
+    fire, oh = (x[:, 1:] > 0).double(), torch.nn.functional.one_hot(pos, groups).double()
+    plug = []
+    for j in range(fire.shape[1]):
+        joint = torch.stack([oh.T @ fire[:, j], oh.T @ (1 - fire[:, j])], 1) / t
+        outer = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
+        plug.append(float(torch.where(joint > 0, joint * torch.log2(joint / outer), torch.zeros_like(joint)).sum()))
+    assert np.mean(plug) > 0.02  # what the uncorrected score gave these neurons
+    assert score[1:].mean() < 0.004 and score[1:].max() < 0.02
+    assert score[0] > 0.99 and mi[0] > 0.99

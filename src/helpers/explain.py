@@ -41,12 +41,12 @@ from .data import TokenRows
 from .features import FeatureSet, build_feature_set, feature_set_key, letter_of, vocab_strings_gpt2
 from .neuron_stats import StreamingMoments
 
-CODE_VERSION = 2
+CODE_VERSION = 3
 MODEL = "model"
 CUTOFFS = {"min_vr": 0.2, "max_kurtosis": 2.0, "min_position_score": 0.1}
 CUTOFF_TEXT = {"min_vr": "best VR at least this, else unexplained",
                "max_kurtosis": "position candidates: activation kurtosis below this",
-               "min_position_score": "position: firing-position MI / firing entropy at least this"}
+               "min_position_score": "position: firing-position MI (bias-corrected) / firing entropy at least this"}
 FAMILIES = ("unigram", "alphabet", "previous-token", "position", "syntax", "context", "unexplained")
 FAMILY_OF_GROUP = {"token": "unigram", "unigram": "unigram", "prev_token": "previous-token",
                    "prev_unigram": "previous-token", "position": "position", "syntax": "syntax", "context": "context"}
@@ -182,7 +182,14 @@ class GroupedMoments:
     def firing_information(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mutual information in bits between firing (x > 0) and the label, taken as one
         categorical variable whose values are the labels (they must partition the tokens, as
-        position groups do); that MI divided by the entropy of firing), each [n]."""
+        position groups do); that MI divided by the entropy of firing), each [n].
+
+        The plug-in MI of counts is biased upwards: for a variable independent of the label its
+        expectation is about (G - 1) / (2 N ln 2) bits with G occupied label values and N tokens,
+        which is large beside a rarely firing neuron's entropy. The MI is therefore the
+        Miller-Madow estimate: each of H(firing), H(label) and H(firing, label) gets its bias
+        term (m - 1) / (2 N) nats (m its occupied cells), so the MI loses
+        (m_joint - m_firing - m_label + 1) / (2 N) nats; it is clipped at 0."""
         if not self.firing:
             raise ValueError("built without firing=True")
         n = float(self.count)
@@ -193,9 +200,15 @@ class GroupedMoments:
         def kl(p, q):
             return p * torch.log2(p / q) + (1 - p) * torch.log2((1 - p) / (1 - q))
 
-        mi = (pg * kl(pfg, pf[:, None])).sum(1)
+        plug_in = (pg * kl(pfg, pf[:, None])).sum(1)
+        occupied = self.n1 > 0
+        m_label = occupied.sum().double()
+        m_firing = (self.fires > 0).double() + (self.fires < n).double()
+        m_joint = ((self.f1 > 0) & occupied[None, :]).sum(1).double() + ((self.f1 < self.n1[None, :]) & occupied[None, :]).sum(1).double()
+        bias = (m_joint - m_firing - m_label + 1) / (2 * n * math.log(2))
+        mi = (plug_in - bias).clamp_min(0)
         h = -(pf * torch.log2(pf) + (1 - pf) * torch.log2(1 - pf))
-        return mi, torch.where(h > 1e-9, mi / h, torch.zeros_like(mi))
+        return mi, torch.where(h > 1e-9, (mi / h).clamp_max(1), torch.zeros_like(mi))
 
 
 def variance_reduction_direct(v: np.ndarray, y: np.ndarray) -> float:
