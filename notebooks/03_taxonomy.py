@@ -199,11 +199,11 @@ print(f"{len(sm.table):,} sampled neurons on {sm.meta['n_tokens']:,} tokens; {sm
 # %% [markdown]
 # ## 5. Fig 1a: alphabet neurons
 #
-# For each letter, the universal neuron whose VR on that letter's unigram label (the single-letter
-# forms: "a", " a", "A", " A") is highest, among the universal neurons whose best label is that
-# letter's own unigram label (a neuron explained better by another label, such as the article class
-# for "a" or "starts with a", is not credited to the letter); a letter *has* an alphabet neuron when
-# that VR reaches the paper's cut-off. Letters whose unigram form is too rare in the analysed tokens
+# For each letter, the highest VR on that letter's unigram label (the single-letter forms: "a",
+# " a", "A", " A") among the universal neurons whose best label is that letter's own unigram label
+# (a neuron explained better by another label, such as the article class for "a" or "starts with
+# a", is not credited to the letter); a letter *has* an alphabet neuron when that VR reaches the
+# paper's cut-off. Letters whose unigram form is too rare in the analysed tokens
 # have no label; letters with no credited neuron show no bar.
 
 # %%
