@@ -19,8 +19,10 @@
 # [Open this notebook in Colab](https://colab.research.google.com/github/universal-neurons/universal-neurons-book/blob/main/notebooks/03_taxonomy.ipynb)
 #
 # **The claim.** Universal neurons are interpretable and fall into a few families: unigram neurons
-# (one specific token), alphabet neurons (a single letter), previous-token neurons, position
-# neurons, syntax neurons and semantic or context neurons. The families are found automatically: for
+# (one specific token, in all its forms: " to", "to", " To"), alphabet neurons (a single letter),
+# previous-token neurons, position neurons, syntax neurons and semantic or context neurons. Neurons
+# whose best label is a class of tokens (whitespace, a symbol, numbers, a word group such as the
+# prepositions) are counted apart, as *token-class* neurons. The families are found automatically: for
 # each neuron, the binary feature of the token or its context that explains the largest share of its
 # activation variance (eq. 4, *variance reduction*) names what it does.
 #
@@ -109,11 +111,18 @@ display(table.sort_values("best_vr", ascending=False).head(10)[
 # %% [markdown]
 # ## 2. Families and their cut-offs
 #
-# A neuron's family is that of its best label, with three cut-offs: a best VR below `min_vr` leaves it
-# unexplained; a neuron whose activation kurtosis is below `max_kurtosis` (sub-Gaussian, as the paper
-# selects position candidates) and whose firing carries at least `min_position_score` of its entropy
-# in information about position is a position neuron. The paper used no global threshold; these are
-# this book's. The second table shows how the counts move with each cut-off halved and doubled.
+# A neuron's family is that of its best label: a unigram label (one token's forms) makes a unigram
+# neuron, a single letter's own unigram label an alphabet neuron, a token feature (a class of tokens)
+# a token-class neuron, either kind for the token before a previous-token neuron, a spaCy label a
+# syntax neuron, a corpus source a context neuron. A dead neuron (the same activation on every token)
+# has no best label. Three cut-offs apply: a best VR below `min_vr` leaves a neuron unexplained; a
+# neuron whose **pre-activation** kurtosis is below `max_kurtosis` (sub-Gaussian, as the paper selects
+# position candidates) and whose firing carries at least `min_position_score` of its entropy in
+# information about position is a position neuron. That information is the mutual information between
+# firing and position with the Miller-Madow bias correction, so a neuron that fires independently of
+# position scores about 0 however many position groups there are. The paper used no global threshold;
+# these are this book's. The second table shows how the counts move with each cut-off halved and
+# doubled.
 
 # %%
 display(pd.DataFrame({"value": explain.CUTOFFS, "meaning": explain.CUTOFF_TEXT}))
@@ -190,17 +199,20 @@ print(f"{len(sm.table):,} sampled neurons on {sm.meta['n_tokens']:,} tokens; {sm
 # %% [markdown]
 # ## 5. Fig 1a: alphabet neurons
 #
-# For each letter, the neuron whose VR on that letter's unigram label (the single-letter forms: "a",
-# " a", "A", " A") is highest; a letter *has* an alphabet neuron when that VR reaches the paper's
-# cut-off. Letters whose unigram form is too rare in the analysed tokens have no label.
+# For each letter, the highest VR on that letter's unigram label (the single-letter forms: "a",
+# " a", "A", " A") among the universal neurons whose best label is that letter's own unigram label
+# (a neuron explained better by another label, such as the article class for "a" or "starts with
+# a", is not credited to the letter); a letter *has* an alphabet neuron when that VR reaches the
+# paper's cut-off. Letters whose unigram form is too rare in the analysed tokens
+# have no label; letters with no credited neuron show no bar.
 
 # %%
 alpha_cut = paper.value("alphabet_vr_cutoff", paper.MEDIUM)
-alpha = explain.alphabet_letters(ex.letters, alpha_cut)
+alpha = explain.alphabet_letters(ex.letters, table, alpha_cut, universal=chosen)
 fig = px.bar(alpha, x="letter", y="vr", color="has_neuron", hover_data=["layer", "neuron"],
              color_discrete_map={True: plots.COLORS["universal"], False: plots.COLORS["other"]})
 fig.add_hline(y=alpha_cut, line_dash="dot", line_color="gray")
-plots.style(fig, f"Fig 1a · best neuron per letter · {fam.name}-{reference}", x="letter (unigram label)",
+plots.style(fig, f"Fig 1a · best universal alphabet neuron per letter · {fam.name}-{reference}", x="letter (unigram label)",
             y="variance reduction of the best neuron", legend=f"VR ≥ {alpha_cut}")
 fig.show()
 n_letters = int(alpha.has_neuron.sum())
@@ -230,13 +242,13 @@ fig.show()
 # ## 7. Fig 1c / Fig 19: position neurons
 #
 # Mean ± std post-activation against position for the neurons whose firing says most about
-# position (kurtosis and position score in the legend).
+# position (pre-activation kurtosis and position score in the legend).
 
 # %%
 top_pos = table.sort_values("position_score", ascending=False).head(6)
-prof = ex.positions.merge(top_pos[["layer", "neuron", "act_kurt", "position_score", "family"]], on=["layer", "neuron"])
-prof["neuron_name"] = [f"L{l}.{n} (kurt {k:.1f}, score {s:.2f}, {f})" for l, n, k, s, f in
-                       zip(prof.layer, prof.neuron, prof.act_kurt, prof.position_score, prof.family)]
+prof = ex.positions.merge(top_pos[["layer", "neuron", "pre_kurt", "position_score", "family"]], on=["layer", "neuron"])
+prof["neuron_name"] = [f"L{l}.{n} (pre-act. kurt {k:.1f}, score {s:.2f}, {f})" for l, n, k, s, f in
+                       zip(prof.layer, prof.neuron, prof.pre_kurt, prof.position_score, prof.family)]
 fig = px.line(prof, x="position", y="mean", error_y="std", color="neuron_name")
 plots.style(fig, f"Fig 1c · activation against position · {fam.name}-{reference}", x="position in the row (tokens)",
             y="post-activation (mean ± std)", legend="neuron", height=500)
@@ -288,6 +300,10 @@ reasons = {
     "alphabet": f"{len(alpha)} letters have a unigram label on {ex.meta['n_tokens']:,} tokens; a {n_layers}-layer model "
                 "trained on a small corpus",
 }
+universal_unigram = table[table.family.eq("unigram") & table[chosen].fillna(False).astype(bool)].nlargest(1, "best_vr")
+control_unigram = ctl.table[ctl.table.family.eq("unigram")].nlargest(1, "best_vr") if ctl is not None else None
+top_unigram = "; ".join(f"{who}: L{int(r.layer)}.{int(r.neuron)} on {r.best_feature}" for who, d in
+                        (("ours", universal_unigram), ("control", control_unigram)) if d is not None for r in d.itertuples())
 
 
 def claim(fam_name, model_name, d):
@@ -300,12 +316,12 @@ def claim(fam_name, model_name, d):
 rows_rvp = [
     paper.Comparison("letters with an alphabet neuron (of 26)", "alphabet_letters", n_letters, model=paper.MEDIUM, fmt="d",
                      reason=reasons["alphabet"]),
-    paper.Comparison("highest VR of a unigram neuron", "max_vr_unigram",
-                     float(table.loc[table.family == "unigram", "best_vr"].max()) if (table.family == "unigram").any() else None,
-                     control=float(ctl.table.loc[ctl.table.family == "unigram", "best_vr"].max()) if ctl is not None and (ctl.table.family == "unigram").any() else None,
-                     model=paper.MEDIUM, reason="small model, small vocabulary"),
-    paper.Comparison(f"position candidates in the universal set (kurtosis < {explain.CUTOFFS['max_kurtosis']})",
-                     "position_candidates", int(((table.act_kurt < explain.CUTOFFS["max_kurtosis"]) & table[chosen].fillna(False)).sum()),
+    paper.Comparison("highest VR of a universal unigram neuron (one token's forms; control: any of its neurons)", "max_vr_unigram",
+                     float(universal_unigram.best_vr.iloc[0]) if len(universal_unigram) else None,
+                     control=float(control_unigram.best_vr.iloc[0]) if control_unigram is not None and len(control_unigram) else None,
+                     model=paper.MEDIUM, reason=f"small model, small vocabulary ({top_unigram})"),
+    paper.Comparison(f"position candidates in the universal set (pre-activation kurtosis < {explain.CUTOFFS['max_kurtosis']})",
+                     "position_candidates", int(((table.pre_kurt < explain.CUTOFFS["max_kurtosis"]) & table[chosen].fillna(False)).sum()),
                      model=paper.MEDIUM, fmt="d"),
     *[claim(f, f"{fam.name}-{reference}", depth) for f in ("unigram", "previous-token", "position", "syntax")],
     *[claim(f, single_model, depth_sm) for f in ("unigram", "previous-token", "position", "syntax")],
@@ -334,10 +350,11 @@ fc, cc = table.family.value_counts(), (ctl.table.family.value_counts() if ctl is
 share = lambda c, f, n: c.get(f, 0) / n  # noqa: E731
 display(report.summary([
     "Of {n} neurons of {model}, {unexplained} have no label with VR ≥ {min_vr}; the largest family is {top} ({top_n}).",
-    "Unigram neurons: {uni_t:.0%} of the trained model vs {uni_c:.0%} of the untrained control; position: "
-    "{pos_t:.0%} vs {pos_c:.0%}; previous-token: {prev_t:.0%} vs {prev_c:.0%}.",
+    "Unigram neurons (one token's forms): {uni_t:.0%} of the trained model vs {uni_c:.0%} of the untrained control; "
+    "token-class neurons: {cls_t:.0%} vs {cls_c:.0%}; position: {pos_t:.0%} vs {pos_c:.0%}; previous-token: {prev_t:.0%} vs "
+    "{prev_c:.0%}; dead neurons (no label): {dead_t} vs {dead_c}.",
     "Universal set ({chosen}, {n_set} neurons): {set_expl:.0%} explained, vs {rest_expl:.0%} of the rest.",
-    "{letters} of 26 letters have an alphabet neuron with VR ≥ {alpha_cut} (paper: {paper_letters} in GPT2-medium).",
+    "{letters} of 26 letters have a universal alphabet neuron with VR ≥ {alpha_cut} (paper: {paper_letters} in GPT2-medium).",
     "SmolLM2-135M: {sm_n} sampled neurons; unigram neurons at median relative depth {sm_uni:.2f}, previous-token {sm_prev:.2f}, "
     "syntax {sm_syn:.2f} (0: first layer, 1: last).",
     "{dropped} labels were dropped for having fewer than {minp} positive or negative tokens.",
@@ -345,6 +362,8 @@ display(report.summary([
     top=fc.drop("unexplained", errors="ignore").idxmax() if len(fc.drop("unexplained", errors="ignore")) else "none",
     top_n=int(fc.drop("unexplained", errors="ignore").max()) if len(fc.drop("unexplained", errors="ignore")) else 0,
     uni_t=share(fc, "unigram", len(table)), uni_c=share(cc, "unigram", len(ctl.table)) if ctl is not None else None,
+    cls_t=share(fc, "token class", len(table)), cls_c=share(cc, "token class", len(ctl.table)) if ctl is not None else None,
+    dead_t=int(table.best_feature.isna().sum()), dead_c=int(ctl.table.best_feature.isna().sum()) if ctl is not None else None,
     pos_t=share(fc, "position", len(table)), pos_c=share(cc, "position", len(ctl.table)) if ctl is not None else None,
     prev_t=share(fc, "previous-token", len(table)), prev_c=share(cc, "previous-token", len(ctl.table)) if ctl is not None else None,
     chosen=chosen, n_set=int(table[chosen].fillna(False).sum()),

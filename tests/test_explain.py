@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from helpers.data import GPT2_EOS, TokenRows, gpt2_tokenizer
-from helpers.explain import (FAMILIES, GroupedMoments, assign_families, cutoff_sensitivity, explanation_tables, stream_explanations,
-                             variance_reduction_direct)
+from helpers.explain import (FAMILIES, GroupedMoments, alphabet_letters, assign_families, cutoff_sensitivity, explanation_tables,
+                             family_of, stream_explanations, variance_reduction_direct)
 from helpers.features import build_feature_set, vocab_strings_gpt2
 
 
@@ -69,31 +69,37 @@ def _ids(*strings):
 
 
 class PlantedModel:
-    """A stand-in for a HookedTransformer with one MLP layer of 4 planted neurons:
-    0 fires on the token " on" (unigram), 1 on tokens after a comma (previous token),
-    2 rises with position (bounded, sub-Gaussian, fires in the second half of a row), 3 is noise."""
+    """A stand-in for a HookedTransformer with one MLP layer of 6 planted neurons, each a
+    pre-activation (`hook_pre`) and its GELU (`hook_post`): 0 fires on the token " on" (unigram),
+    1 on tokens after a comma (previous token), 2 rises with position (its pre-activation uniform
+    over positions, so sub-Gaussian, kurtosis 1.8, while its GELU's kurtosis is about 2.6; it fires
+    in the second half of a row), 3 is noise, 4 fires on the newline token (a token class:
+    whitespace), 5 is dead (the same activation on every token)."""
 
-    def __init__(self, on_id, comma_id, n_ctx):
-        self.cfg = SimpleNamespace(n_layers=1, d_mlp=4, device="cpu")
-        self.on_id, self.comma_id, self.n_ctx = on_id, comma_id, n_ctx
+    def __init__(self, on_id, comma_id, newline_id, n_ctx):
+        self.cfg = SimpleNamespace(n_layers=1, d_mlp=6, device="cpu")
+        self.on_id, self.comma_id, self.newline_id, self.n_ctx = on_id, comma_id, newline_id, n_ctx
 
     def run_with_cache(self, tokens, names_filter=None, stop_at_layer=None, return_type=None):
         b, p = tokens.shape
         g = torch.Generator().manual_seed(int(tokens.sum()))
-        noise = 0.05 * torch.randn(b, p, 4, generator=g)
+        noise = 0.05 * torch.randn(b, p, 6, generator=g)
         prev = torch.cat([torch.full_like(tokens[:, :1], -1), tokens[:, :-1]], 1)
         pos = torch.arange(p).float()[None].expand(b, -1)
-        acts = noise
-        acts[..., 0] += 4.0 * (tokens == self.on_id)
-        acts[..., 1] += 3.0 * (prev == self.comma_id)
-        acts[..., 2] += pos / self.n_ctx - 0.5
-        acts[..., 3] += torch.randn(b, p, generator=g)
-        return None, {"blocks.0.mlp.hook_post": acts}
+        pre = noise
+        pre[..., 0] += 4.0 * (tokens == self.on_id)
+        pre[..., 1] += 3.0 * (prev == self.comma_id)
+        pre[..., 2] += 4.0 * (pos / self.n_ctx - 0.5)
+        pre[..., 3] += torch.randn(b, p, generator=g)
+        pre[..., 4] += 3.0 * (tokens == self.newline_id)
+        pre[..., 5] = -30.0
+        post = torch.nn.functional.gelu(pre, approximate="tanh")
+        return None, {"blocks.0.mlp.hook_pre": pre, "blocks.0.mlp.hook_post": post}
 
 
 @pytest.fixture(scope="module")
 def planted():
-    vocab = _ids(" on", ",", " the", " cat", " dog", ".", " is", " a", " and", " 1999", " In")
+    vocab = _ids(" on", ",", " the", " cat", " dog", ".", " is", " a", " and", " 1999", " In", "\n")
     rng = np.random.default_rng(0)
     n_ctx, n_rows = 32, 200
     gpt2 = rng.choice(vocab, size=(n_rows, n_ctx))
@@ -102,7 +108,7 @@ def planted():
     labels = torch.from_numpy(rng.integers(0, 2, size=(n_rows, 1)).repeat(n_ctx, 1))
     rows = TokenRows(ids, ids.clone(), labels, ["src-a", "src-b"])
     fs = build_feature_set(rows, vocab_strings_gpt2(), True, None, "gpt2", min_positive=20, syntax=False)
-    model = PlantedModel(vocab[0], vocab[1], n_ctx)
+    model = PlantedModel(vocab[0], vocab[1], vocab[-1], n_ctx)
     res = stream_explanations(model, rows, fs, [GPT2_EOS], batch_size=16, dtype=torch.float64)
     return fs, {**res, "model": model, "rows": rows}, explanation_tables(res, fs, min_positive=20)
 
@@ -124,10 +130,34 @@ def test_planted_previous_token_and_position_neurons_get_their_families(planted)
     assert t.loc[1, "family"] == "previous-token" and t.loc[1, "best_feature"].startswith("prev_")
     assert t.loc[1, "best_vr"] > 0.9
     assert t.loc[2, "family"] == "position"
-    assert t.loc[2, "act_kurt"] < 2 and t.loc[2, "position_score"] > 0.5
+    assert t.loc[2, "position_score"] > 0.5
+    # the candidate is found by its pre-activation's kurtosis; its post-activation's is above the cut-off
+    assert t.loc[2, "pre_kurt"] < 1.9 and t.loc[2, "act_kurt"] > 2.3
     assert t.loc[3, "family"] == "unexplained" and t.loc[3, "position_score"] < 0.05
     prof = tabs["positions"].query("neuron == 2").sort_values("position")
-    assert np.corrcoef(prof.position, prof["mean"])[0, 1] > 0.99  # mean activation rises with position
+    assert np.corrcoef(prof.position, prof["mean"])[0, 1] > 0.85  # mean activation rises with position
+    assert prof["mean"].iloc[-1] > 1.5 and prof["fire_rate"].iloc[-1] == 1.0
+
+
+def test_token_class_neuron_is_not_a_unigram_neuron(planted):
+    """A neuron on the newline token is explained by a class of tokens (whitespace), not by one
+    token's forms: its family is "token class"; the " on" neuron stays a unigram neuron."""
+    _, _, tabs = planted
+    t = tabs["table"].set_index("neuron")
+    assert t.loc[4, "best_feature"] == "is_whitespace" and t.loc[4, "best_vr"] > 0.95
+    assert t.loc[4, "family"] == "token class"
+    assert t.loc[0, "family"] == "unigram" and t.loc[0, "best_feature"] == "unigram_on"
+    fam = family_of(pd.Series(["group_preposition", "unigram_to", "contains_comma", "start_w_t", "prev_contains_comma"]),
+                    pd.Series(["token", "unigram", "token", "token", "prev_token"]))
+    assert list(fam) == ["token class", "unigram", "token class", "token class", "previous-token"]
+
+
+def test_dead_neuron_gets_no_label(planted):
+    _, _, tabs = planted
+    dead = tabs["table"].set_index("neuron").loc[5]
+    assert pd.isna(dead.best_feature) and pd.isna(dead.best_group) and pd.isna(dead.runner_up)  # was the first label's name
+    assert np.isnan(dead.best_vr) and np.isnan(dead.mean_pos)
+    assert dead.family == "unexplained" and dead.position_score == 0
 
 
 class Killed(Exception):
@@ -178,4 +208,55 @@ def test_cutoffs_change_the_counts_as_they_should(planted):
     assert (no_candidates == "position").sum() == (t.best_group == "position").sum()
     assert t.set_index("neuron").loc[2, "best_group"] == "position"
     # a VR cut-off above 1 leaves only the position neuron (found by its firing) explained
-    assert list(assign_families(t, {"min_vr": 1.01})) == ["unexplained", "unexplained", "position", "unexplained"]
+    assert list(assign_families(t, {"min_vr": 1.01})) == ["unexplained", "unexplained", "position", "unexplained", "unexplained",
+                                                          "unexplained"]
+
+
+# ---- the position score: bias-corrected mutual information -----------------------------------
+
+
+def test_position_score_is_bias_corrected():
+    """Neurons that fire independently of position score about 0 (the plug-in MI of 3,000 tokens
+    in 100 position groups would give them about 99 / (2 * 3000 * ln 2) = 0.024 bits of each bit
+    of firing entropy); a neuron that fires exactly in the first half of the positions scores 1."""
+    g = torch.Generator().manual_seed(0)
+    t, groups, n = 3000, 100, 41
+    pos = torch.randint(0, groups, (t,), generator=g)
+    x = torch.randn(t, n, generator=g, dtype=torch.float64)
+    x[:, 0] = torch.where(pos < groups // 2, 1.0, -1.0) + 0.01 * torch.randn(t, generator=g, dtype=torch.float64)
+    acc = GroupedMoments(n, groups, dtype=torch.float64, firing=True).update(x, torch.nn.functional.one_hot(pos, groups))
+    mi, score = acc.firing_information()
+    # the plug-in estimate, directly: sum over positions and firing of p log2(p / (p_pos p_fire))
+    fire, oh = (x[:, 1:] > 0).double(), torch.nn.functional.one_hot(pos, groups).double()
+    plug = []
+    for j in range(fire.shape[1]):
+        joint = torch.stack([oh.T @ fire[:, j], oh.T @ (1 - fire[:, j])], 1) / t
+        outer = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
+        plug.append(float(torch.where(joint > 0, joint * torch.log2(joint / outer), torch.zeros_like(joint)).sum()))
+    assert np.mean(plug) > 0.02  # what the uncorrected score gave these neurons
+    assert score[1:].mean() < 0.004 and score[1:].max() < 0.02
+    assert score[0] > 0.99 and mi[0] > 0.99
+
+
+# ---- alphabet neurons: a letter is credited only by its own feature ---------------------------
+
+
+def test_alphabet_letters_credit_only_universal_neurons_whose_best_label_is_the_letter():
+    letters = pd.DataFrame({"layer": [0, 0, 0, 0, 1, 1], "neuron": [0, 1, 2, 3, 0, 1],
+                            "letter": ["a", "a", "b", "c", "c", "d"], "vr": [0.9, 0.5, 0.6, 0.5, 0.45, 0.95]})
+    table = pd.DataFrame({"layer": [0, 0, 0, 0, 1, 1], "neuron": [0, 1, 2, 3, 0, 1],
+                          # L0.0: an article neuron (its VR on "a" is high, on the article class higher);
+                          # L0.2: "starts with b" is its best label; L1.1: not universal
+                          "best_feature": ["group_article", "unigram_a", "start_w_b", "unigram_c", "unigram_c", "unigram_d"],
+                          "universal": [True, True, True, True, True, False]})
+    out = alphabet_letters(letters, table, 0.37, universal="universal").set_index("letter")
+    assert list(out.index) == ["a", "b", "c", "d"]
+    assert (out.loc["a", "layer"], out.loc["a", "neuron"], out.loc["a", "vr"]) == (0, 1, 0.5)  # not the article neuron
+    assert out.loc["c", "vr"] == 0.5 and out.loc["c", "has_neuron"]
+    assert np.isnan(out.loc["b", "vr"]) and not out.loc["b", "has_neuron"]
+    assert np.isnan(out.loc["d", "vr"]) and not out.loc["d", "has_neuron"]
+    assert int(out.has_neuron.sum()) == 2
+    assert alphabet_letters(letters, table, 0.37).set_index("letter").loc["d", "has_neuron"]  # without the universal filter
+    # the family follows the same rule: the letter's own unigram label only
+    fam = family_of(table.best_feature, pd.Series(["token", "unigram", "token", "unigram", "unigram", "unigram"]))
+    assert list(fam) == ["token class", "alphabet", "token class", "alphabet", "alphabet", "alphabet"]

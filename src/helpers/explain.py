@@ -12,12 +12,16 @@ for every neuron and every label at once, with one matrix product of the batch's
 `[tokens, neurons]` with its label matrix `[tokens, labels]` per batch, streamed by
 `ActivationStream`.
 
-Each neuron's best label (highest VR) and its group assign a family: unigram (a current-token or
-unigram label), alphabet (a single letter's unigram or its "starts with" label), previous-token,
-position, syntax, context, or unexplained (best VR below a cut-off). Position neurons follow the
-paper: sub-Gaussian activations (kurtosis below 2) whose firing (post-activation > 0) carries
-information about the position, scored by the mutual information between firing and position
-divided by the entropy of firing (0: none, 1: position fixes firing).
+Each neuron's best label (highest VR) and its group assign a family: unigram (one token's forms:
+a unigram label such as `unigram_to`, for " to", "to", " To"), alphabet (a single letter's own
+unigram label, `unigram_a`), token class (a class of tokens: whitespace, a symbol, numbers, a word
+group such as prepositions, "starts with a", ...), previous-token (either kind for the token
+before), position, syntax, context, or unexplained (best VR below a cut-off). A dead neuron (no
+activation variance, so no VR) has no best label. Position neurons follow the paper:
+sub-Gaussian pre-activations (`mlp.hook_pre` kurtosis below 2) whose firing (activation > 0)
+carries information about the position, scored by the mutual information between firing and
+position (Miller-Madow corrected) divided by the entropy of firing (0: none, 1: position fixes
+firing).
 
 Command line: `python -m helpers.explain --preset smoke` writes the table of the preset family's
 reference model (see `--help`).
@@ -41,14 +45,14 @@ from .data import TokenRows
 from .features import FeatureSet, build_feature_set, feature_set_key, letter_of, vocab_strings_gpt2
 from .neuron_stats import StreamingMoments
 
-CODE_VERSION = 2
+CODE_VERSION = 3
 MODEL = "model"
 CUTOFFS = {"min_vr": 0.2, "max_kurtosis": 2.0, "min_position_score": 0.1}
 CUTOFF_TEXT = {"min_vr": "best VR at least this, else unexplained",
-               "max_kurtosis": "position candidates: activation kurtosis below this",
-               "min_position_score": "position: firing-position MI / firing entropy at least this"}
-FAMILIES = ("unigram", "alphabet", "previous-token", "position", "syntax", "context", "unexplained")
-FAMILY_OF_GROUP = {"token": "unigram", "unigram": "unigram", "prev_token": "previous-token",
+               "max_kurtosis": "position candidates: pre-activation kurtosis below this",
+               "min_position_score": "position: firing-position MI (bias-corrected) / firing entropy at least this"}
+FAMILIES = ("unigram", "alphabet", "token class", "previous-token", "position", "syntax", "context", "unexplained")
+FAMILY_OF_GROUP = {"token": "token class", "unigram": "unigram", "prev_token": "previous-token",
                    "prev_unigram": "previous-token", "position": "position", "syntax": "syntax", "context": "context"}
 MAX_POSITION_GROUPS = 256
 
@@ -182,7 +186,14 @@ class GroupedMoments:
     def firing_information(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mutual information in bits between firing (x > 0) and the label, taken as one
         categorical variable whose values are the labels (they must partition the tokens, as
-        position groups do); that MI divided by the entropy of firing), each [n]."""
+        position groups do); that MI divided by the entropy of firing), each [n].
+
+        The plug-in MI of counts is biased upwards: for a variable independent of the label its
+        expectation is about (G - 1) / (2 N ln 2) bits with G occupied label values and N tokens,
+        which is large beside a rarely firing neuron's entropy. The MI is therefore the
+        Miller-Madow estimate: each of H(firing), H(label) and H(firing, label) gets its bias
+        term (m - 1) / (2 N) nats (m its occupied cells), so the MI loses
+        (m_joint - m_firing - m_label + 1) / (2 N) nats; it is clipped at 0."""
         if not self.firing:
             raise ValueError("built without firing=True")
         n = float(self.count)
@@ -193,9 +204,15 @@ class GroupedMoments:
         def kl(p, q):
             return p * torch.log2(p / q) + (1 - p) * torch.log2((1 - p) / (1 - q))
 
-        mi = (pg * kl(pfg, pf[:, None])).sum(1)
+        plug_in = (pg * kl(pfg, pf[:, None])).sum(1)
+        occupied = self.n1 > 0
+        m_label = occupied.sum().double()
+        m_firing = (self.fires > 0).double() + (self.fires < n).double()
+        m_joint = ((self.f1 > 0) & occupied[None, :]).sum(1).double() + ((self.f1 < self.n1[None, :]) & occupied[None, :]).sum(1).double()
+        bias = (m_joint - m_firing - m_label + 1) / (2 * n * math.log(2))
+        mi = (plug_in - bias).clamp_min(0)
         h = -(pf * torch.log2(pf) + (1 - pf) * torch.log2(1 - pf))
-        return mi, torch.where(h > 1e-9, mi / h, torch.zeros_like(mi))
+        return mi, torch.where(h > 1e-9, (mi / h).clamp_max(1), torch.zeros_like(mi))
 
 
 def variance_reduction_direct(v: np.ndarray, y: np.ndarray) -> float:
@@ -219,13 +236,14 @@ def position_groups(n_ctx: int) -> tuple[int, int]:
 
 
 def hook_columns(model, neurons: pd.DataFrame | None) -> tuple[list[str], dict[int, torch.Tensor], pd.DataFrame]:
-    """The hooks to record, each layer's neuron indices, and the (layer, neuron) table in column order."""
+    """The hooks to record (each layer's `mlp.hook_post` and `mlp.hook_pre`), each layer's neuron
+    indices, and the (layer, neuron) table in column order."""
     d = model.cfg.d_mlp
     if neurons is None:
         neurons = pd.DataFrame({"layer": np.repeat(np.arange(model.cfg.n_layers), d), "neuron": np.tile(np.arange(d), model.cfg.n_layers)})
     neurons = neurons[["layer", "neuron"]].astype(int).sort_values(["layer", "neuron"]).reset_index(drop=True)
     cols = {int(l): torch.tensor(g.neuron.to_numpy()) for l, g in neurons.groupby("layer")}
-    return [f"blocks.{l}.mlp.hook_post" for l in cols], cols, neurons
+    return [f"blocks.{l}.mlp.{h}" for l in cols for h in ("hook_post", "hook_pre")], cols, neurons
 
 
 def stream_explanations(model, rows: TokenRows, fs: FeatureSet, drop_ids: Sequence[int], neurons: pd.DataFrame | None = None,
@@ -234,7 +252,9 @@ def stream_explanations(model, rows: TokenRows, fs: FeatureSet, drop_ids: Sequen
                         checkpoint_every: int = 200_000) -> dict:
     """One streaming pass of `model` over `rows`: the grouped moments of the post-activations of
     `neurons` (all by default) against every label of `fs` (`labels`), against the position
-    groups with firing counts (`position`), and their exact moments (`moments`: kurtosis).
+    groups with firing counts (`position`), their exact moments (`moments`), and the exact moments
+    of the pre-activations (`pre_moments`: the kurtosis that selects position candidates), both
+    hooks read in the same forward pass.
     Returns {"accs": accumulators, "neurons": (layer, neuron) in column order, "n_tokens": ...}.
     With `checkpoint`, the sums are saved every `checkpoint_every` valid tokens; a killed run resumes
     there, and the file is removed once the pass is complete."""
@@ -245,19 +265,21 @@ def stream_explanations(model, rows: TokenRows, fs: FeatureSet, drop_ids: Sequen
 
     def make() -> dict:
         return {"labels": GroupedMoments(n, fs.n_features, dev, dtype), "position": GroupedMoments(n, n_pos, dev, dtype, firing=True),
-                "moments": StreamingMoments(n, dev)}
+                "moments": StreamingMoments(n, dev), "pre_moments": StreamingMoments(n, dev)}
 
     stream = ActivationStream({MODEL: model}, rows, names, batch_size, drop_ids, make, identity, checkpoint,
                               checkpoint_every, save_at_end=False, desc="variance reduction", verbose=verbose, device=dev)
     if not stream.done:
         for batch in stream:
             x = torch.cat([batch.acts[MODEL][f"blocks.{l}.mlp.hook_post"][:, cols[l].to(dev)] for l in cols], dim=1).float()
+            pre = torch.cat([batch.acts[MODEL][f"blocks.{l}.mlp.hook_pre"][:, cols[l].to(dev)] for l in cols], dim=1).float()
             y = fs.labels(batch)
             pos = batch.valid(batch.positions) // width
             onehot = torch.nn.functional.one_hot(pos, n_pos)
             stream.accs["labels"].update(x, y)
             stream.accs["position"].update(x, onehot)
             stream.accs["moments"].update(x)
+            stream.accs["pre_moments"].update(pre)
     accs = stream.merged()
     stream.discard_checkpoint()
     return {"accs": accs, "neurons": table, "n_tokens": stream.n_tokens, "position_width": width}
@@ -269,20 +291,24 @@ def stream_explanations(model, rows: TokenRows, fs: FeatureSet, drop_ids: Sequen
 
 
 def family_of(best_feature: pd.Series, best_group: pd.Series) -> pd.Series:
-    """The family named by each neuron's best label (no cut-offs applied)."""
+    """The family named by each neuron's best label (no cut-offs applied): a single letter's own
+    unigram label (`unigram_a`) makes an alphabet neuron, any other unigram label a unigram neuron,
+    a token-feature label (a class of tokens) a token-class neuron; no label (a dead neuron),
+    unexplained."""
     fam = best_group.map(FAMILY_OF_GROUP).fillna("unexplained")
-    letter = best_feature.map(lambda f: letter_of(f) is not None or bool(pd.notna(f) and str(f).startswith("start_w_")))
+    letter = best_feature.map(lambda f: bool(pd.notna(f) and letter_of(str(f)) is not None))
     return fam.mask(letter & fam.eq("unigram"), "alphabet")
 
 
 def assign_families(table: pd.DataFrame, cutoffs: dict | None = None) -> pd.Series:
-    """Each neuron's family under `cutoffs` (default `CUTOFFS`): position when its kurtosis is below
-    `max_kurtosis` and its position score reaches `min_position_score`; else unexplained when its
-    best VR is below `min_vr`; else the family of its best label."""
+    """Each neuron's family under `cutoffs` (default `CUTOFFS`): position when its pre-activation
+    kurtosis (`pre_kurt`) is below `max_kurtosis` and its position score reaches
+    `min_position_score`; else unexplained when its best VR is below `min_vr` (or it has no best
+    label); else the family of its best label."""
     c = {**CUTOFFS, **(cutoffs or {})}
     fam = family_of(table.best_feature, table.best_group)
     fam = fam.mask(table.best_vr.fillna(0) < c["min_vr"], "unexplained")
-    pos = (table["act_kurt"] < c["max_kurtosis"]) & (table["position_score"] >= c["min_position_score"])
+    pos = (table["pre_kurt"] < c["max_kurtosis"]) & (table["position_score"] >= c["min_position_score"])
     return fam.mask(pos, "position")
 
 
@@ -304,7 +330,10 @@ def explanation_tables(res: dict, fs: FeatureSet, min_positive: int, cutoffs: di
     Labels with fewer than `min_positive` positive (or negative) tokens are dropped. The table has
     one row per neuron: `family`, `best_feature`, `best_group`, `best_vr`, `runner_up`,
     `runner_up_vr`, the best VR within each label group (`vr_<group>`), the activation's mean and
-    std with and without the best label, `act_kurt` (kurtosis of the post-activation), `position_score`, `position_mi_bits`."""
+    std with and without the best label, `act_kurt` (kurtosis of the post-activation), `pre_kurt`
+    (of the pre-activation), `position_score`, `position_mi_bits`. A neuron with no VR on any
+    label (a dead one: constant activation) has no best label (`best_feature`, `best_group`
+    None, `best_vr` NaN), and a neuron with a VR on one label only has no runner-up."""
     accs, neurons = res["accs"], res["neurons"]
     lab = accs["labels"]
     vr = lab.variance_reduction()
@@ -318,23 +347,28 @@ def explanation_tables(res: dict, fs: FeatureSet, min_positive: int, cutoffs: di
     s1, s0 = lab.stds()
     best = top.indices[:, 0]
     idx = torch.arange(len(best))
+    has = (top.values[:, 0] > -0.5).numpy()  # NaN VR on every label: a dead neuron, no best label
     t = neurons.copy()
-    t["best_feature"] = names[best.numpy()]
-    t["best_group"] = groups[best.numpy()]
+    t["best_feature"] = np.where(has, names[best.numpy()], None)
+    t["best_group"] = np.where(has, groups[best.numpy()], None)
     t["best_vr"] = top.values[:, 0].numpy()
-    t["runner_up"] = names[top.indices[:, 1].numpy()] if v.shape[1] > 1 else None
-    t["runner_up_vr"] = top.values[:, 1].numpy() if v.shape[1] > 1 else np.nan
+    if v.shape[1] > 1:
+        t["runner_up"] = np.where((top.values[:, 1] > -0.5).numpy(), names[top.indices[:, 1].numpy()], None)
+        t["runner_up_vr"] = top.values[:, 1].numpy()
+    else:
+        t["runner_up"], t["runner_up_vr"] = None, np.nan
     for col in ("best_vr", "runner_up_vr"):
         t.loc[t[col] < -0.5, col] = np.nan
-    t["best_n_pos"] = n1[best].numpy().astype(np.int64)
-    t["mean_pos"], t["mean_neg"] = m1[idx, best].numpy(), m0[idx, best].numpy()
-    t["std_pos"], t["std_neg"] = s1[idx, best].numpy(), s0[idx, best].numpy()
+    t["best_n_pos"] = np.where(has, n1[best].numpy(), 0).astype(np.int64)
+    t["mean_pos"], t["mean_neg"] = np.where(has, m1[idx, best].numpy(), np.nan), np.where(has, m0[idx, best].numpy(), np.nan)
+    t["std_pos"], t["std_neg"] = np.where(has, s1[idx, best].numpy(), np.nan), np.where(has, s0[idx, best].numpy(), np.nan)
     for g in dict.fromkeys(fs.groups):
         sel = torch.from_numpy(groups == g)
         t[f"vr_{g}"] = v[:, sel].max(1).values.clamp_min(0).numpy() if sel.any() else 0.0
     mom = accs["moments"]
     t["act_mean"], t["act_var"] = mom.mean().cpu().numpy(), mom.variance().cpu().numpy()
     t["act_kurt"] = mom.kurtosis().cpu().numpy()
+    t["pre_kurt"] = accs["pre_moments"].kurtosis().cpu().numpy()
     mi, score = accs["position"].firing_information()
     t["position_mi_bits"], t["position_score"] = mi.numpy(), score.numpy()
     t["family"] = assign_families(t, cutoffs)
@@ -467,13 +501,28 @@ def family_layers(table: pd.DataFrame, min_count: int = 1) -> dict[str, list[int
     return {f: [int(l) for l in c.index[c[f] >= min_count]] for f in FAMILIES if f != "unexplained" and c[f].sum() >= min_count}
 
 
-def alphabet_letters(letters: pd.DataFrame, min_vr: float) -> pd.DataFrame:
-    """Fig 1a: for each letter, the neuron with the highest VR on that letter's unigram label, and
-    whether it reaches `min_vr` (the paper counted letters with a neuron above 0.37)."""
+def alphabet_letters(letters: pd.DataFrame, table: pd.DataFrame, min_vr: float, universal: str | None = None) -> pd.DataFrame:
+    """Fig 1a and the paper's count of letters with a universal alphabet neuron: for each letter
+    with a unigram label (`letters`, from `explain_model`), the neuron with the highest VR on that
+    letter's own unigram label among the neurons credited to it, and whether that VR reaches
+    `min_vr` (the paper: 0.37). A neuron is credited to a letter only when its best label
+    (`table.best_feature`) is that letter's own unigram label (`unigram_a` for "a"): not when it is
+    another letter's, the "starts with" class, or another label whose runner-up is the letter
+    (an article neuron is not an alphabet neuron for "a"); with `universal` (a boolean column of
+    `table`), only universal neurons are credited. A letter with no credited neuron has `vr` NaN."""
+    cols = ["letter", "layer", "neuron", "vr", "has_neuron"]
     if letters.empty:
-        return pd.DataFrame(columns=["letter", "layer", "neuron", "vr", "has_neuron"])
-    best = letters.loc[letters.groupby("letter").vr.idxmax().dropna()]
-    return best.assign(has_neuron=best.vr >= min_vr).sort_values("letter").reset_index(drop=True)
+        return pd.DataFrame(columns=cols)
+    keep = ["layer", "neuron", "best_feature"] + ([universal] if universal else [])
+    m = letters.merge(table[keep], on=["layer", "neuron"], how="left", validate="many_to_one")
+    ok = m.best_feature.eq("unigram_" + m.letter)
+    if universal:
+        ok &= m[universal].fillna(False).astype(bool)
+    credited = m[ok]
+    best = credited.loc[credited.groupby("letter").vr.idxmax().dropna()] if len(credited) else credited
+    out = pd.DataFrame({"letter": sorted(letters.letter.unique())}).merge(best[["letter", "layer", "neuron", "vr"]], on="letter", how="left")
+    out[["layer", "neuron"]] = out[["layer", "neuron"]].astype("Int64")
+    return out.assign(has_neuron=out.vr.fillna(-np.inf) >= min_vr)[cols]
 
 
 def top_by_family(table: pd.DataFrame, family: str, k: int = 6, score: str = "best_vr") -> pd.DataFrame:

@@ -117,11 +117,11 @@ REGISTRY: tuple[PaperNumber, ...] = tuple([
                 "|w_in|^2 + |w_out|^2"),
     # --- §4.3: neuron families by variance reduction (eq. 4) ---------------------------------------
     PaperNumber("alphabet_letters", MEDIUM, 18, "§4.3, Fig 1a and Fig 17", 4,
-                "letters (of 26) whose best unigram neuron has VR > 0.37; tolerance: four letters"),
+                "letters (of 26) whose best universal alphabet neuron has VR > 0.37; tolerance: four letters"),
     PaperNumber("alphabet_vr_cutoff", MEDIUM, 0.37, "reference notebook (PAPER.md §4)", None,
                 "the VR a letter's best neuron must reach to count"),
     PaperNumber("max_vr_unigram", MEDIUM, 0.99, "§4.3, Fig 4a (L0.3270 \"to\")", 0.1,
-                "the highest VR of any unigram neuron"),
+                "the highest VR of a universal unigram neuron (one token's forms)"),
     PaperNumber("position_candidates", MEDIUM, 9, "§4.3 (universal neurons with kurtosis < 2; layers 1, 2, 5)", None),
     PaperNumber("position_candidates", SMALL, 34, "§4.3 (released CSV)", None),
     PaperNumber("unigram_depth", MEDIUM, "unigram neurons sit early (layers 0-1 of 24)", "§4.3, Figs 4a, 15, 16", None,
