@@ -460,8 +460,8 @@ display(report.summary([
     "They were trained on {tokens:,} tokens; the paper's models took {steps:,} steps.",
 ], fam=fam.name, n_layers=cfg.n_layers, late=n_late / cfg.n_layers,
     late_words=report.choose(n_late == cfg.n_layers, ": the paper's late-layer prior carries no information",
-                             f" (2 of {paper_layers} in GPT2-medium): a {n_late / cfg.n_layers / (2 / paper_layers):.0f}× coarser "
-                             "late-layer prior"),
+                             f" (2 of {paper_layers} in GPT2-medium): a late-layer prior "
+                             f"{n_late / cfg.n_layers / (2 / paper_layers):.0f} times as coarse"),
     d_model=cfg.d_model, d_vocab=cfg.d_vocab,
     spec_words=report.choose(spectra[name_ref].flat, "a flat spectrum, which leaves little room for a null space",
                              f"{spectra[name_ref].k} directions read at less than half the median gain"),

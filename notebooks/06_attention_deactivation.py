@@ -301,7 +301,7 @@ plots.show_circuitsvis(cv.attention.attention_heads(attention=np.stack([pat["cle
 
 # %%
 cfg = fam.load(reference).cfg
-print(f"{label}: {cfg.n_layers} layers of {cfg.d_mlp} neurons and {cfg.n_heads} heads; "
+print(f"{label}: {cfg.n_layers} layers of {cfg.d_mlp} neurons and {cfg.n_heads} heads each; "
       f"{run.meta['tails']['n_pairs']:,} (neuron, later head) pairs")
 ratio_t = float(run.table("bos").ratio.median())
 ratio_c = float(run_ctl.table("bos").ratio.median()) if run_ctl else None
