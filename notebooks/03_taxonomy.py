@@ -287,14 +287,17 @@ plots.show_circuitsvis(universality.context_visualisation(ref_model, fam.codec, 
 # %% [markdown]
 # ## Result vs paper
 #
-# Which families appear and where. The paper's depth claims are scored on relative depth
-# (layer / (layers - 1)), so a 2-layer model and a 24-layer one can be compared; they are most
-# meaningful on the 30-layer SmolLM2.
+# Which families appear and where. The paper's depth claims are stated for GPT2-medium's 24 layers;
+# here they are ranges of relative depth, and layer l of an n-layer model stands for the slice
+# [l / n, (l + 1) / n] of the depth, so a claim holds when the slice of the family's median layer
+# overlaps its range (`explain.DEPTH_CLAIMS`). A model of few layers can only place a family
+# coarsely; the claims are most informative on the 30-layer SmolLM2.
 
 # %%
-n_layers = int(table.layer.max()) + 1
+n_layers = ref_model.cfg.n_layers
 depth = explain.depth_summary(table, n_layers)
-depth_sm = explain.depth_summary(sm.table, int(sm.table.layer.max()) + 1)
+n_layers_sm = int(sm.table.layer.max()) + 1  # the sample covers every layer
+depth_sm = explain.depth_summary(sm.table, n_layers_sm)
 display(pd.concat({f"{fam.name}-{reference}": depth, single_model: depth_sm}, names=["model"]))
 reasons = {
     "alphabet": f"{len(alpha)} letters have a unigram label on {ex.meta['n_tokens']:,} tokens; a {n_layers}-layer model "
@@ -306,9 +309,11 @@ top_unigram = "; ".join(f"{who}: L{int(r.layer)}.{int(r.neuron)} on {r.best_feat
                         (("ours", universal_unigram), ("control", control_unigram)) if d is not None for r in d.itertuples())
 
 
-def claim(fam_name, model_name, d):
+def claim(fam_name, model_name, d, n):
     row = d.loc[fam_name]
-    text = "no neurons" if row.neurons == 0 else f"median depth {row['median depth']:.2f} (layers {row.layers})"
+    where = (f"quartile layers {row['depth IQR']:.2f} of the depth apart" if fam_name == "syntax" else
+             f"median layer {row['median layer']:g} of {n}, depth {row['depth span']}")
+    text = "no neurons" if row.neurons == 0 else f"{where} (layers {row.layers})"
     return paper.Comparison(f"{fam_name} neurons: where ({model_name})", row["paper key"], text, model=paper.MEDIUM,
                             holds=row.holds, reason="" if row.neurons else "the family is absent here")
 
@@ -323,8 +328,8 @@ rows_rvp = [
     paper.Comparison(f"position candidates in the universal set (pre-activation kurtosis < {explain.CUTOFFS['max_kurtosis']})",
                      "position_candidates", int(((table.pre_kurt < explain.CUTOFFS["max_kurtosis"]) & table[chosen].fillna(False)).sum()),
                      model=paper.MEDIUM, fmt="d"),
-    *[claim(f, f"{fam.name}-{reference}", depth) for f in ("unigram", "previous-token", "position", "syntax")],
-    *[claim(f, single_model, depth_sm) for f in ("unigram", "previous-token", "position", "syntax")],
+    *[claim(f, f"{fam.name}-{reference}", depth, n_layers) for f in explain.DEPTH_CLAIMS],
+    *[claim(f, single_model, depth_sm, n_layers_sm) for f in explain.DEPTH_CLAIMS],
     paper.Comparison("late layers: prediction / suppression neurons", "late_prediction", None, model=paper.MEDIUM),
 ]
 rvp = paper.result_table(rows_rvp)
@@ -337,7 +342,7 @@ report.publish_neurons("03_taxonomy", params, sm.table, report.model_label(singl
 
 # Checks that fail on a broken analysis: every analysed neuron has exactly one family row; VR is a
 # share of variance; the trained model's best explanations beat what random labels could give.
-assert len(table) == fam.load(reference).cfg.n_layers * fam.load(reference).cfg.d_mlp and table.family.notna().all()
+assert len(table) == n_layers * ref_model.cfg.d_mlp and table.family.notna().all()
 assert len(sm.table) == sm.table[["layer", "neuron"]].drop_duplicates().shape[0] and sm.table.family.notna().all()
 assert table.best_vr.dropna().between(-1e-6, 1 + 1e-6).all()
 assert table.best_vr.median() > 0.05

@@ -29,8 +29,9 @@
 #
 # It is a depth pattern, so it needs a deep model. This chapter measures it on the two kinds of
 # model this book has offline: **SmolLM2-135M** (30 layers, tied embeddings; a Q4_1-quantised,
-# instruct-tuned model) and the **embedded family** (five seeds, 2 layers, untied, a reduced
-# vocabulary), each beside the same measurement on the embedded family's **untrained control**.
+# instruct-tuned model) and the **embedded family** (several seeds of one small model, whose depth
+# and width section 2 prints; untied embeddings, a reduced vocabulary), each beside the same
+# measurement on the embedded family's **untrained control**.
 # Everything here is a function of the weights (`helpers.vocab`) except Fig 24, which streams
 # pre-activations over held-out tokens with the book's one driver (`ActivationStream`).
 
@@ -122,16 +123,19 @@ if mom_ctl is not None:
     mom_ctl["vocab_class"] = vocab.classify(mom_ctl, K).to_numpy()
 mom_sm["depth"] = vocab.relative_depth(mom_sm.layer, n_layers_sm)
 display(pd.DataFrame({"rule (k = %g, r = %g)" % (K, vocab.PARTITION_RATIO): vocab.CLASS_RULE}))
-counts_at = pd.concat({f"{fam.name} (5 seeds)": vocab.class_counts(mom), single_model: vocab.class_counts(mom_sm),
-                       **({"untrained control (5 seeds)": vocab.class_counts(mom_ctl)} if mom_ctl is not None else {})},
+counts_at = pd.concat({f"{fam.name} ({len(fam.members)} seeds)": vocab.class_counts(mom), single_model: vocab.class_counts(mom_sm),
+                       **({f"untrained control ({len(control_fam.members)} seeds)": vocab.class_counts(mom_ctl)}
+                          if mom_ctl is not None else {})},
                       names=["model"])
 display(counts_at.xs(vocab.PARTITION_RATIO, level="variance ratio >="))
 display(Markdown(report.summary_markdown([
+    "The {fam} family: {n_seeds} seeds of {emb_layers} layers × {emb_mlp} neurons; {sm}: {sm_layers} layers × {sm_mlp} neurons.",
     "Largest W_U kurtosis: {emb_max:.2f} in the {fam} family (any seed), {ctl_max:.2f} in its untrained control, "
     "{sm_max:.1f} in {sm}.",
     "Classified at kurtosis > {k:g}: {sm_pred} prediction and {sm_supp} suppression neurons in {sm}; {emb_heavy} "
     "heavy-tailed neurons in the {fam} family.",
-], emb_max=mom.vocab_kurt.max(), ctl_max=mom_ctl.vocab_kurt.max() if mom_ctl is not None else None, sm_max=mom_sm.vocab_kurt.max(),
+], n_seeds=len(fam.members), emb_layers=n_layers, emb_mlp=ref_model.cfg.d_mlp, sm_layers=n_layers_sm, sm_mlp=sm_model.cfg.d_mlp,
+    emb_max=mom.vocab_kurt.max(), ctl_max=mom_ctl.vocab_kurt.max() if mom_ctl is not None else None, sm_max=mom_sm.vocab_kurt.max(),
     fam=fam.name, sm=single_model, k=K, sm_pred=int((mom_sm.vocab_class == "prediction").sum()),
     sm_supp=int((mom_sm.vocab_class == "suppression").sum()),
     emb_heavy=int(mom.vocab_class.isin(["prediction", "suppression"]).sum()))))
@@ -177,19 +181,22 @@ fig6("vocab_skew", pct, emb_title, "layer (relative depth 0 = first, 1 = last)",
 # %% [markdown]
 # ## 4. Fig 6c: the skew of heavy-tailed neurons in the last quarter of the layers
 #
-# Neurons with W_U kurtosis > 10 in layers at relative depth ≥ 0.75: a positive skew makes a
-# prediction neuron, a negative one a suppression neuron. The mean number of such neurons per layer
-# is in the title (the paper annotates it).
+# Neurons with W_U kurtosis > 10 in layers at relative depth ≥ 0.75 (in both models): a positive
+# skew makes a prediction neuron, a negative one a suppression neuron. The mean number of such
+# neurons per layer (and per seed) is in the title (the paper annotates it).
 
 # %%
 late_sm = mom_sm[(mom_sm.depth >= 0.75) & (mom_sm.vocab_kurt > K)]
-late_layers_sm = int((np.arange(n_layers_sm) / (n_layers_sm - 1) >= 0.75).sum())
-late_emb = mom[(mom.layer == n_layers - 1) & (mom.vocab_kurt > K)]
-fig6c = pd.concat([late_sm.assign(model=single_model), late_emb.assign(model=f"{fam.name} (last layer, 5 seeds)")])
+late_layers_sm = int((vocab.relative_depth(np.arange(n_layers_sm), n_layers_sm) >= 0.75).sum())
+late_layers = [l for l in range(n_layers) if vocab.relative_depth(l, n_layers) >= 0.75]
+late_emb = mom[mom.layer.isin(late_layers) & (mom.vocab_kurt > K)]
+fig6c = pd.concat([late_sm.assign(model=single_model),
+                   late_emb.assign(model=f"{fam.name} (layers {', '.join(map(str, late_layers))}; {len(fam.members)} seeds)")])
 fig = px.histogram(fig6c, x="vocab_skew", color="layer" if len(fig6c) else None, facet_col="model", nbins=40)
 fig.add_vline(x=0, line_dash="dot", line_color="gray")
 plots.style(fig, f"Fig 6c · skew of neurons with W_U kurtosis > {K:g}, last quarter of the layers · {single_model}: "
-            f"{len(late_sm) / late_layers_sm:.1f} per layer; {fam.name}: {len(late_emb) / len(fam.members):.1f} per seed",
+            f"{len(late_sm) / late_layers_sm:.1f} per layer; {fam.name}: {len(late_emb) / len(fam.members) / len(late_layers):.1f} "
+            "per layer and seed",
             x="W_U skew", y="neurons", legend="layer")
 fig.show()
 
@@ -391,8 +398,8 @@ display(tests)
 # ## Result vs paper
 #
 # Verdicts are computed from the registry's rules (`helpers.paper`). The depth claims are scored on
-# relative depth; a 2-layer model has only depths 0 and 1, so its rows test the sign of the pattern,
-# not where it starts.
+# relative depth, layer / (layers − 1); a model of few layers has few depths (a 6-layer one: 0,
+# 0.2, ..., 1), so where the pattern starts can only be placed to within a layer.
 
 # %%
 pat_sm = vocab.depth_pattern(mom_sm, n_layers_sm, K)
@@ -412,8 +419,13 @@ sup_reason = ("" if sm_test is None or not sm_test["n"] else report.choose(
     sm_test["positive"] > sm_test["n"] / 2,
     f"most are in the paper's direction, but the sign test over {int(sm_test['n'])} neurons is not significant at {alpha}",
     "most tested suppression neurons fire less when the next token is in their class"))
-why_small = (f"a {n_layers}-layer model has no depth to rise over, and its largest W_U kurtosis is "
-             f"{mom.vocab_kurt.max():.1f}: no neuron is heavy-tailed")
+ref_heavy = mom[mom.member == reference].vocab_class.isin(["prediction", "suppression"])
+why_small = report.choose(
+    bool(ref_heavy.any()),
+    f"{int(ref_heavy.sum())} of its {len(ref_heavy):,} neurons are heavy-tailed (W_U kurtosis > {K:g}); its {n_layers} layers "
+    f"place them in relative depth steps of {1 / max(n_layers - 1, 1):.2f}",
+    f"its largest W_U kurtosis is {mom[mom.member == reference].vocab_kurt.max():.1f}: no neuron is heavy-tailed "
+    f"(kurtosis > {K:g}) in its {n_layers} layers")
 why_sm = (f"{single_model} is quantised (Q4_1) and instruct-tuned; its heavy-tailed neurons sit in the last quarter only "
           f"(the same rule on the paper's per-layer counts gives {paper_rise:.2f})")
 rows_rvp = [
@@ -439,8 +451,8 @@ rows_rvp = [
                      f"{pat_sm['heavy_share_first_half']:.2%} in the first half", model=paper.MEDIUM,
                      holds=pat_sm["late_pattern"], reason=why_sm),
     paper.Comparison(f"late-layer pattern, untied embeddings ({fam.name}, seed {reference})", "wu_pattern_untied",
-                     f"heavy-tailed share {pat_emb[reference]['heavy_share_last_quarter']:.2%} (last layer) vs "
-                     f"{pat_emb[reference]['heavy_share_first_half']:.2%} (first)", model=paper.MEDIUM,
+                     f"heavy-tailed share {pat_emb[reference]['heavy_share_last_quarter']:.2%} in the last quarter vs "
+                     f"{pat_emb[reference]['heavy_share_first_half']:.2%} in the first half", model=paper.MEDIUM,
                      holds=pat_emb[reference]["late_pattern"], reason=why_small + "; so untied vs tied cannot be separated from depth here"),
     paper.Comparison(f"suppression neurons fire more when the next token is in their class ({single_model})",
                      "suppression_fires_on_class",
@@ -472,12 +484,12 @@ display(report.summary([
     "{sm}: {sm_pred} prediction, {sm_supp} suppression and {sm_part} partition neurons of {sm_n:,} (kurtosis > {k:g}); "
     "{late:.0%} of the heavy-tailed ones sit in the last quarter of the layers, and the last layer holds {last_s} suppression vs "
     "{last_p} prediction neurons.",
-    "{fam} family (2 layers, 5 seeds): the largest W_U kurtosis is {emb_max:.2f} (untrained control: {ctl_max:.2f}), so "
+    "{fam} family ({emb_layers} layers, {n_seeds} seeds): the largest W_U kurtosis is {emb_max:.2f} (untrained control: {ctl_max:.2f}), so "
     "{emb_words} at the paper's threshold; the trained median variance ratio is "
     "{emb_vr:.2f} against {ctl_vr:.2f} in the control ({vr_words}).",
     "Rise of prediction neurons by the registry rule: relative depth {sm_rise:.2f} in {sm}; the same rule on the paper's "
     "GPT2-medium-a counts gives {paper_rise:.2f}.",
-    "Seeds: the 95th-percentile W_U kurtosis varies by at most {cons:.1%} across the five seeds in any layer.",
+    "Seeds: the 95th-percentile W_U kurtosis varies by at most {cons:.1%} across the {n_seeds} seeds in any layer.",
     "The most common best classes of {sm}'s heavy-tailed neurons: {top_classes}.",
     "Fig 24 ({sm}): {sup_pos} of {sup_n} tested suppression neurons have a higher mean pre-activation when the next "
     "token is in their class (Bonferroni sign-test p = {sup_p:.2g}).",
@@ -485,7 +497,8 @@ display(report.summary([
     sm_part=int((mom_sm.vocab_class == "partition").sum()), sm_n=len(mom_sm), k=K,
     late=float(mom_sm[mom_sm.vocab_class.isin(["prediction", "suppression"])].depth.ge(0.75).mean())
     if mom_sm.vocab_class.isin(["prediction", "suppression"]).any() else None,
-    last_s=pat_sm["last_suppression"], last_p=pat_sm["last_prediction"], fam=fam.name, emb_max=mom.vocab_kurt.max(),
+    last_s=pat_sm["last_suppression"], last_p=pat_sm["last_prediction"], fam=fam.name, emb_layers=n_layers,
+    n_seeds=len(fam.members), emb_max=mom.vocab_kurt.max(),
     ctl_max=mom_ctl.vocab_kurt.max() if mom_ctl is not None else None, emb_vr=mom.var_ratio.median(),
     ctl_vr=mom_ctl.var_ratio.median() if mom_ctl is not None else None,
     emb_words=report.choose(mom.vocab_kurt.max() > K, f"{int(mom.vocab_class.isin(['prediction', 'suppression']).sum())} "

@@ -296,11 +296,13 @@ display(sm_summary.style.format(precision=4))
 # %% [markdown]
 # ## Result vs paper
 #
-# The paper's numbers are for GPT2-medium-a (24 layers, 1024 dimensions, 50k tokens); ours for a
-# 2-layer, 128-dimensional model with a 4,096-token vocabulary and for SmolLM2-135M (quantised to 4
+# The paper's numbers are for GPT2-medium-a (24 layers, 1024 dimensions, 50k tokens); ours for the
+# embedded family's reference model (its size is printed below) and for SmolLM2-135M (quantised to 4
 # bits and instruction-tuned). The untrained control is measured the same way.
 
 # %%
+cfg = model.cfg
+print(f"{name_ref}: {cfg.n_layers} layers, d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, {cfg.d_vocab:,}-token vocabulary")
 n_trained_members = len(fam.members)
 n_has = int(seeds.loc[[f"{fam.name}-{m}" for m in fam.members], "has entropy neuron"].sum())
 ctl_row = seeds.loc[name_ctl] if control is not None else None
@@ -394,8 +396,8 @@ display(report.summary([
     "Reference model {ref}: the top weight candidate {ref_n} (L2 rank {ref_l2}, vocab-variance rank {ref_vv}) puts {ref_null:.2f}x a random "
     "direction's share of its norm in W_U's null space; fixed from 0 to its largest activation it moves the final scale by {ref_ds:+.3f} "
     "and the entropy by {ref_de:+.3f} nats (random neurons: up to {chance:.3f}); {ref_verdict}.",
-    "W_U's spectrum of the embedded model is {flat_text} (smallest / median singular value {ref_ratio:.2f}): with 128 dimensions and a "
-    "4,096-token vocabulary the unembedding reads almost every direction, so there is little null space for a neuron to write into.",
+    "W_U's spectrum of the embedded model is {flat_text} (smallest / median singular value {ref_ratio:.2f}): with {d_model} dimensions "
+    "and a {d_vocab:,}-token vocabulary {spectrum_words}.",
     "The untrained control's top candidate {ctl_n} moves the entropy by {ctl_de:+.3f} nats (null ratio {ctl_null:.2f}x).",
     "{n_has} of {n_members} seeds of the family have an entropy neuron by section 8's criterion ({n_anti} a monotone anti-entropy top candidate).",
     "SmolLM2-135M: its top candidate {sm_n} (L2 rank {sm_l2} of the last two layers' {sm_total}, vocab-variance rank {sm_vv}) holds "
@@ -412,6 +414,11 @@ display(report.summary([
     ref_verdict=report.choose(bool(ref_row["has entropy neuron"]), "it behaves as an entropy neuron",
                               "it does not behave as an entropy neuron beyond chance"),
     flat_text=report.choose(spectra[name_ref].flat, "flat (no direction below half the median)", "not flat"),
+    d_model=cfg.d_model, d_vocab=cfg.d_vocab,
+    spectrum_words=report.choose(spectra[name_ref].flat,
+                                 "the unembedding reads almost every direction, so there is little null space for a neuron to write into",
+                                 f"the unembedding reads {spectra[name_ref].k} of its directions at less than half the median gain: a "
+                                 "null space a neuron can write into"),
     ref_ratio=float(spectra[name_ref].values[spectra[name_ref].d - spectra[name_ref].n_zero - 1]
                     / np.median(spectra[name_ref].values[: spectra[name_ref].d - spectra[name_ref].n_zero])),
     ctl_n=ctl_row.neuron if ctl_row is not None else None, ctl_de=ctl_row.d_entropy if ctl_row is not None else None,
@@ -436,15 +443,29 @@ display(report.summary([
     range_sm=float(conv_summary.loc[(single_model, "candidates", "entropy"), "effect_range"])))
 
 # %% [markdown]
-# Why results can differ from the paper: the embedded models have 2 layers, so "the last two layers"
-# is the whole model and the paper's late-layer prior carries no information; their unembedding is
-# 128 × 4,096 with a flat spectrum, which leaves little room for a null space; they were trained for
-# 6M tokens, where the paper's models saw ~400k steps. SmolLM2 is a different architecture (RMSNorm,
-# gated SiLU MLP, tied embeddings), quantised to 4 bits and instruction-tuned; its gated neurons can be
+# Why results can differ from the paper: the family's models are smaller and trained for less than
+# the paper's (their numbers are below). SmolLM2 is a different architecture (RMSNorm, gated SiLU
+# MLP, tied embeddings), quantised to 4 bits and instruction-tuned; its gated neurons can be
 # negative without bound, so the grid's negative point is not GELU's floor there. The grid is scaled
 # per neuron (6 = its largest activation on the token set), so the paper's absolute Δ entropy (2.61 →
 # 3.44 nats at 5 vs 0) is shown, not scored. Fixed-value interventions show what a neuron *can* do,
 # not that the model uses it that way (the paper's own caveat).
+
+# %%
+n_late = min(2, cfg.n_layers)  # the paper's "last two layers"
+paper_layers = paper.value("n_layers", paper.MEDIUM)
+display(report.summary([
+    "The {fam} models have {n_layers} layers, so the last two layers are {late:.0%} of the model{late_words}.",
+    "Their unembedding is {d_model} × {d_vocab:,}, with {spec_words}.",
+    "They were trained on {tokens:,} tokens; the paper's models took {steps:,} steps.",
+], fam=fam.name, n_layers=cfg.n_layers, late=n_late / cfg.n_layers,
+    late_words=report.choose(n_late == cfg.n_layers, ": the paper's late-layer prior carries no information",
+                             f" (2 of {paper_layers} in GPT2-medium): a late-layer prior "
+                             f"{n_late / cfg.n_layers / (2 / paper_layers):.0f} times as coarse"),
+    d_model=cfg.d_model, d_vocab=cfg.d_vocab,
+    spec_words=report.choose(spectra[name_ref].flat, "a flat spectrum, which leaves little room for a null space",
+                             f"{spectra[name_ref].k} directions read at less than half the median gain"),
+    tokens=fam.info.get("recipe", {}).get("train_tokens"), steps=paper.value("train_steps", paper.MEDIUM)))
 
 # %% [markdown]
 # ## Summary

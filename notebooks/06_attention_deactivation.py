@@ -38,11 +38,11 @@
 #    (Figs 8b,c and 26 for the top pairs), and, across many pairs, how well the heuristic predicts the
 #    measured mean effect (rank correlation with a bootstrap interval, the pair being the unit).
 #
-# Models: the embedded family (layer-0 neurons → layer-1 heads; reference seed, the other seeds and
-# the untrained control) and SmolLM2-135M (all 30 layers). SmolLM2 uses rotary positions: the query at
-# position p is rotated relative to the BOS key at position 0, so its score is **averaged over the
-# query positions the ablation measures** (the second half of each row); it uses grouped-query
-# attention, so each query head reads the key of its own key/value head.
+# Models: the embedded family (every neuron against every head of a later layer; reference seed,
+# the other seeds and the untrained control) and SmolLM2-135M (all 30 layers). SmolLM2 uses rotary
+# positions: the query at position p is rotated relative to the BOS key at position 0, so its score
+# is **averaged over the query positions the ablation measures** (the second half of each row); it
+# uses grouped-query attention, so each query head reads the key of its own key/value head.
 
 # %%
 import sys
@@ -134,7 +134,7 @@ display(bos.groupby("model").ratio.describe())
 
 # %%
 hists = {label: run.table("hist"), **({label_ctl: run_ctl.table("hist")} if run_ctl else {})}
-plots.score_histograms(hists, f"Fig 8a · h_n over all (layer-0 neuron, layer-1 head) pairs · {label} vs control").show()
+plots.score_histograms(hists, f"Fig 8a · h_n over all (neuron, later head) pairs · {label} vs control").show()
 tails = pd.DataFrame({label: run.meta["tails"], **({label_ctl: run_ctl.meta["tails"]} if run_ctl else {})}).T
 display(tails)
 
@@ -296,10 +296,13 @@ plots.show_circuitsvis(cv.attention.attention_heads(attention=np.stack([pat["cle
 # %% [markdown]
 # ## Result vs paper
 #
-# The paper's numbers are for GPT2-medium-a. The embedded model has two layers, so its only pairs are
-# layer-0 neurons and layer-1 heads; SmolLM2-135M is a different, quantised and instruct-tuned model.
+# The paper's numbers are for GPT2-medium-a. The embedded model is smaller (its depth and pair count
+# are printed below); SmolLM2-135M is a different, quantised and instruct-tuned model.
 
 # %%
+cfg = fam.load(reference).cfg
+print(f"{label}: {cfg.n_layers} layers of {cfg.d_mlp} neurons and {cfg.n_heads} heads each; "
+      f"{run.meta['tails']['n_pairs']:,} (neuron, later head) pairs")
 ratio_t = float(run.table("bos").ratio.median())
 ratio_c = float(run_ctl.table("bos").ratio.median()) if run_ctl else None
 ratio_s = float(sbos.ratio.median())
@@ -321,7 +324,8 @@ fmt_rank = lambda r: f"ρ {r['rho']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] (n={int(
 rows_rvp = [
     paper.Comparison(f"median head: mean ‖W_O v‖ / ‖W_O v_BOS‖ ({label})", "bos_value_ratio_median", ratio_t, control=ratio_c,
                      model=paper.MEDIUM, fmt=".2f",
-                     reason=f"2 layers trained on a small corpus; its ablated heads put {pairs.mean_p_bos.mean():.4f} of their attention on BOS"),
+                     reason=f"{cfg.n_layers} layers trained on a small corpus; its ablated heads put {pairs.mean_p_bos.mean():.4f} of "
+                            "their attention on BOS"),
     paper.Comparison(f"median head: mean ‖W_O v‖ / ‖W_O v_BOS‖ ({slabel})", "bos_value_ratio_median", ratio_s, model=paper.MEDIUM,
                      fmt=".2f", reason=f"another model (SmolLM2: GQA, quantised, instruct-tuned); {(sbos.ratio > 1).mean():.0%} of its heads have a smaller BOS value"),
     paper.Comparison(f"most negative h_n ({label})", "attn_score_min", tails_t["min"],
@@ -354,7 +358,6 @@ display(pd.Series(timings, name="seconds (this run; cached results load in secon
 # Checks that fail on a broken analysis: the scores cover exactly the valid pairs; probabilities stay
 # probabilities; the ablation measured every pair on the same tokens; the score's sign predicts the
 # direction of the per-token effect for most top pairs of the real model (SmolLM2).
-cfg = fam.load(reference).cfg
 # every neuron pairs with every head of each strictly later layer: sum over l of (n_layers - 1 - l) head layers
 assert tails_t["n_pairs"] == cfg.d_mlp * cfg.n_heads * cfg.n_layers * (cfg.n_layers - 1) // 2
 assert records.p_bos.between(0, 1).all() and records.p_bos_ablated.between(0, 1).all()
@@ -365,11 +368,12 @@ assert tails_s["max"] > tails_s["baseline_max"] and tails_s["min"] < tails_s["ba
 # %% [markdown]
 # ## Summary
 #
-# Where this book's models differ from the paper's: the embedded model has two layers, so only
-# layer-0 neurons can steer layer-1 heads, and it was trained on a small corpus; SmolLM2-135M is a
-# real 30-layer model but quantised, instruct-tuned, with rotary positions and grouped-query
-# attention. GPT2-medium, where the paper's numbers come from, cannot be loaded offline. The
-# sentences below say, from the computed tables, which of the paper's findings hold in each.
+# Where this book's models differ from the paper's: the embedded model is shallow (its depth is
+# printed with the Result-vs-paper table), so a neuron has few later layers of heads to steer, and
+# it was trained on a small corpus; SmolLM2-135M is a real 30-layer model but quantised,
+# instruct-tuned, with rotary positions and grouped-query attention. GPT2-medium, where the paper's
+# numbers come from, cannot be loaded offline. The sentences below say, from the computed tables,
+# which of the paper's findings hold in each.
 
 # %%
 mean_pbos = lambda p: float(p.mean_p_bos.mean())  # noqa: E731

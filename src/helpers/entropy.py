@@ -260,7 +260,7 @@ def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_cand
     rows = TokenRows.of(rows)
     rows_random = rows if rows_random is None else TokenRows.of(rows_random)
     sp = unembed_spectrum(model)
-    table = entropy_table(model, sp, layers=range(model.cfg.n_layers - 2, model.cfg.n_layers) if late_only else None)
+    table = entropy_table(model, sp, layers=range(max(model.cfg.n_layers - 2, 0), model.cfg.n_layers) if late_only else None)
     cand = candidates(table, k=n_candidates)
     top = cand.iloc[0]
     partner = anti_partner(model, int(top.layer), int(top.neuron))

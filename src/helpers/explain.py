@@ -539,27 +539,63 @@ def gallery_long(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([pos, neg])[["name", "layer", "neuron", "family", "best_vr", "side", "mean", "std"]]
 
 
+# The paper's depth claims (§4.3), made to apply to a model of any depth. The paper places the
+# families in layers of 24-layer GPT2-medium (unigram: 0-1; previous-token: mostly 4-6; position:
+# 0-2; syntax: spread out). Here layer l of an n-layer model is the slice [l / n, (l + 1) / n] of the
+# network's depth, and a claim is a range of depth (`where`) that holds when the slice of the
+# family's median layer overlaps it: a layer stands for all the depth it spans (layer 0 of a
+# 2-layer model is the first half of it; layers 4-6 of 24 are [0.17, 0.29]). The spread claim holds
+# when the first- and third-quartile layers lie more than `spread` of the depth apart (their
+# interquartile range divided by n). A model of one layer has no depth to place anything in.
 DEPTH_CLAIMS = {
-    "unigram": ("unigram_depth", lambda d: d.median() < 1 / 3),
-    "previous-token": ("previous_token_depth", lambda d: 0.1 <= d.median() <= 0.5),
-    "position": ("position_depth", lambda d: d.median() < 1 / 4),
-    "syntax": ("syntax_depth", lambda d: d.quantile(0.75) - d.quantile(0.25) > 0.25),
+    "unigram": ("unigram_depth", {"where": (0.0, 1 / 3)}),
+    "previous-token": ("previous_token_depth", {"where": (0.1, 0.5)}),
+    "position": ("position_depth", {"where": (0.0, 1 / 4)}),
+    "syntax": ("syntax_depth", {"spread": 0.25}),
 }
+_DEPTH_EPS = 1e-9  # a slice that only touches a range's end does not overlap it
+
+
+def layer_slice(layer: float, n_layers: int) -> tuple[float, float]:
+    """The share of the network's depth that `layer` (0-based; a median may fall between two
+    layers) of an `n_layers`-layer model spans: (layer / n_layers, (layer + 1) / n_layers)."""
+    return float(layer) / n_layers, (float(layer) + 1) / n_layers
+
+
+def depth_claim_holds(family: str, layers, n_layers: int) -> bool | None:
+    """Whether the paper's depth claim for `family` (`DEPTH_CLAIMS`) holds for neurons in `layers`
+    (one entry per neuron) of an `n_layers`-layer model; None for a family without a claim, no
+    neurons, or a model of fewer than 2 layers."""
+    claim = DEPTH_CLAIMS.get(family)
+    layers = pd.Series(np.asarray(layers, dtype=float))
+    if claim is None or len(layers) == 0 or n_layers < 2:
+        return None
+    rule = claim[1]
+    if "where" in rule:
+        lo, hi = rule["where"]
+        start, end = layer_slice(layers.median(), n_layers)
+        return bool(start < hi - _DEPTH_EPS and end > lo + _DEPTH_EPS)
+    return bool((layers.quantile(0.75) - layers.quantile(0.25)) / n_layers > rule["spread"] + _DEPTH_EPS)
 
 
 def depth_summary(table: pd.DataFrame, n_layers: int) -> pd.DataFrame:
-    """Per family: count, median and interquartile range of relative depth (layer / (n_layers - 1)),
-    and whether the paper's depth claim for it holds (None for families without one or no neurons)."""
-    depth = table.layer / max(n_layers - 1, 1)
+    """Per family: count, median layer, its relative depth (layer / (n_layers - 1): 0 first, 1 last)
+    and the slice of depth it spans (`layer_slice`), the interquartile range of the layers as a share
+    of the depth (IQR / n_layers), the layers, and whether the paper's depth claim for it holds
+    (`depth_claim_holds`; None for families without one or no neurons)."""
     out = []
     for fam in FAMILIES[:-1]:
-        d = depth[table.family == fam]
+        lay = table.layer[table.family == fam].astype(float)
         claim = DEPTH_CLAIMS.get(fam)
-        out.append({"family": fam, "neurons": len(d), "median depth": d.median() if len(d) else np.nan,
-                    "depth IQR": d.quantile(0.75) - d.quantile(0.25) if len(d) else np.nan,
-                    "layers": ", ".join(str(l) for l in sorted(table.layer[table.family == fam].unique())),
+        med = lay.median() if len(lay) else np.nan
+        span = layer_slice(med, n_layers) if len(lay) else (np.nan, np.nan)
+        out.append({"family": fam, "neurons": len(lay), "median layer": med,
+                    "median depth": med / max(n_layers - 1, 1) if len(lay) else np.nan,
+                    "depth span": f"{span[0]:.2f}-{span[1]:.2f}" if len(lay) else "",
+                    "depth IQR": (lay.quantile(0.75) - lay.quantile(0.25)) / n_layers if len(lay) else np.nan,
+                    "layers": ", ".join(str(int(l)) for l in sorted(lay.unique())),
                     "paper key": claim[0] if claim else None,
-                    "holds": bool(claim[1](d)) if claim and len(d) else None})
+                    "holds": depth_claim_holds(fam, lay, n_layers)})
     return pd.DataFrame(out).set_index("family")
 
 

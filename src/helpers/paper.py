@@ -125,13 +125,16 @@ REGISTRY: tuple[PaperNumber, ...] = tuple([
     PaperNumber("position_candidates", MEDIUM, 9, "§4.3 (universal neurons with kurtosis < 2; layers 1, 2, 5)", None),
     PaperNumber("position_candidates", SMALL, 34, "§4.3 (released CSV)", None),
     PaperNumber("unigram_depth", MEDIUM, "unigram neurons sit early (layers 0-1 of 24)", "§4.3, Figs 4a, 15, 16", None,
-                "a claim, scored by the caller: median relative depth of unigram neurons below 1/3"),
+                "a claim, scored by `explain.depth_claim_holds`: the depth slice of the unigram neurons' median "
+                "layer overlaps [0, 1/3]"),
     PaperNumber("previous_token_depth", MEDIUM, "previous-token neurons sit early-mid (mostly layers 4-6 of 24)",
-                "§4.3, Figs 1b, 18", None, "a claim, scored by the caller: median relative depth between 0.1 and 0.5"),
+                "§4.3, Figs 1b, 18", None, "a claim, scored by `explain.depth_claim_holds`: the depth slice of the "
+                "median layer overlaps [0.1, 0.5]"),
     PaperNumber("position_depth", MEDIUM, "position neurons sit in the first layers (0-2)", "§4.3, Figs 1c, 19", None,
-                "a claim, scored by the caller: median relative depth below 1/4"),
+                "a claim, scored by `explain.depth_claim_holds`: the depth slice of the median layer overlaps [0, 1/4]"),
     PaperNumber("syntax_depth", MEDIUM, "syntax neurons are not concentrated in any part of the network",
-                "§4.3, Figs 4b, 20", None, "a claim, scored by the caller: interquartile range of relative depth above 0.25"),
+                "§4.3, Figs 4b, 20", None, "a claim, scored by `explain.depth_claim_holds`: the first- and third-quartile "
+                "layers lie more than 0.25 of the depth apart"),
     PaperNumber("late_prediction", MEDIUM, "almost all late-layer universal neurons are prediction, suppression or partition",
                 "§4.3, §5.1", None, "W_U statistics, not a variance-reduction family: measured in chapter 02's table"),
     # --- chapter 06, §5.3: attention (de)activation neurons (Figs 8, 26) --------------------------

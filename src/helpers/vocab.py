@@ -349,7 +349,7 @@ def seed_consistency(moments: pd.DataFrame, n_layers: int, kurtosis_threshold: f
     "tie" when equal, including none at all); `consistent` when the range is at most
     `max_rel_range` and every seed has the same majority class."""
     p95 = moments.groupby(["member", "layer"]).vocab_kurt.quantile(0.95).unstack("member")
-    rel = float(((p95.max(1) - p95.min(1)) / p95.mean(1)).max())
+    rel = float(((p95.max(axis=1) - p95.min(axis=1)) / p95.mean(axis=1)).max())
     major = {}
     for m, g in moments[moments.layer == n_layers - 1].groupby("member"):
         c = classify(g, kurtosis_threshold).value_counts()
