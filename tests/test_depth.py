@@ -119,13 +119,19 @@ class PlantedDeepModel:
         acts[self.where["unigram"], ..., 0] = 4.0 * (tokens == self.on_id) + 0.05 * acts[self.where["unigram"], ..., 0]
         acts[self.where["previous-token"], ..., 1] = 3.0 * (prev == self.comma_id) + 0.05 * acts[self.where["previous-token"], ..., 1]
         acts[self.where["position"], ..., 2] = pos / self.n_ctx - 0.5 + 0.05 * acts[self.where["position"], ..., 2]
-        return None, {f"blocks.{l}.mlp.hook_post": acts[l] for l in range(L)}
+        # `acts` is the pre-activation (the position neuron's is uniform over positions: kurtosis 1.8,
+        # the taxonomy's position rule); the post-activation is its GELU
+        post = torch.nn.functional.gelu(acts)
+        out = {f"blocks.{l}.mlp.hook_pre": acts[l] for l in range(L)}
+        out.update({f"blocks.{l}.mlp.hook_post": post[l] for l in range(L)})
+        return None, out
 
 
 @pytest.fixture(scope="module")
 def token_rows():
     tok = gpt2_tokenizer()
-    vocab_ids = [tok(s, add_special_tokens=False)["input_ids"][0] for s in (" on", ",", " the", " cat", " dog", ".", " is", " a")]
+    # " in": a second preposition, so that the preposition class is a feature apart from " on" itself
+    vocab_ids = [tok(s, add_special_tokens=False)["input_ids"][0] for s in (" on", ",", " the", " cat", " dog", ".", " is", " a", " in")]
     rng = np.random.default_rng(0)
     gpt2 = rng.choice(vocab_ids, size=(160, 32))
     gpt2[:, 0] = GPT2_EOS
