@@ -290,25 +290,45 @@ reasons = {
 }
 
 
-def claim(fam_name, model_name, d):
+depth_ctl = explain.depth_summary(ctl.table, n_layers) if ctl is not None else None
+n_letters_ctl = int(explain.alphabet_letters(ctl.letters, alpha_cut).has_neuron.sum()) if ctl is not None else None
+
+
+def depth_text(row):
+    return "no neurons" if row.neurons == 0 else f"median depth {row['median depth']:.2f} (layers {row.layers})"
+
+
+def claim(fam_name, model_name, d, n_neurons, d_ctl=None):
+    """A depth claim's row; with nothing of the family to place it is "not measured". The control, where
+    given, is judged by the same claim (a control without neurons of the family does not pass)."""
     row = d.loc[fam_name]
-    text = "no neurons" if row.neurons == 0 else f"median depth {row['median depth']:.2f} (layers {row.layers})"
-    return paper.Comparison(f"{fam_name} neurons: where ({model_name})", row["paper key"], text, model=paper.MEDIUM,
-                            holds=row.holds, reason="" if row.neurons else "the family is absent here")
+    rc = d_ctl.loc[fam_name] if d_ctl is not None else None
+    return paper.Comparison(f"{fam_name} neurons: where ({model_name})", row["paper key"], depth_text(row), model=paper.MEDIUM,
+                            holds=row.holds, measured=bool(row.neurons),
+                            control=depth_text(rc) if rc is not None else None,
+                            control_holds=bool(rc.holds) if rc is not None and rc.holds is not None else (False if rc is not None else None),
+                            reason=report.sentence("no {f} neurons among the {n:,} analysed", f=fam_name, n=n_neurons))
 
 
+unigram = table[table.family == "unigram"]
+best_uni = unigram.loc[unigram.best_vr.idxmax()] if len(unigram) else None
+ctl_uni = ctl.table[ctl.table.family == "unigram"] if ctl is not None else None
 rows_rvp = [
-    paper.Comparison("letters with an alphabet neuron (of 26)", "alphabet_letters", n_letters, model=paper.MEDIUM, fmt="d",
-                     reason=reasons["alphabet"]),
+    paper.Comparison("letters with an alphabet neuron (of 26)", "alphabet_letters", n_letters, control=n_letters_ctl,
+                     model=paper.MEDIUM, fmt="d", reason=reasons["alphabet"]),
     paper.Comparison("highest VR of a unigram neuron", "max_vr_unigram",
-                     float(table.loc[table.family == "unigram", "best_vr"].max()) if (table.family == "unigram").any() else None,
-                     control=float(ctl.table.loc[ctl.table.family == "unigram", "best_vr"].max()) if ctl is not None and (ctl.table.family == "unigram").any() else None,
-                     model=paper.MEDIUM, reason="small model, small vocabulary"),
+                     float(best_uni.best_vr) if best_uni is not None else None,
+                     control=float(ctl_uni.best_vr.max()) if ctl_uni is not None and len(ctl_uni) else None,
+                     model=paper.MEDIUM, reason=(report.sentence(
+                         "the best of {k} unigram neurons is L{l}.{n} ({feat}); the median unigram neuron's VR is {med:.2f}",
+                         k=len(unigram), l=int(best_uni.layer), n=int(best_uni.neuron), feat=best_uni.best_feature,
+                         med=float(unigram.best_vr.median())) if best_uni is not None else
+                         report.sentence("no unigram neurons among the {n:,} analysed", n=len(table)))),
     paper.Comparison(f"position candidates in the universal set (kurtosis < {explain.CUTOFFS['max_kurtosis']})",
                      "position_candidates", int(((table.act_kurt < explain.CUTOFFS["max_kurtosis"]) & table[chosen].fillna(False)).sum()),
                      model=paper.MEDIUM, fmt="d"),
-    *[claim(f, f"{fam.name}-{reference}", depth) for f in ("unigram", "previous-token", "position", "syntax")],
-    *[claim(f, single_model, depth_sm) for f in ("unigram", "previous-token", "position", "syntax")],
+    *[claim(f, f"{fam.name}-{reference}", depth, len(table), depth_ctl) for f in ("unigram", "previous-token", "position", "syntax")],
+    *[claim(f, single_model, depth_sm, len(sm.table)) for f in ("unigram", "previous-token", "position", "syntax")],
     paper.Comparison("late layers: prediction / suppression neurons", "late_prediction", None, model=paper.MEDIUM),
 ]
 rvp = paper.result_table(rows_rvp)
