@@ -307,7 +307,10 @@ def claim(fam_name, model_name, d, n_neurons, d_ctl=None):
                             holds=row.holds, measured=bool(row.neurons),
                             control=depth_text(rc) if rc is not None else None,
                             control_holds=bool(rc.holds) if rc is not None and rc.holds is not None else (False if rc is not None else None),
-                            reason=report.sentence("no {f} neurons among the {n:,} analysed", f=fam_name, n=n_neurons))
+                            reason=report.choose(bool(row.neurons), report.sentence(
+                                "{k} {f} neurons: median relative depth {med:.2f}, interquartile range {iqr:.2f}", k=int(row.neurons),
+                                f=fam_name, med=row["median depth"], iqr=row["depth IQR"]),
+                                report.sentence("no {f} neurons among the {n:,} analysed", f=fam_name, n=n_neurons)))
 
 
 unigram = table[table.family == "unigram"]
