@@ -376,6 +376,8 @@ pr_corr = float(dims[dims.label == fam.name].pr_corr.median()) if dims is not No
 pred = float(dims[dims.label == fam.name].predicted_median.median()) if dims is not None else float("nan")
 high_baseline = report.sentence("the median baseline is {b:.2f}, so an excess above {t} needs a max correlation above {need:.2f}",
                                 b=s["mean_baseline_median"], t=threshold, need=s["mean_baseline_median"] + threshold)
+n_comp = len(universality.comparison_members(table))
+spread_why = "range (max - min) over {k} comparison seeds, averaged over {n:,} neurons whose median max correlation is {mc:.2f}"
 rows_rvp = [
     paper.Comparison(f"share of neurons with excess > {threshold}", "universal_share", s["share>0.5"],
                      control=c["share>0.5"] if c else None, model=pm, fmt=".2%", reason=high_baseline),
@@ -388,14 +390,15 @@ rows_rvp = [
                          "a baseline of {pred:.2f} (section 12)", pr=pr_corr, pred=pred)),
     paper.Comparison("mean seed spread of max corr, all neurons", "seed_spread_all", spread["all"],
                      control=ctl_spread.get("all"), model=paper.MEDIUM,
-                     reason=report.sentence("{k} comparison seeds of a small model", k=len(universality.comparison_members(table)))),
+                     reason=report.sentence(spread_why, k=n_comp, n=len(table), mc=float(table.mean_corr.median()))),
     paper.Comparison(f"mean seed spread of max corr, set ({chosen})", "seed_spread_universal", spread_set["selected"],
                      control=ctl_spread.get("selected"), model=paper.MEDIUM,
-                     reason=report.sentence("{k} comparison seeds of a small model", k=len(universality.comparison_members(table)))),
+                     reason=report.sentence(spread_why, k=n_comp, n=spread_set["n_selected"], mc=med["mean_corr"])),
     paper.Comparison("depth specialisation (Fig 2c)", "depth_specialisation",
                      report.sentence("{d:.2f} of best matches in the same layer (chance {ch:.2f})", d=spec["diagonal"], ch=spec["chance"]),
                      control=report.sentence("{d:.2f}", d=ctl_spec["diagonal"]) if ctl_spec else None, model=pm,
                      holds=spec["diagonal"] > spec["chance"] and spec["diagonal_is_row_max"],
+                     control_holds=ctl_spec["diagonal"] > ctl_spec["chance"] and ctl_spec["diagonal_is_row_max"] if ctl_spec else None,
                      reason=report.sentence("diagonal share {d:.2f} against chance {ch:.2f}; the diagonal is the largest entry "
                                             "of every row: {rm}", d=spec["diagonal"], ch=spec["chance"],
                                             rm=spec["diagonal_is_row_max"])),

@@ -51,7 +51,7 @@ import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown
 
-from helpers import families, models, neuron_stats, plots, presets, properties, property_stats, report, universality
+from helpers import families, models, neuron_stats, paper, plots, presets, properties, property_stats, report, universality
 from helpers.presets import resolve_dir
 
 plots.setup()
@@ -297,20 +297,22 @@ else:
 
 # %% [markdown]
 # ## Result vs paper
+#
+# The medians the paper reports over its universal neurons (§4.2, from its released tables), against
+# the same medians over this book's chosen set, each scored with the registry's tolerance; the
+# untrained control's set is judged by the same tolerance, so a row the control passes too is "not
+# informative". The second table gives the direction of each group of properties (section 7).
 
 # %%
 paper_key = fam.name if fam.name in properties.PAPER_MEDIANS else "stanford-gpt2-small"
-ours = df[df[chosen]]
-rvp = pd.DataFrame([{"statistic (median over the set)": c, "paper": v, "this book": ours[c].median()}
-                    for c, v in properties.PAPER_MEDIANS[paper_key].items()]).set_index("statistic (median over the set)")
-rvp["paper model"] = paper_key
-display(rvp.style.format(precision=3))
+rvp = paper.result_table(properties.median_comparisons(df, chosen, paper_key, control_df if has_control else None))
+display(rvp)
 verdicts = pd.DataFrame({"paper": tests[chosen].metrics.groupby("group").paper.agg(lambda p: ", ".join(sorted(set(p)))),
                          "this book": tests[chosen].groups.verdict})
 if has_control:
     verdicts["untrained control"] = control_tests[chosen].groups.verdict
 display(verdicts)
-report.publish("02_properties", params, {"Property medians, this book vs paper": rvp, "Direction of each property group": verdicts})
+report.publish("02_properties", params, {"Result vs paper": rvp, "Direction of each property group": verdicts})
 
 # Checks that fail on a broken analysis: the join covers every neuron exactly once; no mean
 # post-activation below the activation function's minimum (catches swapped pre/post hooks; every

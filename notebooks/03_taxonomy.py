@@ -300,8 +300,8 @@ n_layers_sm = int(sm.table.layer.max()) + 1  # the sample covers every layer
 depth_sm = explain.depth_summary(sm.table, n_layers_sm)
 display(pd.concat({f"{fam.name}-{reference}": depth, single_model: depth_sm}, names=["model"]))
 reasons = {
-    "alphabet": f"{len(alpha)} letters have a unigram label on {ex.meta['n_tokens']:,} tokens; a {n_layers}-layer model "
-                "trained on a small corpus",
+    "alphabet": f"{len(alpha)} letters have a unigram label on {ex.meta['n_tokens']:,} tokens; {n_letters} of them have a "
+                f"universal neuron whose best label is the letter's own, with VR ≥ {alpha_cut}",
 }
 universal_unigram = table[table.family.eq("unigram") & table[chosen].fillna(False).astype(bool)].nlargest(1, "best_vr")
 control_unigram = ctl.table[ctl.table.family.eq("unigram")].nlargest(1, "best_vr") if ctl is not None else None
@@ -309,27 +309,50 @@ top_unigram = "; ".join(f"{who}: L{int(r.layer)}.{int(r.neuron)} on {r.best_feat
                         (("ours", universal_unigram), ("control", control_unigram)) if d is not None for r in d.itertuples())
 
 
-def claim(fam_name, model_name, d, n):
+depth_ctl = explain.depth_summary(ctl.table, n_layers) if ctl is not None else None
+# the control has no universal set: any of its neurons whose best label is the letter's own counts (a looser rule for it)
+n_letters_ctl = int(explain.alphabet_letters(ctl.letters, ctl.table, alpha_cut).has_neuron.sum()) if ctl is not None else None
+
+
+def depth_text(row):
+    where = (f"quartile layers {row['depth IQR']:.2f} of the depth apart" if row.name == "syntax" else
+             f"median layer {row['median layer']:g}, depth {row['depth span']}")
+    return "no neurons" if row.neurons == 0 else f"{where} (layers {row.layers})"
+
+
+def claim(fam_name, model_name, d, n_neurons, n_layers_model, d_ctl=None):
+    """A depth claim's row; with nothing of the family to place it is "not measured". The control, where
+    given, is judged by the same claim (a control without neurons of the family does not pass)."""
     row = d.loc[fam_name]
-    where = (f"quartile layers {row['depth IQR']:.2f} of the depth apart" if fam_name == "syntax" else
-             f"median layer {row['median layer']:g} of {n}, depth {row['depth span']}")
-    text = "no neurons" if row.neurons == 0 else f"{where} (layers {row.layers})"
-    return paper.Comparison(f"{fam_name} neurons: where ({model_name})", row["paper key"], text, model=paper.MEDIUM,
-                            holds=row.holds, reason="" if row.neurons else "the family is absent here")
+    rc = d_ctl.loc[fam_name] if d_ctl is not None else None
+    return paper.Comparison(f"{fam_name} neurons: where ({model_name})", row["paper key"], depth_text(row), model=paper.MEDIUM,
+                            holds=row.holds, measured=bool(row.neurons),
+                            control=depth_text(rc) if rc is not None else None,
+                            control_holds=bool(rc.holds) if rc is not None and rc.holds is not None else (False if rc is not None else None),
+                            reason=report.choose(bool(row.neurons), report.sentence(
+                                "{k} {f} neurons: median layer {ml:g} of {n}, quartile layers {iqr:.2f} of the depth apart",
+                                k=int(row.neurons), f=fam_name, ml=row["median layer"], n=n_layers_model,
+                                iqr=row["depth IQR"]),
+                                report.sentence("no {f} neurons among the {n:,} analysed", f=fam_name, n=n_neurons)))
 
 
 rows_rvp = [
-    paper.Comparison("letters with an alphabet neuron (of 26)", "alphabet_letters", n_letters, model=paper.MEDIUM, fmt="d",
-                     reason=reasons["alphabet"]),
+    paper.Comparison("letters with an alphabet neuron (of 26)", "alphabet_letters", n_letters, control=n_letters_ctl,
+                     model=paper.MEDIUM, fmt="d", reason=reasons["alphabet"]),
     paper.Comparison("highest VR of a universal unigram neuron (one token's forms; control: any of its neurons)", "max_vr_unigram",
                      float(universal_unigram.best_vr.iloc[0]) if len(universal_unigram) else None,
                      control=float(control_unigram.best_vr.iloc[0]) if control_unigram is not None and len(control_unigram) else None,
-                     model=paper.MEDIUM, reason=f"small model, small vocabulary ({top_unigram})"),
+                     model=paper.MEDIUM, reason=report.choose(
+                         bool(len(universal_unigram)), report.sentence(
+                             "the best is {top}; {k} of the {n:,} neurons are unigram neurons, {ku} of them universal", top=top_unigram,
+                             k=int(table.family.eq("unigram").sum()), n=len(table), ku=len(table[table.family.eq("unigram")
+                                                                                             & table[chosen].fillna(False).astype(bool)])),
+                         report.sentence("no universal unigram neuron among the {n:,} analysed", n=len(table)))),
     paper.Comparison(f"position candidates in the universal set (pre-activation kurtosis < {explain.CUTOFFS['max_kurtosis']})",
                      "position_candidates", int(((table.pre_kurt < explain.CUTOFFS["max_kurtosis"]) & table[chosen].fillna(False)).sum()),
                      model=paper.MEDIUM, fmt="d"),
-    *[claim(f, f"{fam.name}-{reference}", depth, n_layers) for f in explain.DEPTH_CLAIMS],
-    *[claim(f, single_model, depth_sm, n_layers_sm) for f in explain.DEPTH_CLAIMS],
+    *[claim(f, f"{fam.name}-{reference}", depth, len(table), n_layers, depth_ctl) for f in explain.DEPTH_CLAIMS],
+    *[claim(f, single_model, depth_sm, len(sm.table), n_layers_sm) for f in explain.DEPTH_CLAIMS],
     paper.Comparison("late layers: prediction / suppression neurons", "late_prediction", None, model=paper.MEDIUM),
 ]
 rvp = paper.result_table(rows_rvp)

@@ -406,6 +406,7 @@ pat_sm = vocab.depth_pattern(mom_sm, n_layers_sm, K)
 pat_emb = {m: vocab.depth_pattern(g, n_layers, K) for m, g in mom.groupby("member")}
 pat_ctl = vocab.depth_pattern(mom_ctl[mom_ctl.member == reference], n_layers, K) if mom_ctl is not None else None
 cons = vocab.seed_consistency(mom, n_layers, K)
+cons_ctl = vocab.seed_consistency(mom_ctl, n_layers, K) if mom_ctl is not None else None
 paper_counts = pd.Series(dict(paper.value("universal_wu_kurt_gt10_by_layer", paper.MEDIUM)))
 paper_rise = vocab.rise_depth(paper_counts.reindex(range(paper.value("n_layers", paper.MEDIUM)), fill_value=0),
                               paper.value("n_layers", paper.MEDIUM))
@@ -415,10 +416,9 @@ heavy_per_seed = ", ".join(str(int(n)) for n in mom.groupby("member").vocab_clas
 alpha = 0.05
 sup_holds = None if sm_test is None or not sm_test["n"] else bool(sm_test["positive"] > sm_test["n"] / 2
                                                                    and sm_test["p_bonferroni"] < alpha)
-sup_reason = ("" if sm_test is None or not sm_test["n"] else report.choose(
-    sm_test["positive"] > sm_test["n"] / 2,
-    f"most are in the paper's direction, but the sign test over {int(sm_test['n'])} neurons is not significant at {alpha}",
-    "most tested suppression neurons fire less when the next token is in their class"))
+sup_reason = ("" if sm_test is None or not sm_test["n"] else report.sentence(
+    "{k} of {n} tested suppression neurons fire more when the next token is in their class; sign test p = {p:.2g} "
+    "(Bonferroni), against {alpha}", k=int(sm_test["positive"]), n=int(sm_test["n"]), p=sm_test["p_bonferroni"], alpha=alpha))
 ref_heavy = mom[mom.member == reference].vocab_class.isin(["prediction", "suppression"])
 why_small = report.choose(
     bool(ref_heavy.any()),
@@ -426,34 +426,72 @@ why_small = report.choose(
     f"place them in relative depth steps of {1 / max(n_layers - 1, 1):.2f}",
     f"its largest W_U kurtosis is {mom[mom.member == reference].vocab_kurt.max():.1f}: no neuron is heavy-tailed "
     f"(kurtosis > {K:g}) in its {n_layers} layers")
-why_sm = (f"{single_model} is quantised (Q4_1) and instruct-tuned; its heavy-tailed neurons sit in the last quarter only "
-          f"(the same rule on the paper's per-layer counts gives {paper_rise:.2f})")
+why_sm = report.sentence("{m}'s heavy-tailed share is {early:.2%} in the first half of its layers and {late:.2%} in the last "
+                         "quarter; the same rule on the paper's per-layer counts gives {rise:.2f}", m=single_model,
+                         early=pat_sm["heavy_share_first_half"], late=pat_sm["heavy_share_last_quarter"], rise=paper_rise)
+
+
+def n_heavy(moments, layer=None):
+    """Heavy-tailed (prediction or suppression) neurons of one model's moments, in `layer` or all layers."""
+    m = moments if layer is None else moments[moments.layer == layer]
+    return int(m.vocab_class.isin(["prediction", "suppression"]).sum())
+
+
+def last_layer_text(p):
+    return f"{p['last_suppression']} suppression vs {p['last_prediction']} prediction neurons"
+
+
+ref_mom = mom[mom.member == reference]
+ctl_mom = mom_ctl[mom_ctl.member == reference] if mom_ctl is not None else None
+no_heavy = "no heavy-tailed (W_U kurtosis > {k}) neuron in {where} of {m}"
 rows_rvp = [
     paper.Comparison(f"relative depth where prediction neurons rise ({single_model})", "prediction_rise_depth",
                      pat_sm["rise_depth"], model=paper.MEDIUM, fmt=".2f", reason=why_sm),
     paper.Comparison(f"relative depth where prediction neurons rise ({fam.name}-{reference})", "prediction_rise_depth",
                      pat_emb[reference]["rise_depth"], control=pat_ctl["rise_depth"] if pat_ctl else None,
                      model=paper.MEDIUM, fmt=".2f", reason=why_small),
-    paper.Comparison(f"suppression dominates the last layer ({single_model})", "suppression_last_layer",
-                     f"{pat_sm['last_suppression']} suppression vs {pat_sm['last_prediction']} prediction neurons",
-                     model=paper.MEDIUM, holds=pat_sm["suppression_dominates_last"], reason="more prediction neurons"),
+    paper.Comparison(f"suppression dominates the last layer ({single_model})", "suppression_last_layer", last_layer_text(pat_sm),
+                     model=paper.MEDIUM, holds=pat_sm["suppression_dominates_last"], measured=bool(n_heavy(mom_sm, n_layers_sm - 1)),
+                     reason=report.choose(bool(n_heavy(mom_sm, n_layers_sm - 1)),
+                                          report.sentence("its last layer has {p} prediction and {s} suppression neurons",
+                                                          p=pat_sm["last_prediction"], s=pat_sm["last_suppression"]),
+                                          report.sentence(no_heavy, k=K, where="the last layer", m=single_model))),
     paper.Comparison(f"suppression dominates the last layer ({fam.name}, seed {reference})", "suppression_last_layer",
-                     f"{pat_emb[reference]['last_suppression']} suppression vs {pat_emb[reference]['last_prediction']} prediction",
-                     control=f"{pat_ctl['last_suppression']} vs {pat_ctl['last_prediction']}" if pat_ctl else None,
-                     model=paper.MEDIUM, holds=pat_emb[reference]["suppression_dominates_last"], reason=why_small),
+                     last_layer_text(pat_emb[reference]), control=last_layer_text(pat_ctl) if pat_ctl else None,
+                     model=paper.MEDIUM, holds=pat_emb[reference]["suppression_dominates_last"],
+                     control_holds=pat_ctl["suppression_dominates_last"] if pat_ctl else None,
+                     measured=bool(n_heavy(ref_mom, n_layers - 1)),
+                     reason=report.choose(bool(n_heavy(ref_mom, n_layers - 1)), why_small,
+                                          report.sentence(no_heavy, k=K, where="the last layer", m=f"{fam.name}-{reference}"))),
     paper.Comparison(f"consistency across the {len(fam.members)} seeds ({fam.name})", "wu_seed_consistency",
                      f"95th-pct kurtosis within {cons['max_rel_range_p95_kurt']:.1%} across seeds; last-layer majority: "
                      f"{', '.join(sorted(set(cons['last_layer_majority'].values())))} "
                      f"({heavy_per_seed} heavy-tailed neurons per seed)", model=paper.MEDIUM,
-                     holds=cons["consistent"], reason="the seeds disagree (see the rule in the registry)"),
+                     control=(f"within {cons_ctl['max_rel_range_p95_kurt']:.1%}; "
+                              f"{', '.join(str(n) for n in cons_ctl['n_heavy'].values())} heavy-tailed") if cons_ctl else None,
+                     holds=cons["consistent"], measured=cons["measured"],
+                     control_holds=bool(cons_ctl["consistent"] and cons_ctl["measured"]) if cons_ctl else None,
+                     reason=report.choose(cons["measured"], report.sentence(
+                         "the largest seed range of a layer's 95th-percentile W_U kurtosis is {r:.1%} of its mean; last-layer "
+                         "majorities: {maj}", r=cons["max_rel_range_p95_kurt"],
+                         maj=", ".join(f"{m} {c}" for m, c in cons["last_layer_majority"].items())),
+                         report.sentence(no_heavy, k=K, where="any layer", m=f"any of the {len(fam.members)} seeds"))),
     paper.Comparison(f"late-layer pattern, tied embeddings ({single_model})", "wu_pattern_tied",
                      f"heavy-tailed share {pat_sm['heavy_share_last_quarter']:.2%} in the last quarter vs "
                      f"{pat_sm['heavy_share_first_half']:.2%} in the first half", model=paper.MEDIUM,
-                     holds=pat_sm["late_pattern"], reason=why_sm),
+                     holds=pat_sm["late_pattern"], measured=bool(n_heavy(mom_sm)),
+                     reason=report.choose(bool(n_heavy(mom_sm)), why_sm,
+                                          report.sentence(no_heavy, k=K, where="any layer", m=single_model))),
     paper.Comparison(f"late-layer pattern, untied embeddings ({fam.name}, seed {reference})", "wu_pattern_untied",
                      f"heavy-tailed share {pat_emb[reference]['heavy_share_last_quarter']:.2%} in the last quarter vs "
                      f"{pat_emb[reference]['heavy_share_first_half']:.2%} in the first half", model=paper.MEDIUM,
-                     holds=pat_emb[reference]["late_pattern"], reason=why_small + "; so untied vs tied cannot be separated from depth here"),
+                     control=(f"{pat_ctl['heavy_share_last_quarter']:.2%} vs {pat_ctl['heavy_share_first_half']:.2%}"
+                              if pat_ctl else None),
+                     holds=pat_emb[reference]["late_pattern"], measured=bool(n_heavy(ref_mom)),
+                     control_holds=bool(pat_ctl["late_pattern"] and n_heavy(ctl_mom)) if pat_ctl else None,
+                     reason=report.choose(bool(n_heavy(ref_mom)),
+                                          why_small + "; so untied vs tied cannot be separated from depth here",
+                                          report.sentence(no_heavy, k=K, where="any layer", m=f"{fam.name}-{reference}"))),
     paper.Comparison(f"suppression neurons fire more when the next token is in their class ({single_model})",
                      "suppression_fires_on_class",
                      None if sm_test is None or not sm_test["n"] else

@@ -334,31 +334,43 @@ def null_beats_random(k):
     return float(tab.loc[(top.layer, top.neuron), "null_ratio"]), float(rnd.null_ratio.max())
 
 
-def comparisons(k, r, ctl):
-    """The "Result vs paper" rows of one model (`r`: its `seed_summary` row; `ctl`: the control's or None)."""
+def claims(k, r):
+    """The paper's claims judged on one model (`k` its name, `r` its `seed_summary` row): the same rules
+    for a trained model and for the untrained control."""
     flat_rr = abs(r.d_rr) < 0.25 * abs(r.d_entropy) if r.d_entropy else False
     ae = anti_effect(k)
     mine, rnd_max = null_beats_random(k)
-    ctl_null = null_beats_random(name_ctl)[0] if ctl is not None else None
+    return {"monotone": bool(r["has entropy neuron"] and flat_rr),
+            "anti_partner": bool(ae < 0 and abs(ae) > r.random_max_abs_d_entropy) if np.isfinite(r.random_max_abs_d_entropy) else None,
+            "null_space": bool(mine > rnd_max and mine > 2), "anti_effect": ae, "null": mine, "null_random_max": rnd_max}
+
+
+def comparisons(k, r, ctl):
+    """The "Result vs paper" rows of one model (`r`: its `seed_summary` row; `ctl`: the control's or None)."""
+    ours = claims(k, r)
+    c = claims(name_ctl, ctl) if ctl is not None else None
+    ae, mine, rnd_max = ours["anti_effect"], ours["null"], ours["null_random_max"]
     return [
         paper.Comparison(f"entropy neuron raises scale and entropy, rank nearly flat ({k})", "entropy_monotone", claim_text(r),
                          control=claim_text(ctl) if ctl is not None else None, model=paper.MEDIUM,
-                         holds=bool(r["has entropy neuron"] and flat_rr),
-                         reason=report.choose(r.direction == -1 and r.monotone,
-                                              "the top weight candidate lowers the scale and the entropy: it acts as an anti-entropy neuron",
-                                              "the top weight candidate's effect is within the random neurons' range, not monotone, "
-                                              "or moves the rank")),
+                         holds=ours["monotone"], control_holds=c["monotone"] if c else None,
+                         reason=report.sentence("the top weight candidate {n} changes the entropy by {de:+.3f} nats (random "
+                                                "neurons: up to {rnd:.3f}) and the reciprocal rank by {rr:+.3f}; monotone: {m}",
+                                                n=r.neuron, de=r.d_entropy, rnd=r.random_max_abs_d_entropy, rr=r.d_rr, m=r.monotone)),
         paper.Comparison(f"cos(w_out) of the anti-entropy partner ({k})", "entropy_anti_cos", float(r.partner_cos),
                          control=float(ctl.partner_cos) if ctl is not None else None, model=paper.MEDIUM,
-                         reason="no near-antipodal late neuron: the partner found is only partly opposite"),
+                         reason=report.sentence("the most opposite late neuron's w_out has cos {c:.2f} with the candidate's",
+                                                c=float(r.partner_cos))),
         paper.Comparison(f"the partner lowers the entropy ({k})", "entropy_anti_partner", f"entropy {ae:+.3f} nats (grid 6 vs 0)",
-                         control=f"{anti_effect(name_ctl):+.3f}" if ctl is not None else None, model=paper.MEDIUM,
-                         holds=bool(ae < 0 and abs(ae) > r.random_max_abs_d_entropy) if np.isfinite(r.random_max_abs_d_entropy) else None,
-                         reason="fixing the partner higher does not lower the entropy beyond the random neurons' range"),
+                         control=f"{c['anti_effect']:+.3f}" if c else None, model=paper.MEDIUM,
+                         holds=ours["anti_partner"], control_holds=(bool(c["anti_partner"]) if c else None),
+                         reason=report.sentence("fixing the partner at the grid's top changes the entropy by {ae:+.3f} nats; "
+                                                "random neurons move it by up to {rnd:.3f}", ae=ae, rnd=r.random_max_abs_d_entropy)),
         paper.Comparison(f"null-space fraction, multiple of a random direction's ({k})", "entropy_null_space",
-                         f"{mine:.2f}x (random neurons up to {rnd_max:.2f}x)", control=f"{ctl_null:.2f}x" if ctl_null is not None else None,
-                         model=paper.MEDIUM, holds=bool(mine > rnd_max and mine > 2),
-                         reason="the candidate's output is not concentrated in W_U's small directions"),
+                         f"{mine:.2f}x (random neurons up to {rnd_max:.2f}x)", control=f"{c['null']:.2f}x" if c else None,
+                         model=paper.MEDIUM, holds=ours["null_space"], control_holds=c["null_space"] if c else None,
+                         reason=report.sentence("{mine:.2f}x against up to {rnd:.2f}x for random neurons (the test asks "
+                                                "for more than both and more than 2x)", mine=mine, rnd=rnd_max)),
         paper.Comparison(f"L2-penalty rank of the entropy neuron ({k})", "entropy_neuron_l2_rank", int(r.l2_rank),
                          control=int(ctl.l2_rank) if ctl is not None else None, model=paper.MEDIUM, fmt="d"),
         paper.Comparison(f"vocab-variance rank of the entropy neuron ({k})", "entropy_neuron_vocab_var_rank", int(r.vocab_var_rank),

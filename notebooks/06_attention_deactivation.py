@@ -318,9 +318,18 @@ def example(p):
 
 ex_t, ok_t = example(pairs)
 ex_s, ok_s = example(spairs)
+ex_c, ok_c = example(run_ctl.table("pairs")) if run_ctl else (None, None)
 rank_t, rank_s = rank.loc[label], rank.loc[slabel]
 rank_c = rank.loc[label_ctl] if label_ctl in rank.index else None
 fmt_rank = lambda r: f"ρ {r['rho']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] (n={int(r['n'])})"  # noqa: E731
+fmt_pair = lambda e: f"L{int(e.neuron_layer)}.{int(e.neuron)} → L{int(e.head_layer)}.H{int(e['head'])}"  # noqa: E731
+why_tails = lambda t: report.sentence("{n} pairs beyond the random maximum (the test asks for 10); largest |h_n| {s:.2f} against "  # noqa: E731
+                                      "{b:.2f} for random vectors", n=n_beyond(t), s=max(-t["min"], t["max"]),
+                                      b=max(-t["baseline_min"], t["baseline_max"]))
+why_slopes = lambda e: report.sentence("slope of Δp(BOS) {b:+.2g} (predicted < 0), of the norm change {n:+.2g}% "  # noqa: E731
+                                       "(predicted > 0), over {t:,} tokens", b=e.slope_bos, n=e.slope_norm, t=int(e.n_tokens))
+why_rank = lambda r: report.sentence("the 95% interval [{lo:.2f}, {hi:.2f}] over {n} pairs includes 0",  # noqa: E731
+                                     lo=r["lo"], hi=r["hi"], n=int(r["n"]))
 rows_rvp = [
     paper.Comparison(f"median head: mean ‖W_O v‖ / ‖W_O v_BOS‖ ({label})", "bos_value_ratio_median", ratio_t, control=ratio_c,
                      model=paper.MEDIUM, fmt=".2f",
@@ -334,22 +343,23 @@ rows_rvp = [
     paper.Comparison(f"heavier tails than random ({label}: pairs beyond the random maximum)",
                      "attn_score_heavy_tails", f"{n_beyond(tails_t)} of {tails_t['n_pairs']:,}", model=paper.MEDIUM, holds=heavy(tails_t),
                      control=f"{n_beyond(tails_c)} of {tails_c['n_pairs']:,}" if tails_c else None,
-                     reason=f"largest |h_n| {max(-tails_t['min'], tails_t['max']):.2f} vs {max(-tails_t['baseline_min'], tails_t['baseline_max']):.2f} for random vectors"),
+                     control_holds=heavy(tails_c) if tails_c else None, reason=why_tails(tails_t)),
     paper.Comparison(f"heavier tails than random ({slabel}: pairs beyond the random maximum)",
                      "attn_score_heavy_tails", f"{n_beyond(tails_s)} of {tails_s['n_pairs']:,}", model=paper.MEDIUM, holds=heavy(tails_s),
-                     reason="fewer than 10 pairs beyond the random maximum"),
+                     reason=why_tails(tails_s)),
     paper.Comparison(f"top-h_n pair is a deactivation pair ({label}: slopes {ex_t.slope_bos:+.2g}, {ex_t.slope_norm:+.2g}%)",
-                     "attn_example_deactivation", f"L{int(ex_t.neuron_layer)}.{int(ex_t.neuron)} → L{int(ex_t.head_layer)}.H{int(ex_t['head'])}",
-                     model=paper.MEDIUM, holds=ok_t, reason="the fitted slopes do not both have the predicted sign"),
+                     "attn_example_deactivation", fmt_pair(ex_t),
+                     control=(f"{fmt_pair(ex_c)}: slopes {ex_c.slope_bos:+.2g}, {ex_c.slope_norm:+.2g}%" if ex_c is not None else None),
+                     model=paper.MEDIUM, holds=ok_t, control_holds=ok_c, reason=why_slopes(ex_t)),
     paper.Comparison(f"top-h_n pair is a deactivation pair ({slabel}: slopes {ex_s.slope_bos:+.2g}, {ex_s.slope_norm:+.2g}%)",
-                     "attn_example_deactivation", f"L{int(ex_s.neuron_layer)}.{int(ex_s.neuron)} → L{int(ex_s.head_layer)}.H{int(ex_s['head'])}",
-                     model=paper.MEDIUM, holds=ok_s, reason="the fitted slopes do not both have the predicted sign"),
+                     "attn_example_deactivation", fmt_pair(ex_s),
+                     model=paper.MEDIUM, holds=ok_s, reason=why_slopes(ex_s)),
     paper.Comparison(f"tokens in the example scatter ({label})", "attn_example_points", int(ex_t.n_tokens), model=paper.MEDIUM, fmt="d"),
     paper.Comparison(f"heuristic predicts the mean effect ({label})", "attn_heuristic_predicts", fmt_rank(rank_t), model=paper.MEDIUM,
                      holds=bool(rank_t["lo"] > 0), control=fmt_rank(rank_c) if rank_c is not None else None,
-                     reason="the interval includes 0"),
+                     control_holds=bool(rank_c["lo"] > 0) if rank_c is not None else None, reason=why_rank(rank_t)),
     paper.Comparison(f"heuristic predicts the mean effect ({slabel})", "attn_heuristic_predicts", fmt_rank(rank_s), model=paper.MEDIUM,
-                     holds=bool(rank_s["lo"] > 0), reason="the interval includes 0"),
+                     holds=bool(rank_s["lo"] > 0), reason=why_rank(rank_s)),
 ]
 display(paper.result_table(rows_rvp))
 report.publish("06_attention_deactivation", params, {"Result vs paper": paper.result_table(rows_rvp)})

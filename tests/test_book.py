@@ -73,14 +73,18 @@ def test_headline_counts_verdicts_links_chapters_and_names_missing_results(tmp_p
     from helpers import report
 
     names = book.notebook_names(ROOT)[:2]
-    rvp = pd.DataFrame({"quantity": ["share", "depth", "seeds"], "this book": [0.01, "late", 5],
-                        "verdict": ["matched", "differs", "not scored"]}).set_index("quantity")
+    rvp = pd.DataFrame({"quantity": ["share", "depth", "seeds", "spread", "rho", "consistency"],
+                        "this book": [0.01, "late", 5, 0.05, 0.3, "0 neurons"],
+                        "verdict": ["matched", "differs", "not scored", "not informative", "not informative",
+                                    "not measured"]}).set_index("quantity")
     params = {"preset": "smoke", "artifacts_dir": str(tmp_path)}
     path = report.publish(names[0], params, {"Result vs paper": rvp})
     assert path == tmp_path / "results" / "smoke" / f"{names[0]}.json"
     site = tmp_path / "site"
     text = book.write_headline(site, "smoke", tmp_path, names, ROOT).read_text()
-    assert "3 scored comparisons with the paper: 1 matched, 1 differ, 1 not scored" in text
-    assert f"<executed/{names[0]}>` | " in text and "| 1 | 1 | 1 |" in text
+    assert ("6 comparisons with the paper: 1 matched, 1 differ, 2 not informative (the untrained control passes the same "
+            "test), 1 not measured, 1 not scored.") in text
+    assert "| matched | differs | not informative | not measured | not scored | other |" in text
+    assert f"<executed/{names[0]}>` | " in text and "| 1 | 1 | 2 | 1 | 1 | 0 |" in text
     assert "| share | 0.01 | matched |" in text
     assert "This chapter saved no results in this build." in text  # names[1] published nothing

@@ -128,13 +128,34 @@ def test_sweep_batches_replicas_and_caches(tmp_path):
     pd.testing.assert_frame_equal(first, second)
     assert len(list((tmp_path / "entropy_intervention").iterdir())) == 1
     h = iv.halves(first)
-    assert set(h.metric) == {"scale", "entropy", "loss", "rr"} and (h.max_half_diff >= 0).all()
+    assert set(h.metric) == {"scale", "entropy", "loss", "rr"} and len(h) == 3 * 4  # (entropy: total, direct; random: total)
+    # the halves check on planted halves: two identical halves differ by nothing; a second half whose
+    # entropy is raised by 0.3 nats per unit of grid differs by 0.3 x the grid's top (6), and only there
+    head = first[first.row.isin([0, 1])]
+    twin = iv.halves(pd.concat([head, head.assign(row=head.row + 100)]))
+    assert np.allclose(twin.max_half_diff, 0, atol=1e-9)
+    assert (twin[(twin.role == "entropy") & (twin.metric == "entropy")].effect_range > 0).all()
+    bumped = head.assign(row=head.row + 100)
+    bumped["entropy"] = bumped.entropy + 0.3 * bumped.grid.fillna(0.0) * bumped.n
+    hb = iv.halves(pd.concat([head, bumped]))
+    assert np.allclose(hb[hb.metric == "entropy"].max_half_diff, 0.3 * 6)
+    assert np.allclose(hb[hb.metric != "entropy"].max_half_diff, 0, atol=1e-9)
     with pytest.raises(ValueError):
         iv.scaled_grid(0.0)
+    # streamed in batches of 2 rows, the ranges are those of one pass over all valid tokens (BOS, id 0, dropped)
     ranges = iv.activation_ranges(model, rows, [0, 1], [0], batch_size=2)
-    assert len(ranges) == 2 * ARCH["d_mlp"] and (ranges.act_min <= ranges.act_mean).all() and (ranges.act_mean <= ranges.act_max).all()
-    scales = entropy.grid_scales(ranges)
-    assert (scales >= ranges.act_max - 1e-12).all() and (scales >= ranges.groupby("layer").act_max.transform("median") - 1e-12).all()
+    assert len(ranges) == 2 * ARCH["d_mlp"]
+    _, cache = model.run_with_cache(rows, names_filter=lambda n: n.endswith("mlp.hook_post"))
+    for layer in (0, 1):
+        acts = cache[f"blocks.{layer}.mlp.hook_post"][rows != 0].double()  # [valid tokens, d_mlp]
+        r = ranges[ranges.layer == layer]
+        np.testing.assert_allclose(r.act_min, acts.min(0).values.numpy(), atol=1e-5)
+        np.testing.assert_allclose(r.act_max, acts.max(0).values.numpy(), atol=1e-5)
+        np.testing.assert_allclose(r.act_mean, acts.mean(0).numpy(), atol=1e-5)
+    # grid scales: a neuron's largest magnitude (a large negative one counts), floored at its layer's median
+    planted = pd.DataFrame({"layer": [0, 0, 0, 1, 1], "act_min": [-0.1, -3.0, -0.1, -0.1, -0.1],
+                            "act_max": [2.0, 1.0, 0.01, 4.0, 0.5]})
+    np.testing.assert_allclose(entropy.grid_scales(planted), [2.0, 3.0, 2.0, 4.0, 2.25])
 
 
 def test_entropy_neuron_found_from_weights():

@@ -35,9 +35,61 @@ def test_verdict_follows_the_tolerance():
     assert paper.verdict(paper.entry("universal_count"), 10) == "not scored"
     assert paper.verdict(paper.entry("depth_specialisation"), "x", holds=False) == "differs"
     wp = paper.entry("weight_processing")
-    assert paper.verdict(wp, ["center_unembed", "fold_ln", "center_writing_weights"]) == "matched"
+    assert paper.verdict(wp, ["center_unembed", "fold_ln", "center_writing_weights", "fold_value_biases"]) == "matched"
+    assert paper.verdict(wp, ["center_unembed", "fold_ln", "center_writing_weights"]) == "differs"
     assert paper.verdict(wp, ["fold_ln"]) == "differs"
     assert paper.verdict(paper.entry("n_seeds"), 5) == "matched" and paper.verdict(paper.entry("n_seeds"), 3) == "differs"
+
+
+def test_weight_processing_entry_is_what_the_models_are_loaded_with():
+    from helpers import models
+
+    # the paper loaded its models with from_pretrained's defaults; ours are processed the same way
+    applied = [k for k, v in models.PROCESSING.items() if v]
+    assert paper.verdict(paper.entry("weight_processing"), applied) == "matched"
+
+
+def test_verdict_judges_the_control_by_the_same_rule():
+    e = paper.entry("universal_share", "stanford-gpt2-small")  # 0.0416 +- 0.01
+    # trained passes, control fails -> matched; both pass -> not informative; trained fails -> differs
+    assert paper.verdict(e, 0.045, control=0.0) == "matched"
+    assert paper.verdict(e, 0.045, control=0.04) == "not informative"
+    assert paper.verdict(e, 0.045, control=0.0516) == "not informative"  # at the tolerance's edge: passes
+    assert paper.verdict(e, 0.2, control=0.04) == "differs" and paper.verdict(e, 0.2, control=0.0) == "differs"
+    assert paper.verdict(e, 0.045) == "matched"  # no control measured: our rule alone
+    assert paper.verdict(e, 0.045, control=float("nan")) == "matched"
+    # nothing measured -> not measured, whatever the values
+    assert paper.verdict(e, float("nan"), control=0.04) == "not measured"
+    assert paper.verdict(e, 0.045, control=0.0, measured=False) == "not measured"
+    # a claim: the control is judged by control_holds, never by our holds
+    c = paper.entry("attn_heuristic_predicts", "stanford-gpt2-medium")
+    assert paper.verdict(c, "rho 0.30", holds=True, control="rho 0.86", control_holds=False) == "matched"
+    assert paper.verdict(c, "rho 0.30", holds=True, control="rho 0.86", control_holds=True) == "not informative"
+    assert paper.verdict(c, "rho -0.1", holds=False, control="rho 0.86", control_holds=True) == "differs"
+    assert paper.verdict(c, "0 pairs", holds=True, control_holds=False, measured=False) == "not measured"
+    # a control shown on a claim row without its judgement cannot be matched silently
+    with pytest.raises(ValueError, match="control_holds"):
+        paper.verdict(c, "rho 0.30", holds=True, control="rho 0.86")
+    with pytest.raises(ValueError, match="control_holds"):
+        paper.verdict(e, 0.045, control="rho 0.86")
+    # a control judged on a row that fails or is not scored changes nothing
+    assert paper.verdict(paper.entry("universal_count"), 10, control=10) == "not scored"
+
+
+def test_result_table_reasons_follow_the_verdict():
+    t = paper.result_table([
+        paper.Comparison("both pass", "universal_share", 0.045, control=0.04, fmt=".2%", reason="r"),
+        paper.Comparison("claim", "attn_heuristic_predicts", "rho 0.30", control="rho 0.86", model="stanford-gpt2-medium",
+                         holds=True, control_holds=True, reason="r"),
+        paper.Comparison("vacuous", "wu_seed_consistency", "0 neurons per seed", model="stanford-gpt2-medium", holds=True,
+                         measured=False, reason="no heavy-tailed neuron in any seed"),
+        paper.Comparison("fails", "universal_share", 0.2, control=0.04, reason="too many"),
+    ])
+    assert list(t.verdict) == ["not informative", "not informative", "not measured", "differs"]
+    assert t.loc["both pass", "reason"] == "the untrained control passes the same test (4.00%)"
+    assert t.loc["claim", "reason"] == "the untrained control passes the same test (rho 0.86)"
+    assert t.loc["vacuous", "reason"] == "no heavy-tailed neuron in any seed" and t.loc["fails", "reason"] == "too many"
+    assert set(t.verdict) <= set(paper.VERDICTS)
 
 
 def test_result_table_shows_control_and_reason_only_when_it_differs():
@@ -62,3 +114,23 @@ def test_summary_formats_computed_numbers():
 def test_result_table_shows_a_tolerance_only_for_numbers():
     t = paper.result_table([paper.Comparison("layers", "n_layers", 2), paper.Comparison("activation", "act_fn", "gelu_new")])
     assert "(± 0.000)" in t.loc["layers", "paper"] and "±" not in t.loc["activation", "paper"]
+
+
+def test_property_medians_are_scored_against_the_control():
+    # a planted set with the paper's GPT2-small medians; the rest Gaussian-like
+    med = paper.property_medians("stanford-gpt2-small")
+    n, k = 200, 20
+    rest = {"pre_kurt": 3.0, "pre_skew": 0.0, "act_freq": 0.5, "input_bias": 0.0, "l2_penalty": 0.3}
+    df = pd.DataFrame({c: [med[c]] * k + [rest[c]] * (n - k) for c in med}).assign(top=[True] * k + [False] * (n - k))
+    gaussian = df.assign(top=[False] * (n - k) + [True] * k)  # the control's set looks like the rest
+    rows = properties.median_comparisons(df, "top", "stanford-gpt2-small", control=gaussian)
+    assert [r.key for r in rows] == list(paper.PROPERTY_MEDIAN_KEYS.values())
+    t = paper.result_table(rows)
+    assert (t.verdict == "matched").all() and len(t) == 5
+    assert paper.result_table(properties.median_comparisons(df, "top", "stanford-gpt2-small")).verdict.eq("matched").all()
+    t = paper.result_table(properties.median_comparisons(df, "top", "stanford-gpt2-small", control=df))
+    assert (t.verdict == "not informative").all()  # the control's set has the same medians
+    t = paper.result_table(properties.median_comparisons(gaussian, "top", "stanford-gpt2-small", control=df))
+    assert (t.verdict == "differs").all()
+    assert t.loc["median pre-activation kurtosis over the set (top)", "reason"] == (
+        "the set's 20 neurons against a median of 3.000 over the other 180")

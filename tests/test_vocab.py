@@ -224,3 +224,26 @@ def test_sign_restricts_the_best_class_to_the_raised_or_lowered_ones(planted):
     forced = vocab.explain_effects(eff, classes, sign=np.array([1, 1]))
     assert forced.best_class[0] == "is_year" and forced.best_class[1] != "is_year" and forced.direction[1] == "predicts"
     assert list(vocab.class_sign(["prediction", "suppression", "partition"])) == [1, -1, 0]
+
+
+def _moments(members, kurt_last, skew_last=-1.0, n_layers=2, d=10):
+    """W_U moments of a `members` family: every neuron Gaussian-like (kurtosis 3) except the first
+    neuron of the last layer, whose kurtosis is `kurt_last[member]`."""
+    rows = []
+    for m in members:
+        for l in range(n_layers):
+            for n in range(d):
+                k = kurt_last[m] if (l == n_layers - 1 and n == 0) else 3.0 + 0.01 * n
+                rows.append({"member": m, "layer": l, "neuron": n, "vocab_kurt": k, "vocab_skew": skew_last, "var_ratio": 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_seed_consistency_says_when_there_is_nothing_to_compare():
+    flat = vocab.seed_consistency(_moments("abc", {"a": 3.0, "b": 3.0, "c": 3.0}), 2)
+    # every seed "agrees" on a tie because none has a heavy-tailed neuron: consistent, but not measured
+    assert flat["consistent"] and not flat["measured"] and flat["n_heavy"] == {"a": 0, "b": 0, "c": 0}
+    same = vocab.seed_consistency(_moments("abc", {"a": 40.0, "b": 40.0, "c": 40.0}), 2)
+    assert same["measured"] and same["n_heavy"] == {"a": 1, "b": 1, "c": 1}
+    assert set(same["last_layer_majority"].values()) == {"suppression"}
+    one = vocab.seed_consistency(_moments("abc", {"a": 40.0, "b": 3.0, "c": 3.0}), 2)
+    assert one["measured"] and not one["consistent"]  # one seed's suppression neuron against two ties

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from .artifacts import read_json, write_json
+from .paper import VERDICTS
 from .presets import load_preset, preset_path, published_ref, repo_root, resolve_dir
 
 PACKAGES = ["torch", "transformer_lens", "transformers", "numpy", "pandas", "plotly", "circuitsvis",
@@ -268,17 +269,22 @@ def headline_markdown(results: dict[str, dict | None], root: Path | None = None)
                     if row[i]:
                         counts[row[i]] = counts.get(row[i], 0) + 1
         verdicts[name] = counts
-    total = {k: sum(c.get(k, 0) for c in verdicts.values()) for k in ("matched", "differs", "not scored", "not measured")}
-    lines = [f"*Computed by the build of this book from each chapter's results; {sum(total.values())} scored "
+    # every verdict is counted under its own name: "not informative" (the untrained control passes
+    # too) and "not measured" are never counted as matched; an unknown verdict goes to "other"
+    total = {k: sum(c.get(k, 0) for c in verdicts.values()) for k in VERDICTS}
+    n_other = sum(v for c in verdicts.values() for k, v in c.items() if k not in VERDICTS)
+    lines = [f"*Computed by the build of this book from each chapter's results; {sum(total.values()) + n_other} "
              f"comparisons with the paper: {total['matched']} matched, {total['differs']} differ, "
-             f"{total['not scored']} not scored, {total['not measured']} not measured.*\n",
-             "| chapter | paper | matched | differs | other |", "|---|---|---|---|---|"]
+             f"{total['not informative']} not informative (the untrained control passes the same test), "
+             f"{total['not measured']} not measured, {total['not scored']} not scored"
+             + (f", {n_other} other" if n_other else "") + ".*\n",
+             "| chapter | paper | " + " | ".join(VERDICTS) + " | other |", "|---|---|" + "---|" * (len(VERDICTS) + 1)]
     for name in results:
         h = chapter_heading(root / "notebooks" / f"{name}.py")
         c = verdicts[name]
-        other = sum(v for k, v in c.items() if k not in ("matched", "differs"))
-        lines.append(f"| {{doc}}`{h['number']} · {h['title']} <executed/{name}>` | {h['paper']} | {c.get('matched', 0)} | "
-                     f"{c.get('differs', 0)} | {other} |")
+        other = sum(v for k, v in c.items() if k not in VERDICTS)
+        lines.append(f"| {{doc}}`{h['number']} · {h['title']} <executed/{name}>` | {h['paper']} | "
+                     + " | ".join(str(c.get(k, 0)) for k in VERDICTS) + f" | {other} |")
     for name, res in results.items():
         h = chapter_heading(root / "notebooks" / f"{name}.py")
         lines.append(f"\n### {h['number']} · {h['title']}\n")

@@ -5,7 +5,8 @@ value, where it comes from (section, figure, or the released CSVs), and the **ab
 tolerance within which this book calls its own measurement "matched" (`None` for values that are
 shown but not scored, such as per-layer profiles). Chapters never type a paper number: they look
 it up here, and `result_table` builds their "Result vs paper" table from computed values and
-these entries, with a verdict computed from the tolerance.
+these entries, with a verdict computed from the tolerance (see `verdict` for the rule, which
+judges the untrained control by the same test as the trained model).
 
 Tolerances are this book's choice, not the paper's; each entry's note says what it rests on.
 """
@@ -76,9 +77,11 @@ REGISTRY: tuple[PaperNumber, ...] = tuple([
                 "as printed in the paper; the usual GPT-2 counts are 124M and 355M"),
     *_per_model("train_steps", {SMALL: 400_000, MEDIUM: 400_000}, "§1 (Stanford CRFM Mistral runs)", 0),
     *_per_model("train_data", {SMALL: "OpenWebText", MEDIUM: "OpenWebText", PYTHIA: "Pile"}, _TABLE1, 0),
-    *_per_model("weight_processing", {m: ("fold_ln", "center_writing_weights", "center_unembed") for m in PAPER_MODELS},
+    *_per_model("weight_processing", {m: ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+                                      for m in PAPER_MODELS},
                 "App. A.1 (TransformerLens from_pretrained defaults)", 0,
-                "the weight statistics of chapter 02 depend on it"),
+                "the weight statistics of chapter 02 depend on it; from_pretrained also folds the value biases into "
+                "b_O by default (fold_value_biases=True)"),
     *_per_model("seed_only_difference", {m: "members differ only in their random seed" for m in (SMALL, MEDIUM)}, "§1", None,
                 "a claim, scored by the caller from the family's recorded configuration"),
     # --- §2 and §4.1: universality -----------------------------------------------------------
@@ -273,14 +276,21 @@ def _show(v: Any, fmt: str) -> str:
     return str(v)
 
 
+# The verdicts a "Result vs paper" row can have, in the order the front page counts them.
+VERDICTS = ("matched", "differs", "not informative", "not measured", "not scored")
+
+
 @dataclass
 class Comparison:
     """One row of a "Result vs paper" table.
 
     `ours` is the computed value; `control` the same measurement on the untrained control (None
     where there is none); `key`/`model` name the registry entry. `holds` scores a claim entry
-    (tolerance None) with a computed boolean. `reason` is computed text the caller passes for a
-    row that differs (shown only then). `fmt` formats numbers (e.g. ".3f", ".2%")."""
+    (tolerance None) with a computed boolean, and `control_holds` is the same rule applied to the
+    control (required when a claim row shows a control). `measured` is False when there is nothing
+    to measure (e.g. no neuron of the kind the claim is about), whatever `holds` says. `reason` is
+    computed text the caller passes for a row that differs or is not measured (shown only then).
+    `fmt` formats numbers (e.g. ".3f", ".2%")."""
 
     quantity: str
     key: str
@@ -289,32 +299,68 @@ class Comparison:
     model: str = DEFAULT_MODEL
     reason: str = ""
     holds: bool | None = None
+    control_holds: bool | None = None
+    measured: bool = True
     fmt: str = ".3f"
     extra: dict = field(default_factory=dict)
 
 
-def verdict(e: PaperNumber, ours: Any, holds: bool | None = None) -> str:
-    """"matched" / "differs" from the entry's tolerance (or `holds` for a claim); "not scored" when
-    neither applies; "not measured" when `ours` is missing."""
-    if ours is None or (isinstance(ours, float) and math.isnan(ours)):
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def control_passes(e: PaperNumber, control: Any, holds: bool | None = None, control_holds: bool | None = None) -> bool | None:
+    """Whether the untrained control passes the test the trained model is scored by: `control_holds`
+    for a claim (a row scored with `holds`), else the entry's tolerance applied to `control`. None
+    when there is no control value. A control that is shown but cannot be judged by that rule is an
+    error (a claim row needs `control_holds`), so no row is matched on an unjudged control."""
+    if control_holds is not None:
+        return bool(control_holds)
+    if _missing(control):
+        return None
+    if holds is not None:
+        raise ValueError(f"{e.key}: a claim row with an untrained control needs `control_holds` (the same rule on the control)")
+    ok = e.matches(control)
+    if ok is None and e.tolerance is not None:
+        raise ValueError(f"{e.key}: the control {control!r} cannot be judged by the tolerance; pass `control_holds`")
+    return ok
+
+
+def verdict(e: PaperNumber, ours: Any, holds: bool | None = None, control: Any = None,
+            control_holds: bool | None = None, measured: bool = True) -> str:
+    """The row's verdict:
+
+    - "not measured": `ours` is missing, or the caller found nothing to measure (`measured` False);
+    - "not scored": neither a tolerance nor `holds` applies;
+    - "differs": ours fails the entry's tolerance (or `holds` is False);
+    - "not informative": ours passes, but so does the untrained control by the same rule
+      (`control_passes`), so passing says nothing about training;
+    - "matched": ours passes and the control, where there is one, does not."""
+    if not measured or _missing(ours):
         return "not measured"
     ok = e.matches(ours) if holds is None else bool(holds)
-    return "not scored" if ok is None else ("matched" if ok else "differs")
+    if ok is None:
+        return "not scored"
+    if not ok:
+        return "differs"
+    return "not informative" if control_passes(e, control, holds, control_holds) else "matched"
 
 
 def result_table(rows: Iterable[Comparison]) -> pd.DataFrame:
     """The chapter's "Result vs paper" table: quantity, this book, untrained control, paper (value,
-    model, source, tolerance), verdict, and the caller's reason where the verdict is "differs"."""
+    model, source, tolerance), verdict, and a reason: the caller's where the verdict is "differs" or
+    "not measured", the control's passing value where it is "not informative"."""
     out = []
     for r in rows:
         e = entry(r.key, r.model)
-        v = verdict(e, r.ours, r.holds)
+        v = verdict(e, r.ours, r.holds, r.control, r.control_holds, r.measured)
         numeric = isinstance(e.value, (int, float)) and not isinstance(e.value, bool)
         tol = "" if e.tolerance is None or not numeric else f" (± {_show(e.tolerance, r.fmt)})"  # none for a text value
-        out.append({"quantity": r.quantity, "this book": _show(r.ours, r.fmt),
-                    "untrained control": _show(r.control, r.fmt) if r.control is not None else "",
-                    "paper": f"{_show(e.value, r.fmt)}{tol}; {e.model}, {e.source}", "verdict": v,
-                    "reason": r.reason if v == "differs" else ""})
+        ctl = _show(r.control, r.fmt) if r.control is not None else ""
+        reason = (r.reason if v in ("differs", "not measured") else
+                  f"the untrained control passes the same test ({ctl})" if v == "not informative" else "")
+        out.append({"quantity": r.quantity, "this book": _show(r.ours, r.fmt), "untrained control": ctl,
+                    "paper": f"{_show(e.value, r.fmt)}{tol}; {e.model}, {e.source}", "verdict": v, "reason": reason})
     return pd.DataFrame(out).set_index("quantity")
 
 

@@ -27,6 +27,26 @@ FIG3_METRICS = {
 PAPER_MEDIANS = {m: paper.property_medians(m) for m in paper.PAPER_MODELS}
 
 
+def median_comparisons(df: pd.DataFrame, selected: str, model: str, control: pd.DataFrame | None = None) -> list:
+    """§4.2's "Result vs paper" rows: the median of each property the paper reports
+    (`paper.PROPERTY_MEDIAN_KEYS`) over the neurons where `selected` is true, scored against the
+    paper's median for `model` with the registry's tolerance. `control` is the untrained control's
+    table with its own `selected` column (its set); its medians are judged by the same tolerance.
+    The reason (shown where a row differs) is the median over the other neurons of the model, which
+    says whether the set sits apart from them at all."""
+    sel = df[selected].astype(bool)
+    csel = control[selected].astype(bool) if control is not None else None
+    rows = []
+    for col, key in paper.PROPERTY_MEDIAN_KEYS.items():
+        ours = float(df.loc[sel, col].median()) if sel.any() else float("nan")
+        ctl = None if control is None else (float(control.loc[csel, col].median()) if csel.any() else float("nan"))
+        rest = float(df.loc[~sel, col].median()) if (~sel).any() else float("nan")
+        reason = f"the set's {int(sel.sum()):,} neurons against a median of {rest:.3f} over the other {int((~sel).sum()):,}"
+        rows.append(paper.Comparison(f"median {FIG3_METRICS[col][0]} over the set ({selected})", key, ours, control=ctl,
+                                     model=model, reason=reason))
+    return rows
+
+
 def within_layer_percentiles(df: pd.DataFrame, metrics: list[str], selected: str) -> pd.DataFrame:
     """Fig 3: for every neuron with `selected` true, the percentile (0-100) of each metric among
     all neurons of its own layer. Long table: layer, neuron, metric, percentile."""

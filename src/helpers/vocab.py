@@ -347,7 +347,9 @@ def seed_consistency(moments: pd.DataFrame, n_layers: int, kurtosis_threshold: f
     layers, seed range (max - min) of the 95th-percentile W_U kurtosis divided by its seed mean;
     each seed's majority class among heavy-tailed last-layer neurons ("prediction", "suppression",
     "tie" when equal, including none at all); `consistent` when the range is at most
-    `max_rel_range` and every seed has the same majority class."""
+    `max_rel_range` and every seed has the same majority class; `n_heavy` each seed's count of
+    heavy-tailed (prediction or suppression) neurons over all layers, and `measured` whether any
+    seed has one (with none anywhere, agreement on "tie" is vacuous)."""
     p95 = moments.groupby(["member", "layer"]).vocab_kurt.quantile(0.95).unstack("member")
     rel = float(((p95.max(axis=1) - p95.min(axis=1)) / p95.mean(axis=1)).max())
     major = {}
@@ -355,8 +357,11 @@ def seed_consistency(moments: pd.DataFrame, n_layers: int, kurtosis_threshold: f
         c = classify(g, kurtosis_threshold).value_counts()
         p, s_ = int(c.get("prediction", 0)), int(c.get("suppression", 0))
         major[m] = "prediction" if p > s_ else "suppression" if s_ > p else "tie"
+    heavy = {m: int(classify(g, kurtosis_threshold).isin(["prediction", "suppression"]).sum())
+             for m, g in moments.groupby("member")}
     return {"max_rel_range_p95_kurt": rel, "last_layer_majority": major,
-            "consistent": bool(rel <= max_rel_range and len(set(major.values())) == 1)}
+            "consistent": bool(rel <= max_rel_range and len(set(major.values())) == 1),
+            "n_heavy": heavy, "measured": any(heavy.values())}
 
 
 # --------------------------------------------------------------------------------------------
