@@ -19,11 +19,13 @@ def _project_out(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return w - (w @ v)[..., None] * v
 
 
-def planted_entropy_model(eps: float = 0.0, anti: bool = False, seed: int = 3):
+def planted_entropy_model(eps: float = 0.0, anti: bool = False, seed: int = 3, offset: float = 0.0):
     """A processed 2-layer model in which unit direction v (orthogonal to the all-ones direction that
     LayerNorm removes) is read by W_U with gain `eps` of its own (0: exactly W_U's null space) and
     written by no component but neuron PLANTED, whose w_out is GAIN * v. With `anti`, neuron ANTI
-    writes -0.9 GAIN v plus a little noise."""
+    writes -0.9 GAIN v plus a little noise. `offset`: the last MLP's bias writes offset * v, so the
+    residual norm grows monotonically with the neuron's activation over its range, both signs (with
+    0 the norm is symmetric in the activation around 0)."""
     model = processed_model(ARCH, init_model(ARCH, seed).state_dict())
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(ARCH["d_model"], generator=g)
@@ -41,6 +43,7 @@ def planted_entropy_model(eps: float = 0.0, anti: bool = False, seed: int = 3):
             blk.mlp.W_out.copy_(_project_out(blk.mlp.W_out, v))
             blk.mlp.b_out.copy_(_project_out(blk.mlp.b_out, v))
         model.blocks[PLANTED[0]].mlp.W_out[PLANTED[1]] = GAIN * v
+        model.blocks[PLANTED[0]].mlp.b_out.add_(offset * v)
         if anti:
             noise = _project_out(torch.randn(ARCH["d_model"], generator=g), v)
             model.blocks[ANTI[0]].mlp.W_out[ANTI[1]] = -0.9 * GAIN * v + 0.3 * noise / noise.norm() * GAIN
@@ -133,8 +136,11 @@ def test_sweep_batches_replicas_and_caches(tmp_path):
         iv.scaled_grid(0.0)
     ranges = iv.activation_ranges(model, rows, [0, 1], [0], batch_size=2)
     assert len(ranges) == 2 * ARCH["d_mlp"] and (ranges.act_min <= ranges.act_mean).all() and (ranges.act_mean <= ranges.act_max).all()
-    scales = entropy.grid_scales(ranges)
-    assert (scales >= ranges.act_max - 1e-12).all() and (scales >= ranges.groupby("layer").act_max.transform("median") - 1e-12).all()
+    assert (ranges.act_min <= ranges.act_q_lo).all() and (ranges.act_q_lo <= ranges.act_q_hi).all() and (ranges.act_q_hi <= ranges.act_max).all()
+    assert set(ranges.act_sign) <= {-1.0, 1.0}
+    nat = entropy.natural_grid(ranges)
+    reach = np.where(nat.act_sign > 0, nat.act_q_hi, -nat.act_q_lo).clip(min=0)
+    assert np.allclose(nat.grid_scale, entropy.EXTEND * reach) and (nat.other_ratio >= entropy.MIN_OTHER).all()
 
 
 def test_entropy_neuron_found_from_weights():
@@ -163,7 +169,7 @@ def test_entropy_neuron_found_from_weights():
 
 
 def test_study_finds_and_sweeps_the_planted_entropy_neuron(tmp_path):
-    model, _ = planted_entropy_model(eps=0.02)  # a small but non-zero gain: an exact zero would be left out with LayerNorm's
+    model, _ = planted_entropy_model(eps=0.02, offset=8.0)  # a small but non-zero gain: an exact zero would be left out with LayerNorm's
     rows = _rows(4)
     s = entropy.study(model, "planted", "planted-weights", rows, [0], tmp_path, n_candidates=1, n_random=20, seed=0,
                       random_grid=(0.0, 3.0, 6.0), batch_size=2, verbose=False)
