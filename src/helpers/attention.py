@@ -592,7 +592,8 @@ def convergence(pairs: pd.DataFrame, records: pd.DataFrame, fractions: Sequence[
     for f in fractions:
         keep = rows_all[: max(1, int(round(f * len(rows_all))))]
         rec = records[records.row.isin(keep)]
-        s = pair_summary(pairs[["neuron_layer", "neuron", "head_layer", "head", "score", "why"]], rec)
+        cols = ["neuron_layer", "neuron", "head_layer", "head", "score", *(["score_raw"] if "score_raw" in pairs else []), "why"]
+        s = pair_summary(pairs[cols], rec)
         rc = rank_correlation(s.predicted, s.effect_bos, seed=seed, n_boot=500)
         out.append({"fraction": f, "rows": len(keep), "tokens_per_pair": int(s.n_tokens.iloc[0]), **rc})
     return pd.DataFrame(out)

@@ -643,13 +643,22 @@ def member_neuron_stats(family, n_tokens: int, artifacts_dir: str | Path, member
 SINGLE_MAX_TOKENS = 32_768  # the statistics of a large single model (SmolLM2) use at most this many tokens
 
 
-def stats_tokens(family, params) -> int:
-    """The token count of a family's statistics table in this book: the preset's `n_tokens_single`
-    capped at `SINGLE_MAX_TOKENS` for the single real model, the preset's `n_tokens` otherwise.
-    Chapter 02 computes the tables at these counts; chapters 04-06 read their `act_sign` from them."""
+def sign_tokens(family, params) -> int:
+    """The token count of the statistics table a family's `act_sign` is read from in chapters 04-06:
+    for the single real model (SmolLM2) chapter 02's own table (`n_tokens_single` capped at
+    `SINGLE_MAX_TOKENS`: no pass of its own); for the embedded families the preset's
+    `n_tokens_aux` (a short pass per member: chapter 02 streams only the reference)."""
     if family.name == params.single_model:
         return min(int(params.n_tokens_single), SINGLE_MAX_TOKENS)
-    return int(params.n_tokens)
+    return int(params.n_tokens_aux)
+
+
+def family_signs(family, params, artifacts_dir: str | Path, batch_size: int = 32, members: Sequence[str] | None = None,
+                 verbose: bool = False) -> pd.DataFrame:
+    """`activation_signs` of every member (or `members`) at `sign_tokens`, stacked with a `member` column."""
+    n = sign_tokens(family, params)
+    return pd.concat([activation_signs(family, m, n, artifacts_dir, batch_size, verbose).assign(member=m)
+                      for m in (members or family.members)], ignore_index=True)
 
 
 def activation_signs(family, member: str, n_tokens: int, artifacts_dir: str | Path, batch_size: int = 32,
