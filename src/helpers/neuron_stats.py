@@ -13,7 +13,7 @@ One row per neuron `(layer, neuron)` of one model:
   skew and kurtosis of the pre-activation (`mlp.hook_pre`) and of the post-activation
   (`mlp.hook_post`), and `act_freq`, the fraction of tokens with a positive pre-activation;
   `act_sign`, the sign of the neuron's typical large activation (`SIGN_RULE`), which turns w_out
-  into the direction the neuron actually writes (`effective_w_out`; chapters 04-06).
+  into the direction the neuron actually writes (`activation_signs`, `sign_tensor`; chapters 04-06).
 
 The paper histogrammed activations into 256 bins over [-10, 15] and took moments of the
 histogram; `StreamingMoments` computes the moments exactly instead (float64, mergeable,
