@@ -183,7 +183,7 @@ smodel = single.load(single.reference)  # once: for the run (if not cached) and 
 ssigns = signs_of(single, [single.reference], 8, smodel.cfg)[single.reference]  # chapter 02's table: no pass of its own
 srun = attention.attention_deactivation(single, single.reference, srows, art, n_top_single, n_random_single, seed,
                                         batch_size=2, bos_rows=2, verbose=True, model=smodel, signs=ssigns)
-print(f"{slabel}: {int((ssigns < 0).sum()):,} of {ssigns.numel():,} neurons have s = −1")
+print(f"{single_model}: {int((ssigns < 0).sum()):,} of {ssigns.numel():,} neurons have s = −1")
 timings["SmolLM2-135M"] = time.time() - t0
 slabel = single_model
 spairs, srecords = srun.table("pairs"), srun.table("records")
