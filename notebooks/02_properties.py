@@ -204,7 +204,7 @@ fig.show()
 
 # %%
 single = families.load_family(single_model, params, device=device)
-n_single = min(n_tokens_single, 32_768)
+n_single = min(n_tokens_single, neuron_stats.SINGLE_MAX_TOKENS)
 # the half-token table is written from the same forward pass (its rows are the first half)
 single_stats = neuron_stats.member_neuron_stats(single, n_single, art, batch_size=8, prefixes=[n_single // 2])
 half_stats = neuron_stats.member_neuron_stats(single, n_single // 2, art, batch_size=8)

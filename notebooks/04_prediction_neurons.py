@@ -33,7 +33,8 @@
 # and width section 2 prints; untied embeddings, a reduced vocabulary), each beside the same
 # measurement on the embedded family's **untrained control**.
 # Everything here is a function of the weights (`helpers.vocab`) except Fig 24, which streams
-# pre-activations over held-out tokens with the book's one driver (`ActivationStream`).
+# activations over held-out tokens with the book's one driver (`ActivationStream`), and the sign of
+# each neuron's typical large activation, which comes from the same kind of pass (section 2).
 
 # %%
 import sys
@@ -54,7 +55,7 @@ import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown
 
-from helpers import families, paper, plots, presets, report, universality, vocab
+from helpers import families, neuron_stats, paper, plots, presets, report, universality, vocab
 from helpers.presets import resolve_dir
 
 plots.setup()
@@ -107,7 +108,13 @@ print(f"kept: {real.n_kept:,} real next tokens of {fam.name}, {real_sm.n_kept:,}
 # ## 2. W_U moments of every neuron, and the classes
 #
 # For every neuron, the population mean, variance, skew and kurtosis over the kept tokens of
-# cos(W_U[:, t], w_out) (as in chapter 02). The classes and their rule are below; the partition rule
+# cos(W_U[:, t], s·w_out) (as in chapter 02), where s·w_out is the neuron's **effective output
+# direction**: s is the sign of its mean activation over the tokens in the top decile of
+# |activation| (`neuron_stats.SIGN_RULE`, streamed with the activation statistics: chapter 02's
+# pass for SmolLM2, a short pass of `n_tokens_aux` tokens per embedded member). SmolLM2's gated
+# activation silu(gate)·up takes both signs; a neuron that fires negatively writes −w_out, so
+# W_U w_out alone would call a neuron that lowers a class a prediction neuron. For GELU neurons
+# s = +1 almost always, and where it is +1 nothing changes. The classes and their rule are below; the partition rule
 # is this book's (the paper gives none): not heavy-tailed, and a variance of the cosines at least
 # `PARTITION_RATIO` times that of a random residual direction through the same unembedding. The
 # second table shows the counts at other thresholds.
@@ -116,14 +123,21 @@ print(f"kept: {real.n_kept:,} real next tokens of {fam.name}, {real_sm.n_kept:,}
 mom = vocab.family_vocab_moments(fam, art, verbose=True)
 mom_ctl = vocab.family_vocab_moments(control_fam, art) if control_fam is not None else None
 mom_sm = vocab.member_vocab_moments(single, single.reference, art, neurons_per_layer=sm_neurons, verbose=True)
+mom = vocab.apply_signs(mom, neuron_stats.family_signs(fam, params, art, batch_size))
+mom_sm = vocab.apply_signs(mom_sm, neuron_stats.family_signs(single, params, art, 8, members=[single.reference]).drop(columns="member"))
+if mom_ctl is not None:
+    mom_ctl = vocab.apply_signs(mom_ctl, neuron_stats.family_signs(control_fam, params, art, batch_size))
 n_layers, n_layers_sm = ref_model.cfg.n_layers, sm_model.cfg.n_layers
 mom["vocab_class"] = vocab.classify(mom, K).to_numpy()
 mom_sm["vocab_class"] = vocab.classify(mom_sm, K).to_numpy()
 if mom_ctl is not None:
     mom_ctl["vocab_class"] = vocab.classify(mom_ctl, K).to_numpy()
 mom_sm["depth"] = vocab.relative_depth(mom_sm.layer, n_layers_sm)
-display(pd.DataFrame({"rule (k = %g, r = %g)" % (K, vocab.PARTITION_RATIO): vocab.CLASS_RULE}))
-counts_at = pd.concat({f"{fam.name} ({len(fam.members)} seeds)": vocab.class_counts(mom), single_model: vocab.class_counts(mom_sm),
+display(pd.DataFrame({"rule (k = %g, r = %g)" % (K, vocab.PARTITION_RATIO): {**vocab.CLASS_RULE, "effective direction": vocab.EFFECTIVE_RULE}}))
+fam_label = f"{fam.name} ({len(fam.members)} seeds)"
+display(pd.DataFrame({"neurons with s = −1": {fam_label: int((mom.act_sign < 0).sum()), single_model: int((mom_sm.act_sign < 0).sum())},
+                      "of": {fam_label: len(mom), single_model: len(mom_sm)}}))
+counts_at = pd.concat({fam_label: vocab.class_counts(mom), single_model: vocab.class_counts(mom_sm),
                        **({f"untrained control ({len(control_fam.members)} seeds)": vocab.class_counts(mom_ctl)}
                           if mom_ctl is not None else {})},
                       names=["model"])
@@ -249,7 +263,8 @@ display(by_set.style.format(precision=3))
 classes = vocab.token_classes(real)
 classes_sm = vocab.token_classes(real_sm)
 ref_rows = mom[mom.member == reference].reset_index(drop=True)
-ex = vocab.explain_effects(vocab.vocab_effect(ref_model, None, real), classes, ref_rows, sign=vocab.class_sign(ref_rows.vocab_class))
+ex = vocab.explain_effects(vocab.vocab_effect(ref_model, None, real, signs=ref_rows.act_sign.to_numpy()), classes, ref_rows,
+                          sign=vocab.class_sign(ref_rows.vocab_class))
 sm_sel = mom_sm[mom_sm.vocab_class != "none"].sort_values(["layer", "neuron"]).reset_index(drop=True)
 ex_sm = vocab.explain_effects(vocab.vocab_effect_rows(sm_model, sm_sel, real_sm), classes_sm, sm_sel,
                               sign=vocab.class_sign(sm_sel.vocab_class))
@@ -330,12 +345,14 @@ display(ens_sm.head(12))
 print(f"{fam.name}-{reference}: {len(ens)} classes have a prediction or suppression neuron at kurtosis > {K:g}")
 
 # %% [markdown]
-# ## 8. Fig 24: pre-activation split by whether the next token is in the class
+# ## 8. Fig 24: activation split by whether the next token is in the class
 #
 # For the five classes with the most heavy-tailed SmolLM2 neurons, up to three neurons that predict
-# and three that suppress each (highest VR), the pre-activation (`mlp.hook_pre`, the gate's input
-# for SmolLM2's gated MLP) on held-out tokens, split by whether the **next** token is in the class.
-# Left: the neuron's W_U w_out on the class and the rest; right: the split pre-activation. Streamed
+# and three that suppress each (highest VR), the activation (`mlp.hook_post`, the coefficient of
+# w_out: silu(gate)·up for SmolLM2's gated MLP, not the gate's input `mlp.hook_pre`) times s, so
+# larger always means more of the effective direction, on held-out tokens, split by whether the
+# **next** token is in the class. Left: the neuron's W_U s·w_out on the class and the rest; right:
+# the split activation. Streamed
 # in two halves, so the halves show whether `n_cond_single` tokens suffice. The same for the 20 most
 # heavy-tailed neurons of the embedded reference member, whatever their class.
 
@@ -348,13 +365,13 @@ def fig24_neurons(ex_table, ens_table, per_side=3, n_classes=5, kinds=("predicti
 
 sel_sm = fig24_neurons(ex_sm, ens_sm)
 rows_sm = single.token_table(n_cond_single)
-split_sm = vocab.next_token_conditioning(single, single.reference, rows_sm, sel_sm[["layer", "neuron"]],
+split_sm = vocab.next_token_conditioning(single, single.reference, rows_sm, sel_sm[["layer", "neuron", "act_sign"]],
                                          vocab.class_masks(sel_sm, classes_sm, len(real_sm.mask)), art,
                                          batch_size=min(batch_size, 8), verbose=True) if len(sel_sm) else None
 # the embedded analogue: the 20 neurons of highest kurtosis (any sign), whatever their class
 sel_emb = ex.sort_values("vocab_kurt", ascending=False).head(20).reset_index(drop=True)
 rows_emb = fam.token_table(n_cond)
-split_emb = vocab.next_token_conditioning(fam, reference, rows_emb, sel_emb[["layer", "neuron"]],
+split_emb = vocab.next_token_conditioning(fam, reference, rows_emb, sel_emb[["layer", "neuron", "act_sign"]],
                                           vocab.class_masks(sel_emb, classes, len(real.mask)), art, batch_size=batch_size, verbose=True)
 
 
@@ -363,14 +380,14 @@ def show_fig24(sel, split, model, real_tokens, cls_table, name):
     sel = sel.reset_index(drop=True)
     lab = sel[["layer", "neuron", "label", "vocab_class", "direction", "class_words"]]
     left = vocab.effect_by_class(model, sel, real_tokens, cls_table).merge(sel[["label"]], left_on="row", right_index=True)
-    fig = plots.split_quantile_boxes(left, "label", "side", f"Fig 24 (left) · {name}: W_U w_out on the class vs the rest",
-                                     "W_U w_out (logit per unit activation)")
+    fig = plots.split_quantile_boxes(left, "label", "side", f"Fig 24 (left) · {name}: W_U s·w_out on the class vs the rest",
+                                     "W_U s·w_out (logit per unit of |activation|)")
     fig.update_xaxes(title_text="neuron (pred. = predicts, supp. = suppresses) and class")
     fig.show()
     right = split[split.part == "all"].merge(lab, on=["layer", "neuron"])
     fig = plots.split_quantile_boxes(right, "label", "next_in_class",
-                                     f"Fig 24 (right) · {name}: pre-activation by whether the next token is in the class",
-                                     "pre-activation (5/25/50/75/95th percentiles)", names={True: "next token in class",
+                                     f"Fig 24 (right) · {name}: activation × s by whether the next token is in the class",
+                                     "activation × s (5/25/50/75/95th percentiles)", names={True: "next token in class",
                                                                                             False: "next token not in class"})
     fig.update_xaxes(title_text="neuron and class")
     fig.show()
@@ -384,7 +401,7 @@ conv = pd.concat([e.assign(model=m) for m, e in ((single_model, eff_sm), (f"{fam
 display(conv.pivot_table(index=["model", "label"], columns="part", values="effect_size").style.format(precision=2))
 
 # %% [markdown]
-# The test of the paper's finding: for each tested suppression neuron, the mean pre-activation with
+# The test of the paper's finding: for each tested suppression neuron, the mean activation × s with
 # the next token in its class minus without. The unit of inference is the neuron (tokens of one
 # neuron are not independent draws); a two-sided sign test per model, Bonferroni-corrected for the
 # two models.
@@ -529,7 +546,7 @@ display(report.summary([
     "GPT2-medium-a counts gives {paper_rise:.2f}.",
     "Seeds: the 95th-percentile W_U kurtosis varies by at most {cons:.1%} across the {n_seeds} seeds in any layer.",
     "The most common best classes of {sm}'s heavy-tailed neurons: {top_classes}.",
-    "Fig 24 ({sm}): {sup_pos} of {sup_n} tested suppression neurons have a higher mean pre-activation when the next "
+    "Fig 24 ({sm}): {sup_pos} of {sup_n} tested suppression neurons have a higher mean activation × s when the next "
     "token is in their class (Bonferroni sign-test p = {sup_p:.2g}).",
 ], sm=single_model, sm_pred=int((mom_sm.vocab_class == "prediction").sum()), sm_supp=int((mom_sm.vocab_class == "suppression").sum()),
     sm_part=int((mom_sm.vocab_class == "partition").sum()), sm_n=len(mom_sm), k=K,

@@ -105,9 +105,10 @@ print(f"embedded: {n_rows} rows x {rows.n_ctx} tokens; {single_model}: {n_rows_s
 # strongly each residual direction is read. Weight processing creates one exact zero: folding the
 # LayerNorm with centring makes W_U blind to the all-ones direction that LayerNorm removes anyway;
 # it is left out (RMSNorm models have none). The **null space** is the directions read at less than
-# half the median gain (`entropy.unembed_spectrum`, `rel = 0.5`); a flat spectrum has none, and the
-# single smallest direction stands in (flagged). A random direction puts k / (d_model − zeros) of its
-# norm there: the "null ratio" below is a neuron's null-space fraction as a multiple of that.
+# half the median gain (`entropy.unembed_spectrum`, `rel = 0.5`); a flat spectrum has none: the model
+# is reported as having **no null space**, and no null-space share is computed for it. A random
+# direction puts k / (d_model − zeros) of its norm in a null space of k directions: the "null ratio"
+# below is a neuron's null-space fraction as a multiple of that.
 
 # %%
 model = fam.load(reference)
@@ -141,14 +142,22 @@ display(pd.DataFrame({k: {"d_model": s.d, "exact zeros left out": s.n_zero, "nul
 # the chapter's entropy neuron; its **anti-entropy partner** is the late neuron whose w_out is most
 # nearly opposite (`entropy.anti_partner`). The random baseline is the paper's: 20 late neurons drawn
 # with the preset's seed, excluding the top decile of L2 penalty and the bottom decile of vocabulary
-# variance. Each neuron's grid is the paper's (−0.17, 0, 1, …, 6) **scaled** so that 6 is the largest
-# magnitude the neuron's activation reaches on the token set, max(act_max, −act_min), floored at the
-# median of that over its layer (`entropy.grid_scales`); −0.17 keeps its ratio to 6. A GELU neuron of
-# GPT2-medium reaches a few units, ours reach other ranges, so the paper's absolute values would
-# over- or under-drive them; the floor keeps a nearly silent neuron (one that writes a huge vector
-# but rarely fires on this text) from being driven to almost nothing. Plots use the paper's units on
-# the x-axis; the table gives each neuron's scale. For SmolLM2 the ranks are among its last two
-# layers' neurons (the weight statistics of all 46k neurons cost minutes for nothing used here).
+# variance.
+#
+# **Each neuron is swept over its own range, both signs, in its natural direction.** One activation
+# pass over the last two layers gives every late neuron's natural sign s (the sign of its mean
+# activation over the top decile of |activation|, `neuron_stats.SIGN_RULE`) and its 0.5th and
+# 99.5th percentiles (`interventions.activation_ranges`). The grid (`entropy.natural_grid`,
+# `entropy.grid_points`) runs in units where 6 is `entropy.EXTEND` = 1.5 times its percentile on its
+# natural side, in the direction s; its negative points (−r·6 and −r·3) reach 1.5 times its percentile
+# on the other side, at least the paper's −0.17 against 6; 0 is on the grid. A gated SmolLM2 neuron
+# can act with either sign, so "driving it up" may be the opposite of what it does: the effect at
+# the grid's top is the effect of its typical large activation, and a neuron is called an entropy or
+# anti-entropy neuron by that effect, whatever its weight-space role. The anti-entropy partner is the
+# late neuron whose effective direction s·w_out is most nearly opposite. Plots use these grid units
+# on the x-axis; the table gives each neuron's sign, percentiles and scale. For SmolLM2 the ranks
+# are among its last two layers' neurons (the weight statistics of all 46k neurons cost minutes for
+# nothing used here).
 
 # %%
 studies = {}
@@ -166,7 +175,7 @@ studies[single_model] = entropy.study(sm_model, single_model, single.identity[si
                                       random_grid=random_grid_single, late_only=True, partner_modes=("total",), batch_size=2)
 chosen = pd.concat({k: s.neurons.merge(s.table, on=["layer", "neuron"])[
     ["layer", "neuron", "role", "l2_penalty", "l2_rank", "vocab_var", "vocab_var_rank", "w_out_norm", "null_frac", "null_ratio",
-     "act_min", "act_max", "grid_scale"]] for k, s in studies.items()}, names=["model", None]).droplevel(1)
+     "act_min", "act_max", "act_q_lo", "act_q_hi", "act_sign", "grid_scale"]] for k, s in studies.items()}, names=["model", None]).droplevel(1)
 display(chosen[chosen.role != "random"].style.format(precision=4))
 display(chosen[chosen.role == "random"].groupby("model")[["l2_penalty", "vocab_var", "null_ratio", "act_max"]].median()
         .rename(columns=lambda c: f"median {c} (random)").style.format(precision=4))
@@ -198,18 +207,21 @@ display(cos_sd.rename(columns=lambda c: f"sd of cos ({c})").style.format(precisi
 # The share of ‖w_out‖² in the null space, for every neuron of the last two layers, against ‖w_out‖.
 # Entropy neurons should sit top right: a large output that the unembedding does not read. The second
 # table shows the fraction for the entropy neuron at several cut-offs k beside a random direction's,
-# so the result does not hang on the chosen k.
+# so the result does not hang on the chosen k. Models whose W_U has no null space are left out.
 
 # %%
 late_roles = {k: s.table[s.table.late].merge(s.neurons[["layer", "neuron", "role"]], on=["layer", "neuron"], how="left").fillna({"role": "other"})
               for k, s in studies.items()}
+with_null = {k: s for k, s in studies.items() if s.spectrum.has_null_space}
+print("no null space (flat W_U spectrum): " + (", ".join(k for k in studies if k not in with_null) or "none"))
 plots.show_all(plots.null_fraction_scatter(late_roles[k], s.spectrum.random_fraction,
                                            f"Null-space fraction vs norm · {k} (k = {s.spectrum.k}; dotted: a random direction)")
-               for k, s in studies.items())
-curve_k = pd.concat([entropy.null_fraction_curve(models_by_name[k], s.spectrum, list(zip(s.role("entropy").layer, s.role("entropy").neuron)),
-                                                 sorted({1, 2, 4, 8, 16, 32, s.spectrum.k})).assign(model=k)
-                     for k, s in studies.items()])
-display(curve_k.pivot_table(index="k", columns="model", values=["null_frac", "random"]).style.format(precision=4))
+               for k, s in with_null.items())
+if with_null:
+    curve_k = pd.concat([entropy.null_fraction_curve(models_by_name[k], s.spectrum, list(zip(s.role("entropy").layer, s.role("entropy").neuron)),
+                                                     sorted({1, 2, 4, 8, 16, 32, s.spectrum.k})).assign(model=k)
+                         for k, s in with_null.items()])
+    display(curve_k.pivot_table(index="k", columns="model", values=["null_frac", "random"]).style.format(precision=4))
 
 # %% [markdown]
 # ## 5. Fig 7c-f and Fig 1f: fixing the activation
@@ -267,10 +279,11 @@ display(conv_summary.style.format(precision=4))
 # The paper shows entropy neurons in one model per size. Does every seed of the embedded family grow
 # one? The same identification and intervention for the top candidate of each member (no random
 # baseline per seed; the reference member's random neurons give the scale of a chance effect). A
-# member *has* an entropy neuron here when its top candidate's total effect raises the scale and the
-# entropy monotonically, by more than the largest entropy effect of any random neuron of the reference,
-# while the top-1 token stays the same for at least 90% of tokens; its top candidate *is anti-entropy*
-# when both fall monotonically by as much.
+# member *has* an entropy neuron here when its top candidate's total effect, acting in its natural
+# direction, raises the scale and the entropy monotonically over its two-sided grid, by more than the
+# largest entropy effect of any random neuron of the reference, while the top-1 token stays the same
+# for at least 90% of tokens; its top candidate *is anti-entropy* when both fall monotonically by as
+# much.
 
 # %%
 seed_studies = {name_ref: studies[name_ref],
@@ -328,6 +341,8 @@ def delta_5(k, role="entropy"):
 
 def null_beats_random(k):
     s = studies[k]
+    if not s.spectrum.has_null_space:
+        return float("nan"), float("nan")
     top = s.role("entropy").iloc[0]
     tab = s.table.set_index(["layer", "neuron"])
     rnd = tab.loc[list(zip(s.role("random").layer, s.role("random").neuron))]
@@ -340,9 +355,20 @@ def claims(k, r):
     flat_rr = abs(r.d_rr) < 0.25 * abs(r.d_entropy) if r.d_entropy else False
     ae = anti_effect(k)
     mine, rnd_max = null_beats_random(k)
+    sp = studies[k].spectrum
     return {"monotone": bool(r["has entropy neuron"] and flat_rr),
-            "anti_partner": bool(ae < 0 and abs(ae) > r.random_max_abs_d_entropy) if np.isfinite(r.random_max_abs_d_entropy) else None,
-            "null_space": bool(mine > rnd_max and mine > 2), "anti_effect": ae, "null": mine, "null_random_max": rnd_max}
+            "anti_partner": (entropy.opposite_effects(r.d_entropy, ae, r.random_max_abs_d_entropy)
+                             if np.isfinite(r.random_max_abs_d_entropy) and np.isfinite(ae) else None),
+            "null_space": bool(sp.has_null_space and mine > rnd_max and mine > 2), "has_null_space": bool(sp.has_null_space),
+            "anti_effect": ae, "null": mine, "null_random_max": rnd_max, "spectrum": sp}
+
+
+def null_text(c):
+    sp = c["spectrum"]
+    if c["has_null_space"]:
+        return f"{c['null']:.2f}x (random neurons up to {c['null_random_max']:.2f}x)"
+    return (f"no null space (flat W_U spectrum: smallest / median singular value "
+            f"{sp.values[sp.d - sp.n_zero - 1] / np.median(sp.values[: sp.d - sp.n_zero]):.2f})")
 
 
 def comparisons(k, r, ctl):
@@ -359,18 +385,22 @@ def comparisons(k, r, ctl):
                                                 n=r.neuron, de=r.d_entropy, rnd=r.random_max_abs_d_entropy, rr=r.d_rr, m=r.monotone)),
         paper.Comparison(f"cos(w_out) of the anti-entropy partner ({k})", "entropy_anti_cos", float(r.partner_cos),
                          control=float(ctl.partner_cos) if ctl is not None else None, model=paper.MEDIUM,
-                         reason=report.sentence("the most opposite late neuron's w_out has cos {c:.2f} with the candidate's",
-                                                c=float(r.partner_cos))),
-        paper.Comparison(f"the partner lowers the entropy ({k})", "entropy_anti_partner", f"entropy {ae:+.3f} nats (grid 6 vs 0)",
-                         control=f"{c['anti_effect']:+.3f}" if c else None, model=paper.MEDIUM,
+                         reason=report.sentence("the most opposite late neuron's effective direction s·w_out has cos {c:.2f} "
+                                                "with the candidate's", c=float(r.partner_cos))),
+        paper.Comparison(f"the partner has the opposite effect on the entropy ({k})", "entropy_anti_partner",
+                         f"partner {ae:+.3f} nats vs top candidate {r.d_entropy:+.3f} (each acting naturally: grid 6 vs 0)",
+                         control=f"{c['anti_effect']:+.3f} vs {ctl.d_entropy:+.3f}" if c else None, model=paper.MEDIUM,
                          holds=ours["anti_partner"], control_holds=(bool(c["anti_partner"]) if c else None),
-                         reason=report.sentence("fixing the partner at the grid's top changes the entropy by {ae:+.3f} nats; "
-                                                "random neurons move it by up to {rnd:.3f}", ae=ae, rnd=r.random_max_abs_d_entropy)),
+                         reason=report.choose(np.sign(ae) == np.sign(r.d_entropy),
+                                              "both move the entropy the same way when they act naturally",
+                                              report.sentence("one of the two effects is within the random neurons' range "
+                                                              "(up to {rnd:.3f} nats)", rnd=r.random_max_abs_d_entropy))),
         paper.Comparison(f"null-space fraction, multiple of a random direction's ({k})", "entropy_null_space",
-                         f"{mine:.2f}x (random neurons up to {rnd_max:.2f}x)", control=f"{c['null']:.2f}x" if c else None,
-                         model=paper.MEDIUM, holds=ours["null_space"], control_holds=c["null_space"] if c else None,
-                         reason=report.sentence("{mine:.2f}x against up to {rnd:.2f}x for random neurons (the test asks "
-                                                "for more than both and more than 2x)", mine=mine, rnd=rnd_max)),
+                         null_text(ours), control=null_text(c) if c else None, model=paper.MEDIUM,
+                         holds=ours["null_space"], control_holds=c["null_space"] if c else None,
+                         reason=report.choose(ours["has_null_space"], report.sentence(
+                             "{mine:.2f}x against up to {rnd:.2f}x for random neurons (the test asks for more than both and "
+                             "more than 2x)", mine=mine, rnd=rnd_max), "W_U has no null space for the output to lie in")),
         paper.Comparison(f"L2-penalty rank of the entropy neuron ({k})", "entropy_neuron_l2_rank", int(r.l2_rank),
                          control=int(ctl.l2_rank) if ctl is not None else None, model=paper.MEDIUM, fmt="d"),
         paper.Comparison(f"vocab-variance rank of the entropy neuron ({k})", "entropy_neuron_vocab_var_rank", int(r.vocab_var_rank),
@@ -392,7 +422,8 @@ report.publish_neurons("05_entropy_neurons", params, studies[single_model].table
 # reciprocal rank in (0, 1], null-space fractions that are shares, a direct run whose top-1 agreement
 # is never far below the total run's (it freezes the one path that rescales every logit).
 assert all(np.isfinite(noms[k][list(interventions.METRICS)]).all() and 0 < noms[k].rr <= 1 and noms[k].entropy > 0 for k in studies)
-assert all(s.spectrum.k >= 1 and s.table.null_frac.between(-1e-9, 1 + 1e-9).all() for s in studies.values())
+assert all((s.spectrum.k >= 1 and s.table.null_frac.between(-1e-9, 1 + 1e-9).all()) if s.spectrum.has_null_space
+           else (s.spectrum.flat and s.table.null_frac.isna().all()) for s in studies.values())
 assert (effects[effects["mode"] == "direct"].groupby("model").top1_same_min.min()
         >= effects[effects["mode"] == "total"].groupby("model").top1_same_min.min() - 0.5).all()
 assert len(seeds) == len(seed_studies) and seeds.d_entropy.notna().all()
@@ -404,24 +435,34 @@ print(f"chapter compute: {minutes:.1f} min (cached results reused where present)
 
 # %%
 sm_ent = studies[single_model].role("entropy").iloc[0]
+_sw = studies[single_model].sweep
+sm_values = _sw[(_sw.layer == sm_ent.layer) & (_sw.neuron == sm_ent.neuron)].value
+
+
+def null_words(r):
+    return f"{r.null_ratio:.2f}x a random direction's null-space share" if r.null_space else "W_U has no null space"
+
+
 display(report.summary([
-    "Reference model {ref}: the top weight candidate {ref_n} (L2 rank {ref_l2}, vocab-variance rank {ref_vv}) puts {ref_null:.2f}x a random "
-    "direction's share of its norm in W_U's null space; fixed from 0 to its largest activation it moves the final scale by {ref_ds:+.3f} "
+    "Reference model {ref}: the top weight candidate {ref_n} (L2 rank {ref_l2}, vocab-variance rank {ref_vv}; {ref_null}); acting in "
+    "its natural direction (s = {ref_s:+d}), from 0 to the grid's top, it moves the final scale by {ref_ds:+.3f} "
     "and the entropy by {ref_de:+.3f} nats (random neurons: up to {chance:.3f}); {ref_verdict}.",
     "W_U's spectrum of the embedded model is {flat_text} (smallest / median singular value {ref_ratio:.2f}): with {d_model} dimensions "
     "and a {d_vocab:,}-token vocabulary {spectrum_words}.",
-    "The untrained control's top candidate {ctl_n} moves the entropy by {ctl_de:+.3f} nats (null ratio {ctl_null:.2f}x).",
+    "The untrained control's top candidate {ctl_n} moves the entropy by {ctl_de:+.3f} nats ({ctl_null}).",
     "{n_has} of {n_members} seeds of the family have an entropy neuron by section 8's criterion ({n_anti} a monotone anti-entropy top candidate).",
-    "SmolLM2-135M: its top candidate {sm_n} (L2 rank {sm_l2} of the last two layers' {sm_total}, vocab-variance rank {sm_vv}) holds "
-    "{sm_null:.2f}x a random direction's null-space share with k = {sm_k}; fixed from 0 to {sm_scale:.2f} (the grid's 6) it moves the scale "
+    "SmolLM2-135M: its top candidate {sm_n} (L2 rank {sm_l2} of the last two layers' {sm_total}, vocab-variance rank {sm_vv}; "
+    "{sm_null}, k = {sm_k}) has natural sign s = {sm_s:+d}; fixed from 0 to {sm_scale:+.4f} (the grid's 6) it moves the scale "
     "by {sm_ds:+.3f} and the entropy by {sm_de:+.3f} nats, the reciprocal rank by {sm_drr:+.4f} (random neurons: entropy up to "
     "{sm_chance:.3f}); with the scale frozen the entropy moves by {sm_direct:+.3f}, so {sm_via:+.3f} nats go through the final scale. "
     "{sm_kind}",
     "SmolLM2's most nearly opposite late neuron has cos {sm_cos:+.3f} with it (paper's pair: {paper_cos}).",
-    "On this text {sm_n} itself stays within [{sm_lo:+.4f}, {sm_hi:+.4f}]; {sm_floor}",
+    "On this text {sm_n} itself stays within [{sm_lo:+.4f}, {sm_hi:+.4f}]; its sweep spans [{sm_vlo:+.4f}, {sm_vhi:+.4f}], its own "
+    "range on both signs.",
     "Token counts are small ({n_rows} rows of {ctx} tokens embedded, {n_sm} rows of {ctx_sm} for SmolLM2); the halves of the token set "
     "differ by at most {conv_sm:.3f} nats on SmolLM2's candidate entropy curves against an effect range of {range_sm:.3f}.",
-], ref=name_ref, ref_n=ref_row.neuron, ref_l2=int(ref_row.l2_rank), ref_vv=int(ref_row.vocab_var_rank), ref_null=ref_row.null_ratio,
+], ref=name_ref, ref_n=ref_row.neuron, ref_l2=int(ref_row.l2_rank), ref_vv=int(ref_row.vocab_var_rank), ref_null=null_words(ref_row),
+    ref_s=int(ref_row.act_sign),
     ref_ds=ref_row.d_scale, ref_de=ref_row.d_entropy, chance=chance,
     ref_verdict=report.choose(bool(ref_row["has entropy neuron"]), "it behaves as an entropy neuron",
                               "it does not behave as an entropy neuron beyond chance"),
@@ -434,20 +475,17 @@ display(report.summary([
     ref_ratio=float(spectra[name_ref].values[spectra[name_ref].d - spectra[name_ref].n_zero - 1]
                     / np.median(spectra[name_ref].values[: spectra[name_ref].d - spectra[name_ref].n_zero])),
     ctl_n=ctl_row.neuron if ctl_row is not None else None, ctl_de=ctl_row.d_entropy if ctl_row is not None else None,
-    ctl_null=ctl_row.null_ratio if ctl_row is not None else None, n_has=n_has, n_members=n_trained_members,
+    ctl_null=null_words(ctl_row) if ctl_row is not None else None, n_has=n_has, n_members=n_trained_members,
     n_anti=int(seeds.loc[[f"{fam.name}-{m}" for m in fam.members], "top candidate is anti-entropy"].sum()),
     sm_n=sm_row.neuron, sm_l2=int(sm_row.l2_rank), sm_total=len(studies[single_model].table), sm_vv=int(sm_row.vocab_var_rank),
-    sm_null=sm_row.null_ratio, sm_k=spectra[single_model].k, sm_ds=sm_row.d_scale, sm_de=sm_row.d_entropy, sm_drr=sm_row.d_rr,
+    sm_null=null_words(sm_row), sm_k=spectra[single_model].k, sm_s=int(sm_row.act_sign), sm_ds=sm_row.d_scale, sm_de=sm_row.d_entropy, sm_drr=sm_row.d_rr,
     sm_direct=float(td.loc[(single_model, "entropy")]["direct"].iloc[0]),
     sm_via=float(td.loc[(single_model, "entropy")]["through the scale (total − direct)"].iloc[0]), sm_cos=sm_row.partner_cos,
     sm_chance=float(sm_row.random_max_abs_d_entropy), sm_lo=float(sm_ent.act_min), sm_hi=float(sm_ent.act_max),
-    sm_floor=report.choose(bool(sm_ent.grid_scale > max(sm_ent.act_max, -sm_ent.act_min) + 1e-9),
-                           "the sweep drives it to its layer's typical magnitude (the grid's floor), beyond anything it does on this "
-                           "corpus, so the curves say what it can do, not what it does here.",
-                           "the sweep covers its own range."), sm_scale=float(sm_ent.grid_scale),
+    sm_vlo=float(sm_values.min()), sm_vhi=float(sm_values.max()), sm_scale=float(sm_ent.grid_scale * np.sign(sm_ent.act_sign)),
     sm_kind=report.choose(bool(sm_row["top candidate is anti-entropy"]),
-                          "It is a weight-space entropy candidate that acts as an ANTI-entropy neuron: driven up, it shrinks the residual "
-                          "norm and sharpens the distribution.",
+                          "It is a weight-space entropy candidate that acts as an ANTI-entropy neuron: acting naturally, it shrinks the "
+                          "residual norm and sharpens the distribution.",
                           report.choose(bool(sm_row["has entropy neuron"]), "It acts as an entropy neuron.",
                                         "Its effect is not a clean temperature change beyond chance.")),
     paper_cos=paper.value("entropy_anti_cos", paper.MEDIUM), n_rows=n_rows, ctx=rows.n_ctx, n_sm=n_rows_single, ctx_sm=ctx_single,
@@ -457,10 +495,10 @@ display(report.summary([
 # %% [markdown]
 # Why results can differ from the paper: the family's models are smaller and trained for less than
 # the paper's (their numbers are below). SmolLM2 is a different architecture (RMSNorm, gated SiLU
-# MLP, tied embeddings), quantised to 4 bits and instruction-tuned; its gated neurons can be
-# negative without bound, so the grid's negative point is not GELU's floor there. The grid is scaled
-# per neuron (6 = its largest activation on the token set), so the paper's absolute Δ entropy (2.61 →
-# 3.44 nats at 5 vs 0) is shown, not scored. Fixed-value interventions show what a neuron *can* do,
+# MLP, tied embeddings), quantised to 4 bits and instruction-tuned; its gated neurons act with
+# either sign, so each is swept over its own range on both signs, its natural direction positive.
+# The grid is scaled per neuron (6 = 1.5 × its 99.5th-percentile magnitude on its natural side), so
+# the paper's absolute Δ entropy (2.61 → 3.44 nats at 5 vs 0) is shown, not scored. Fixed-value interventions show what a neuron *can* do,
 # not that the model uses it that way (the paper's own caveat).
 
 # %%
@@ -487,9 +525,11 @@ display(report.summary([
     "Candidates come from the weights by a shown rule (bottom-decile vocabulary variance, largest L2 penalty, last two layers); "
     "the null space is W_U's directions below half the median singular value, with the zero direction of weight processing left out.",
     "{ref}: entropy effect {ref_de:+.3f} nats vs random up to {chance:.3f}; control {ctl_de:+.3f}. {n_has} of {n_members} seeds pass.",
-    "{sm}: driving {sm_n} up moves the entropy by {sm_de:+.3f} nats with the top-1 token unchanged for at least {sm_top1:.0%} of tokens; "
+    "{sm}: {sm_n} acting in its natural direction (s = {sm_s:+d}) moves the entropy by {sm_de:+.3f} nats with the top-1 token "
+    "unchanged for at least {sm_top1:.0%} of tokens; "
     "{sm_via:+.3f} nats of it go through the final RMSNorm scale.",
     "Chapter compute on this machine: {minutes:.1f} min.",
 ], ref=name_ref, ref_de=ref_row.d_entropy, chance=chance, ctl_de=ctl_row.d_entropy if ctl_row is not None else None, n_has=n_has,
-    n_members=n_trained_members, sm=single_model, sm_n=sm_row.neuron, sm_de=sm_row.d_entropy, sm_top1=sm_row.top1_same_min,
+    n_members=n_trained_members, sm=single_model, sm_n=sm_row.neuron, sm_s=int(sm_row.act_sign), sm_de=sm_row.d_entropy,
+    sm_top1=sm_row.top1_same_min,
     sm_via=float(td.loc[(single_model, "entropy")]["through the scale (total − direct)"].iloc[0]), minutes=minutes))

@@ -29,9 +29,14 @@
 # This chapter measures, with `helpers.attention`:
 # 1. the BOS value norms of every head (paper: the median head's is many times smaller than other
 #    tokens'; its ratio is in the Result-vs-paper table, from the paper registry);
-# 2. h_n for **every** neuron and every head of a later layer, against random unit vectors (Fig 8a);
-#    **sign convention**: h_n > 0 means a positive activation raises the head's attention to BOS
-#    (a deactivation neuron), h_n < 0 lowers it (an activation neuron);
+# 2. h_n for **every** neuron and every head of a later layer, against random unit vectors (Fig 8a),
+#    on the neuron's **effective** output direction s·w_out: s is the sign of its mean activation
+#    over the tokens in the top decile of |activation| (`neuron_stats.SIGN_RULE`; chapter 02's pass
+#    for SmolLM2, a short pass per embedded member). SmolLM2's gated activation silu(gate)·up takes
+#    both signs, and a neuron that fires negatively writes −w_out; for GELU neurons s = +1 almost
+#    always and nothing changes. **Sign convention**: h_n > 0 means the neuron's typical large
+#    activation raises the head's attention to BOS (a deactivation neuron), h_n < 0 lowers it (an
+#    activation neuron);
 # 3. a path ablation that removes act_n · w_out from **one head's query input only** (TransformerLens's
 #    split query input; keys and values are untouched, which the tests check), measured per token as
 #    the change of the head's BOS attention and the % change of the norm of its output W_O z
@@ -65,7 +70,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 
-from helpers import attention, explain, families, paper, plots, presets, report, universality
+from helpers import attention, explain, families, neuron_stats, paper, plots, presets, report, universality
 from helpers.presets import resolve_dir
 
 plots.setup()
@@ -107,8 +112,20 @@ timings = {}
 # %%
 rows = fam.token_table(n_ablate)
 t0 = time.time()
-run = attention.attention_deactivation(fam, reference, rows, art, n_top, n_random, seed, batch_size, verbose=True)
-run_ctl = attention.attention_deactivation(control, reference, rows, art, n_top, n_random, seed, batch_size) if control else None
+cfg_e = fam.load(reference).cfg
+
+
+def signs_of(family, members=None, bs=batch_size, cfg=cfg_e):
+    """{member: [n_layers, d_mlp] natural signs s} from the cached statistics tables (`neuron_stats.family_signs`)."""
+    t = neuron_stats.family_signs(family, params, art, bs, members=members)
+    return {m: neuron_stats.sign_tensor(g, cfg.n_layers, cfg.d_mlp) for m, g in t.groupby("member")}
+
+
+signs = signs_of(fam)
+signs_ctl = signs_of(control, [reference]) if control else {}
+run = attention.attention_deactivation(fam, reference, rows, art, n_top, n_random, seed, batch_size, verbose=True, signs=signs[reference])
+run_ctl = (attention.attention_deactivation(control, reference, rows, art, n_top, n_random, seed, batch_size, signs=signs_ctl[reference])
+           if control else None)
 timings["embedded (trained + control)"] = time.time() - t0
 label, label_ctl = f"{fam.name}-{reference}", "untrained control"
 print(f"{len(rows)} rows of {rows.n_ctx} tokens; sampled tokens per pair: {int(run.table('pairs').n_tokens.iloc[0]):,} "
@@ -163,8 +180,10 @@ single = families.load_family(single_model, params, device=device)
 srows = single.token_table(n_single)
 t0 = time.time()
 smodel = single.load(single.reference)  # once: for the run (if not cached) and the circuitsvis view
+ssigns = signs_of(single, [single.reference], 8, smodel.cfg)[single.reference]  # chapter 02's table: no pass of its own
 srun = attention.attention_deactivation(single, single.reference, srows, art, n_top_single, n_random_single, seed,
-                                        batch_size=2, bos_rows=2, verbose=True, model=smodel)
+                                        batch_size=2, bos_rows=2, verbose=True, model=smodel, signs=ssigns)
+print(f"{single_model}: {int((ssigns < 0).sum()):,} of {ssigns.numel():,} neurons have s = −1")
 timings["SmolLM2-135M"] = time.time() - t0
 slabel = single_model
 spairs, srecords = srun.table("pairs"), srun.table("records")
@@ -187,11 +206,13 @@ plots.ablation_scatter(srecords, spairs, stop_ids, f"Figs 8b,c and 26 · path ab
 # %% [markdown]
 # ## 3. Does the heuristic predict the measured effect?
 #
-# Across the ablated pairs, the prediction h_n × (mean activation) against the measured mean
-# contribution of the neuron to the head's BOS attention (clean − ablated; it has the sign of h_n for
-# a positive activation). Spearman ρ with a 95% bootstrap interval, resampling pairs. A second,
-# per-token test: among the top pairs, the share whose fitted slope of Δp(BOS) on the activation has
-# the sign the score predicts (negative for h_n > 0).
+# Across the ablated pairs, the prediction (w_out score) × (mean activation) against the measured
+# mean contribution of the neuron to the head's BOS attention (clean − ablated; it has the sign of
+# h_n when the neuron fires with its typical sign), and the same for h_n alone, which now carries
+# that sign. Spearman ρ with a 95% bootstrap interval, resampling pairs. A second, per-token test:
+# among the top pairs, the share whose fitted slope of Δp(BOS) on the activation has the sign the
+# w_out score predicts (negative for a positive w_out score: the slope is per unit of signed
+# activation).
 
 # %%
 summ = pd.concat([pairs.assign(model=label)] + ([run_ctl.table("pairs").assign(model=label_ctl)] if run_ctl else []) +
@@ -200,8 +221,8 @@ plots.heuristic_vs_effect(summ, "Heuristic vs path ablation across pairs").show(
 rank = pd.DataFrame({m: attention.rank_correlation(g.predicted, g.effect_bos, seed=seed) for m, g in summ.groupby("model")}).T
 rank_score = pd.DataFrame({m: attention.rank_correlation(g.score, g.effect_bos, seed=seed) for m, g in summ.groupby("model")}).T
 topp = summ[summ.why != "random"]
-sign_ok = (np.sign(topp.slope_bos) == -np.sign(topp.score)).groupby(topp.model).mean().rename("slope sign as predicted (top pairs)")
-display(rank.add_prefix("ρ(h_n·mean act, effect) ").join(rank_score.add_prefix("ρ(h_n, effect) ")).join(sign_ok))
+sign_ok = (np.sign(topp.slope_bos) == -np.sign(topp.score_raw)).groupby(topp.model).mean().rename("slope sign as predicted (top pairs)")
+display(rank.add_prefix("ρ(w_out score·mean act, effect) ").join(rank_score.add_prefix("ρ(h_n, effect) ")).join(sign_ok))
 
 # %% [markdown]
 # The ablation's token counts were cut to fit the time budget. Convergence: the same rank
@@ -211,7 +232,7 @@ display(rank.add_prefix("ρ(h_n·mean act, effect) ").join(rank_score.add_prefix
 conv = pd.concat({label: attention.convergence(pairs, records, seed=seed), slabel: attention.convergence(spairs, srecords, seed=seed)},
                  names=["model"]).reset_index(level=0)
 fig = px.line(conv, x="tokens_per_pair", y="rho", color="model", markers=True, error_y=conv.hi - conv.rho, error_y_minus=conv.rho - conv.lo)
-plots.style(fig, "Convergence of ρ(h_n × mean activation, measured effect) with the ablated tokens", x="sampled tokens per pair",
+plots.style(fig, "Convergence of ρ(w_out score × mean activation, measured effect) with the ablated tokens", x="sampled tokens per pair",
             y="Spearman ρ (95% bootstrap interval)", legend="model")
 fig.show()
 
@@ -249,8 +270,9 @@ report.publish_neurons("06_attention_deactivation", params,
 # chance), with the same test on the control's matches.
 
 # %%
-members = {m: attention.score_only(fam, m, rows.n_ctx, art, seed) for m in fam.members}
-members_ctl = {m: attention.score_only(control, m, rows.n_ctx, art, seed) for m in control.members} if control else {}
+members = {m: attention.score_only(fam, m, rows.n_ctx, art, seed, signs=signs[m]) for m in fam.members}
+signs_ctl = signs_of(control) if control else {}
+members_ctl = {m: attention.score_only(control, m, rows.n_ctx, art, seed, signs=signs_ctl[m]) for m in control.members} if control else {}
 seed_tails = pd.concat({"trained": pd.DataFrame({m: r["tails"] for m, r in members.items()}).T,
                         **({"untrained control": pd.DataFrame({m: r["tails"] for m, r in members_ctl.items()}).T} if control else {})})
 display(seed_tails[["min", "max", "std", "baseline_min", "baseline_max", "q999_ratio", "share_beyond_baseline"]])
@@ -313,7 +335,8 @@ heavy = lambda t: n_beyond(t) >= 10  # noqa: E731
 
 def example(p):
     top = p[p.why == "most positive h_n"].iloc[0]
-    return top, bool(top.slope_bos < 0 and top.slope_norm > 0)
+    s = np.sign(top.score * top.score_raw)  # the neuron's natural sign: the slopes are per unit of signed activation
+    return top, bool(s * top.slope_bos < 0 and s * top.slope_norm > 0)
 
 
 ex_t, ok_t = example(pairs)
@@ -396,7 +419,7 @@ display(report.summary([
     "[{sbmin:.2f}, {sbmax:.2f}] ({sn} of {sN:,} beyond: {tails_s_txt}); the paper's minimum is {pmin}.",
     "Path ablation: the fitted slope of Δp(BOS) on the activation has the sign the score predicts for {sok_t:.0%} of "
     "{model}'s top pairs and {sok_s:.0%} of SmolLM2's.",
-    "Across pairs, h_n × mean activation ranks the measured mean effect with Spearman ρ {rho_t:.2f} [{lo_t:.2f}, {hi_t:.2f}] "
+    "Across pairs, the w_out score × mean activation ranks the measured mean effect with Spearman ρ {rho_t:.2f} [{lo_t:.2f}, {hi_t:.2f}] "
     "in {model} ({pred_t}) and {rho_s:.2f} [{lo_s:.2f}, {hi_s:.2f}] in SmolLM2 ({pred_s}; 95% bootstrap over pairs). "
     "In the untrained control it is {rho_c:.2f} [{lo_c:.2f}, {hi_c:.2f}]: {ctl_txt}",
     "Across seeds of {model}: the neurons matched to the reference's 20 strongest rank at median percentile {rec_t:.0f} "

@@ -272,3 +272,53 @@ def test_convergence_uses_the_first_rows():
     c = attention.convergence(pairs, rec, fractions=(0.5, 1.0))
     assert list(c.rows) == [2, 4] and list(c.tokens_per_pair) == [2, 4]
     assert (c.rho > 0.9).all()
+
+
+@torch.no_grad()
+def test_gated_neuron_firing_negatively_takes_the_sign_of_its_activation():
+    """A gated layer-0 neuron whose activation is always negative (every embedding carries 10 e, the
+    gate reads 0.5 e, no key reads e, the linear branch is the constant -1) and whose w_out raises head 1.0's BOS
+    logit: w_out alone says "deactivation" (raw score > 0), but the neuron writes -|a| w_out and
+    its write LOWERS the head's BOS logit (an activation neuron); the score of s * w_out has the
+    measured sign."""
+    from helpers.neuron_stats import activation_statistics, sign_tensor
+
+    model = linear_model(rotary=False, gqa=False)
+    h, n = 0, 3
+    g = torch.Generator().manual_seed(2)
+    e = torch.randn(model.cfg.d_model, generator=g)
+    e /= e.norm()
+    model.W_E.add_(10.0 * e)
+    for blk in model.blocks:  # the keys do not read e: otherwise every key would look like k_BOS
+        blk.attn.W_K.sub_(e[None, :, None] * torch.einsum("m,hmd->hd", e, blk.attn.W_K)[:, None, :])
+    mlp = model.blocks[0].mlp
+    mlp.W_gate[:, n] = 0.5 * e
+    mlp.W_in[:, n] = 0.0
+    mlp.b_in[n] = -1.0
+    d = attention.query_directions(model, 1, attention.bos_keys(model, BOS)[1])[h]
+    mlp.W_out[n] = 4.0 * d / d.norm()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 20, (8, 16), generator=g)
+    ids[:, 0] = BOS
+    r = TokenRows(ids)
+    stats = activation_statistics(model, r, drop_ids=[BOS], batch_size=4)
+    signs = sign_tensor(stats, model.cfg.n_layers, model.cfg.d_mlp)
+    assert signs[0, n] == -1
+    sc = attention.heuristic_scores(model, BOS, signs=signs)
+    raw, eff = float(sc["raw"][0, n, 1, h]), float(sc["score"][0, n, 1, h])
+    assert raw > 0 and eff == pytest.approx(-raw)
+    plus = signs > 0
+    assert torch.equal(sc["score"][plus].nan_to_num(), sc["raw"][plus].nan_to_num())  # s = +1: unchanged
+    table = attention.score_table(sc["score"], sc["raw"])
+    pairs = table[(table.neuron_layer == 0) & (table.neuron == n) & (table["head"] == h)].reset_index(drop=True)
+    rec = attention.path_ablation(model, r, pairs, drop_ids=[BOS], batch_size=4)
+    assert (rec.act < 0).all()
+    summ = attention.pair_summary(pairs, rec)
+    assert np.sign(summ.predicted.iloc[0]) == -1
+    # measured: the neuron's write moves the head's BOS logit (clean minus ablated) with the sign of s * raw
+    _, cache = model.run_with_cache(ids, names_filter=lambda k: k in ("blocks.1.hook_resid_pre", "blocks.0.mlp.hook_post"))
+    delta = cache["blocks.0.mlp.hook_post"][..., n, None] * model.blocks[0].mlp.W_out[n]
+    resid = cache["blocks.1.hook_resid_pre"]
+    clean = attention.head_run(model, 1, resid, h, None, ("attn_scores",))["attn_scores"][:, h, 8:, 0]
+    ablated = attention.head_run(model, 1, resid, h, delta, ("attn_scores",))["attn_scores"][:, h, 8:, 0]
+    assert ((clean - ablated) < 0).all() and np.sign(eff) == -1

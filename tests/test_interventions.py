@@ -19,11 +19,13 @@ def _project_out(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return w - (w @ v)[..., None] * v
 
 
-def planted_entropy_model(eps: float = 0.0, anti: bool = False, seed: int = 3):
+def planted_entropy_model(eps: float = 0.0, anti: bool = False, seed: int = 3, offset: float = 0.0):
     """A processed 2-layer model in which unit direction v (orthogonal to the all-ones direction that
     LayerNorm removes) is read by W_U with gain `eps` of its own (0: exactly W_U's null space) and
     written by no component but neuron PLANTED, whose w_out is GAIN * v. With `anti`, neuron ANTI
-    writes -0.9 GAIN v plus a little noise."""
+    writes -0.9 GAIN v plus a little noise. `offset`: the last MLP's bias writes offset * v, so the
+    residual norm grows monotonically with the neuron's activation over its range, both signs (with
+    0 the norm is symmetric in the activation around 0)."""
     model = processed_model(ARCH, init_model(ARCH, seed).state_dict())
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(ARCH["d_model"], generator=g)
@@ -41,6 +43,7 @@ def planted_entropy_model(eps: float = 0.0, anti: bool = False, seed: int = 3):
             blk.mlp.W_out.copy_(_project_out(blk.mlp.W_out, v))
             blk.mlp.b_out.copy_(_project_out(blk.mlp.b_out, v))
         model.blocks[PLANTED[0]].mlp.W_out[PLANTED[1]] = GAIN * v
+        model.blocks[PLANTED[0]].mlp.b_out.add_(offset * v)
         if anti:
             noise = _project_out(torch.randn(ARCH["d_model"], generator=g), v)
             model.blocks[ANTI[0]].mlp.W_out[ANTI[1]] = -0.9 * GAIN * v + 0.3 * noise / noise.norm() * GAIN
@@ -152,10 +155,15 @@ def test_sweep_batches_replicas_and_caches(tmp_path):
         np.testing.assert_allclose(r.act_min, acts.min(0).values.numpy(), atol=1e-5)
         np.testing.assert_allclose(r.act_max, acts.max(0).values.numpy(), atol=1e-5)
         np.testing.assert_allclose(r.act_mean, acts.mean(0).numpy(), atol=1e-5)
-    # grid scales: a neuron's largest magnitude (a large negative one counts), floored at its layer's median
-    planted = pd.DataFrame({"layer": [0, 0, 0, 1, 1], "act_min": [-0.1, -3.0, -0.1, -0.1, -0.1],
-                            "act_max": [2.0, 1.0, 0.01, 4.0, 0.5]})
-    np.testing.assert_allclose(entropy.grid_scales(planted), [2.0, 3.0, 2.0, 4.0, 2.25])
+    assert (ranges.act_min <= ranges.act_q_lo).all() and (ranges.act_q_lo <= ranges.act_q_hi).all() and (ranges.act_q_hi <= ranges.act_max).all()
+    assert set(ranges.act_sign) <= {-1.0, 1.0}
+    # natural grids on planted ranges: 6 maps to 1.5 x the natural side's quantile; the other side's
+    # reach is relative to it, never below the paper's -0.17 against 6; a neuron silent on its side gets 0
+    planted = pd.DataFrame({"act_sign": [1.0, -1.0, 1.0, 1.0], "act_q_lo": [-0.5, -4.0, -0.001, -1.0],
+                            "act_q_hi": [2.0, 1.0, 3.0, 0.0]})
+    nat = entropy.natural_grid(planted)
+    np.testing.assert_allclose(nat.grid_scale, [3.0, 6.0, 4.5, 0.0])
+    np.testing.assert_allclose(nat.other_ratio, [0.25, 0.25, entropy.MIN_OTHER, entropy.MIN_OTHER])
 
 
 def test_entropy_neuron_found_from_weights():
@@ -184,7 +192,7 @@ def test_entropy_neuron_found_from_weights():
 
 
 def test_study_finds_and_sweeps_the_planted_entropy_neuron(tmp_path):
-    model, _ = planted_entropy_model(eps=0.02)  # a small but non-zero gain: an exact zero would be left out with LayerNorm's
+    model, _ = planted_entropy_model(eps=0.02, offset=8.0)  # a small but non-zero gain: an exact zero would be left out with LayerNorm's
     rows = _rows(4)
     s = entropy.study(model, "planted", "planted-weights", rows, [0], tmp_path, n_candidates=1, n_random=20, seed=0,
                       random_grid=(0.0, 3.0, 6.0), batch_size=2, verbose=False)
@@ -223,3 +231,92 @@ def test_rmsnorm_final_scale_is_the_hook_and_freezing_it_works():
     with pytest.raises(ValueError):
         iv.check_final_scale(HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=8, d_mlp=8, n_ctx=4,
                                                                        d_vocab=5, act_fn="relu", normalization_type=None)))
+
+
+def gated_entropy_model(seed: int = 5, neuron: int = 4, offset: float = 8.0):
+    """A SmolLM2-style model (RMSNorm folded, gated SiLU MLP) with a planted entropy neuron whose
+    activations are NEGATIVE: every embedding carries 10 e, the gate reads 5 e (large and positive)
+    and the linear branch is the constant -1, so its activation is about -silu(large). Its w_out is
+    -GAIN v, v in W_U's null space (e, v orthogonal), so when it acts it writes +|a| GAIN v; the
+    last MLP's bias writes offset * v, so that grows the residual norm: raising the final scale and
+    the entropy is what it naturally does, while driving it upwards (positive values) lowers them."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=48, n_ctx=16, d_vocab=97, act_fn="silu",
+                                  normalization_type="RMSPre", gated_mlp=True, positional_embedding_type="rotary", seed=seed)
+    model = HookedTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(32, generator=g)
+    v /= v.norm()
+    e = _project_out(torch.randn(32, generator=g), v)
+    e /= e.norm()
+    with torch.no_grad():
+        model.W_U.mul_(8.0)
+        model.W_U.copy_(model.W_U - 0.98 * torch.outer(v, v @ model.W_U))
+        model.W_E.copy_(_project_out(model.W_E, v) + 10.0 * e)
+        for blk in model.blocks:
+            blk.attn.W_O.copy_(_project_out(blk.attn.W_O, v))
+            blk.mlp.W_out.copy_(_project_out(blk.mlp.W_out, v))
+        mlp = model.blocks[1].mlp
+        mlp.W_gate[:, neuron] = 5.0 * e
+        mlp.W_in[:, neuron] = 0.0
+        mlp.b_in[neuron] = -1.0
+        mlp.W_out[neuron] = -GAIN * v
+        mlp.b_out.add_(offset * v)
+    return model
+
+
+def test_gated_entropy_neuron_is_swept_and_labelled_in_its_natural_direction(tmp_path):
+    model = gated_entropy_model()
+    rows = _rows(4)
+    s = entropy.study(model, "gated", "gated-weights", rows, [0], tmp_path, n_candidates=1, n_random=20, seed=0,
+                      random_grid=(0.0, 3.0, 6.0), batch_size=2, verbose=False)
+    top = s.role("entropy").iloc[0]
+    assert (top.layer, top.neuron) == (1, 4) and top.act_sign == -1 and top.act_q_hi < 0
+    sw = s.sweep[(s.sweep.role == "entropy") & (s.sweep["mode"] == "total")]
+    assert (sw.grid < 0).any() and (sw.value[sw.grid > 0] < 0).all() and (sw.value[sw.grid < 0] > 0).all()
+    assert sw.value.min() == pytest.approx(-top.grid_scale) and top.grid_scale == pytest.approx(-entropy.EXTEND * top.act_q_lo)
+    summary = entropy.seed_summary({"gated": s}).loc["gated"]
+    # its natural (negative) activation raises the scale and the entropy: an entropy neuron
+    assert summary.effect_role == "entropy" and summary.d_entropy > 0 and summary.d_scale > 0
+    assert summary.monotone and summary.direction == 1
+    # driven upwards (the old one-sided sweep) it lowers the entropy: labelled by w_out alone, it would be anti-entropy
+    up = iv.intervention_sweep(model, rows, [iv.Target(1, 4, np.array([0.0, 0.2]), np.array([0.0, 6.0]), "up", ("total",))], [0],
+                               batch_size=2, verbose=False)
+    assert iv.effect_summary(up).d_entropy.iloc[0] < 0
+
+
+def test_monotonicity_check_uses_the_negative_grid_points():
+    """A curve that rises over the natural side but also rises on the opposite side (a U) is not
+    monotone; leaving the negative points out, as a one-sided check did, would call it monotone."""
+    grid = entropy.grid_points(0.5)
+    assert grid.min() == pytest.approx(-3.0) and 0.0 in grid and (grid > 0).sum() == 6 and (grid < 0).sum() == 2
+    assert entropy.grid_points(0.0).min() == pytest.approx(0.0) and entropy.natural_grid(pd.DataFrame(
+        {"layer": [0], "neuron": [0], "act_sign": [1.0], "act_q_lo": [0.5], "act_q_hi": [2.0]})).other_ratio.iloc[0] == entropy.MIN_OTHER
+    ent = np.where(grid < 0, 2.0 + 0.1 * np.abs(grid), 2.0 + 0.1 * grid)
+    t = pd.DataFrame({"row": 0, "layer": 1, "neuron": 4, "role": "entropy", "mode": "total", "grid": grid, "value": grid, "n": 1.0,
+                      "scale": 1.0 + grid, "entropy": ent, "loss": 1.0, "rr": 0.5, "top1_same": 1.0})
+    e = iv.effect_summary(t).iloc[0]
+    assert e.scale_monotone and not e.entropy_monotone
+    assert e.d_entropy == pytest.approx(0.6)
+    assert entropy.opposite_effects(0.6, -0.4, 0.1) and not entropy.opposite_effects(-0.6, -0.4, 0.1)
+    assert not entropy.opposite_effects(0.6, -0.05, 0.1)
+
+
+def test_flat_unembedding_has_no_null_space():
+    """W_U with every live singular value equal (and LayerNorm's exact zero): no direction is read at
+    less than half the median gain, so there is no null space and no share is computed in it."""
+    model, _ = planted_entropy_model()
+    d, V = ARCH["d_model"], ARCH["d_vocab"]
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(V, d, generator=g))
+    centre = torch.eye(d) - torch.ones(d, d) / d
+    with torch.no_grad():
+        model.W_U.copy_(centre @ q.T * 3.0)
+    sp = entropy.unembed_spectrum(model)
+    assert sp.n_zero == 1 and sp.flat and sp.k == 0 and not sp.has_null_space
+    assert sp.null.shape == (d, 0) and np.isnan(sp.random_fraction) and "null space" not in set(sp.table().part)
+    assert np.isnan(entropy.null_space_fraction(model, sp)).all()
+    table = entropy.entropy_table(model, sp)
+    assert table.null_frac.isna().all() and table.null_ratio.isna().all()
+    assert entropy.null_space_fraction(model, sp, k=2).max() <= 1  # an explicit cut-off is still a share

@@ -124,7 +124,7 @@ def test_planted_partition_neuron_is_classified_as_partition(planted):
 
 def test_next_token_conditioning_recovers_a_planted_dependence(tmp_path):
     """The layer-0 neuron TRIGGER reads the embedding of one trigger token; in the rows, the
-    trigger is always followed by a year. Its pre-activation split by "next token is a year" must
+    trigger is always followed by a year. Its activation split by "next token is a year" must
     be higher on the year side, and the streamed numbers must equal a direct computation."""
     model, codec, strings = planted_model()
     trig = strings.index(" " + "".join(s for s in strings[15].strip()))  # a word token
@@ -150,8 +150,8 @@ def test_next_token_conditioning_recovers_a_planted_dependence(tmp_path):
     eff = vocab.conditioning_effect(parts).set_index("part")
     assert (eff["diff"] > 0).all() and eff.loc["all", "n_in"] == eff.loc[["1 of 2", "2 of 2"], "n_in"].sum()
     # direct
-    _, cache = model.run_with_cache(rows.ids, names_filter="blocks.0.mlp.hook_pre")
-    pre = cache["blocks.0.mlp.hook_pre"][:, :-1, TRIGGER][:, 1:]  # positions 1..14 (a next token, not BOS)
+    _, cache = model.run_with_cache(rows.ids, names_filter="blocks.0.mlp.hook_post")
+    pre = cache["blocks.0.mlp.hook_post"][:, :-1, TRIGGER][:, 1:]  # the activation at positions 1..14 (a next token, not BOS)
     nxt = torch.from_numpy(np.isin(ids[:, 2:], years))
     on, off = pre[nxt], pre[~nxt]
     got = out.set_index("next_in_class")
@@ -247,3 +247,63 @@ def test_seed_consistency_says_when_there_is_nothing_to_compare():
     assert set(same["last_layer_majority"].values()) == {"suppression"}
     one = vocab.seed_consistency(_moments("abc", {"a": 40.0, "b": 3.0, "c": 3.0}), 2)
     assert one["measured"] and not one["consistent"]  # one seed's suppression neuron against two ties
+
+
+def gated_negative_model(d_model=256, d_vocab=300, targets=(10, 11), neuron=3, seed=0):
+    """A 2-layer gated (SiLU) model without normalisation whose layer-1 neuron `neuron` writes w_out =
+    W_U[:, t1] + W_U[:, t2] (so W_U w_out alone looks like a prediction neuron of the targets), but
+    whose activation silu(gate) * up is always negative: every token embedding carries 10 e, the
+    gate reads 5 e (large and positive) and the linear branch is the constant -1."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=d_model, n_heads=2, d_head=d_model // 2, d_mlp=16, n_ctx=16, d_vocab=d_vocab,
+                                  act_fn="silu", gated_mlp=True, normalization_type=None, seed=seed)
+    model = HookedTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(d_model, generator=g)
+    e /= e.norm()
+    with torch.no_grad():
+        model.W_U.copy_(torch.randn(d_model, d_vocab, generator=g))
+        model.W_E.add_(10.0 * e)
+        mlp = model.blocks[1].mlp
+        mlp.W_gate[:, neuron] = 5.0 * e
+        mlp.W_in[:, neuron] = 0.0
+        mlp.b_in[neuron] = -1.0
+        mlp.W_out[neuron] = model.W_U[:, list(targets)].sum(1)
+    return model
+
+
+def test_gated_neuron_firing_negatively_is_classified_by_what_it_does_to_the_logits():
+    from helpers.neuron_stats import activation_statistics
+
+    targets, n = (10, 11), 3
+    model = gated_negative_model(targets=targets, neuron=n)
+    strings = [f"t{i}" for i in range(model.cfg.d_vocab)]
+    codec = SimpleNamespace(token_strings=lambda: strings, bos_id=0, d_vocab=len(strings), drop_ids=[0])
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, model.cfg.d_vocab, (6, 16), generator=g)
+    ids[:, 0] = 0
+    # ground truth: what the neuron does to the target logits (clean minus with the neuron zeroed)
+    hook = f"blocks.1.mlp.hook_post"
+    with torch.no_grad():
+        clean, cache = model.run_with_cache(ids, names_filter=lambda k: k == hook)
+        zeroed = model.run_with_hooks(ids, fwd_hooks=[(hook, lambda a, hook: a.index_fill_(-1, torch.tensor([n]), 0.0))])
+    assert (cache[hook][..., n] < -0.5).all()
+    d = (clean - zeroed)[..., list(targets)]
+    assert (d < 0).all()  # it lowers the target tokens' logits: a suppression neuron
+    real = vocab.real_token_mask(codec, model)
+    moments = vocab.vocab_moments(model, real)
+    row = (moments.layer == 1) & (moments.neuron == n)
+    assert vocab.classify(moments)[row].item() == "prediction"  # W_U w_out alone gets it backwards
+    stats = activation_statistics(model, ids, drop_ids=[0], batch_size=3)
+    sign = stats.set_index(["layer", "neuron"]).act_sign
+    assert sign.loc[(1, n)] == -1 and (sign.drop((1, n)) != 0).all()
+    eff = vocab.apply_signs(moments, stats)
+    assert vocab.classify(eff)[row].item() == "suppression"
+    assert eff.loc[row, "vocab_kurt"].item() == moments.loc[row, "vocab_kurt"].item()
+    plus = eff.act_sign > 0  # neurons with s = +1 keep every number
+    pd.testing.assert_frame_equal(eff.loc[plus, moments.columns], moments.loc[plus])
+    effect = vocab.vocab_effect(model, 1, real, neurons=[n], signs=[-1.0])[0]
+    assert effect[torch.tensor([list(real.ids).index(t) for t in targets])].max() < effect.median()
+    table = eff[row].reset_index(drop=True)
+    assert (vocab.vocab_effect_rows(model, table, real)[0] == effect).all()

@@ -6,13 +6,17 @@ Three measurements, for any (neuron, later head) pair of a HookedTransformer:
 1. **BOS values** (`bos_value_norms`): per head, ‖W_O v_BOS‖ against the mean ‖W_O v‖ over the other
    (valid) tokens. A head that puts its attention on BOS writes little, so attending to BOS is
    "off" (paper: the median head of GPT2-medium-a has a BOS value 19.4x smaller).
-2. **The heuristic score** (`heuristic_scores`): h_n = w_outᵀ W_Q k_BOS / sqrt(d_head) for every
-   neuron n of an earlier layer and every head of a later one, with w_out unit-normalised and
-   k_BOS the head's key at position 0 when the model reads BOS alone. TransformerLens stores
+2. **The heuristic score** (`heuristic_scores`): h_n = s_n w_outᵀ W_Q k_BOS / sqrt(d_head) for every
+   neuron n of an earlier layer and every head of a later one, with w_out unit-normalised,
+   k_BOS the head's key at position 0 when the model reads BOS alone, and s_n the sign of the
+   neuron's typical large activation (`neuron_stats.SIGN_RULE`): s_n w_out is the direction the
+   neuron actually writes. The paper's GELU neurons have s_n = +1; a gated MLP's activation
+   silu(gate) * up takes either sign, and without s_n a neuron that fires negatively would have
+   the sign of its effect reversed. The score of w_out alone is kept as `score_raw`. TransformerLens stores
    W_Q as [n_heads, d_model, d_head], so W_Q k_BOS is a d_model vector per head (the paper's
    "W_Qᵀ k_BOS" in the x·W convention). The baseline replaces w_out with random unit vectors.
-   - **Sign convention (`SIGN`)**: h_n > 0 means a positive activation raises the head's
-     attention logit on BOS, so the neuron *deactivates* the head; h_n < 0 *activates* it.
+   - **Sign convention (`SIGN`)**: h_n > 0 means the neuron's typical large activation raises the
+     head's attention logit on BOS, so the neuron *deactivates* the head; h_n < 0 *activates* it.
    - **Rotary models**: the query at position p is rotated by R_p, the BOS key by R_0 = I, so the
      logit is xᵀ W_Q R_pᵀ k_BOS. The score averages R_pᵀ k_BOS over the given query positions
      (by linearity, the mean over those positions of the exact per-position score).
@@ -44,13 +48,13 @@ import pandas as pd
 import torch
 
 from .activations import ActivationStream
-from .artifacts import atomic_write_parquet, cached_result
+from .artifacts import atomic_write_parquet, cached_result, config_hash
 from .data import TokenRows, valid_token_mask
 from .models import neuron_weights
 
-CODE_VERSION = 1
-SIGN = ("h_n > 0: a positive activation raises the head's attention logit on BOS (deactivation neuron); "
-        "h_n < 0: it lowers it (activation neuron)")
+CODE_VERSION = 2
+SIGN = ("h_n > 0: the neuron's typical large activation (of sign s_n) raises the head's attention logit on BOS "
+        "(deactivation neuron); h_n < 0: it lowers it (activation neuron)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,14 +126,18 @@ def unit_rows(w: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def heuristic_scores(model, bos_id: int, positions: Sequence[int] | None = None, seed: int = 0,
-                     neuron_layers: Sequence[int] | None = None, head_layers: Sequence[int] | None = None) -> dict:
+                     neuron_layers: Sequence[int] | None = None, head_layers: Sequence[int] | None = None,
+                     signs: torch.Tensor | None = None) -> dict:
     """h_n for every neuron of `neuron_layers` and every head of a strictly later layer of
     `head_layers` (default: all), and the same score of random unit vectors (one per neuron,
     Gaussian, seeded by `seed`).
 
-    Returns {"score": [n_layers, d_mlp, n_layers, n_heads] float32 tensor (NaN where the neuron's
-    layer is not below the head's), "baseline": the same for the random vectors, "sign": SIGN}.
-    Fig 8a is the histogram of the non-NaN entries of both."""
+    `signs` [n_layers, d_mlp] (+1/-1, `neuron_stats.sign_tensor`): each neuron's s_n; None takes
+    +1 for every neuron (the score of w_out itself).
+    Returns {"score": [n_layers, d_mlp, n_layers, n_heads] float32 tensor of s_n times the w_out
+    score (NaN where the neuron's layer is not below the head's), "raw": the w_out score,
+    "baseline": the same for the random vectors (whose sign is arbitrary), "sign": SIGN}.
+    Fig 8a is the histogram of the non-NaN entries of score and baseline."""
     cfg = model.cfg
     nl = list(range(cfg.n_layers)) if neuron_layers is None else list(neuron_layers)
     hl = list(range(cfg.n_layers)) if head_layers is None else list(head_layers)
@@ -146,16 +154,23 @@ def heuristic_scores(model, bos_id: int, positions: Sequence[int] | None = None,
                 d = dirs[L].cpu()
                 score[l, :, L] = w @ d.T
                 base[l, :, L] = r @ d.T
-    return {"score": score, "baseline": base, "sign": SIGN}
+    s = torch.ones(cfg.n_layers, cfg.d_mlp) if signs is None else torch.as_tensor(signs, dtype=torch.float32).cpu()
+    if tuple(s.shape) != (cfg.n_layers, cfg.d_mlp):
+        raise ValueError(f"signs must be [{cfg.n_layers}, {cfg.d_mlp}], got {tuple(s.shape)}")
+    return {"score": score * s[:, :, None, None], "raw": score, "baseline": base, "sign": SIGN}
 
 
-def score_table(scores: torch.Tensor) -> pd.DataFrame:
-    """Long table of the valid pairs of a score tensor: neuron_layer, neuron, head_layer, head, score."""
+def score_table(scores: torch.Tensor, raw: torch.Tensor | None = None) -> pd.DataFrame:
+    """Long table of the valid pairs of a score tensor: neuron_layer, neuron, head_layer, head, score
+    (and `score_raw`, the w_out score, when `raw` is given)."""
     idx = (~torch.isnan(scores)).nonzero()
     vals = scores[tuple(idx.T)]
     cols = idx.numpy().astype(np.int32)
-    return pd.DataFrame({"neuron_layer": cols[:, 0], "neuron": cols[:, 1], "head_layer": cols[:, 2], "head": cols[:, 3],
-                         "score": vals.numpy().astype(np.float32)})
+    out = pd.DataFrame({"neuron_layer": cols[:, 0], "neuron": cols[:, 1], "head_layer": cols[:, 2], "head": cols[:, 3],
+                        "score": vals.numpy().astype(np.float32)})
+    if raw is not None:
+        out["score_raw"] = raw[tuple(idx.T)].numpy().astype(np.float32)
+    return out
 
 
 def select_pairs(table: pd.DataFrame, n_top: int, n_random: int, seed: int = 0) -> pd.DataFrame:
@@ -311,7 +326,7 @@ def path_ablation(model, rows: TokenRows, pairs: pd.DataFrame, drop_ids: Sequenc
 
     Returns columns pair, row, pos, act (the neuron's activation), p_bos, p_bos_ablated,
     d_bos (ablated - clean), norm (‖W_O z‖), norm_ablated, d_norm_pct (100 · (ablated - clean) /
-    clean). A deactivation neuron (h_n > 0) firing positively has d_bos < 0 and d_norm_pct > 0."""
+    clean). A deactivation neuron (h_n > 0) firing with its typical sign has d_bos < 0 and d_norm_pct > 0."""
     need = {"neuron_layer", "neuron", "head_layer", "head"}
     if not need <= set(pairs.columns):
         raise ValueError(f"pairs need columns {sorted(need)}; got {list(pairs.columns)}")
@@ -368,9 +383,11 @@ def fit_line(x: np.ndarray, y: np.ndarray) -> dict:
 
 def pair_summary(pairs: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
     """Per pair: its score, the mean activation, the mean BOS-attention contribution of the neuron
-    (`effect_bos` = mean of clean - ablated, so it has the sign of h_n for a positive activation),
-    the mean % norm change on ablation, and fitted lines of d_bos and d_norm_pct against the
-    activation over ALL sampled tokens (slope, r)."""
+    (`effect_bos` = mean of clean - ablated: it has the sign of h_n when the neuron fires with its
+    typical sign s_n), the mean % norm change on ablation, and fitted lines of d_bos and d_norm_pct
+    against the activation over ALL sampled tokens (slope, r). `predicted` = (w_out score) x (mean
+    activation): `score_raw` where the pairs have it (the sign of the activation is in the mean
+    activation itself), else `score`."""
     out = []
     for pid, g in records.groupby("pair"):
         fb, fn = fit_line(g.act, g.d_bos), fit_line(g.act, g.d_norm_pct)
@@ -379,7 +396,7 @@ def pair_summary(pairs: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
                     "slope_norm": fn["slope"], "r_norm": fn["r"], "mean_p_bos": float(g.p_bos.mean())})
     summ = pd.DataFrame(out)
     res = pairs.reset_index(drop=True).rename_axis("pair").reset_index().merge(summ, on="pair", how="left")
-    res["predicted"] = res.score * res.mean_act
+    res["predicted"] = (res.score_raw if "score_raw" in res.columns else res.score) * res.mean_act
     return res
 
 
@@ -430,7 +447,8 @@ def tail_summary(score: torch.Tensor, baseline: torch.Tensor) -> dict:
 
 def attention_deactivation(family, member: str, rows: TokenRows, artifacts_dir: str | Path, n_top: int = 20,
                            n_random: int = 40, seed: int = 0, batch_size: int = 8, bos_rows: int | None = None,
-                           head_layers: Sequence[int] | None = None, verbose: bool = False, model=None):
+                           head_layers: Sequence[int] | None = None, verbose: bool = False, model=None,
+                           signs: torch.Tensor | None = None):
     """The chapter's measurements on one model, cached under `<artifacts>/attention/` keyed by the
     weights, the rows, the pair selection and this code's version.
 
@@ -438,19 +456,21 @@ def attention_deactivation(family, member: str, rows: TokenRows, artifacts_dir: 
     and tail summary, the BOS value norms (on the first `bos_rows` rows, default all), the path
     ablation of `select_pairs(n_top, n_random)` with per-token records and per-pair summaries.
     Returns the Result (tables "pairs", "records", "bos", "hist", "top_scores"; meta has "tails").
-    `model`: the member already loaded (it is loaded only when the result is not cached otherwise)."""
+    `model`: the member already loaded (it is loaded only when the result is not cached otherwise).
+    `signs` [n_layers, d_mlp]: each neuron's s_n (`heuristic_scores`; None: +1 for all)."""
     rows = TokenRows.of(rows)
     first = rows.n_ctx // 2
     positions = list(range(first, rows.n_ctx))
     ident = {"code_version": CODE_VERSION, "weights": family.identity[member], "rows_sha256": rows.sha256,
              "rows_shape": list(rows.ids.shape), "n_top": int(n_top), "n_random": int(n_random), "seed": int(seed),
              "bos_rows": bos_rows, "drop_ids": sorted(family.codec.drop_ids), "bos_id": int(family.codec.bos_id),
-             "head_layers": None if head_layers is None else list(head_layers), "first_pos": first}
+             "head_layers": None if head_layers is None else list(head_layers), "first_pos": first,
+             "signs": _signs_key(signs)}
 
     def compute(folder: Path) -> dict:
         m = model if model is not None else family.load(member)
-        sc = heuristic_scores(m, family.codec.bos_id, positions, seed, head_layers=head_layers)
-        table = score_table(sc["score"])
+        sc = heuristic_scores(m, family.codec.bos_id, positions, seed, head_layers=head_layers, signs=signs)
+        table = score_table(sc["score"], sc["raw"])
         atomic_write_parquet(score_histogram(sc["score"], sc["baseline"]), folder / "hist.parquet")
         k = min(200, len(table) // 2)
         top = pd.concat([table.nlargest(k, "score"), table.nsmallest(k, "score")], ignore_index=True)
@@ -469,17 +489,26 @@ def attention_deactivation(family, member: str, rows: TokenRows, artifacts_dir: 
     return cached_result("attention", ident, compute, root=artifacts_dir, prefix=f"{family.name}-{member}")
 
 
-def score_only(family, member: str, rows_n_ctx: int, artifacts_dir: str | Path, seed: int = 0) -> dict:
+def _signs_key(signs) -> str | None:
+    """A cache key for a sign tensor: None for all +1 (or None), else the hash of the -1 positions."""
+    if signs is None:
+        return None
+    neg = (torch.as_tensor(signs) < 0).nonzero().tolist()
+    return config_hash(neg, 16) if neg else None
+
+
+def score_only(family, member: str, rows_n_ctx: int, artifacts_dir: str | Path, seed: int = 0,
+               signs: torch.Tensor | None = None) -> dict:
     """Scores of one member without the ablation (for the seed comparison): tail summary, the top
-    and bottom scores, cached. Positions averaged as in `attention_deactivation`."""
+    and bottom scores, cached. Positions averaged as in `attention_deactivation`; `signs` as there."""
     first = rows_n_ctx // 2
     ident = {"code_version": CODE_VERSION, "weights": family.identity[member], "seed": int(seed), "n_ctx": int(rows_n_ctx),
-             "bos_id": int(family.codec.bos_id)}
+             "bos_id": int(family.codec.bos_id), "signs": _signs_key(signs)}
 
     def compute(folder: Path) -> dict:
         model = family.load(member)
-        sc = heuristic_scores(model, family.codec.bos_id, list(range(first, rows_n_ctx)), seed)
-        table = score_table(sc["score"])
+        sc = heuristic_scores(model, family.codec.bos_id, list(range(first, rows_n_ctx)), seed, signs=signs)
+        table = score_table(sc["score"], sc["raw"])
         atomic_write_parquet(table, folder / "scores.parquet")
         return {"tails": tail_summary(sc["score"], sc["baseline"])}
 
@@ -563,7 +592,8 @@ def convergence(pairs: pd.DataFrame, records: pd.DataFrame, fractions: Sequence[
     for f in fractions:
         keep = rows_all[: max(1, int(round(f * len(rows_all))))]
         rec = records[records.row.isin(keep)]
-        s = pair_summary(pairs[["neuron_layer", "neuron", "head_layer", "head", "score", "why"]], rec)
+        cols = ["neuron_layer", "neuron", "head_layer", "head", "score", *(["score_raw"] if "score_raw" in pairs else []), "why"]
+        s = pair_summary(pairs[cols], rec)
         rc = rank_correlation(s.predicted, s.effect_bos, seed=seed, n_boot=500)
         out.append({"fraction": f, "rows": len(keep), "tokens_per_pair": int(s.n_tokens.iloc[0]), **rc})
     return pd.DataFrame(out)

@@ -9,7 +9,17 @@ without changing which token is predicted. An anti-entropy partner writes nearly
 Everything here is computed from the processed weights the families load. The exact zero direction
 that weight processing creates is left out of the spectrum: folding a LayerNorm with centring makes
 every column of W_U orthogonal to the all-ones direction of the residual stream, which the
-LayerNorm removes anyway. RMSNorm models (SmolLM2) have no such direction.
+LayerNorm removes anyway. RMSNorm models (SmolLM2) have no such direction. An unembedding whose
+spectrum is flat (no direction read at less than half the median gain) has **no null space**: then
+no null-space share is computed (NaN), rather than a share in one arbitrary smallest direction.
+
+**Natural direction.** A neuron writes s * w_out when it acts, s the sign of its typical large
+activation (`neuron_stats.SIGN_RULE`): a gated MLP's activation takes both signs, so w_out alone
+does not say which way the neuron pushes. The anti-entropy partner is found, and the pair's cosine
+measured, on these effective directions; the sweep runs over the neuron's own activation range,
+both signs, with its natural direction as the positive side of the grid (`natural_grid`), so the
+effect at the grid's top is the effect of its typical large activation, and a neuron is labelled
+entropy or anti-entropy by that effect (`effect_role`).
 """
 
 from __future__ import annotations
@@ -21,7 +31,10 @@ import pandas as pd
 import torch
 
 from .models import neuron_weights
-from .neuron_stats import weight_statistics
+from .neuron_stats import sign_tensor, weight_statistics
+
+EXTEND = 1.5  # the grid reaches this multiple of the neuron's quantile on each side (interventions.RANGE_QUANTILES)
+MIN_OTHER = 0.17 / 6  # the least the opposite side spans, relative to the natural one: the paper's -0.17 against its 6
 
 
 VOCAB_COLUMNS = ["layer", "neuron", "l2_penalty", "vocab_var", "w_out_norm"]
@@ -60,7 +73,8 @@ class Spectrum:
     """W_U's singular values `values` [d_model] (descending) and left singular vectors `directions`
     [d_model, d_model] (columns); `n_zero` exact zero directions (from weight processing, left out);
     `k` the number of smallest non-zero directions taken as the null space: those below `threshold`
-    (`rel` x the median non-zero singular value); `flat` when none is, and k fell back to 1."""
+    (`rel` x the median non-zero singular value); `flat` when none is: then k = 0, there is no null
+    space, and null-space shares are NaN."""
 
     values: np.ndarray
     directions: torch.Tensor
@@ -75,6 +89,10 @@ class Spectrum:
         return len(self.values)
 
     @property
+    def has_null_space(self) -> bool:
+        return self.k > 0
+
+    @property
     def null(self) -> torch.Tensor:
         """[d_model, k] the null-space directions."""
         return self.directions[:, self.d - self.n_zero - self.k: self.d - self.n_zero]
@@ -85,8 +103,8 @@ class Spectrum:
 
     @property
     def random_fraction(self) -> float:
-        """The expected null-space fraction of a random direction: k / (d_model - n_zero)."""
-        return self.k / (self.d - self.n_zero)
+        """The expected null-space fraction of a random direction: k / (d_model - n_zero); NaN without a null space."""
+        return self.k / (self.d - self.n_zero) if self.k else float("nan")
 
     def table(self) -> pd.DataFrame:
         i = np.arange(self.d)
@@ -101,7 +119,7 @@ def unembed_spectrum(model, zero_rtol: float = 1e-3, rel: float = 0.5, k: int | 
     Singular values below `zero_rtol` x the largest are exact zeros of weight processing and left out.
     The null space (unless `k` is given) is the directions whose singular value is below `rel` x the
     median of the remaining ones: directions the unembedding reads at less than half its typical
-    gain. A spectrum with no such direction is `flat`; k then falls back to the single smallest."""
+    gain. A spectrum with no such direction is `flat` and has no null space (k = 0), unless `k` is given."""
     W = model.W_U.detach().double().cpu()
     U, S, _ = torch.linalg.svd(W, full_matrices=False)
     s = S.numpy()
@@ -111,8 +129,8 @@ def unembed_spectrum(model, zero_rtol: float = 1e-3, rel: float = 0.5, k: int | 
     below = int((live < threshold).sum())
     flat = below == 0
     if k is None:
-        k = max(1, below)
-    if not 1 <= k < len(live):
+        k = below
+    elif not 1 <= k < len(live):
         raise ValueError(f"k={k} outside 1..{len(live) - 1}")
     return Spectrum(s, U, n_zero, int(k), rel, threshold, flat)
 
@@ -120,10 +138,13 @@ def unembed_spectrum(model, zero_rtol: float = 1e-3, rel: float = 0.5, k: int | 
 def null_space_fraction(model, spectrum: Spectrum, k: int | None = None) -> np.ndarray:
     """[n_layers * d_mlp] share of ||w_out||^2 in the null space (the `k` smallest non-zero
     directions; default the spectrum's cut-off), out of ||w_out||^2 less its part in the zero
-    directions. A random direction has k / (d_model - n_zero) on average."""
+    directions. A random direction has k / (d_model - n_zero) on average. NaN for every neuron
+    when there is no null space (a flat spectrum and no `k` given)."""
     W = w_out_matrix(model)
     d, z = spectrum.d, spectrum.n_zero
     k = spectrum.k if k is None else int(k)
+    if k == 0:
+        return np.full(W.shape[0], np.nan)
     null = spectrum.directions[:, d - z - k: d - z]
     total = W.square().sum(1) - (W @ spectrum.zero).square().sum(1)
     return ((W @ null).square().sum(1) / total.clamp_min(1e-300)).numpy()
@@ -175,11 +196,13 @@ def random_baseline(table: pd.DataFrame, n: int = 20, seed: int = 0, decile: flo
     return keep.sample(n=n, random_state=np.random.RandomState(seed)).sort_values(["layer", "neuron"])
 
 
-def w_out_cosines(model, layer: int, neuron: int, late_only: int | None = 2) -> pd.DataFrame:
-    """cos(w_out of `layer.neuron`, w_out of every other neuron) (of the last `late_only` layers, or all):
-    `layer`, `neuron`, `cos`, sorted most negative first."""
-    W = w_out_matrix(model)
+def w_out_cosines(model, layer: int, neuron: int, late_only: int | None = 2, signs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """cos(s w_out of `layer.neuron`, s w_out of every other neuron) (of the last `late_only` layers, or all):
+    `layer`, `neuron`, `cos`, sorted most negative first. `signs` (layer, neuron, act_sign): each
+    neuron's natural sign s (the effective directions; +1 for a neuron without a row, and for all
+    when None)."""
     d_mlp = model.cfg.d_mlp
+    W = w_out_matrix(model) * sign_tensor(signs, model.cfg.n_layers, d_mlp).reshape(-1, 1).double()
     u = W / W.norm(dim=1, keepdim=True).clamp_min(1e-300)
     cos = (u @ u[layer * d_mlp + neuron]).numpy()
     t = pd.DataFrame({"layer": np.repeat(np.arange(model.cfg.n_layers), d_mlp), "neuron": np.tile(np.arange(d_mlp), model.cfg.n_layers),
@@ -190,9 +213,10 @@ def w_out_cosines(model, layer: int, neuron: int, late_only: int | None = 2) -> 
     return t.sort_values("cos").reset_index(drop=True)
 
 
-def anti_partner(model, layer: int, neuron: int, late_only: int | None = 2) -> dict:
-    """The neuron whose w_out points most nearly opposite to `layer.neuron`'s: {layer, neuron, cos}."""
-    r = w_out_cosines(model, layer, neuron, late_only).iloc[0]
+def anti_partner(model, layer: int, neuron: int, late_only: int | None = 2, signs: pd.DataFrame | None = None) -> dict:
+    """The neuron whose effective direction s w_out points most nearly opposite to `layer.neuron`'s
+    (`w_out_cosines`): {layer, neuron, cos}."""
+    r = w_out_cosines(model, layer, neuron, late_only, signs).iloc[0]
     return {"layer": int(r.layer), "neuron": int(r.neuron), "cos": float(r.cos)}
 
 
@@ -212,7 +236,8 @@ def unembed_cosines(model, neurons) -> pd.DataFrame:
 @dataclass
 class Study:
     """Everything the chapter shows for one model: the weight table, its spectrum, the chosen neurons
-    (`neurons`: layer, neuron, role, act_min/act_max/act_mean, scale of the grid), and the sweep."""
+    (`neurons`: layer, neuron, role, act_min/act_max/act_mean, act_q_lo/act_q_hi, act_sign, the
+    grid's scale and other_ratio), the effective cosine of the anti-entropy partner, and the sweep."""
 
     name: str
     table: pd.DataFrame
@@ -226,14 +251,41 @@ class Study:
         return self.neurons[self.neurons.role == role]
 
 
-def grid_scales(ranges: pd.DataFrame) -> pd.Series:
-    """The activation each neuron's grid top (the paper's 6) is mapped to: the largest magnitude it
-    reached on the token set, max(act_max, -act_min) (a gated neuron can be large and negative),
-    but at least the median of that over its layer, so a nearly silent neuron is still driven to
-    a typical activation of its layer instead of to almost nothing."""
-    mag = np.maximum(ranges.act_max, -ranges.act_min)
-    floor = mag.groupby(ranges.layer).transform("median")
-    return np.maximum(mag, floor)
+def natural_grid(ranges: pd.DataFrame, extend: float = EXTEND) -> pd.DataFrame:
+    """Each neuron's sweep range from its own activations (`interventions.activation_ranges`), in
+    its natural direction s = `act_sign`.
+
+    `grid_scale`: the activation magnitude the grid's top (the paper's 6) is mapped to, `extend` x
+    its quantile on its natural side (|act_q_hi| for s = +1, |act_q_lo| for s = -1); `other_ratio`:
+    the opposite side's reach (`extend` x that side's quantile, 0 if it has none) over
+    `grid_scale`, at least `MIN_OTHER` (the paper's -0.17 against 6), so every grid has both signs.
+    Returns `ranges` with these two columns; a neuron silent on its natural side has grid_scale 0."""
+    out = ranges.copy()
+    s = out.act_sign.where(out.act_sign != 0, 1.0)
+    nat = np.where(s > 0, out.act_q_hi, -out.act_q_lo).clip(min=0)
+    other = np.where(s > 0, -out.act_q_lo, out.act_q_hi).clip(min=0)
+    out["grid_scale"] = extend * nat
+    out["other_ratio"] = np.maximum(np.where(nat > 0, other / np.where(nat > 0, nat, 1.0), 0.0), MIN_OTHER)
+    return out
+
+
+def grid_points(other_ratio: float, top: float = 6.0) -> np.ndarray:
+    """The grid in natural units (`top` = the neuron's `grid_scale` in its natural direction,
+    negative = the opposite side): -r top, -r top / 2, 0, 1, ..., top, with r = `other_ratio`."""
+    r = float(other_ratio)
+    return np.unique(np.round(np.concatenate([[-r * top, -r * top / 2, 0.0], np.arange(1.0, top + 1.0)]), 7))
+
+
+def effect_role(d_entropy: float) -> str:
+    """"entropy" when the neuron's typical large activation (the grid's top, natural direction)
+    raises the entropy, "anti-entropy" when it lowers it."""
+    return "entropy" if d_entropy > 0 else "anti-entropy"
+
+
+def opposite_effects(d_top: float, d_partner: float, chance: float) -> bool:
+    """The pair verdict: the two neurons move the entropy in opposite directions when each acts
+    naturally (`d_*`: grid top vs 0), each by more than `chance` (the random neurons' largest |effect|)."""
+    return bool(np.sign(d_top) == -np.sign(d_partner) != 0 and abs(d_top) > chance and abs(d_partner) > chance)
 
 
 def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_candidates: int = 2, n_random: int = 20,
@@ -243,9 +295,12 @@ def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_cand
     """Identify the entropy neurons of `model` from its weights and sweep them (Figs 7, 1f, 25).
 
     Candidates (`entropy.candidates`, `n_candidates`, roles "entropy" and "candidate 2", ...), the top
-    candidate's anti-entropy partner ("anti-entropy", by cos of w_out) and `n_random` baseline neurons
-    ("random", seeded with `seed`). Each neuron's grid is the paper's, scaled to the largest activation
-    it reaches on `rows`, floored at its layer's median (`grid_scales`, `interventions.scaled_grid`). Candidates and the partner are swept on `rows`
+    candidate's anti-entropy partner ("anti-entropy", by cos of the effective directions s w_out) and
+    `n_random` baseline neurons ("random", seeded with `seed`); the roles name the weight-space
+    selection, the sweep's effect says what each does (`effect_role`). One activation pass over the
+    last two layers on `rows` gives every late neuron's natural sign and range; each neuron's grid
+    spans that range on both signs (`natural_grid`, `grid_points`: positive = its natural
+    direction, 6 = `EXTEND` x its quantile there). Candidates and the partner are swept on `rows`
     in both modes; the random neurons on `rows_random` (default `rows`) in `random_modes`, on the
     grid points `random_grid` (paper units; default the whole grid). The top candidate is swept in
     `candidate_modes`, the others and the partner in `partner_modes` (None: the partner is found
@@ -260,30 +315,30 @@ def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_cand
     rows = TokenRows.of(rows)
     rows_random = rows if rows_random is None else TokenRows.of(rows_random)
     sp = unembed_spectrum(model)
-    table = entropy_table(model, sp, layers=range(max(model.cfg.n_layers - 2, 0), model.cfg.n_layers) if late_only else None)
+    late_layers = list(range(max(0, model.cfg.n_layers - 2), model.cfg.n_layers))
+    table = entropy_table(model, sp, layers=late_layers if late_only else None)
     cand = candidates(table, k=n_candidates)
     top = cand.iloc[0]
-    partner = anti_partner(model, int(top.layer), int(top.neuron))
+    ranges = natural_grid(iv.activation_ranges(model, rows, late_layers, drop_ids, batch_size))
+    partner = anti_partner(model, int(top.layer), int(top.neuron), signs=ranges)
     rand = random_baseline(table, n_random, seed)
     chosen = pd.concat([
         cand[["layer", "neuron"]].assign(role=["entropy"] + [f"candidate {i + 2}" for i in range(len(cand) - 1)]),
         pd.DataFrame([{"layer": partner["layer"], "neuron": partner["neuron"], "role": "anti-entropy"}]),
         rand[["layer", "neuron"]].assign(role="random"),
     ]).drop_duplicates(["layer", "neuron"]).reset_index(drop=True)
-    ranges = iv.activation_ranges(model, rows, sorted(set(chosen.layer)), drop_ids, batch_size)
-    ranges["grid_scale"] = grid_scales(ranges)
     chosen = chosen.merge(ranges, on=["layer", "neuron"])
     chosen = chosen[chosen.grid_scale > 0].reset_index(drop=True)
-    grid = iv.paper_grid()
-    rgrid = grid if random_grid is None else np.asarray(random_grid, dtype=np.float64)
 
     def target(r, g, modes):
-        return iv.Target(int(r.layer), int(r.neuron), iv.scaled_grid(r.grid_scale, grid)[np.isin(grid, g)], g, r.role, modes)
+        g = np.asarray(g, dtype=np.float64)
+        return iv.Target(int(r.layer), int(r.neuron), g * (r.grid_scale / 6.0) * (1.0 if r.act_sign >= 0 else -1.0), g, r.role, modes)
 
     modes = {"entropy": tuple(candidate_modes)}
-    main = [target(r, grid, modes.get(r.role, partner_modes)) for r in chosen.itertuples()
+    main = [target(r, grid_points(r.other_ratio), modes.get(r.role, partner_modes)) for r in chosen.itertuples()
             if r.role != "random" and modes.get(r.role, partner_modes)]
-    base = [target(r, rgrid, tuple(random_modes)) for r in chosen.itertuples() if r.role == "random"]
+    base = [target(r, grid_points(r.other_ratio) if random_grid is None else random_grid, tuple(random_modes))
+            for r in chosen.itertuples() if r.role == "random"]
     sweeps = [iv.cached_sweep(model, model_id, rows, main, drop_ids, artifacts_dir, batch_size, verbose=verbose, prefix=name)]
     if base:
         s = iv.cached_sweep(model, model_id, rows_random, base, drop_ids, artifacts_dir, batch_size, verbose=verbose, prefix=name)
@@ -295,10 +350,12 @@ def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_cand
 
 
 def seed_summary(studies: dict) -> pd.DataFrame:
-    """One row per model: its top candidate, ranks, null-space fraction (and its multiple of a random
-    direction's), the anti-entropy partner's cosine, and the total effect of the top candidate at the
-    grid's top vs 0 on the scale, entropy and reciprocal rank; `monotone` when scale and entropy both
-    move monotonically in the same `direction` (+1 up, -1 down) over the grid's non-negative values."""
+    """One row per model: its top candidate, its natural sign, ranks, null-space fraction (and its
+    multiple of a random direction's; NaN and `null_space` False without a null space), the
+    anti-entropy partner's effective cosine, and the total effect of the top candidate at the grid's
+    top (its typical large activation) vs 0 on the scale, entropy and reciprocal rank, its
+    `effect_role`; `monotone` when scale and entropy both move monotonically in the same `direction`
+    (+1 up, -1 down) over the whole two-sided grid."""
     from . import interventions as iv
 
     out = []
@@ -308,7 +365,8 @@ def seed_summary(studies: dict) -> pd.DataFrame:
         eff = iv.effect_summary(s.sweep)
         e = eff[(eff.role == "entropy") & (eff["mode"] == "total")].iloc[0]
         rnd = eff[(eff.role == "random") & (eff["mode"] == "total")]
-        out.append({"model": name, "neuron": f"L{int(top.layer)}.{int(top.neuron)}", "l2_rank": int(t.l2_rank),
+        out.append({"model": name, "neuron": f"L{int(top.layer)}.{int(top.neuron)}", "act_sign": int(top.act_sign),
+                    "effect_role": effect_role(e.d_entropy), "null_space": s.spectrum.has_null_space, "l2_rank": int(t.l2_rank),
                     "vocab_var_rank": int(t.vocab_var_rank), "null_frac": float(t.null_frac), "null_ratio": float(t.null_ratio),
                     "k": s.spectrum.k, "partner_cos": s.partner_cos, "d_scale": e.d_scale, "d_entropy": e.d_entropy, "d_rr": e.d_rr,
                     "monotone": bool(e.scale_monotone and e.entropy_monotone and e.scale_direction == e.entropy_direction),

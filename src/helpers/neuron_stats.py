@@ -11,7 +11,9 @@ One row per neuron `(layer, neuron)` of one model:
 - activation statistics (`activation_statistics`), one streaming pass over held-out token rows
   with the same token filter as the correlations (BOS/pad and newline dropped): mean, variance,
   skew and kurtosis of the pre-activation (`mlp.hook_pre`) and of the post-activation
-  (`mlp.hook_post`), and `act_freq`, the fraction of tokens with a positive pre-activation.
+  (`mlp.hook_post`), and `act_freq`, the fraction of tokens with a positive pre-activation;
+  `act_sign`, the sign of the neuron's typical large activation (`SIGN_RULE`), which turns w_out
+  into the direction the neuron actually writes (`activation_signs`, `sign_tensor`; chapters 04-06).
 
 The paper histogrammed activations into 256 bins over [-10, 15] and took moments of the
 histogram; `StreamingMoments` computes the moments exactly instead (float64, mergeable,
@@ -36,7 +38,7 @@ from .artifacts import atomic_write_csv, atomic_write_parquet, cached_result, op
 from .data import TokenRows
 from .models import neuron_weights
 
-CODE_VERSION = 2  # bump when a change to this module changes its tables
+CODE_VERSION = 3  # bump when a change to this module changes its tables
 STATE_FILE = "activation_moments.pt"
 TABLE_FILE = "neuron_stats.parquet"
 MODEL = "model"  # the one model's key in the stream
@@ -205,6 +207,126 @@ class StreamingMoments:
 
 
 # --------------------------------------------------------------------------------------------
+# The sign of a neuron's typical large activation
+# --------------------------------------------------------------------------------------------
+
+TOP_FRACTION = 0.1  # "large" = the top decile of |activation|
+SIGN_RULE = ("the sign of the mean activation over the tokens in the top decile of |activation| "
+             "(+1 when that mean is >= 0 or no token was seen)")
+
+
+class SignedLogHistogram:
+    """Streaming log-binned histogram of `n` variables, split by sign, with the sum of the values in
+    each bin: the sign of each variable's typical large value (`large_sign`, the rule `SIGN_RULE`),
+    the mean over the top fraction of |x| (`top_mean`) and approximate quantiles (`quantile`), from
+    one pass.
+
+    Bins: `bins_per_octave` bins per factor 2 of |x| between 2^(min_exp - 1) and 2^max_exp (the end
+    bins also hold everything below, zero included, and above), per sign when `split_sign` (needed
+    by `quantile` only; `top_mean` needs the signed sums alone). State: `counts` [n, sides, bins]
+    int64 and `sums` [n, sides, bins] float64 (with two sides, side 0: x < 0; side 1: x >= 0),
+    mergeable (`update / merge / state_dict`).
+
+    Cost and precision: the bin is the float's own exponent (`torch.frexp`), so a token costs a few
+    float32 operations (chapter 02 feeds every neuron of every layer through it); counts are exact
+    (float32 per chunk of at most `chunk_elems` values, then int64) and values are summed in
+    float64 (a bin may hold every token of a neuron). The top-fraction boundary falls inside one bin; that bin's tokens
+    are counted in proportion, at the bin's mean value, every bin above it exactly. Quantiles are
+    a bin's mean value: within the bin's width (a factor 2^(1/bins_per_octave)) of the true one."""
+
+    def __init__(self, n: int, device: str | torch.device = "cpu", bins_per_octave: int = 1, min_exp: int = -22,
+                 max_exp: int = 11, split_sign: bool = True, chunk_elems: int = 1 << 22):
+        if n < 1 or bins_per_octave < 1 or min_exp >= max_exp:
+            raise ValueError(f"need n >= 1, bins_per_octave >= 1 and min_exp < max_exp (got {n}, {bins_per_octave}, "
+                             f"{min_exp}, {max_exp})")
+        self.n, self.device = int(n), torch.device(device)
+        self.per, self.min_exp, self.max_exp, self.chunk_elems = int(bins_per_octave), int(min_exp), int(max_exp), int(chunk_elems)
+        self.nb = (self.max_exp - self.min_exp + 1) * self.per
+        self.sides = 2 if split_sign else 1
+        self.counts = torch.zeros(self.n, self.sides, self.nb, dtype=torch.int64, device=self.device)
+        self.sums = torch.zeros(self.n, self.sides, self.nb, dtype=torch.float64, device=self.device)
+        self._offset = (torch.arange(self.n, dtype=torch.int32, device=self.device) * (self.sides * self.nb))[None, :]
+
+    @property
+    def count(self) -> int:
+        return int(self.counts[0].sum())
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> "SignedLogHistogram":
+        """Accumulate `x` [tokens, n]."""
+        x = torch.as_tensor(x)
+        if x.dim() != 2 or x.shape[1] != self.n:
+            raise ValueError(f"expected x [tokens, {self.n}], got {tuple(x.shape)}")
+        rows = max(1, self.chunk_elems // self.n)
+        size = self.n * self.sides * self.nb
+        for s in range(0, x.shape[0], rows):
+            c = x[s : s + rows].to(self.device, torch.float32)
+            mant, e = torch.frexp(c)  # |c| in [2^(e-1), 2^e); frexp(0) = (0, 0)
+            e = e.clamp_(self.min_exp, self.max_exp).masked_fill_(c == 0, self.min_exp)
+            b = (e - self.min_exp) * self.per
+            if self.per > 1:
+                b += ((mant.abs() - 0.5) * (2 * self.per)).clamp_(0, self.per - 1).int()
+            idx = b + self._offset
+            if self.sides == 2:
+                idx += (c >= 0).int() * self.nb
+            idx = idx.reshape(-1)
+            cnt = torch.zeros(size, device=self.device).index_add_(0, idx, torch.ones(1, device=self.device).expand(idx.numel()))
+            sm = torch.zeros(size, dtype=torch.float64, device=self.device).index_add_(0, idx, c.reshape(-1).double())
+            self.counts += cnt.view(self.n, self.sides, self.nb).round().long()
+            self.sums += sm.view(self.n, self.sides, self.nb)
+        return self
+
+    def merge(self, other: "SignedLogHistogram") -> "SignedLogHistogram":
+        if other.counts.shape != self.counts.shape:
+            raise ValueError(f"cannot merge histograms of shape {tuple(other.counts.shape)} into {tuple(self.counts.shape)}")
+        self.counts += other.counts.to(self.device)
+        self.sums += other.sums.to(self.device)
+        return self
+
+    def state_dict(self) -> dict:
+        return {"counts": self.counts.cpu().clone(), "sums": self.sums.cpu().clone()}
+
+    def load_state_dict(self, st: dict) -> "SignedLogHistogram":
+        if tuple(st["counts"].shape) != tuple(self.counts.shape):
+            raise ValueError(f"state has shape {tuple(st['counts'].shape)}, accumulator {tuple(self.counts.shape)}")
+        self.counts.copy_(st["counts"])
+        self.sums.copy_(st["sums"])
+        return self
+
+    def top_mean(self, frac: float = TOP_FRACTION) -> torch.Tensor:
+        """[n] float64 mean of x over the top `frac` of the tokens by |x| (NaN before any data)."""
+        if not 0 < frac <= 1:
+            raise ValueError(f"frac must be in (0, 1], got {frac}")
+        c = self.counts.sum(1).double()  # [n, bins] by |x|, both signs
+        s = self.sums.sum(1)
+        total = c.sum(1)
+        k = frac * total  # tokens wanted from the top
+        above = c.flip(1).cumsum(1).flip(1) - c  # tokens in strictly higher bins
+        take = (k[:, None] - above).clamp_(min=0)
+        take = torch.minimum(take, c)  # tokens taken from each bin
+        part = torch.where(c > 0, s * take / c.clamp_min(1), torch.zeros_like(s))
+        return torch.where(total > 0, part.sum(1) / k.clamp_min(1e-300), torch.full_like(total, float("nan")))
+
+    def large_sign(self, frac: float = TOP_FRACTION) -> torch.Tensor:
+        """[n] float64 +1 or -1: `SIGN_RULE` (the sign of `top_mean(frac)`; +1 where it is >= 0 or NaN)."""
+        return torch.where(self.top_mean(frac) < 0, -1.0, 1.0).double()
+
+    def quantile(self, q: float) -> torch.Tensor:
+        """[n] float64 approximate `q`-quantile of x: the mean value of the bin where the cumulative
+        share reaches `q` (bins ordered from the most negative to the most positive; needs
+        `split_sign`)."""
+        if self.sides != 2:
+            raise ValueError("quantiles need a histogram made with split_sign=True")
+        order_c = torch.cat([self.counts[:, 0].flip(1), self.counts[:, 1]], 1).double()
+        order_s = torch.cat([self.sums[:, 0].flip(1), self.sums[:, 1]], 1)
+        total = order_c.sum(1, keepdim=True)
+        cum = order_c.cumsum(1) / total.clamp_min(1)
+        idx = (cum < q - 1e-12).sum(1, keepdim=True).clamp_(max=order_c.shape[1] - 1)
+        val = order_s.gather(1, idx) / order_c.gather(1, idx).clamp_min(1)
+        return torch.where(total[:, 0] > 0, val[:, 0], torch.full_like(total[:, 0], float("nan")))
+
+
+# --------------------------------------------------------------------------------------------
 # Weight statistics
 # --------------------------------------------------------------------------------------------
 
@@ -305,16 +427,18 @@ def weight_statistics(model, dtype: torch.dtype = torch.float32, block_elems: in
 # --------------------------------------------------------------------------------------------
 
 ACTIVATION_COLUMNS = ["pre_mean", "pre_var", "pre_skew", "pre_kurt", "act_freq", "post_mean", "post_var", "post_skew",
-                      "post_kurt"]
+                      "post_kurt", "post_top_mean", "act_sign"]
 
 
-def _accumulate_batch(batch, pre: list[StreamingMoments], post: list[StreamingMoments]) -> None:
+def _accumulate_batch(batch, pre: list[StreamingMoments], post: list[StreamingMoments],
+                      sign: list[SignedLogHistogram]) -> None:
     """Each layer's `mlp.hook_pre` / `mlp.hook_post` at the batch's valid tokens into that layer's
-    accumulators."""
+    accumulators (the post-activation also into its sign histogram)."""
     acts = batch.acts[MODEL]
     for l in range(len(pre)):
         pre[l].update(acts[f"blocks.{l}.mlp.hook_pre"])
         post[l].update(acts[f"blocks.{l}.mlp.hook_post"])
+        sign[l].update(acts[f"blocks.{l}.mlp.hook_post"])
 
 
 def activation_identity(model, rows: TokenRows, drop_ids: Sequence[int]) -> dict:
@@ -327,7 +451,8 @@ def activation_identity(model, rows: TokenRows, drop_ids: Sequence[int]) -> dict
             "n_layers": model.cfg.n_layers, "d_mlp": model.cfg.d_mlp}
 
 
-def _moments_table(pre: list[StreamingMoments], post: list[StreamingMoments], d_mlp: int) -> pd.DataFrame:
+def _moments_table(pre: list[StreamingMoments], post: list[StreamingMoments], sign: list[SignedLogHistogram],
+                   d_mlp: int) -> pd.DataFrame:
     n_layers = len(pre)
 
     def cat(accs, fn):
@@ -341,6 +466,8 @@ def _moments_table(pre: list[StreamingMoments], post: list[StreamingMoments], d_
         df[f"{side}_kurt"] = cat(accs, "kurtosis")
         if side == "pre":
             df["act_freq"] = cat(accs, "fraction_positive")
+    df["post_top_mean"] = cat(sign, "top_mean")
+    df["act_sign"] = cat(sign, "large_sign")
     return df[["layer", "neuron", *ACTIVATION_COLUMNS]]
 
 
@@ -355,8 +482,12 @@ def activation_statistics(model, rows: torch.Tensor | TokenRows, drop_ids: Seque
     Returns one row per neuron (`layer`, `neuron`) with `pre_mean`, `pre_var`, `pre_skew`,
     `pre_kurt` of the pre-activation (`mlp.hook_pre`: the gate for gated MLPs), `act_freq` the
     fraction of tokens where it is > 0, and `post_mean`, `post_var`, `post_skew`, `post_kurt` of
-    the post-activation (`mlp.hook_post`). Variances are population variances; kurtoses raw
-    (Gaussian = 3). Exact moments (`StreamingMoments`), not the paper's 256-bin histograms.
+    the post-activation (`mlp.hook_post`), `post_top_mean` the mean post-activation over the top
+    decile of its |value| and `act_sign` its sign (`SIGN_RULE`: +1 or -1; the direction the neuron
+    writes its w_out in when it acts strongly, which a gated neuron may do with either sign).
+    Variances are population variances; kurtoses raw (Gaussian = 3). Exact moments
+    (`StreamingMoments`), not the paper's 256-bin histograms; the top decile from a log-binned
+    histogram in the same pass (`SignedLogHistogram`).
 
     One pass of the streaming driver (`ActivationStream`; a batch's pre- and post-activations of
     every layer are in memory at once). With `out_dir`, the accumulators are saved to
@@ -376,7 +507,8 @@ def activation_statistics(model, rows: torch.Tensor | TokenRows, drop_ids: Seque
     names = [f"blocks.{l}.mlp.hook_{h}" for l in range(n_layers) for h in ("pre", "post")]
 
     def accumulators() -> dict:
-        return {f"{h}{l}": StreamingMoments(d_mlp, cfg.device) for h in ("pre", "post") for l in range(n_layers)}
+        return {**{f"{h}{l}": StreamingMoments(d_mlp, cfg.device) for h in ("pre", "post") for l in range(n_layers)},
+                **{f"sign{l}": SignedLogHistogram(d_mlp, cfg.device, split_sign=False) for l in range(n_layers)}}
 
     snapshots = {int(k): cb for k, cb in (snapshots or {}).items() if 0 < int(k) < len(rows)}
     stream = ActivationStream({MODEL: model}, rows, names, batch_size, drop_ids, accumulators, identity,
@@ -385,11 +517,12 @@ def activation_statistics(model, rows: torch.Tensor | TokenRows, drop_ids: Seque
                               split_at=list(snapshots))
     pre = [stream.accs[f"pre{l}"] for l in range(n_layers)]
     post = [stream.accs[f"post{l}"] for l in range(n_layers)]
+    sign = [stream.accs[f"sign{l}"] for l in range(n_layers)]
     if not stream.done:
         for batch in stream:
-            _accumulate_batch(batch, pre, post)
+            _accumulate_batch(batch, pre, post, sign)
             if stream.world == 1 and batch.rows.stop in snapshots:
-                part = _moments_table(pre, post, d_mlp)
+                part = _moments_table(pre, post, sign, d_mlp)
                 part.attrs["n_valid_tokens"] = int(pre[0].count)
                 snapshots[batch.rows.stop](part)
     accs = stream.merged()
@@ -397,7 +530,8 @@ def activation_statistics(model, rows: torch.Tensor | TokenRows, drop_ids: Seque
         return pd.DataFrame()
     pre = [accs[f"pre{l}"] for l in range(n_layers)]
     post = [accs[f"post{l}"] for l in range(n_layers)]
-    df = _moments_table(pre, post, d_mlp)
+    sign = [accs[f"sign{l}"] for l in range(n_layers)]
+    df = _moments_table(pre, post, sign, d_mlp)
     df.attrs["n_valid_tokens"] = stream.n_tokens
     return df
 
@@ -504,6 +638,46 @@ def member_neuron_stats(family, n_tokens: int, artifacts_dir: str | Path, member
                                                                             shared),
                         folder=out)
     return res.table(TABLE_FILE) if res.files else pd.DataFrame()
+
+
+SINGLE_MAX_TOKENS = 32_768  # the statistics of a large single model (SmolLM2) use at most this many tokens
+
+
+def sign_tokens(family, params) -> int:
+    """The token count of the statistics table a family's `act_sign` is read from in chapters 04-06:
+    for the single real model (SmolLM2) chapter 02's own table (`n_tokens_single` capped at
+    `SINGLE_MAX_TOKENS`: no pass of its own); for the embedded families the preset's
+    `n_tokens_aux` (a short pass per member: chapter 02 streams only the reference)."""
+    if family.name == params.single_model:
+        return min(int(params.n_tokens_single), SINGLE_MAX_TOKENS)
+    return int(params.n_tokens_aux)
+
+
+def family_signs(family, params, artifacts_dir: str | Path, batch_size: int = 32, members: Sequence[str] | None = None,
+                 verbose: bool = False) -> pd.DataFrame:
+    """`activation_signs` of every member (or `members`) at `sign_tokens`, stacked with a `member` column."""
+    n = sign_tokens(family, params)
+    return pd.concat([activation_signs(family, m, n, artifacts_dir, batch_size, verbose).assign(member=m)
+                      for m in (members or family.members)], ignore_index=True)
+
+
+def activation_signs(family, member: str, n_tokens: int, artifacts_dir: str | Path, batch_size: int = 32,
+                     verbose: bool = False) -> pd.DataFrame:
+    """`layer`, `neuron`, `act_sign` (`SIGN_RULE`) and `post_top_mean` of `member`, from its
+    statistics table over `n_tokens` tokens (`member_neuron_stats`: cached, so a table chapter 02
+    made costs nothing here)."""
+    t = member_neuron_stats(family, n_tokens, artifacts_dir, member, batch_size, verbose=verbose)
+    return t[["layer", "neuron", "act_sign", "post_top_mean"]].reset_index(drop=True)
+
+
+def sign_tensor(signs: pd.DataFrame | None, n_layers: int, d_mlp: int) -> torch.Tensor:
+    """[n_layers, d_mlp] float32 of the `act_sign` column of `signs` (rows layer, neuron); +1 where a
+    neuron has no row, and everywhere when `signs` is None."""
+    out = torch.ones(n_layers, d_mlp)
+    if signs is not None and len(signs):
+        out[torch.tensor(signs.layer.to_numpy(dtype=np.int64)), torch.tensor(signs.neuron.to_numpy(dtype=np.int64))] = \
+            torch.tensor(signs.act_sign.to_numpy(dtype=np.float32))
+    return out
 
 
 def summary(table: pd.DataFrame) -> str:

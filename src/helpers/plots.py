@@ -222,7 +222,7 @@ def heuristic_vs_effect(summary, title: str) -> go.Figure:
                      hover_data=["neuron_layer", "neuron", "head_layer", "head", "score", "mean_act"])
     fig.add_hline(y=0, line_color="gray", line_dash="dot")
     fig.add_vline(x=0, line_color="gray", line_dash="dot")
-    return style(fig, title, x="h_n × mean activation (predicted BOS-logit shift)",
+    return style(fig, title, x="w_out score × mean activation (predicted BOS-logit shift)",
                  y="mean contribution to p(BOS): clean − ablated", legend="model, pairs", height=480)
 def percentile_bands(long, x: str = "layer", value: str = "value", group: str = "percentile", member: str = "member",
                      dashed=None, x_title: str | None = None) -> go.Figure:
@@ -289,7 +289,7 @@ def intervention_curves(curves, nominal, title: str, metrics=("scale", "rr", "en
                                      hovertemplate=f"L{int(layer)}.{int(neuron)} ({role})<br>grid %{{x}}<br>{m} %{{y:.4f}}"),
                           row=r, col=col)
         fig.add_hline(y=float(nominal[m]), line_dash="dash", line_color="black", row=r, col=col)
-        fig.update_xaxes(title_text="fixed activation (paper grid units: 6 = the neuron's largest activation)", row=r, col=col)
+        fig.update_xaxes(title_text="fixed activation (grid units: 6 = 1.5 × its percentile in its natural direction; < 0 = the other sign)", row=r, col=col)
         fig.update_yaxes(title_text=INTERVENTION_METRICS[m], row=r, col=col)
     return style(fig, title, height=height, legend="neuron (dashed: unintervened)")
 
@@ -304,7 +304,7 @@ def total_vs_direct(curves, nominal, title: str, metric: str = "entropy") -> go.
         fig.add_trace(go.Scatter(x=g.grid, y=g[metric], mode="lines+markers", name=f"{role} L{int(layer)}.{int(neuron)} · {mode}",
                                  line=dict(color=ROLE_COLORS.get(role, "#333"), dash="solid" if mode == "total" else "dash")))
     fig.add_hline(y=float(nominal[metric]), line_dash="dot", line_color="black")
-    return style(fig, title, x="fixed activation (paper grid units)", y=INTERVENTION_METRICS[metric],
+    return style(fig, title, x="fixed activation (grid units, natural direction positive)", y=INTERVENTION_METRICS[metric],
                  legend="neuron · effect (dotted: unintervened)")
 
 

@@ -16,6 +16,8 @@ The API, in the order a chapter uses it:
 - `vocab_cosines(model, layer, real)` -> cos(W_U, w_out) `[neurons, kept tokens]`;
 - `vocab_moments(model, real)` -> DataFrame (layer, neuron, vocab_mean/var/skew/kurt, var_ratio):
   population moments of the cosines, streamed layer by layer (Fig 6a,b);
+- `apply_signs(moments, signs)` -> the moments of each neuron's **effective** output direction
+  (`EFFECTIVE_RULE`): w_out times the sign of its typical large activation;
 - `classify(moments, kurtosis_threshold=10, partition_ratio=4)` -> prediction / suppression /
   partition / none, with the rule in `CLASS_RULE`; `class_counts` at other thresholds;
 - `token_classes(real)` -> the token features of chapter 03 (`helpers.features.token_feature_table`)
@@ -24,8 +26,17 @@ The API, in the order a chapter uses it:
   with the mean difference (in-class minus out-of-class; > 0: it predicts the class) (Figs 5, 23);
 - `ensembles(table, ...)` -> per class, how many neurons predict and suppress it, and the antipodal
   pairs among them (cos(w_out_i, w_out_j) < -0.8) (§5.1, the ensemble hypothesis);
-- `next_token_conditioning(...)` -> each chosen neuron's pre-activation split by whether the NEXT
-  token is in its class, streamed with `ActivationStream` and cached (Fig 24).
+- `next_token_conditioning(...)` -> each chosen neuron's activation (`mlp.hook_post`, times its
+  sign) split by whether the NEXT token is in its class, streamed with `ActivationStream` and
+  cached (Fig 24).
+
+**The effective output direction.** One unit of activation adds w_out to the residual stream, but
+a gated MLP's activation silu(gate) * up takes both signs, and a neuron whose large activations are
+negative writes -w_out: W_U w_out alone would call a neuron that lowers a class of tokens a
+prediction neuron. Every statistic here is therefore taken of s * w_out, where s is the sign of
+the neuron's typical large activation (`EFFECTIVE_RULE`; `neuron_stats.act_sign`, from chapter 02's
+streaming pass). For GELU models s is +1 for almost every neuron, and where it is +1 nothing
+changes.
 
 Precision: the products W_U w_out are taken in float32 (the weights are float32; one product has
 d_model terms) and the moments over tokens in float64 (fourth powers of ~1e-1 cosines over 50k
@@ -50,13 +61,15 @@ from .explain import GroupedMoments
 from .features import PRONOUNS, SYMBOLS, WORD_GROUPS, token_feature_table, vocab_strings_gpt2
 from .models import neuron_weights
 
-CODE_VERSION = 2
+CODE_VERSION = 3
 MODEL = "model"
+EFFECTIVE_RULE = ("effective output direction = s * w_out, s = the sign of the neuron's mean activation over the "
+                  "tokens in the top decile of |activation| (neuron_stats.SIGN_RULE)")
 KURTOSIS_THRESHOLD = 10.0  # the reference code's `vocab_kurt > 10` (PAPER.md §5a)
 PARTITION_RATIO = 4.0
 CLASS_RULE = {
-    "prediction": "W_U kurtosis > k and skew > 0 (heavy right tail: a few tokens boosted)",
-    "suppression": "W_U kurtosis > k and skew < 0 (heavy left tail: a few tokens suppressed)",
+    "prediction": "W_U kurtosis > k and skew > 0 (heavy right tail: a few tokens boosted), of the effective direction",
+    "suppression": "W_U kurtosis > k and skew < 0 (heavy left tail: a few tokens suppressed), of the effective direction",
     "partition": "W_U kurtosis <= k and variance of cos(W_U, w_out) >= r x that of a random direction "
                  "(most tokens shifted, one group up and the other down)",
     "none": "everything else",
@@ -168,12 +181,15 @@ def _w_out(model, layer: int | None, neurons: Sequence[int] | None) -> torch.Ten
 
 
 def vocab_effect(model, layer: int | None = None, real_tokens: RealTokens | None = None,
-                 neurons: Sequence[int] | None = None) -> torch.Tensor:
+                 neurons: Sequence[int] | None = None, signs: Sequence[float] | None = None) -> torch.Tensor:
     """Raw vocabulary effect W_U w_out (Fig 5): `[neurons, kept tokens]` float32, logit units per
     unit of activation. `layer` None takes every layer (rows ordered layer-major: row l * d_mlp + i;
     mind the size on a large model); `neurons` selects rows within that order; `real_tokens` keeps
-    its columns (all columns when None)."""
+    its columns (all columns when None). `signs` [rows] (+1/-1): the effect of the effective
+    direction s * w_out instead (`EFFECTIVE_RULE`), in logit units per unit of |activation|."""
     w = _w_out(model, layer, neurons)
+    if signs is not None:
+        w = w * torch.as_tensor(np.asarray(signs, dtype=np.float32), device=w.device)[:, None]
     wu = model.W_U.detach().float()
     if real_tokens is not None:
         wu = wu[:, torch.from_numpy(real_tokens.ids).to(wu.device)]
@@ -252,6 +268,31 @@ def vocab_moments(model, real_tokens: RealTokens | None = None, block: int = 512
     return out
 
 
+def apply_signs(moments: pd.DataFrame, signs: pd.DataFrame | None) -> pd.DataFrame:
+    """The moments of each neuron's effective output direction s * w_out (`EFFECTIVE_RULE`).
+
+    `signs`: columns layer, neuron, act_sign (+ member, when both tables have one), e.g.
+    `neuron_stats.activation_signs`. Flipping w_out flips every cosine, so `vocab_mean` and
+    `vocab_skew` change sign where s = -1 and the variance, kurtosis and variance ratio do not; the
+    raw values stay as `w_out_mean` and `w_out_skew`. Adds `act_sign` (+1 for a neuron without a
+    row in `signs`, and for every neuron when `signs` is None). Rows with s = +1 are unchanged."""
+    out = moments.copy()
+    keys = [k for k in ("member", "layer", "neuron") if k in out.columns and signs is not None and k in signs.columns]
+    if "act_sign" in out.columns:
+        out = out.drop(columns="act_sign")
+    if signs is None:
+        out["act_sign"] = 1.0
+    else:
+        s = signs[keys + ["act_sign"]].drop_duplicates(keys)
+        out = out.merge(s, on=keys, how="left", validate="many_to_one")
+        out["act_sign"] = out.act_sign.fillna(1.0).astype(float)
+    out["w_out_mean"], out["w_out_skew"] = moments.vocab_mean.to_numpy(), moments.vocab_skew.to_numpy()
+    out["vocab_mean"] = out.w_out_mean * out.act_sign
+    out["vocab_skew"] = out.w_out_skew * out.act_sign
+    out.attrs = dict(moments.attrs)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Classification
 # --------------------------------------------------------------------------------------------
@@ -264,7 +305,10 @@ def classify(moments: pd.DataFrame, kurtosis_threshold: float = KURTOSIS_THRESHO
 
     The paper's threshold is kurtosis > 10 for prediction and suppression; the paper gives no
     operational rule for partition neurons ("high variance"), so this book's is: not heavy-tailed,
-    and a variance of the cosines at least `partition_ratio` times that of a random direction."""
+    and a variance of the cosines at least `partition_ratio` times that of a random direction.
+    The skew is the table's `vocab_skew`: that of the effective direction after `apply_signs`
+    (`EFFECTIVE_RULE`), so a neuron is classified by what its typical large activation does to the
+    logits; on a table without signs, that of w_out."""
     if kurtosis_threshold <= 0 or partition_ratio <= 0:
         raise ValueError("thresholds must be positive")
     heavy = moments.vocab_kurt > kurtosis_threshold
@@ -486,17 +530,27 @@ def w_out_cosine_fn(model, table: pd.DataFrame):
     def fn(rows: np.ndarray) -> np.ndarray:
         sub = table.loc[rows]
         w = torch.stack([neuron_weights(model, int(l)).w_out[int(n)].float() for l, n in zip(sub.layer, sub.neuron)])
+        w = w * _row_signs(sub).to(w.device)[:, None]
         w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
         return (w @ w.T).cpu().numpy()
     return fn
 
 
+def _row_signs(table: pd.DataFrame) -> torch.Tensor:
+    """[rows] float32: the table's `act_sign` column, +1 without one."""
+    if "act_sign" not in table.columns:
+        return torch.ones(len(table))
+    return torch.as_tensor(table.act_sign.fillna(1.0).to_numpy(dtype=np.float32))
+
+
 def vocab_effect_rows(model, table: pd.DataFrame, real_tokens: RealTokens | None = None) -> torch.Tensor:
     """W_U w_out of the neurons in the rows of `table` (columns layer, neuron), in row order:
-    `[len(table), kept tokens]` float32."""
+    `[len(table), kept tokens]` float32; of the effective direction s * w_out where the table has
+    an `act_sign` column (`apply_signs`)."""
     if len(table) == 0:
         return torch.zeros(0, real_tokens.n_kept if real_tokens is not None else model.cfg.d_vocab)
     w = torch.stack([neuron_weights(model, int(l)).w_out[int(n)].float() for l, n in zip(table.layer, table.neuron)])
+    w = w * _row_signs(table).to(w.device)[:, None]
     wu = model.W_U.detach().float()
     if real_tokens is not None:
         wu = wu[:, torch.from_numpy(real_tokens.ids).to(wu.device)]
@@ -606,6 +660,7 @@ def _split_accumulator(model, rows, neurons: pd.DataFrame, class_masks: np.ndarr
     layers = sorted({int(l) for l in neurons.layer})
     names = [f"blocks.{l}.{hook}" for l in layers]
     masks = torch.from_numpy(np.asarray(class_masks, dtype=bool))
+    sign = _row_signs(neurons)  # the effective activation s * a: larger = more of the effective direction
     stream = ActivationStream({MODEL: model}, rows, names, batch_size, drop_ids, lambda: {"split": SplitHistogram(len(neurons), lo, hi)},
                               desc=desc, verbose=verbose, device=model.cfg.device)
     for batch in stream:
@@ -614,7 +669,7 @@ def _split_accumulator(model, rows, neurons: pd.DataFrame, class_masks: np.ndarr
         nv = batch.valid(nxt)
         keep = nv >= 0
         y = masks[:, nv[keep]].T  # [tokens, neurons]: is the next token in this neuron's class
-        stream.accs["split"].update(acts[keep.to(acts.device)].float(), y)
+        stream.accs["split"].update(acts[keep.to(acts.device)].float() * sign.to(acts.device), y)
     return stream.merged()["split"]
 
 
@@ -626,9 +681,12 @@ def _check_split_args(neurons: pd.DataFrame, class_masks: np.ndarray) -> pd.Data
 
 
 def stream_next_token_split(model, rows, neurons: pd.DataFrame, class_masks: np.ndarray, drop_ids: Sequence[int],
-                            batch_size: int = 8, hook: str = "mlp.hook_pre", lo: float = -10.0, hi: float = 15.0,
+                            batch_size: int = 8, hook: str = "mlp.hook_post", lo: float = -10.0, hi: float = 15.0,
                             verbose: bool = False) -> pd.DataFrame:
-    """Fig 24: the pre-activation of each neuron of `neurons` (layer, neuron), split by whether the
+    """Fig 24: the activation (`hook`, default `mlp.hook_post`: the neuron's output coefficient, for
+    a gated MLP silu(gate) * up, not the gate's input) of each neuron of `neurons` (layer, neuron;
+    times its `act_sign` where the table has one, so a larger value always means more of its
+    effective direction), split by whether the
     NEXT token is in that neuron's class (`class_masks` `[len(neurons), d_vocab]` bool over model
     ids), over the valid tokens of `rows` that have a next token (the last position has none).
     One `ActivationStream` pass; returns `SplitHistogram.summary()` joined with `neurons`."""
@@ -643,7 +701,8 @@ def _join(neurons: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
 
 def next_token_conditioning(family, member: str, rows, neurons: pd.DataFrame, class_masks: np.ndarray,
                             artifacts_dir: str | Path, batch_size: int = 8, n_parts: int = 2, verbose: bool = False) -> pd.DataFrame:
-    """`stream_next_token_split` over `n_parts` consecutive parts of `rows`, cached under
+    """`stream_next_token_split` (activation `mlp.hook_post` times the neurons' `act_sign`, if
+    given) over `n_parts` consecutive parts of `rows`, cached under
     `<artifacts>/next_token_split/` (keyed by the member's weights, the rows' sha256, the neurons and
     their class masks). Returns one summary per part (`part` = "1 of 2", ...) and for all rows
     (`part` = "all", the exact merge of the parts' histograms): the parts show how far the result
@@ -651,6 +710,7 @@ def next_token_conditioning(family, member: str, rows, neurons: pd.DataFrame, cl
     neurons = _check_split_args(neurons, class_masks)
     ident = {"code_version": CODE_VERSION, "weights": family.identity[member], "rows_sha256": rows.sha256,
              "rows_shape": list(rows.ids.shape), "neurons": neurons[["layer", "neuron"]].astype(int).values.tolist(),
+             "signs": _row_signs(neurons).tolist(), "hook": "mlp.hook_post",
              "classes": config_hash(np.flatnonzero(np.asarray(class_masks).ravel()).tolist(), 16), "n_parts": int(n_parts),
              "drop_ids": sorted(int(i) for i in family.codec.drop_ids)}
 
@@ -662,7 +722,7 @@ def next_token_conditioning(family, member: str, rows, neurons: pd.DataFrame, cl
         accs, out = [], []
         for k in range(n_parts):
             part = TokenRows(rows.ids[bounds[k] : bounds[k + 1]])
-            acc = _split_accumulator(model, part, neurons, class_masks, family.codec.drop_ids, batch_size, "mlp.hook_pre",
+            acc = _split_accumulator(model, part, neurons, class_masks, family.codec.drop_ids, batch_size, "mlp.hook_post",
                                      -10.0, 15.0, verbose, desc=f"next-token split {k + 1}/{n_parts}")
             accs.append(acc)
             out.append(_join(neurons, acc.summary()).assign(part=f"{k + 1} of {n_parts}"))
@@ -677,7 +737,7 @@ def next_token_conditioning(family, member: str, rows, neurons: pd.DataFrame, cl
 
 
 def conditioning_effect(split: pd.DataFrame) -> pd.DataFrame:
-    """Per neuron (and part): mean pre-activation with the next token in its class minus without,
+    """Per neuron (and part): mean (effective) activation with the next token in its class minus without,
     in units of the out-of-class standard deviation (columns `diff`, `effect_size`)."""
     keys = [c for c in split.columns if c not in ("next_in_class", "n", "mean", "std", "q5", "q25", "q50", "q75", "q95")]
     on = split[split.next_in_class].set_index(keys)
@@ -703,7 +763,7 @@ def sign_test(diffs: Sequence[float]) -> dict:
 def direction_test(effects: pd.DataFrame, direction: str = "suppresses", n_tests: int = 1, part: str = "all") -> dict:
     """Fig 24's finding as a test: among the neurons of `effects` (`conditioning_effect` rows with a
     `direction` column) that `direction` their class, the sign test over neurons of "the mean
-    pre-activation is higher when the next token is in the class", Bonferroni-corrected for
+    effective activation is higher when the next token is in the class", Bonferroni-corrected for
     `n_tests` tests: {n, positive, p_value, p_bonferroni, median_effect_size}."""
     d = effects[(effects.part == part) & (effects.direction == direction)]
     st = sign_test(d["diff"].to_numpy())
