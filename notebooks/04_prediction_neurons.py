@@ -109,7 +109,7 @@ print(f"kept: {real.n_kept:,} real next tokens of {fam.name}, {real_sm.n_kept:,}
 #
 # For every neuron, the population mean, variance, skew and kurtosis over the kept tokens of
 # cos(W_U[:, t], s·w_out) (as in chapter 02), where s·w_out is the neuron's **effective output
-# direction**: s is the sign of its mean activation over the tokens in the top decile of
+# direction**: s is the sign of its mean activation over the tokens in the top 1% of
 # |activation| (`neuron_stats.SIGN_RULE`, streamed with the activation statistics: chapter 02's
 # pass for SmolLM2, a short pass of `n_tokens_aux` tokens per embedded member). SmolLM2's gated
 # activation silu(gate)·up takes both signs; a neuron that fires negatively writes −w_out, so

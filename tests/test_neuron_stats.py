@@ -371,10 +371,10 @@ def test_prefix_statistics_come_from_the_same_pass(tmp_path, monkeypatch):
     assert seen == [8, 8, 4]
 
 
-def test_signed_log_histogram_top_decile_sign_and_quantiles():
-    """The sign of the mean over the top decile of |x| (`SIGN_RULE`) against a sort, on columns
-    where the mean and the large values disagree in sign; merge and state round trips are exact."""
-    from helpers.neuron_stats import SignedLogHistogram
+def test_signed_log_histogram_top_fraction_sign_and_quantiles():
+    """The sign of the mean over the top 1% of |x| (`SIGN_RULE`) against a sort, on columns where
+    the mean and the large values disagree in sign; merge and state round trips are exact."""
+    from helpers.neuron_stats import TOP_FRACTION, SignedLogHistogram
 
     rng = np.random.default_rng(0)
     n = 20_000
@@ -384,27 +384,30 @@ def test_signed_log_histogram_top_decile_sign_and_quantiles():
         np.where(rng.random(n) < 0.95, 0.2, -4.0 * rng.random(n) - 1),       # mostly +0.2, the large ones negative
         np.where(rng.random(n) < 0.8, -0.05, 1.0 + rng.random(n)),           # mostly negative, large ones positive
         np.zeros(n),                                                         # silent: +1
+        np.where(rng.random(n) < 0.97, -0.17, 0.2 + 0.1 * rng.random(n)),  # a sparse GELU neuron: floor on 97%, fires on 3%
     ], axis=1)
-    k = n // 10
+    k = int(n * TOP_FRACTION)
     exact = np.array([x[np.argsort(-np.abs(x[:, i]), kind="stable")[:k], i].mean() for i in range(x.shape[1])])
     h = SignedLogHistogram(x.shape[1], bins_per_octave=8)
     for part in np.array_split(x, 7):
         h.update(torch.from_numpy(part))
     assert h.count == n
     np.testing.assert_allclose(h.top_mean().numpy(), exact, rtol=0.05, atol=1e-9)
-    assert h.large_sign().tolist() == [1, -1, -1, 1, 1]
+    assert h.large_sign().tolist() == [1, -1, -1, 1, 1, 1]
+    # the top decile would mix the sparse neuron's firing with its floor and call it negative
+    assert (h.top_mean(0.1)[-1] < 0) and exact[-1] > 0
     for q in (0.01, 0.5, 0.99):
         est, ref = h.quantile(q).numpy(), np.quantile(x, q, axis=0)
         assert (np.abs(est - ref) <= 0.1 * np.abs(ref) + 1e-6).all(), (q, est, ref)
     coarse = SignedLogHistogram(x.shape[1], split_sign=False)  # the cheap form chapter 02 streams
     coarse.update(torch.from_numpy(x))
-    assert coarse.large_sign().tolist() == [1, -1, -1, 1, 1]
-    a, b = SignedLogHistogram(5, bins_per_octave=8), SignedLogHistogram(5, bins_per_octave=8)
+    assert coarse.large_sign().tolist() == [1, -1, -1, 1, 1, 1]
+    a, b = SignedLogHistogram(x.shape[1], bins_per_octave=8), SignedLogHistogram(x.shape[1], bins_per_octave=8)
     a.update(torch.from_numpy(x[:5000]))
     b.update(torch.from_numpy(x[5000:]))
     a.merge(b)
     assert torch.equal(a.counts, h.counts) and torch.allclose(a.sums, h.sums, rtol=1e-9, atol=1e-9)
-    c = SignedLogHistogram(5, bins_per_octave=8).load_state_dict(a.state_dict())
+    c = SignedLogHistogram(x.shape[1], bins_per_octave=8).load_state_dict(a.state_dict())
     assert torch.equal(c.counts, a.counts) and torch.equal(c.sums, a.sums)
     with pytest.raises(ValueError):
         coarse.quantile(0.5)

@@ -176,7 +176,7 @@ def activation_ranges(model, rows: TokenRows, layers: Sequence[int], drop_ids: S
 
     Returns one row per neuron (`layer`, `neuron`, `act_min`, `act_max`, `act_mean`, `act_q_lo`,
     `act_q_hi` (the `quantiles`, from a histogram with 8 bins per factor 2: within 9% of the exact
-    ones), `act_top_mean` the mean over the top decile of |activation| and `act_sign` its sign
+    ones), `act_top_mean` the mean over the top 1% of |activation| and `act_sign` its sign
     (`neuron_stats.SIGN_RULE`: the direction the neuron naturally moves in when it acts))."""
     layers = sorted({int(l) for l in layers})
     names = [f"blocks.{l}.mlp.hook_post" for l in layers]

@@ -38,7 +38,7 @@ from .artifacts import atomic_write_csv, atomic_write_parquet, cached_result, op
 from .data import TokenRows
 from .models import neuron_weights
 
-CODE_VERSION = 3  # bump when a change to this module changes its tables
+CODE_VERSION = 4  # bump when a change to this module changes its tables
 STATE_FILE = "activation_moments.pt"
 TABLE_FILE = "neuron_stats.parquet"
 MODEL = "model"  # the one model's key in the stream
@@ -210,8 +210,12 @@ class StreamingMoments:
 # The sign of a neuron's typical large activation
 # --------------------------------------------------------------------------------------------
 
-TOP_FRACTION = 0.1  # "large" = the top decile of |activation|
-SIGN_RULE = ("the sign of the mean activation over the tokens in the top decile of |activation| "
+# "Large" = the top 1% of |activation|. Not the top decile: a sparse GELU neuron sits at its floor
+# (about -0.17) on most tokens, and where it fires on fewer than a tenth of them, a decile mixes its
+# firing with its floor and can come out negative (177 of the default family's 3,072 neurons did);
+# its top 1% is its firing.
+TOP_FRACTION = 0.01
+SIGN_RULE = ("the sign of the mean activation over the tokens in the top 1% of |activation| "
              "(+1 when that mean is >= 0 or no token was seen)")
 
 
@@ -483,10 +487,10 @@ def activation_statistics(model, rows: torch.Tensor | TokenRows, drop_ids: Seque
     `pre_kurt` of the pre-activation (`mlp.hook_pre`: the gate for gated MLPs), `act_freq` the
     fraction of tokens where it is > 0, and `post_mean`, `post_var`, `post_skew`, `post_kurt` of
     the post-activation (`mlp.hook_post`), `post_top_mean` the mean post-activation over the top
-    decile of its |value| and `act_sign` its sign (`SIGN_RULE`: +1 or -1; the direction the neuron
+    1% of its |value| and `act_sign` its sign (`SIGN_RULE`: +1 or -1; the direction the neuron
     writes its w_out in when it acts strongly, which a gated neuron may do with either sign).
     Variances are population variances; kurtoses raw (Gaussian = 3). Exact moments
-    (`StreamingMoments`), not the paper's 256-bin histograms; the top decile from a log-binned
+    (`StreamingMoments`), not the paper's 256-bin histograms; the top 1% from a log-binned
     histogram in the same pass (`SignedLogHistogram`).
 
     One pass of the streaming driver (`ActivationStream`; a batch's pre- and post-activations of

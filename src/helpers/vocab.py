@@ -61,10 +61,10 @@ from .explain import GroupedMoments
 from .features import PRONOUNS, SYMBOLS, WORD_GROUPS, token_feature_table, vocab_strings_gpt2
 from .models import neuron_weights
 
-CODE_VERSION = 3
+CODE_VERSION = 4
 MODEL = "model"
 EFFECTIVE_RULE = ("effective output direction = s * w_out, s = the sign of the neuron's mean activation over the "
-                  "tokens in the top decile of |activation| (neuron_stats.SIGN_RULE)")
+                  "tokens in the top 1% of |activation| (neuron_stats.SIGN_RULE)")
 KURTOSIS_THRESHOLD = 10.0  # the reference code's `vocab_kurt > 10` (PAPER.md §5a)
 PARTITION_RATIO = 4.0
 CLASS_RULE = {
