@@ -229,6 +229,10 @@ def dense_model(seed=3, pred=PRED):
             for p in (blk.attn.W_O, blk.attn.b_O, blk.mlp.W_out, blk.mlp.b_out):
                 p.copy_(_project_out(p, v))
         model.blocks[ENTROPY[0]].mlp.W_out[ENTROPY[1]] = 20.0 * v
+        # a constant along v (the last MLP's bias): the residual's v part is then 8 + 20 act, so its norm,
+        # the final scale and the entropy grow monotonically over the neuron's two-sided grid (without
+        # it the norm is symmetric in the activation and no two-sided sweep is monotone)
+        model.blocks[ENTROPY[0]].mlp.b_out.add_(8.0 * v)
         model.blocks[pred[0]].mlp.W_out[pred[1]] = 3.0 * model.W_U[:, 7]
         kb = attention.bos_keys(model, BOS)
         d = attention.query_directions(model, HEAD[0], kb[HEAD[0]])[HEAD[1]]
