@@ -260,8 +260,9 @@ if is_embedded and control is not None:
 if two_layer is not None:
     side = pd.DataFrame({f"two-layer ({two_layer['train_tokens'] / 1e6:.0f}M tokens)": two_layer,
                          f"this family ({this_row['n_layers']} layers, {this_row['train_tokens'] / 1e6:.0f}M tokens)": this_row})
-    display(side.loc[["n_layers", "d_mlp", "neurons", "train_tokens", "n_tokens", *universality.DEPTH_QUANTITIES,
-                      "n_above_threshold", "share_above_control_max", "same_layer_chance"]])
+    display(side.loc[["n_layers", "d_mlp", "neurons", "train_tokens", "n_tokens", "val_loss_mean", "baseline_median",
+                      "excess_median", "excess_p99", "excess_max", "control_p99", "n_above_threshold", "share_above_control_max",
+                      "same_layer_share", "same_layer_chance"]].astype(object))
     depth_cmp = universality.compare_families(two_layer, this_row)
     display(depth_cmp[["before", "after", "change", "smallest_change", "changed"]].style.format(precision=3))
     print(universality.depth_conclusion(depth_cmp, "the two-layer family", f"this {this_row['n_layers']}-layer family"))

@@ -200,6 +200,10 @@ def test_family_record_and_the_comparison_of_two_families():
     assert not cmp.loc["p99 excess correlation", "changed"]  # 0.01 is below the smallest change 0.05
     assert cmp.loc["held-out loss (nats)", "changed"] and cmp.loc["held-out loss (nats)", "change"] == pytest.approx(-1.0)
     assert not cmp.loc["neurons with excess > 0.5", "changed"]
+    ratio = "share of best matches in the same layer, over chance (Fig 2c)"
+    assert cmp.loc[ratio, "before"] == pytest.approx(rec["same_layer_share"] / 0.5)
+    deeper = dict(after, same_layer_share=rec["same_layer_share"] / 2, same_layer_chance=0.25)  # half the share, half the chance
+    assert not universality.compare_families(rec, deeper).loc[ratio, "changed"]
     text = universality.depth_conclusion(cmp, "A", "B")
     assert "held-out loss (nats) (2.5 → 1.5)" in text.split("These did not")[0]
     assert "p99 excess correlation" in text.split("These did not")[1]

@@ -346,7 +346,8 @@ def recorded_families(root: Path | None = None) -> pd.DataFrame | None:
 
 
 # Quantities compared between two families, and the smallest change that counts as a change: for
-# correlations, 0.05 (a tenth of the paper's 0.5 threshold); for the held-out loss, 0.05 nats.
+# correlations, 0.05 (a tenth of the paper's 0.5 threshold); for the held-out loss, 0.05 nats; for
+# the same-layer share of best matches, its ratio to chance (1 / n_layers), 0.25.
 DEPTH_QUANTITIES = {
     "val_loss_mean": ("held-out loss (nats)", 0.05),
     "baseline_median": ("median rotation baseline", 0.05),
@@ -354,7 +355,7 @@ DEPTH_QUANTITIES = {
     "excess_p99": ("p99 excess correlation", 0.05),
     "excess_max": ("largest excess correlation", 0.05),
     "control_p99": ("untrained control's p99 excess", 0.05),
-    "same_layer_share": ("share of best matches in the same layer (Fig 2c)", 0.05),
+    "same_layer_over_chance": ("share of best matches in the same layer, over chance (Fig 2c)", 0.25),
 }
 
 
@@ -364,7 +365,10 @@ def compare_families(before: dict, after: dict) -> pd.DataFrame:
     smallest change; for the count: any change)."""
     rows = []
     for key, (label, tol) in DEPTH_QUANTITIES.items():
-        a, b = float(before[key]), float(after[key])
+        if key == "same_layer_over_chance":  # chance is 1 / n_layers: raw shares of two depths do not compare
+            a, b = (float(r["same_layer_share"]) / float(r["same_layer_chance"]) for r in (before, after))
+        else:
+            a, b = float(before[key]), float(after[key])
         rows.append({"quantity": label, "key": key, "before": a, "after": b, "change": b - a, "smallest_change": tol,
                      "changed": bool(abs(b - a) > tol)})
     a, b = int(before["n_above_threshold"]), int(after["n_above_threshold"])
