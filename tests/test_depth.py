@@ -307,3 +307,23 @@ def test_attention_pairs_cover_every_later_layer(dense_family, tmp_path):
     assert attention.pair_summary(pairs, rec).effect_bos.iloc[0] > 0 and rec.d_bos.mean() < 0
     strongest = attention.neuron_best(scores)
     assert len(strongest) == (L - 1) * D  # every neuron but the last layer's has a later head
+
+
+# ---- chapter 00: the family's description, held-out losses and samples -------------------------
+
+def test_seed_family_description_losses_and_samples_on_four_layers():
+    from helpers import families, models, train
+
+    rows = _rows(8)
+    fam = _family("deep4", {"a": processed_model(ARCH, init_model(ARCH, 1).state_dict()),
+                            "b": processed_model(ARCH, init_model(ARCH, 2).state_dict())}, rows)
+    ours = models.describe_model(fam.load("a"))
+    assert ours["n_layers"] == L and ours["n_neurons"] == L * D
+    per_row = train.row_losses(fam.load("a"), rows, batch_size=3)
+    assert per_row.shape == (len(rows),) and np.isfinite(per_row).all()
+    assert float(per_row.mean()) == pytest.approx(train.evaluate_loss(fam.load("a"), rows, batch_size=3), rel=1e-5)
+    codec = SimpleNamespace(**vars(CODEC), encode=lambda s: torch.tensor([[BOS, 1, 2]]),
+                            decode=lambda ids: "".join(f" w{int(i)}" for i in ids))
+    fam_s = Family("deep4", ["a", "b"], fam.load, lambda: codec, "cpu", {}, lambda n, split: rows)
+    samples = families.sample_family(fam_s, ["x", "y"], max_new_tokens=4, seed=0)
+    assert samples.shape == (2, 2) and samples.notna().all().all()
