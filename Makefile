@@ -29,8 +29,8 @@ book: $(STAMP) browser
 # then the smoke book is built from those chapters in build/book-smoke/ and opened in headless
 # Chromium with networking off (scripts/check_book.py).
 test: $(STAMP) browser
-	$(PY) -m helpers.corpus --preset smoke
-	$(PY) -m helpers.train --preset smoke
+	$(PY) -m helpers.data.corpus --preset smoke
+	$(PY) -m helpers.models.training --preset smoke
 	rm -rf build/smoke && mkdir -p build/smoke
 	for nb in notebooks/[0-9][0-9]_*.ipynb; do \
 	  $(VENV)/bin/papermill --prepare-only -p preset smoke $$nb build/smoke/$$(basename $$nb) || exit 1; \

@@ -18,7 +18,7 @@ ratios are printed too.
 
 A second measurement times one batch of a **whole family pass** (``run_family``): the
 reference model against 4 other seeds and a rotation baseline of each, 4 layers of 768
-neurons per model, as ``helpers.correlate`` computes it (one product against all seeds plus
+neurons per model, as ``helpers.correlations.correlate`` computes it (one product against all seeds plus
 one small covariance per layer, from which the baseline is derived) and as the paper's eight
 runs compute it (per layer pair, per run, plus the per-batch rotation).  The update-level
 ratio isolates the accumulator; the family ratio is what a correlation run costs.
@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from helpers.correlation import StreamingPearson
+from helpers.correlations.pearson import StreamingPearson
 
 
 def _sync(device: torch.device) -> None:
@@ -199,7 +199,7 @@ def run_family(args) -> dict:
     """One batch of a whole family pass: the reference model against ``--family-models`` other seeds
     and a rotation baseline of each, ``--family-layers`` layers of ``--family-d`` neurons per model.
 
-    * ``family_ours``: what ``helpers.correlate`` does per batch: one ``StreamingPearson.update``
+    * ``family_ours``: what ``helpers.correlations.correlate`` does per batch: one ``StreamingPearson.update``
       against all comparison models' activations, plus one ``d x d`` covariance per layer of each,
       from which the baseline is derived at the end (``mixed_correlation``);
     * ``family_reference``: the paper's runs, one per comparison model and one per rotated
@@ -209,7 +209,7 @@ def run_family(args) -> dict:
     The models' forward passes are left out of both (the paper's runs also recompute the reference
     model's activations once per run).  Ratio: median over rounds, as for ``update``.
     """
-    from helpers.correlation import gaussian_rotation
+    from helpers.correlations.pearson import gaussian_rotation
 
     device = torch.device(args.device)
     L, d, M = args.family_layers, args.family_d, args.family_models

@@ -22,7 +22,9 @@ import time
 
 import torch
 
-from helpers import families, neuron_stats, presets
+from helpers.models import families
+from helpers.properties import neuron_stats
+from helpers.core import presets
 
 
 def timed(fn) -> float:

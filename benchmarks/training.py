@@ -1,7 +1,7 @@
 """Training throughput of the embedded family's trainer against this machine's matmul peak.
 
 Trains the default preset's architecture (random tokens: throughput does not depend on the text)
-for a fixed number of steps with the trainer's own step (`helpers.train.train_loss`, the precision
+for a fixed number of steps with the trainer's own step (`helpers.models.training.train_loss`, the precision
 `choose_precision` picks, torch.compile when it pays), and measures in the same process:
 
 - `model_gflop_per_token`: forward + backward FLOPs per token, counted from the architecture
@@ -27,9 +27,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from helpers.models import init_model
-from helpers.presets import load_preset
-from helpers.train import (_optimizer, choose_precision, compiled_loss, cpu_description, split_embedded_config,
+from helpers.models.loading import init_model
+from helpers.core.presets import load_preset
+from helpers.models.training import (_optimizer, choose_precision, compiled_loss, cpu_description, split_embedded_config,
                            train_loss)
 
 

@@ -51,7 +51,9 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 
-from helpers import families, models, plots, presets, train
+from helpers.models import families, loading as models, training as train
+from helpers.book import plots
+from helpers.core import presets
 
 plots.setup()
 
@@ -96,17 +98,17 @@ if is_embedded:
           f"the {vocab.d_vocab - 1:,} most frequent GPT-2 tokens (+1 unknown id) cover "
           f"{fam.info['vocab_coverage']:.2%} of the training tokens")
 else:
-    print("hub family: the analyses use the Pile test split (see helpers.data.pile_token_rows)")
+    print("hub family: the analyses use the Pile test split (see helpers.data.tokens.pile_token_rows)")
 
 # %% [markdown]
 # ## 2. The models next to the paper's Table 1
 #
 # Small and shallow, with a wide MLP and a reduced vocabulary. The paper's columns are read from the
-# book's registry of paper numbers (`helpers.paper`); how the excess correlation of chapter 01
+# book's registry of paper numbers (`helpers.core.paper`); how the excess correlation of chapter 01
 # changed when one knob of this configuration was changed is measured in the appendix's sweep.
 
 # %%
-from helpers import paper, report
+from helpers.core import paper, report
 
 ref_model = fam.load(reference)
 ours = models.describe_model(ref_model)
@@ -128,10 +130,10 @@ print("weight processing on load:", ref_model.processing)
 # `weights/` as fp16 safetensors with a manifest (sha256 of every file, each member's training
 # record and validation loss), so reading this chapter trains nothing. The table says where the
 # weights come from and how each member was trained. To check them:
-# `python -m helpers.train --preset default --check`. They were trained on a GPU (the manifest's
-# `command`); retraining them needs one: `python -m helpers.train --preset default --device cuda
+# `python -m helpers.models.training --preset default --check`. They were trained on a GPU (the manifest's
+# `command`); retraining them needs one: `python -m helpers.models.training --preset default --device cuda
 # --retrain --ship weights/embedded-deep`. The two-layer family the book used before trains on a CPU
-# in hours: `python -m helpers.train --preset two-layer`.
+# in hours: `python -m helpers.models.training --preset two-layer`.
 
 # %%
 if is_embedded:

@@ -27,7 +27,7 @@
 # paper calls a neuron *universal* when it exceeds 0.5.
 #
 # This chapter computes the per-neuron table in one streaming pass over held-out tokens
-# (`helpers.correlate`), draws Figs 2a-c and 11, the per-layer share of universal neurons, the spread
+# (`helpers.correlations.correlate`), draws Figs 2a-c and 11, the per-layer share of universal neurons, the spread
 # across seeds and the convergence with the number of tokens, and sets the trained family against
 # its **untrained control** and its own **training checkpoints**.
 
@@ -49,8 +49,11 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 
-from helpers import correlate, families, models, paper, plots, presets, universality
-from helpers.presets import resolve_dir
+from helpers.correlations import correlate, universality
+from helpers.models import families, loading as models
+from helpers.core import paper, presets
+from helpers.book import plots
+from helpers.core.presets import resolve_dir
 
 plots.setup()
 
@@ -105,7 +108,8 @@ display(table.head())
 # once, caches them, and is what every later chapter calls.
 
 # %%
-from helpers import baselines, checks, dimensionality, report, sweep
+from helpers.correlations import baselines, checks, dimensionality, sweep
+from helpers.core import report
 
 nset = universality.neuron_set(fam, "auto", params, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
                                baseline=baseline, threshold=threshold)
@@ -245,7 +249,7 @@ if is_embedded:
 # 6M training tokens per member, trained on a CPU). It is no longer shipped, but its universality was
 # recorded by this repository's code on the same held-out tokens (`sweeps/families.csv`, made by
 # `scripts/record_two_layer.sh`, which restores its weights from git history and runs
-# `python -m helpers.universality --preset two-layer`). The same row is computed here for this
+# `python -m helpers.correlations.universality --preset two-layer`). The same row is computed here for this
 # family, from the tables above. A quantity counts as changed when it moved by more than the stated
 # smallest change (0.05 for correlations, a tenth of the paper's threshold; 0.05 nats for the loss).
 
@@ -288,7 +292,7 @@ plots.show_circuitsvis(universality.context_visualisation(ref_model, fam.codec, 
 # ## 11. How much the baseline depends on the draw
 #
 # The baseline is one random rotation per layer. The run kept its accumulators, so new draws cost no
-# pass over the tokens (`helpers.baselines`): five more seeded orthogonal rotations and the paper's
+# pass over the tokens (`helpers.correlations.baselines`): five more seeded orthogonal rotations and the paper's
 # row-normalised Gaussian matrix, for the family and for its control, each draw giving its own
 # excess correlation and its own sets (`above_control` against the control's maximum of the same
 # draw). The tables give each neuron's baseline spread, the set sizes per draw and the mean
@@ -359,7 +363,7 @@ assert failed.empty, f"failed checks:\n{failed}"
 # %% [markdown]
 # ## Result vs paper
 #
-# The paper's values come from the registry (`helpers.paper`), each with its source and the
+# The paper's values come from the registry (`helpers.core.paper`), each with its source and the
 # tolerance used for "matched". The medians the paper reports over its universal neurons are
 # compared with the same medians over this book's chosen set (not over all neurons), and every row
 # has the untrained control's value beside it where one exists (for sets: the control's own top 1%).

@@ -25,7 +25,7 @@
 # heavy-tailed composition with the unembedding (high W_U kurtosis). Most other neurons look
 # Gaussian.
 #
-# This chapter computes one statistics table per model in a streaming pass (`helpers.neuron_stats`:
+# This chapter computes one statistics table per model in a streaming pass (`helpers.properties.neuron_stats`:
 # exact moments, no histogram binning; weights processed as in `from_pretrained`), joins it with the
 # universality table of chapter 01, and compares the neuron set chapter 01 chose with the rest. Small
 # families may have few neurons above the paper's 0.5 threshold; the chapter then also compares the
@@ -51,8 +51,12 @@ import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown
 
-from helpers import families, models, neuron_stats, paper, plots, presets, properties, property_stats, report, universality
-from helpers.presets import resolve_dir
+from helpers.models import families, loading as models
+from helpers.properties import neuron_stats, compare as properties, significance as property_stats
+from helpers.core import paper, presets, report
+from helpers.book import plots
+from helpers.correlations import universality
+from helpers.core.presets import resolve_dir
 
 plots.setup()
 

@@ -26,10 +26,10 @@
 # each neuron, the binary feature of the token or its context that explains the largest share of its
 # activation variance (eq. 4, *variance reduction*) names what it does.
 #
-# This chapter labels every analysed token with several hundred binary features (`helpers.features`:
+# This chapter labels every analysed token with several hundred binary features (`helpers.taxonomy.features`:
 # token and unigram features from the token's **GPT-2 string**, their previous-token versions,
 # position, spaCy syntax and the corpus source), computes the variance reduction of every neuron
-# against every feature in one streaming pass (`helpers.explain`: grouped sums, one matrix product
+# against every feature in one streaming pass (`helpers.taxonomy.explain`: grouped sums, one matrix product
 # per batch), and assigns each neuron a family with the cut-offs shown below. It does so for every
 # neuron of the reference model, for the **untrained control** (where layer-0 neurons are functions of
 # the current token and position by construction, so the difference from the trained model is the
@@ -54,8 +54,12 @@ import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown
 
-from helpers import explain, families, paper, plots, presets, report, universality
-from helpers.presets import resolve_dir
+from helpers.taxonomy import explain
+from helpers.models import families
+from helpers.core import paper, presets, report
+from helpers.book import plots
+from helpers.correlations import universality
+from helpers.core.presets import resolve_dir
 
 plots.setup()
 

@@ -32,7 +32,7 @@
 # instruct-tuned model) and the **embedded family** (several seeds of one small model, whose depth
 # and width section 2 prints; untied embeddings, a reduced vocabulary), each beside the same
 # measurement on the embedded family's **untrained control**.
-# Everything here is a function of the weights (`helpers.vocab`) except Fig 24, which streams
+# Everything here is a function of the weights (`helpers.prediction.vocab`) except Fig 24, which streams
 # activations over held-out tokens with the book's one driver (`ActivationStream`), and the sign of
 # each neuron's typical large activation, which comes from the same kind of pass (section 2).
 
@@ -55,8 +55,13 @@ import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown
 
-from helpers import families, neuron_stats, paper, plots, presets, report, universality, vocab
-from helpers.presets import resolve_dir
+from helpers.models import families
+from helpers.properties import neuron_stats
+from helpers.core import paper, presets, report
+from helpers.book import plots
+from helpers.correlations import universality
+from helpers.prediction import vocab
+from helpers.core.presets import resolve_dir
 
 plots.setup()
 
@@ -414,7 +419,7 @@ display(tests)
 # %% [markdown]
 # ## Result vs paper
 #
-# Verdicts are computed from the registry's rules (`helpers.paper`). The depth claims are scored on
+# Verdicts are computed from the registry's rules (`helpers.core.paper`). The depth claims are scored on
 # relative depth, layer / (layers − 1); a model of few layers has few depths (a 6-layer one: 0,
 # 0.2, ..., 1), so where the pattern starts can only be placed to within a layer.
 

@@ -29,7 +29,7 @@
 # This chapter finds candidates **from the weights** with the criteria shown (high L2 penalty, low
 # variance of the vocabulary effect, the share of ‖w_out‖² in W_U's smallest singular directions),
 # then fixes each candidate's post-activation at a grid of values at every position
-# (`helpers.interventions`) and measures the final normalisation scale, the entropy, the loss and the
+# (`helpers.entropy.interventions`) and measures the final normalisation scale, the entropy, the loss and the
 # reciprocal rank of the true token, against 20 random neurons. Following Stolfo et al. (2024) it
 # separates the **total** effect from the **direct** effect, in which the final scale is frozen at its
 # unintervened value: for an entropy neuron almost all of the effect should go through the scale. It
@@ -58,9 +58,12 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from helpers import entropy, families, interventions, paper, plots, presets, report
-from helpers.data import TokenRows
-from helpers.presets import resolve_dir
+from helpers.entropy import candidates as entropy, interventions
+from helpers.models import families
+from helpers.core import paper, presets, report
+from helpers.book import plots
+from helpers.data.tokens import TokenRows
+from helpers.core.presets import resolve_dir
 
 plots.setup()
 

@@ -26,7 +26,7 @@
 # weight-only heuristic, h_n = w_outᵀ W_Qᵀ k_BOS / sqrt(d_head), finds far heavier tails than for
 # random directions, and checks a few top pairs with a path ablation.
 #
-# This chapter measures, with `helpers.attention`:
+# This chapter measures, with `helpers.attention.heads`:
 # 1. the BOS value norms of every head (paper: the median head's is many times smaller than other
 #    tokens'; its ratio is in the Result-vs-paper table, from the paper registry);
 # 2. h_n for **every** neuron and every head of a later layer, against random unit vectors (Fig 8a),
@@ -70,8 +70,14 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 
-from helpers import attention, explain, families, neuron_stats, paper, plots, presets, report, universality
-from helpers.presets import resolve_dir
+from helpers.attention import heads as attention
+from helpers.taxonomy import explain
+from helpers.models import families
+from helpers.properties import neuron_stats
+from helpers.core import paper, presets, report
+from helpers.book import plots
+from helpers.correlations import universality
+from helpers.core.presets import resolve_dir
 
 plots.setup()
 
@@ -95,7 +101,7 @@ reference = fam.reference
 # preset. The scores are weight-only (seconds). The path ablation needs one forward pass per row and
 # one re-run of the head's block per pair: about 0.3 s per pair on 24 rows of 256 tokens for the
 # embedded model, and for SmolLM2 about 3 s per 512-token row, so 8 rows and 36 pairs cost ~1 min
-# there, plus ~30 s to load it. Every result is cached (helpers.attention, keyed by weights and rows).
+# there, plus ~30 s to load it. Every result is cached (helpers.attention.heads, keyed by weights and rows).
 n_ablate = min(params.n_tokens, 6_144)           # embedded tokens for the BOS norms and the ablation
 n_single = min(params.n_tokens_single, 4_096)    # SmolLM2 tokens (8 rows of 512 on the default preset)
 n_top, n_random = 20, 80                         # embedded pairs ablated: top/bottom h_n, and random ones

@@ -13,9 +13,9 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 git archive "$REF" weights/embedded-default | tar -x -C "$TMP"
 if [ $# -eq 0 ]; then
-  set -- "$($PY -c 'from helpers.presets import load_preset; print(load_preset("default").n_tokens)')"
+  set -- "$($PY -c 'from helpers.core.presets import load_preset; print(load_preset("default").n_tokens)')"
 fi
 for n in "$@"; do
-  UNIVERSAL_NEURONS_WEIGHTS="$TMP/weights" $PY -m helpers.universality --preset two-layer --n-tokens "$n" \
+  UNIVERSAL_NEURONS_WEIGHTS="$TMP/weights" $PY -m helpers.correlations.universality --preset two-layer --n-tokens "$n" \
     --command "scripts/record_two_layer.sh $n (weights of embedded-default at $REF)"
 done

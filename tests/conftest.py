@@ -21,8 +21,8 @@ def smoke_params(tmp_path):
     import os
     from pathlib import Path
 
-    from helpers.corpus import build_corpus
-    from helpers.presets import load_preset, resolve_dir
+    from helpers.data.corpus import build_corpus
+    from helpers.core.presets import load_preset, resolve_dir
 
     params = load_preset("smoke")
     shared = resolve_dir(params.get("artifacts_dir", "artifacts"))

@@ -1,4 +1,4 @@
-"""Attention (de)activation neurons (helpers.attention) on tiny hand-built models with known answers."""
+"""Attention (de)activation neurons (helpers.attention.heads) on tiny hand-built models with known answers."""
 import math
 
 import numpy as np
@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import attention
-from helpers.data import TokenRows
-from helpers.models import init_model, processed_model
+from helpers.attention import heads as attention
+from helpers.data.tokens import TokenRows
+from helpers.models.loading import init_model, processed_model
 
 ARCH = {"n_layers": 2, "d_model": 16, "n_heads": 2, "d_mlp": 32, "n_ctx": 16, "d_vocab": 30}
 BOS = 0
@@ -281,7 +281,7 @@ def test_gated_neuron_firing_negatively_takes_the_sign_of_its_activation():
     logit: w_out alone says "deactivation" (raw score > 0), but the neuron writes -|a| w_out and
     its write LOWERS the head's BOS logit (an activation neuron); the score of s * w_out has the
     measured sign."""
-    from helpers.neuron_stats import activation_statistics, sign_tensor
+    from helpers.properties.neuron_stats import activation_statistics, sign_tensor
 
     model = linear_model(rotary=False, gqa=False)
     h, n = 0, 3

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import book
-from helpers.hub import HubUnreachable
+from helpers.book import build as book
+from helpers.data.hub import HubUnreachable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_static_copies_of_paper_figures_only_and_idempotent(tmp_path):
 def test_headline_counts_verdicts_links_chapters_and_names_missing_results(tmp_path):
     import pandas as pd
 
-    from helpers import report
+    from helpers.core import report
 
     names = book.notebook_names(ROOT)[:2]
     rvp = pd.DataFrame({"quantity": ["share", "depth", "seeds", "spread", "rho", "consistency"],

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import browser, report
-from helpers.models import init_model
+from helpers.book import browser
+from helpers.core import report
+from helpers.models.loading import init_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

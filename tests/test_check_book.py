@@ -25,7 +25,7 @@ def _figure_html(div: str, data) -> str:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     import circuitsvis
-    from helpers.plots import plotly_js_path
+    from helpers.book.plots import plotly_js_path
 
     root = tmp_path_factory.mktemp("site")
     (root / "_static").mkdir()

@@ -3,8 +3,8 @@ import gzip
 import numpy as np
 import pytest
 
-from helpers import corpus as C
-from helpers.data import GPT2_EOS, gpt2_tokenizer
+from helpers.data import corpus as C
+from helpers.data.tokens import GPT2_EOS, gpt2_tokenizer
 
 
 def _write_texts(folder, n=12):

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import correlate
-from helpers.families import Family
-from helpers.models import init_model
+from helpers.correlations import correlate
+from helpers.models.families import Family
+from helpers.models.loading import init_model
 
 ARCH = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 128, "n_ctx": 16, "d_vocab": 50}
 PLANTED = [(0, 3), (0, 17), (1, 5), (1, 40)]  # neurons of the reference model copied into every seed
@@ -138,7 +138,7 @@ def test_bad_budget_and_foreign_checkpoint_are_explained(tmp_path, capsys):
 def test_torchrun_two_processes_equal_one(tmp_path):
     """Sharded under torchrun (gloo, 2 CPU processes) = one process, on the smoke family."""
     env = {**os.environ, "CORR_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
-    common = ["-m", "helpers.correlate", "--preset", "smoke", "--n-tokens", "6000", "--batch-size", "8"]
+    common = ["-m", "helpers.correlations.correlate", "--preset", "smoke", "--n-tokens", "6000", "--batch-size", "8"]
     subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], check=True, env=env, capture_output=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
                            "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)

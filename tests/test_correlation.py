@@ -1,4 +1,4 @@
-"""Tests for helpers.correlation (streaming Pearson, baselines, summaries)."""
+"""Tests for helpers.correlations.pearson (streaming Pearson, baselines, summaries)."""
 
 import io
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.correlation import (
+from helpers.correlations.pearson import (
     BlockedStreamingPearson,
     StreamingPearson,
     apply_rotation,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import data
+from helpers.data import tokens as data
 
 
 def test_tokenizer_files_match_their_sha256():

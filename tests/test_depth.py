@@ -8,11 +8,16 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import attention, correlate, entropy, explain, neuron_stats, properties, property_stats, universality, vocab
-from helpers.data import GPT2_EOS, TokenRows, gpt2_tokenizer
-from helpers.families import Family
-from helpers.features import build_feature_set, vocab_strings_gpt2
-from helpers.models import init_model, processed_model
+from helpers.attention import heads as attention
+from helpers.correlations import correlate, universality
+from helpers.entropy import candidates as entropy
+from helpers.taxonomy import explain
+from helpers.properties import neuron_stats, compare as properties, significance as property_stats
+from helpers.prediction import vocab
+from helpers.data.tokens import GPT2_EOS, TokenRows, gpt2_tokenizer
+from helpers.models.families import Family
+from helpers.taxonomy.features import build_feature_set, vocab_strings_gpt2
+from helpers.models.loading import init_model, processed_model
 
 L = 4  # the depth every chapter runs on here
 ARCH = {"n_layers": L, "d_model": 64, "n_heads": 2, "d_mlp": 32, "n_ctx": 16, "d_vocab": 64}
@@ -312,7 +317,7 @@ def test_attention_pairs_cover_every_later_layer(dense_family, tmp_path):
 # ---- chapter 00: the family's description, held-out losses and samples -------------------------
 
 def test_seed_family_description_losses_and_samples_on_four_layers():
-    from helpers import families, models, train
+    from helpers.models import families, loading as models, training as train
 
     rows = _rows(8)
     fam = _family("deep4", {"a": processed_model(ARCH, init_model(ARCH, 1).state_dict()),

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import baselines, checks, dimensionality as dim
-from helpers.correlation import StreamingPearson, random_rotation
+from helpers.correlations import baselines, checks, dimensionality as dim
+from helpers.correlations.pearson import StreamingPearson, random_rotation
 
 
 def test_participation_ratio_known_spectra():
@@ -73,7 +73,7 @@ def _planted_run(n=4000, d=6, seed=0):
 
 
 def test_redrawn_baseline_equals_direct_rotation():
-    from helpers.correlate import baseline_matrices
+    from helpers.correlations.correlate import baseline_matrices
 
     d = 6
     run, x, y = _planted_run(d=d)

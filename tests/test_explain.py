@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers.data import GPT2_EOS, TokenRows, gpt2_tokenizer
-from helpers.explain import (FAMILIES, GroupedMoments, alphabet_letters, assign_families, cutoff_sensitivity, explanation_tables,
+from helpers.data.tokens import GPT2_EOS, TokenRows, gpt2_tokenizer
+from helpers.taxonomy.explain import (FAMILIES, GroupedMoments, alphabet_letters, assign_families, cutoff_sensitivity, explanation_tables,
                              family_of, stream_explanations, variance_reduction_direct)
-from helpers.features import build_feature_set, vocab_strings_gpt2
+from helpers.taxonomy.features import build_feature_set, vocab_strings_gpt2
 
 
 def _random_data(seed=0, t=3000, n=5, g=7, offset=0.0):

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from helpers.data import gpt2_tokenizer
-from helpers.features import (align_offsets, position_bins, row_text, spacy_pipeline, token_feature_table,
+from helpers.data.tokens import gpt2_tokenizer
+from helpers.taxonomy.features import (align_offsets, position_bins, row_text, spacy_pipeline, token_feature_table,
                               unigram_features, unigram_min_count, vocab_strings_gpt2)
 
 

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import entropy, interventions as iv
-from helpers.models import init_model, processed_model
+from helpers.entropy import candidates as entropy, interventions as iv
+from helpers.models.loading import init_model, processed_model
 
 ARCH = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64, "n_ctx": 16, "d_vocab": 97}
 PLANTED = (1, 7)  # the entropy neuron: last layer

@@ -3,7 +3,8 @@ random TransformerLens models."""
 import pytest
 import torch
 
-from helpers import models, neuron_stats, property_stats
+from helpers.models import loading as models
+from helpers.properties import neuron_stats, significance as property_stats
 
 
 def _tiny(normalization: str, gated: bool):

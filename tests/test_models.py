@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import families, models
-from helpers.hub import HubUnreachable
+from helpers.models import families, loading as models
+from helpers.data.hub import HubUnreachable
 
 
 def test_saved_then_loaded_model_gives_same_log_probs(tmp_path, tiny_arch):
@@ -106,7 +106,7 @@ def test_neuron_weights_on_gated_mlp():
 
 @pytest.mark.slow
 def test_smollm2_loads_offline_and_matches_hugging_face():
-    from helpers.presets import load_preset
+    from helpers.core.presets import load_preset
 
     fam = families.load_family("smollm2-135m", load_preset("smoke"))
     model = fam.load("smollm2-135m")
@@ -123,7 +123,7 @@ def test_smollm2_loads_offline_and_matches_hugging_face():
 @pytest.mark.parametrize("preset", ["gpt2-small", "gpt2-medium", "pythia-160m"])
 def test_paper_scale_presets_name_a_member_of_their_family(preset, tmp_path):
     """The reference of every online preset resolves to a member, without the hub."""
-    from helpers.presets import load_preset
+    from helpers.core.presets import load_preset
 
     params = load_preset(preset)
     fam = families._hub_family(params.family, "cpu", tmp_path)
@@ -136,8 +136,8 @@ def test_full_size_pythia_160m_config_with_random_weights():
     parallel attention, untied embeddings; from the paper registry's Table 1) with random weights."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from helpers import paper
-    from helpers.activations import mlp_activations
+    from helpers.core import paper
+    from helpers.streaming.activations import mlp_activations
 
     v = {k: paper.value(k, paper.PYTHIA) for k in ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab", "act_fn")}
     cfg = HookedTransformerConfig(n_layers=v["n_layers"], d_model=v["d_model"], n_heads=v["n_heads"],

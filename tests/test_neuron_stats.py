@@ -6,10 +6,10 @@ import pytest
 import torch
 from scipy import stats
 
-from helpers import neuron_stats as ns
-from helpers.families import Family
-from helpers.models import init_model
-from helpers.neuron_stats import StreamingMoments, activation_statistics, neuron_stats_table, weight_statistics
+from helpers.properties import neuron_stats as ns
+from helpers.models.families import Family
+from helpers.models.loading import init_model
+from helpers.properties.neuron_stats import StreamingMoments, activation_statistics, neuron_stats_table, weight_statistics
 
 ARCH = {"n_layers": 2, "d_model": 16, "n_heads": 2, "d_mlp": 24, "n_ctx": 8, "d_vocab": 30}
 BOS, NEWLINE = 0, 5
@@ -316,16 +316,16 @@ def test_neuron_stats_table_joins_saves_and_caches(tmp_path, monkeypatch):
 
 
 def test_cli_on_a_tiny_family(tmp_path, monkeypatch, capsys):
-    import helpers.models
-    import helpers.presets
+    import helpers.models.loading
+    import helpers.core.presets
     from types import SimpleNamespace
 
     models = {"x-a": tiny_model(0), "x-b": tiny_model(1)}
     rows = token_rows()
     fam = Family("tiny", list(models), models.__getitem__, lambda: SimpleNamespace(drop_ids=[BOS, NEWLINE]), "cpu",
                  {}, lambda n, split: rows)
-    monkeypatch.setattr(helpers.families, "load_family", lambda name, params, device="cpu": fam)
-    monkeypatch.setattr(helpers.presets, "load_preset",
+    monkeypatch.setattr(helpers.models.families, "load_family", lambda name, params, device="cpu": fam)
+    monkeypatch.setattr(helpers.core.presets, "load_preset",
                         lambda name: {"family": "tiny", "n_tokens": 100, "artifacts_dir": str(tmp_path), "batch_size": 8})
     ns.main(["--member", "b"])
     out = ns.stats_dir(fam, "x-b", 100, tmp_path)
@@ -341,14 +341,14 @@ def test_prefix_statistics_come_from_the_same_pass(tmp_path, monkeypatch):
     table as a separate run over the first rows, and no row goes through the model twice."""
     from types import SimpleNamespace
 
-    from helpers.data import TokenRows
+    from helpers.data.tokens import TokenRows
 
     model, all_rows = tiny_model(), token_rows(n_rows=21)
     n_ctx = ARCH["n_ctx"]
     fam = Family("tiny", ["a"], lambda m: model, lambda: SimpleNamespace(drop_ids=[BOS, NEWLINE]), "cpu", {},
                  lambda n, split: TokenRows(all_rows[: n // n_ctx]), identity_factory=lambda m: "tiny-a")
     seen = []
-    import helpers.activations as acts
+    import helpers.streaming.activations as acts
 
     orig = acts.hook_activations
     monkeypatch.setattr(acts, "hook_activations", lambda model, ids, *a, **k: (seen.append(len(ids)), orig(model, ids, *a, **k))[1])
@@ -374,7 +374,7 @@ def test_prefix_statistics_come_from_the_same_pass(tmp_path, monkeypatch):
 def test_signed_log_histogram_top_fraction_sign_and_quantiles():
     """The sign of the mean over the top 1% of |x| (`SIGN_RULE`) against a sort, on columns where
     the mean and the large values disagree in sign; merge and state round trips are exact."""
-    from helpers.neuron_stats import TOP_FRACTION, SignedLogHistogram
+    from helpers.properties.neuron_stats import TOP_FRACTION, SignedLogHistogram
 
     rng = np.random.default_rng(0)
     n = 20_000

@@ -8,7 +8,7 @@ import jupytext
 import pytest
 import yaml
 
-from helpers.presets import published_ref
+from helpers.core.presets import published_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
@@ -59,7 +59,7 @@ def test_page_skeleton(py):
 @pytest.mark.parametrize("py", SOURCES, ids=lambda p: p.stem)
 def test_parameters_cell_names_a_preset_and_copies_nothing_from_it(py):
     """`preset` plus a few scalars left to the preset (None); every value comes from params/<preset>.yaml."""
-    from helpers.presets import KEYS
+    from helpers.core.presets import KEYS
 
     cell = _code_cells(jupytext.read(py))[1]
     values = {}
@@ -69,7 +69,7 @@ def test_parameters_cell_names_a_preset_and_copies_nothing_from_it(py):
         values[node.targets[0].id] = ast.literal_eval(node.value)  # raises on anything but a literal
     assert values.pop("preset", None) == "default", f"{py.stem}: the parameters cell must start from `preset = \"default\"`"
     unknown = set(values) - set(KEYS)
-    assert not unknown, f"{py.stem}: parameters {sorted(unknown)} are not preset keys (helpers.presets.KEYS)"
+    assert not unknown, f"{py.stem}: parameters {sorted(unknown)} are not preset keys (helpers.core.presets.KEYS)"
     copied = {k: v for k, v in values.items() if v is not None}
     assert not copied, f"{py.stem}: {copied} copies a preset value; set it to None (the preset's) instead"
     assert len(values) <= 6, f"{py.stem}: a parameters cell holds the few scalars a reader would change"
@@ -112,7 +112,7 @@ def _papermill_namespace(py, parameters: dict) -> dict:
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
-    from helpers import presets
+    from helpers.core import presets
 
     nb = parameterize_notebook(load_notebook_node(str(py.with_suffix(".ipynb"))), parameters, kernel_name="python3", language="python")
     code = _code_cells(nb)
@@ -128,7 +128,7 @@ def _papermill_namespace(py, parameters: dict) -> dict:
 @pytest.mark.parametrize("name", ["smoke", "gpt2-small"])
 @pytest.mark.parametrize("py", SOURCES, ids=lambda p: p.stem)
 def test_both_papermill_forms_give_the_presets_params(py, name, form):
-    from helpers.presets import load_preset
+    from helpers.core.presets import load_preset
 
     assert _papermill_namespace(py, PAPERMILL_FORMS[form](name))["params"] == load_preset(name)
 
@@ -155,8 +155,8 @@ def test_every_notebook_is_in_the_table_of_contents():
 
 
 def test_presets_parse_and_name_a_family():
-    from helpers.families import KNOWN_FAMILIES
-    from helpers.presets import available_presets, load_preset
+    from helpers.models.families import KNOWN_FAMILIES
+    from helpers.core.presets import available_presets, load_preset
 
     names = available_presets()
     assert {"smoke", "default", "gpt2-small", "gpt2-medium"} <= set(names)
@@ -165,7 +165,7 @@ def test_presets_parse_and_name_a_family():
 
 
 def test_unknown_preset_lists_known_ones():
-    from helpers.presets import load_preset
+    from helpers.core.presets import load_preset
 
     with pytest.raises(FileNotFoundError, match="smoke"):
         load_preset("gigantic")

@@ -4,7 +4,8 @@ import math
 import pandas as pd
 import pytest
 
-from helpers import paper, properties, report
+from helpers.core import paper, report
+from helpers.properties import compare as properties
 
 
 def test_every_entry_has_a_source_and_known_model():
@@ -42,7 +43,7 @@ def test_verdict_follows_the_tolerance():
 
 
 def test_weight_processing_entry_is_what_the_models_are_loaded_with():
-    from helpers import models
+    from helpers.models import loading as models
 
     # the paper loaded its models with from_pretrained's defaults; ours are processed the same way
     applied = [k for k, v in models.PROCESSING.items() if v]

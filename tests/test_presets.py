@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import presets
-from helpers.presets import PresetError, available_presets, load_preset, notebook_preset
+from helpers.core import presets
+from helpers.core.presets import PresetError, available_presets, load_preset, notebook_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ["smoke", "default", "gpt2-small", "gpt2-medium"]
@@ -201,7 +201,7 @@ def test_looking_up_a_name_that_is_no_preset_key_is_an_error_not_a_default():
 
 
 def test_embedded_schema_equals_the_trainers_keys_and_types():
-    from helpers import train
+    from helpers.models import training as train
 
     assert set(presets.EMBEDDED_KEYS) == set(train.ARCH_KEYS) | set(train.RECIPE_DEFAULTS)
     assert {k for k, key in presets.EMBEDDED_KEYS.items() if key.required} == set(train.ARCH_KEYS)
@@ -218,7 +218,7 @@ def test_the_schema_is_the_dataclass():
 
 
 def test_the_training_seed_is_read_from_train_seed_only():
-    from helpers import train
+    from helpers.models import training as train
 
     assert train.train_seed(load_preset("smoke", train_seed=11)) == 11
     with pytest.raises(KeyError):

@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import plots, properties, property_stats as ps
+from helpers.book import plots
+from helpers.properties import compare as properties, significance as ps
 
 
 def _layers(n_layers=3, per_layer=400, seed=0):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import book
+from helpers.book import build as book
 
 ROOT = Path(__file__).resolve().parents[1]
 

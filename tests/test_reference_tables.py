@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import correlate, neuron_stats
+from helpers.correlations import correlate
+from helpers.properties import neuron_stats
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))
@@ -54,14 +55,14 @@ def test_planted_family_tables_equal_the_reference(tmp_path):
 
 
 def test_smoke_family_tables_equal_the_reference(tmp_path):
-    from helpers.families import FamilyNotTrained, load_family
-    from helpers.presets import load_preset
+    from helpers.models.families import FamilyNotTrained, load_family
+    from helpers.core.presets import load_preset
 
     ref = json.loads((DATA / "smoke_identity.json").read_text())
     try:
         fam = load_family("embedded", load_preset("smoke"))
     except FamilyNotTrained:
-        pytest.skip("the smoke family is not trained here: python -m helpers.train --preset smoke")
+        pytest.skip("the smoke family is not trained here: python -m helpers.models.training --preset smoke")
     if fam.identity != ref["family"] or rows_sha256(fam.token_rows(SMOKE_TOKENS)) != ref["rows_sha256"]:
         pytest.skip("the smoke family or corpus built here differs from the one the reference tables were made with")
     check(fam, SMOKE_TOKENS, SMOKE_BATCH, "smoke", tmp_path, None)

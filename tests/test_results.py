@@ -15,12 +15,14 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import artifacts, correlate, neuron_stats
-from helpers.activations import ActivationStream
-from helpers.artifacts import DamagedFile, IdentityMismatch, cached_result, run_cli
-from helpers.data import TokenRows, cached_token_rows, load_token_rows
-from helpers.families import Family
-from helpers.models import init_model, load_model, save_model
+from helpers.core import cache as artifacts
+from helpers.correlations import correlate
+from helpers.properties import neuron_stats
+from helpers.streaming.activations import ActivationStream
+from helpers.core.cache import DamagedFile, IdentityMismatch, cached_result, run_cli
+from helpers.data.tokens import TokenRows, cached_token_rows, load_token_rows
+from helpers.models.families import Family
+from helpers.models.loading import init_model, load_model, save_model
 
 from test_correlate import planted_family
 
@@ -47,10 +49,10 @@ def kill_after_first_checkpoint(fam, out, monkeypatch, batch_size):
         real(*a, **k)
         raise KeyboardInterrupt("killed after a checkpoint")
 
-    monkeypatch.setattr("helpers.activations.save_checkpoint", save_then_die)
+    monkeypatch.setattr("helpers.streaming.activations.save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         correlate.correlate_family(fam, 0, out, batch_size=batch_size, checkpoint_every=500, verbose=False)
-    monkeypatch.setattr("helpers.activations.save_checkpoint", real)
+    monkeypatch.setattr("helpers.streaming.activations.save_checkpoint", real)
 
 
 def test_resume_with_another_batch_size_gives_the_clean_table(planted, tmp_path, monkeypatch):
@@ -105,12 +107,12 @@ def test_stale_out_is_refused_naming_the_fields(planted, tmp_path):
 
 
 def cli_setup(monkeypatch, tmp_path, fam, **preset):
-    import helpers.families
-    import helpers.presets
+    import helpers.models.families
+    import helpers.core.presets
 
     params = {"family": "planted", "n_tokens": 0, "artifacts_dir": str(tmp_path / "art"), "batch_size": 50, "baseline_seed": 0, **preset}
-    monkeypatch.setattr(helpers.families, "load_family", lambda name, params, device="cpu": fam)
-    monkeypatch.setattr(helpers.presets, "load_preset", lambda name: params)
+    monkeypatch.setattr(helpers.models.families, "load_family", lambda name, params, device="cpu": fam)
+    monkeypatch.setattr(helpers.core.presets, "load_preset", lambda name: params)
     return params
 
 
@@ -157,14 +159,14 @@ def test_moved_artifacts_reuse_every_result(planted, tmp_path, monkeypatch):
 
 
 def test_embedded_identities_hold_no_path(tmp_path):
-    from helpers.families import FamilyNotTrained, load_family
-    from helpers.presets import load_preset, resolve_dir
+    from helpers.models.families import FamilyNotTrained, load_family
+    from helpers.core.presets import load_preset, resolve_dir
 
     params = load_preset("smoke")
     try:
         fam = load_family("embedded", params)
     except FamilyNotTrained:
-        pytest.skip("the smoke family is not trained here: python -m helpers.train --preset smoke")
+        pytest.skip("the smoke family is not trained here: python -m helpers.models.training --preset smoke")
     ident = json.dumps([correlate.correlation_identity(fam, 2000), neuron_stats.stats_identity(fam, fam.reference, 2000)])
     assert str(resolve_dir(params["artifacts_dir"])) not in ident and "/" not in ident.replace("\\/", "")
     assert fam.token_table(2000).sha256 in ident
@@ -214,7 +216,7 @@ def test_cached_result_records_identity_and_files(tmp_path):
 RACER = """
 import json, os, sys, time
 from pathlib import Path
-from helpers.artifacts import cached_result, write_json
+from helpers.core.cache import cached_result, write_json
 
 root, name = Path(sys.argv[1]), sys.argv[2]
 (root / f"ready-{name}").touch()
@@ -311,10 +313,10 @@ def test_neuron_stats_resume_with_another_batch_size(tmp_path, monkeypatch):
         real(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("helpers.activations.save_checkpoint", save_then_die)
+    monkeypatch.setattr("helpers.streaming.activations.save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         neuron_stats.neuron_stats_table(model, rows, drop, tmp_path / "run", batch_size=4, checkpoint_every=40, verbose=False)
-    monkeypatch.setattr("helpers.activations.save_checkpoint", real)
+    monkeypatch.setattr("helpers.streaming.activations.save_checkpoint", real)
     resumed = neuron_stats.neuron_stats_table(model, rows, drop, tmp_path / "run", batch_size=7, verbose=False)
     # batches of 7 rows round differently from batches of 4 in the forward pass (fp32): ~1e-8
     pd.testing.assert_frame_equal(resumed, clean, rtol=1e-5, atol=1e-6)

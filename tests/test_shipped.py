@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers import families, train
+from helpers.models import families, training as train
 
 
 @pytest.fixture
@@ -13,7 +13,7 @@ def shipped(smoke_params, tmp_path, monkeypatch):
     """The smoke family, trained into tmp_path and shipped to tmp_path/weights/embedded-smoke."""
     monkeypatch.setattr(train, "shipped_root", lambda: tmp_path / "weights")
     families.load_family("embedded", smoke_params, train=True)
-    out = train.ship_family(smoke_params, tmp_path / "weights" / "embedded-smoke", "python -m helpers.train --preset smoke --ship X")
+    out = train.ship_family(smoke_params, tmp_path / "weights" / "embedded-smoke", "python -m helpers.models.training --preset smoke --ship X")
     return smoke_params, out
 
 
@@ -98,9 +98,9 @@ def test_the_default_preset_keeps_the_key_of_the_shipped_six_layer_family():
     """The shipped family was trained on a GPU and cannot be retrained on a CPU: a change to the
     default preset's architecture, recipe, seeds, members or corpus, to `TRAINER_VERSION` or to how
     the key is computed would orphan it. The key is pinned here, computed without building anything."""
-    from helpers.artifacts import config_hash
-    from helpers.corpus import corpus_config
-    from helpers.presets import load_preset, repo_root
+    from helpers.core.cache import config_hash
+    from helpers.data.corpus import corpus_config
+    from helpers.core.presets import load_preset, repo_root
 
     params = load_preset("default")
     manifest = json.loads((repo_root() / "weights" / "embedded-deep" / "manifest.json").read_text())

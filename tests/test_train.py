@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import families, models, train
-from helpers.data import iter_row_batches
+from helpers.models import families, loading as models, training as train
+from helpers.data.tokens import iter_row_batches
 
 RECIPE = {**train.RECIPE_DEFAULTS, "train_tokens": 16 * 16 * 12, "batch_size": 16, "n_checkpoints": 2,
           "precision": "fp32", "lr": 1e-2}
@@ -66,7 +66,7 @@ def test_embedded_config_rejects_unknown_keys():
 
 def test_smoke_family_is_trained_cached_and_loads(smoke_params):
     params = smoke_params
-    with pytest.raises(families.FamilyNotTrained, match="python -m helpers.train --preset smoke"):
+    with pytest.raises(families.FamilyNotTrained, match="python -m helpers.models.training --preset smoke"):
         families.load_family("embedded", params)  # loading never trains unless asked to
     fam = families.load_family("embedded", params, train=True)
     ctl = families.load_family("embedded-untrained", params)

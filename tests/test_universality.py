@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import properties, sweep, universality
+from helpers.properties import compare as properties
+from helpers.correlations import sweep, universality
 
 
 def _table():
@@ -45,8 +46,32 @@ def test_calibrated_sets_and_choice():
     assert out.above_control.tolist() == (t.excess_corr > 0.3).tolist()
     assert out.top_excess.sum() >= 1 and out.loc[out.excess_corr.idxmax(), "top_excess"]
     assert universality.choose_set(out, min_count=2) == "is_universal"
-    assert universality.choose_set(out, min_count=3) == "above_control"
-    assert universality.choose_set(out, min_count=10) == "top_excess"
+    assert universality.choose_set(out, min_count=3) == "top_excess"  # paper_sized has 1 neuron here
+    assert universality.choose_set(out.assign(paper_sized=True), min_count=3) == "paper_sized"
+
+
+def test_the_chosen_set_has_the_papers_size_when_half_the_neurons_beat_the_control():
+    """Planted: 40% of 2,000 neurons beat the control's maximum (as the embedded family's sets do);
+    the set later chapters use must still be of the paper's size, not 40%."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    t = pd.DataFrame({"layer": np.repeat([0, 1], n // 2), "neuron": np.tile(np.arange(n // 2), 2),
+                      "excess_corr": rng.uniform(0, 0.3, n), "is_universal": False})
+    control = pd.DataFrame({"excess_corr": rng.uniform(0, 0.18, n)})
+    out = universality.add_calibrated_sets(t, control)
+    assert 0.35 < out.above_control.mean() < 0.45
+    chosen = universality.choose_set(out)
+    assert chosen == "paper_sized"
+    share = out[chosen].mean()
+    assert share == pytest.approx(universality.SET_SHARE, abs=1 / n)
+    assert out.loc[out[chosen], "excess_corr"].min() > control.excess_corr.max()
+    nset = universality.NeuronSet(out, chosen, control)
+    assert [nset.at_share(s).mean() for s in universality.SENSITIVITY_SHARES] == pytest.approx(
+        list(universality.SENSITIVITY_SHARES), abs=1 / n)
+    assert "above the untrained control's maximum" in nset.describe()
+    # fewer neurons beat the control than the share asks: the set is the neurons that beat it
+    strict = universality.add_calibrated_sets(t, control.assign(excess_corr=0.295))
+    assert strict.paper_sized.sum() == (t.excess_corr > 0.295).sum() < universality.SET_SHARE * n
 
 
 def test_within_layer_percentiles_rank_inside_each_layer():
@@ -75,9 +100,9 @@ def test_sweep_appendix_lists_every_configuration(tmp_path):
     cols = ["config", "val_loss_mean", "val_loss_spread", "train_cpu_minutes", "baseline_median", "excess_median", "excess_p99",
             "excess_max", "share>0.3", "share>0.5", "control_p99", "control_max", "share_above_control_max", "p99_gain_per_cpu_minute"]
     df = pd.DataFrame([["A"] + [0.1] * 12 + [0.01], ["B"] + [0.2] * 12 + [0.02]], columns=cols)
-    sweep.write_appendix(df, "python -m helpers.sweep", tmp_path / "a.md")
+    sweep.write_appendix(df, "python -m helpers.correlations.sweep", tmp_path / "a.md")
     text = (tmp_path / "a.md").read_text()
-    assert "| A |" in text and "| B |" in text and "**B**" in text and "python -m helpers.sweep" in text
+    assert "| A |" in text and "| B |" in text and "**B**" in text and "python -m helpers.correlations.sweep" in text
     assert "not in this grid" in text  # no architecture columns: nothing matches the default preset
 
     # With architecture columns the default preset's row is named, and near-ties are listed.
@@ -86,7 +111,7 @@ def test_sweep_appendix_lists_every_configuration(tmp_path):
     df = df.assign(**arch, train_tokens=750_000)
     df.loc[0, "n_layers"] = arch["n_layers"] + 1
     df.loc[:, "p99_gain_per_cpu_minute"] = [0.0199, 0.0200]
-    sweep.write_appendix(df, "python -m helpers.sweep", tmp_path / "b.md", decision="Kept B because of C.")
+    sweep.write_appendix(df, "python -m helpers.correlations.sweep", tmp_path / "b.md", decision="Kept B because of C.")
     text = (tmp_path / "b.md").read_text()
     assert "uses the architecture and recipe of **B**" in text
     assert "Within 5% of it: B (0.0200), A (0.0199)." in text and "Kept B because of C." in text
@@ -116,8 +141,8 @@ def test_like_for_like_medians_use_the_set_not_all_neurons():
 
 def test_checkpoint_emergence_compares_like_with_like(monkeypatch):
     """The control run uses the checkpoints' token count and baseline, and the checkpoints honour `baseline`."""
-    import helpers.families as families
-    import helpers.train as train
+    import helpers.models.families as families
+    import helpers.models.training as train
 
     calls = []
 

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import vocab
-from helpers.data import GPT2_EOS, TokenRows, VocabMap
-from helpers.models import VocabCodec, init_model
+from helpers.prediction import vocab
+from helpers.data.tokens import GPT2_EOS, TokenRows, VocabMap
+from helpers.models.loading import VocabCodec, init_model
 
 D_MODEL = 256
 YEARS = [" 1990", "1991", " 1992", "1993", " 1994", "1995"]
@@ -274,7 +274,7 @@ def gated_negative_model(d_model=256, d_vocab=300, targets=(10, 11), neuron=3, s
 
 
 def test_gated_neuron_firing_negatively_is_classified_by_what_it_does_to_the_logits():
-    from helpers.neuron_stats import activation_statistics
+    from helpers.properties.neuron_stats import activation_statistics
 
     targets, n = (10, 11), 3
     model = gated_negative_model(targets=targets, neuron=n)

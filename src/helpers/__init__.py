@@ -1,16 +1,20 @@
 """Helper package of the executable reproduction of "Universal Neurons in GPT2 Language Models"
 (Gurnee et al., 2024, arXiv:2401.12181).
 
-All real logic of the book lives here; the notebooks call it and plot. One module per concern:
+All real logic of the book lives here; the notebooks call it and plot. One subpackage per concern,
+from the bottom up (a subpackage imports only those above it in this list, see tests/test_layering.py):
 
-- `presets`   the checked, read-only preset of `params/*.yaml`; resolve paths
-- `artifacts` on-disk cache keyed by what produced a result
-- `data`      GPT-2 tokenizer, reduced vocabularies, token batches, token filtering
-- `corpus`    the embedded corpus (Debian documentation, CPython standard library, dictionaries)
-- `models`    model configs, safetensors save/load, the family registry, weight access
-- `train`     training of the embedded seed family (`python -m helpers.train`)
-- `plots`     plotly set-up and figure style
-- `book`      the end-to-end book build (`python -m helpers.book`)
+- `core`          presets, the on-disk cache, the paper's registry and verdict rule, computed sentences
+- `data`          the GPT-2 tokenizer, token rows, the embedded corpus
+- `models`        chapter 00: model loading, training, and seed families
+- `streaming`     the activation pass every chapter's data goes through
+- `correlations`  chapter 01: which neurons are universal
+- `properties`    chapter 02: what makes them different
+- `taxonomy`      chapter 03: neuron families by variance reduction
+- `prediction`    chapter 04: prediction, suppression and partition neurons
+- `entropy`       chapter 05: entropy neurons
+- `attention`     chapter 06: attention (de)activation neurons
+- `book`          figures, the neuron browser, the end-to-end build (`python -m helpers.book`)
 """
 
 import warnings

@@ -23,9 +23,10 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
-from helpers import correlate, neuron_stats  # noqa: E402
-from helpers.families import load_family  # noqa: E402
-from helpers.presets import load_preset  # noqa: E402
+from helpers.correlations import correlate  # noqa: E402
+from helpers.properties import neuron_stats  # noqa: E402
+from helpers.models.families import load_family  # noqa: E402
+from helpers.core.presets import load_preset  # noqa: E402
 
 SMOKE_TOKENS, SMOKE_BATCH = 6000, 8
 

@@ -1,0 +1,8 @@
+"""Chapter 06: attention (de)activation neurons (paper §5.3).
+
+- `heads`  BOS value norms, the heuristic score of every (neuron, later head) pair, path ablation
+"""
+
+# The chapter's notebook imports this package alone (`from helpers import attention`) and reaches its
+# modules as attributes.
+from . import heads  # noqa: E402,F401

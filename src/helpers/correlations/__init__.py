@@ -1,0 +1,14 @@
+"""Chapter 01: which neurons are universal (paper §2).
+
+- `pearson`         streaming Pearson correlation and the rotation baselines
+- `correlate`       the correlation job over a family (`python -m helpers.correlations.correlate`)
+- `universality`    the per-neuron universality table turned into the chapter's quantities
+- `baselines`       rotation baselines redrawn from a finished run
+- `dimensionality`  effective dimension of a layer's activations (why small models have high baselines)
+- `checks`          build checks a broken analysis would fail
+- `sweep`           the recorded configuration sweep of the embedded family
+"""
+
+# The chapter's notebook imports this package alone (`from helpers import correlations`) and reaches its
+# modules as attributes.
+from . import pearson, correlate, universality, baselines, dimensionality, checks, sweep  # noqa: E402,F401

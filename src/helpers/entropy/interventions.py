@@ -1,0 +1,394 @@
+"""Fixed-activation interventions on single neurons (paper §5.2, Figs 7c-f, 25, 1f), with the total
+effect separated from the direct one (Stolfo et al. 2024, "Confidence regulation neurons").
+
+A neuron's post-activation (`blocks.{l}.mlp.hook_post`) is set to one value at every position of a
+token set, and the next-token distribution is measured token by token:
+
+- the final normalisation's scale (`ln_final.hook_scale`: the LayerNorm standard deviation of
+  GPT-2-style models, the root-mean-square of RMSNorm models such as SmolLM2; after weight
+  processing the normalisation weights are folded into W_U, so this scale is all that is left of it);
+- the entropy of softmax(logits), in nats;
+- the loss (cross-entropy of the true next token), in nats;
+- the reciprocal rank of the true next token (1 when it is the top prediction);
+- whether the top-1 token is the same as in the unintervened run.
+
+Two ways: the **total** effect (everything downstream of the neuron recomputed) and the **direct**
+effect, where the final scale is frozen at its unintervened value, token by token. The difference is
+the part of the effect that goes through the final normalisation: an entropy neuron acts almost
+entirely through it, since its output lies in the unembedding's (near) null space.
+
+Cost. One intervened run repeats the batch once per (neuron, value) "replica", so several neurons and
+grid values share one forward pass. The runs start at the first intervened layer, from the
+unintervened residual stream cached there (`blocks.{L}.hook_resid_pre`): intervening in the last
+layers of a 30-layer model costs a few blocks plus the unembedding, not a whole forward pass. The
+token rows are batched as `activations.ActivationStream` batches them (the same valid-token mask), and
+the activation ranges that scale the grid come from the stream itself.
+
+Precision: metrics per token are computed in fp32 from fp32 logits and summed per row in fp64; the
+table keeps per-row sums so means, halves and row-level statistics are exact to fp64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from helpers.core import paper
+from helpers.streaming.activations import ActivationStream
+from helpers.core.cache import atomic_write_parquet, cached_result
+from helpers.data.tokens import TokenRows, valid_token_mask
+from helpers.properties.neuron_stats import SignedLogHistogram
+
+SCALE_HOOK = "ln_final.hook_scale"
+METRICS = ("scale", "entropy", "loss", "rr", "top1_same")
+MODES = ("total", "direct")
+VERSION = 1
+
+
+def paper_grid() -> np.ndarray:
+    """The paper's fixed activations for GELU neurons (−0.17, 0, 1, ..., 6), from the registry."""
+    return np.asarray(paper.value("entropy_grid", paper.MEDIUM), dtype=np.float64)
+
+
+def scaled_grid(max_activation: float, grid: Sequence[float] | None = None) -> np.ndarray:
+    """The paper's grid scaled to a neuron's observed range: every value times `max_activation /
+    max(grid)`, so the grid's top (6) is the largest activation the neuron reached on the token set
+    and its bottom keeps the paper's ratio to it (−0.17/6 of it; for GELU neurons −0.17 is the
+    activation function's minimum on the paper's scale). Returns [len(grid)] float64."""
+    g = paper_grid() if grid is None else np.asarray(grid, dtype=np.float64)
+    if not np.isfinite(max_activation) or max_activation <= 0:
+        raise ValueError(f"cannot scale the grid to a neuron whose largest activation is {max_activation!r} (needs > 0)")
+    return g * (float(max_activation) / g.max())
+
+
+def check_final_scale(model) -> str:
+    """The hook that gives the final normalisation's scale (`ln_final.hook_scale`), checked to exist
+    on `model`; a model without a final normalisation (or with one TransformerLens folds away) is an
+    error that says so."""
+    if SCALE_HOOK not in model.hook_dict:
+        raise ValueError(f"{type(model).__name__} has no {SCALE_HOOK!r} (normalization_type="
+                         f"{model.cfg.normalization_type!r}): the final-scale intervention needs a LayerNorm/RMSNorm "
+                         "before the unembedding")
+    return SCALE_HOOK
+
+
+# ---------------------------------------------------------------------------------- one batch
+@torch.no_grad()
+def intervened_logits(model, tokens: torch.Tensor, specs: Sequence[tuple[int, int, float | torch.Tensor]],
+                      frozen_scale: torch.Tensor | None = None, start_layer: int = 0,
+                      start_resid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and final scales of `tokens` [batch, pos] with one neuron fixed per replica.
+
+    `specs` [(layer, neuron, value)]: replica r sets `blocks.{layer}.mlp.hook_post[..., neuron]` to
+    `value` (a float, or a [batch, pos] tensor of per-token values) at every position; a spec whose
+    layer is None leaves the model alone (an unintervened replica). The replicas are stacked
+    replica-major: rows `r*batch ... (r+1)*batch - 1` of the outputs belong to spec r.
+    `frozen_scale` [batch, pos, 1]: if given, `ln_final.hook_scale` is replaced by it in every
+    replica (the direct effect). `start_resid` [batch, pos, d_model]: the unintervened
+    `blocks.{start_layer}.hook_resid_pre`; the run then starts at `start_layer` (every intervened
+    layer must be >= it). Returns (logits [R*batch, pos, d_vocab] fp32, scale [R*batch, pos, 1])."""
+    R, B = len(specs), tokens.shape[0]
+    if R == 0:
+        raise ValueError("no intervention specs given")
+    by_layer: dict[int, list[tuple[int, int, float | torch.Tensor]]] = {}
+    for r, (layer, neuron, value) in enumerate(specs):
+        if layer is None:
+            continue
+        if not 0 <= layer < model.cfg.n_layers or not 0 <= neuron < model.cfg.d_mlp:
+            raise ValueError(f"neuron L{layer}.{neuron} is not in a model of {model.cfg.n_layers} layers x {model.cfg.d_mlp}")
+        if start_resid is not None and layer < start_layer:
+            raise ValueError(f"L{layer}.{neuron} lies before the start layer {start_layer}")
+        by_layer.setdefault(layer, []).append((r, neuron, value))
+
+    def fix(act, hook, items):
+        for r, neuron, value in items:
+            v = value.to(act.device, act.dtype) if isinstance(value, torch.Tensor) else value
+            act[r * B:(r + 1) * B, :, neuron] = v
+        return act
+
+    scale_name = check_final_scale(model)
+    seen = {}
+
+    def scale_hook(scale, hook):
+        if frozen_scale is not None:
+            scale = frozen_scale.to(scale.device, scale.dtype).repeat(R, 1, 1)
+        seen["scale"] = scale
+        return scale
+
+    hooks = [(f"blocks.{l}.mlp.hook_post", lambda a, hook, items=items: fix(a, hook, items)) for l, items in by_layer.items()]
+    hooks.append((scale_name, scale_hook))
+    if start_resid is not None:
+        x = start_resid.to(model.cfg.device).repeat(R, 1, 1)
+        logits = model.run_with_hooks(x, start_at_layer=start_layer, fwd_hooks=hooks)
+    else:
+        logits = model.run_with_hooks(tokens.to(model.cfg.device).repeat(R, 1), fwd_hooks=hooks)
+    return logits.float(), seen["scale"]
+
+
+@torch.no_grad()
+def token_metrics(logits: torch.Tensor, tokens: torch.Tensor, nominal_top1: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-token metrics of the next-token predictions: `logits` [N, pos, d_vocab], `tokens` [N, pos]
+    (the true next token of position p is tokens[:, p+1]). Returns {name: [N, pos-1]}: `entropy`
+    and `loss` in nats, `rr` the reciprocal rank of the true next token (ties counted in its
+    favour), `top1` the argmax token, and `top1_same` (1.0 where it equals `nominal_top1`)."""
+    lg = logits[:, :-1].float()
+    target = tokens[:, 1:].to(lg.device)
+    logp = lg.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    true = lg.gather(-1, target[..., None])
+    rank = (lg > true).sum(-1) + 1
+    top1 = lg.argmax(-1)
+    out = {"entropy": entropy, "loss": -logp.gather(-1, target[..., None])[..., 0], "rr": 1.0 / rank.float(), "top1": top1}
+    if nominal_top1 is not None:
+        out["top1_same"] = (top1 == nominal_top1.to(top1.device)).float()
+    return out
+
+
+# ---------------------------------------------------------------------------------- the sweep
+@dataclass
+class Target:
+    """One neuron to intervene on, its grid and its role (e.g. "entropy", "anti-entropy", "random")."""
+
+    layer: int
+    neuron: int
+    values: np.ndarray  # [n_grid] activations to fix
+    grid: np.ndarray  # [n_grid] the same values in the paper's units (the unscaled grid)
+    role: str = ""
+    modes: tuple[str, ...] = MODES
+
+    def key(self) -> dict:
+        return {"layer": int(self.layer), "neuron": int(self.neuron), "role": self.role, "modes": list(self.modes),
+                "values": [round(float(v), 7) for v in self.values], "grid": [round(float(g), 7) for g in self.grid]}
+
+
+RANGE_QUANTILES = (0.005, 0.995)  # the low and high quantiles of a neuron's activation that its grid spans
+
+
+def activation_ranges(model, rows: TokenRows, layers: Sequence[int], drop_ids: Sequence[int], batch_size: int = 8,
+                      verbose: bool = False, quantiles: tuple[float, float] = RANGE_QUANTILES) -> pd.DataFrame:
+    """Min, max, mean, low and high quantiles and the natural sign of the post-activation of every
+    neuron of `layers` over the valid tokens of `rows`, from one `ActivationStream` pass.
+
+    Returns one row per neuron (`layer`, `neuron`, `act_min`, `act_max`, `act_mean`, `act_q_lo`,
+    `act_q_hi` (the `quantiles`, from a histogram with 8 bins per factor 2: within 9% of the exact
+    ones), `act_top_mean` the mean over the top 1% of |activation| and `act_sign` its sign
+    (`neuron_stats.SIGN_RULE`: the direction the neuron naturally moves in when it acts))."""
+    layers = sorted({int(l) for l in layers})
+    names = [f"blocks.{l}.mlp.hook_post" for l in layers]
+    lo = {l: None for l in layers}
+    hi, tot, n = dict(lo), dict(lo), 0
+    hist = {l: SignedLogHistogram(model.cfg.d_mlp, bins_per_octave=8) for l in layers}
+    stream = ActivationStream({"m": model}, rows, names, batch_size, drop_ids, dict, desc="activation ranges", verbose=verbose)
+    for batch in stream:
+        for l, name in zip(layers, names):
+            a = batch.acts["m"][name].double()
+            lo[l] = a.min(0).values if lo[l] is None else torch.minimum(lo[l], a.min(0).values)
+            hi[l] = a.max(0).values if hi[l] is None else torch.maximum(hi[l], a.max(0).values)
+            tot[l] = a.sum(0) if tot[l] is None else tot[l] + a.sum(0)
+            hist[l].update(a.cpu())
+        n += batch.n_tokens
+    if n == 0:
+        raise ValueError("no valid tokens in the rows")
+    d = model.cfg.d_mlp
+
+    def cat(fn):
+        return torch.cat([fn(hist[l]) for l in layers]).cpu().numpy()
+
+    out = pd.DataFrame({"layer": np.repeat(layers, d), "neuron": np.tile(np.arange(d), len(layers)),
+                        "act_min": torch.cat([lo[l] for l in layers]).cpu().numpy(),
+                        "act_max": torch.cat([hi[l] for l in layers]).cpu().numpy(),
+                        "act_mean": (torch.cat([tot[l] for l in layers]) / n).cpu().numpy(),
+                        "act_q_lo": cat(lambda h: h.quantile(quantiles[0])), "act_q_hi": cat(lambda h: h.quantile(quantiles[1])),
+                        "act_top_mean": cat(lambda h: h.top_mean()), "act_sign": cat(lambda h: h.large_sign())})
+    # a bin's mean can stray past the observed extremes by rounding only; keep the quantiles inside them
+    out["act_q_lo"] = out.act_q_lo.clip(out.act_min, out.act_max)
+    out["act_q_hi"] = out.act_q_hi.clip(out.act_min, out.act_max)
+    return out
+
+
+def _sums(metrics: dict[str, torch.Tensor], scale: torch.Tensor, mask: torch.Tensor, R: int, B: int) -> dict[str, np.ndarray]:
+    """Per-(replica, row) sums over the valid tokens: {metric: [R, B]} float64, with `n`."""
+    m = mask.to(scale.device).repeat(R, 1).double()
+    vals = {"scale": scale[:, :-1, 0].double(), **{k: metrics[k].double() for k in ("entropy", "loss", "rr", "top1_same")}}
+    out = {k: (v * m).sum(1).view(R, B).cpu().numpy() for k, v in vals.items()}
+    out["n"] = m.sum(1).view(R, B).cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def intervention_sweep(model, rows: TokenRows | torch.Tensor, targets: Sequence[Target], drop_ids: Sequence[int],
+                       batch_size: int = 4, max_logit_elems: int = 1 << 26, verbose: bool = True) -> pd.DataFrame:
+    """Fix each target neuron at each of its values over all `rows` and record the metrics (Figs 7c-f).
+
+    `rows` [rows, n_ctx]; valid tokens are those `valid_token_mask(ids, drop_ids)` keeps, at every
+    position but the last (which has no next token). Each batch of `batch_size` rows is run once
+    unintervened (mode "nominal"), then with the (target, value, mode) replicas in chunks of at most
+    `max_logit_elems` logits (fp32) per forward pass, deepest layer first, each pass starting at the
+    first layer it intervenes on (from the cached unintervened residual stream).
+
+    Returns a long table with one row per (token row, target, mode, grid point): `row`, `layer`,
+    `neuron`, `role`, `mode` ("nominal", "total", "direct"), `grid` (paper units; NaN for nominal),
+    `value` (the fixed activation), `n` (valid tokens) and the per-row sums `scale`, `entropy`,
+    `loss`, `rr`, `top1_same` (means are sums / n)."""
+    rows = TokenRows.of(rows)
+    if not targets:
+        raise ValueError("no targets")
+    for t in targets:
+        bad = set(t.modes) - set(MODES)
+        if bad:
+            raise ValueError(f"unknown modes {sorted(bad)}; use {MODES}")
+    # Deepest layers first, so a forward pass holds replicas of one layer where it can and starts there.
+    jobs = sorted(((t, m, j) for t in targets for m in t.modes for j in range(len(t.values))), key=lambda x: -int(x[0].layer))
+    layers = sorted({int(t.layer) for t in targets})
+    per_pass = max(1, max_logit_elems // (batch_size * rows.n_ctx * model.cfg.d_vocab))
+    from tqdm.auto import tqdm
+
+    out = []
+    n_batches = (len(rows) + batch_size - 1) // batch_size
+    bar = tqdm(total=n_batches * (1 + (len(jobs) + per_pass - 1) // per_pass), desc="interventions", unit="pass",
+               disable=not verbose)
+    scale_name = check_final_scale(model)
+    resid_names = {f"blocks.{l}.hook_resid_pre" for l in layers}
+    for b0 in range(0, len(rows), batch_size):
+        ids = rows.ids[b0:b0 + batch_size]
+        B = ids.shape[0]
+        mask = valid_token_mask(ids, drop_ids)[:, :-1]
+        logits, cache = model.run_with_cache(ids.to(model.cfg.device), names_filter=lambda n: n == scale_name or n in resid_names)
+        nominal_scale = cache[scale_name]
+        nom = token_metrics(logits, ids)
+        nom["top1_same"] = torch.ones_like(nom["entropy"])
+        s = _sums(nom, nominal_scale, mask, 1, B)
+        for i in range(B):
+            out.append({"row": b0 + i, "layer": -1, "neuron": -1, "role": "nominal", "mode": "nominal", "grid": np.nan,
+                        "value": np.nan, **{k: float(v[0, i]) for k, v in s.items()}})
+        bar.update(1)
+        del logits
+        for c0 in range(0, len(jobs), per_pass):
+            chunk = jobs[c0:c0 + per_pass]
+            for mode in MODES:  # one pass per mode: the frozen scale applies to the whole pass
+                part = [(t, j) for t, m, j in chunk if m == mode]
+                if not part:
+                    continue
+                specs = [(int(t.layer), int(t.neuron), float(t.values[j])) for t, j in part]
+                start = min(l for l, _, _ in specs)
+                lg, sc = intervened_logits(model, ids, specs, nominal_scale if mode == "direct" else None, start,
+                                           cache[f"blocks.{start}.hook_resid_pre"])
+                met = token_metrics(lg, ids.repeat(len(specs), 1), nom["top1"].repeat(len(specs), 1))
+                s = _sums(met, sc, mask, len(specs), B)
+                for r, (t, j) in enumerate(part):
+                    for i in range(B):
+                        out.append({"row": b0 + i, "layer": int(t.layer), "neuron": int(t.neuron), "role": t.role, "mode": mode,
+                                    "grid": float(t.grid[j]), "value": float(t.values[j]),
+                                    **{k: float(v[r, i]) for k, v in s.items()}})
+                del lg
+            bar.update(1)
+    bar.close()
+    return pd.DataFrame(out)
+
+
+def sweep_identity(model_id: str, rows: TokenRows, targets: Sequence[Target], drop_ids: Sequence[int]) -> dict:
+    return {"model": model_id, "rows": rows.sha256, "n_rows": len(rows), "n_ctx": rows.n_ctx,
+            "drop_ids": sorted(int(d) for d in drop_ids), "targets": [t.key() for t in targets], "version": VERSION}
+
+
+def cached_sweep(model, model_id: str, rows: TokenRows, targets: Sequence[Target], drop_ids: Sequence[int],
+                 artifacts_dir: str | Path, batch_size: int = 4, max_logit_elems: int = 1 << 26, verbose: bool = True,
+                 prefix: str = "") -> pd.DataFrame:
+    """`intervention_sweep`, cached under `<artifacts>/entropy_intervention/` keyed by the model's content
+    id, the rows' sha256, the targets (neurons, values, modes) and the dropped ids."""
+    rows = TokenRows.of(rows)
+
+    def compute(folder: Path) -> dict:
+        import time
+
+        t0 = time.time()
+        table = intervention_sweep(model, rows, targets, drop_ids, batch_size, max_logit_elems, verbose)
+        atomic_write_parquet(table, folder / "sweep.parquet")
+        return {"seconds": time.time() - t0, "n_tokens": int(table[table["mode"] == "nominal"].n.sum())}
+
+    res = cached_result("entropy_intervention", sweep_identity(model_id, rows, targets, drop_ids), compute,
+                        root=artifacts_dir, prefix=prefix)
+    table = res.table("sweep")
+    table.attrs["seconds"] = res.meta.get("seconds")
+    return table
+
+
+# ---------------------------------------------------------------------------------- summaries
+def curves(table: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
+    """Token-weighted means of the metrics per (layer, neuron, role, mode, grid, value) (+ `by`):
+    the curves of Figs 7c-f. Nominal rows are kept with grid NaN."""
+    keys = ["layer", "neuron", "role", "mode", "grid", "value", *by]
+    g = table.groupby(keys, dropna=False)[["n", *METRICS]].sum().reset_index()
+    for k in METRICS:
+        g[k] = g[k] / g["n"]
+    return g
+
+
+def aligned_curves(table: pd.DataFrame) -> pd.DataFrame:
+    """`curves`, with neurons swept on a second token set (whose unintervened rows are labelled
+    "nominal (random rows)") shifted by the difference of the two sets' unintervened means, so that
+    every curve starts from the same unintervened level in a plot; their shapes are unchanged."""
+    c = curves(table)
+    other = table[table["mode"] == "nominal (random rows)"]
+    if len(other) == 0:
+        return c
+    shift = nominal(table) - other[list(METRICS)].sum() / other["n"].sum()
+    main_rows = set(table[table["mode"] == "nominal"].row)
+    on_other = {(l, n) for l, n, r in zip(table.layer, table.neuron, table.row) if r not in main_rows and l >= 0}
+    mask = [(l, n) in on_other for l, n in zip(c.layer, c.neuron)]
+    for k in METRICS:
+        c.loc[mask, k] = c.loc[mask, k] + shift[k]
+    return c
+
+
+def nominal(table: pd.DataFrame) -> pd.Series:
+    """The unintervened token-weighted means of the metrics."""
+    t = table[table["mode"] == "nominal"]
+    return t[list(METRICS)].sum() / t["n"].sum()
+
+
+def halves(table: pd.DataFrame) -> pd.DataFrame:
+    """Convergence check: the effect curves (metric minus its value at grid 0) on the first and
+    second half of the token rows: the largest absolute difference between the halves per (neuron,
+    mode, metric), and the range of the effect on all rows. A curve has converged where the halves
+    differ by little compared with how much it moves."""
+    out = []
+    for (l, n, role, mode), g in table[~table["mode"].str.startswith("nominal")].groupby(["layer", "neuron", "role", "mode"]):
+        rows = np.sort(g.row.unique())
+        first = g.row.isin(rows[: len(rows) // 2])
+        a, b, whole = (curves(x).set_index("grid").sort_index() for x in (g[first], g[~first], g))
+        for k in ("scale", "entropy", "loss", "rr"):
+            ea, eb, ew = (x[k] - x[k].iloc[int(np.argmin(np.abs(x.index.to_numpy())))] for x in (a, b, whole))
+            out.append({"layer": l, "neuron": n, "role": role, "mode": mode, "metric": k,
+                        "max_half_diff": float((ea - eb).abs().max()), "effect_range": float(ew.max() - ew.min())})
+    return pd.DataFrame(out)
+
+
+def effect_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (neuron, role, mode): the metric at the grid's top minus at 0 (`d_<metric>`; the grid runs
+    in the neuron's natural direction, so this is the effect of its typical large activation),
+    whether the scale and entropy move monotonically along the WHOLE grid, both signs of the
+    activation (`scale_monotone`, `entropy_monotone`: every step >= 0, or every step <= 0 for a
+    falling curve; `*_direction` +1/-1, from the grid's bottom to its top), and the share of tokens
+    whose top-1 token stays as unintervened (`top1_same_min`: the lowest over the grid)."""
+    c = curves(table)
+    c = c[~c["mode"].str.startswith("nominal")].sort_values("grid")
+    out = []
+    for (l, n, role, mode), g in c.groupby(["layer", "neuron", "role", "mode"]):
+        top, zero = g.iloc[-1], g.iloc[(g.grid - 0).abs().argmin()]
+        row = {"layer": l, "neuron": n, "role": role, "mode": mode, "value_top": top.value}
+        for k in ("scale", "entropy", "loss", "rr"):
+            row[f"d_{k}"] = float(top[k] - zero[k])
+        for k in ("scale", "entropy"):
+            steps = np.diff(g[k].to_numpy())
+            direction = 1 if g[k].iloc[-1] >= g[k].iloc[0] else -1
+            row[f"{k}_direction"] = direction
+            row[f"{k}_monotone"] = bool((steps * direction >= -1e-9).all())
+        row["top1_same_min"] = float(g["top1_same"].min())
+        out.append(row)
+    return pd.DataFrame(out)

@@ -1,0 +1,6 @@
+"""Chapter 00: the models and the seed family.
+
+- `loading`   model configs, safetensors save/load, weight processing, the models loaded from PyPI
+- `training`  training of the embedded seed family (`python -m helpers.models.training`)
+- `families`  families of seeds loaded by name (embedded, untrained control, GPT-2, Pythia, SmolLM2)
+"""

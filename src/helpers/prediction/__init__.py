@@ -1,0 +1,8 @@
+"""Chapter 04: prediction, suppression and partition neurons (paper §5.1).
+
+- `vocab`  what a neuron writes into the next-token logits: W_U w_out moments, classes, by depth
+"""
+
+# The chapter's notebook imports this package alone (`from helpers import prediction`) and reaches its
+# modules as attributes.
+from . import vocab  # noqa: E402,F401

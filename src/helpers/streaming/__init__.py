@@ -1,0 +1,4 @@
+"""The one activation pass: models run over token rows with hooks, accumulators checkpointed.
+
+- `activations`  the streaming driver every chapter's data pass goes through
+"""
