@@ -9,7 +9,10 @@ recorded. A page fails when
 - a circuitsvis view does not render (a `circuits-vis-*` container left empty or of zero height),
 - it logs a JavaScript error (an uncaught exception or a `console.error`), or
 - it requests anything outside the site (a CDN script, a web font, ...), or
-- it links a static copy (PNG/SVG) of a figure that is not in the site.
+- it links a static copy (PNG/SVG) of a figure that is not in the site, or
+- something is wider than its container: a code cell that needs a horizontal scroll bar, a figure or
+  axis title cut by the figure's frame, or a table, figure or output that runs past the page's
+  edge outside a scrolling container (wide tables must scroll or wrap).
 
 Writes a screenshot of every chapter page to `<site>/../screenshots/`. Exit status 1 if any page
 failed, 2 if no browser is available.
@@ -40,11 +43,12 @@ class PageReport:
     views_drawn: int = 0
     errors: list[str] = field(default_factory=list)
     outside: list[str] = field(default_factory=list)
+    overflow: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return (self.plotly_drawn >= self.plotly_expected and self.views_drawn >= self.views_expected
-                and not self.errors and not self.outside)
+                and not self.errors and not self.outside and not self.overflow)
 
     def line(self) -> str:
         s = (f"{'ok  ' if self.ok else 'FAIL'} {self.page}: {self.plotly_drawn}/{self.plotly_expected} plotly figures, "
@@ -53,6 +57,9 @@ class PageReport:
             s += f"; {len(self.errors)} JavaScript error(s): " + " | ".join(e[:160] for e in self.errors[:3])
         if self.outside:
             s += f"; {len(self.outside)} request(s) outside the site: " + ", ".join(u[:100] for u in self.outside[:3])
+        if self.overflow:
+            s += f"; {len(self.overflow)} element(s) wider than their container: " + " | ".join(
+                o[:120] for o in self.overflow[:3])
         return s
 
 
@@ -71,6 +78,49 @@ COUNT_DRAWN = """() => ({
   views: Array.from(document.querySelectorAll('div[id^="circuits-vis-"]'))
           .filter(d => d.childElementCount > 0 && d.getBoundingClientRect().height > 0).length,
 })"""
+
+
+# Elements wider than their container (evaluated once the page has settled); one line each.
+FIND_OVERFLOW = r"""() => {
+  const article = document.querySelector('article.bd-article') || document.querySelector('main') || document.body;
+  const edge = article.getBoundingClientRect().right;
+  const out = [];
+  const describe = el => {
+    const c = el.getAttribute('class') || '';
+    return el.tagName.toLowerCase() + (c ? '.' + c.trim().split(/\s+/).slice(0, 2).join('.') : '');
+  };
+  const scrolls = el => {
+    for (let a = el.parentElement; a && a !== article; a = a.parentElement) {
+      const s = getComputedStyle(a).overflowX;
+      if ((s === 'auto' || s === 'scroll') && a.getBoundingClientRect().right <= edge + 2) return true;
+    }
+    return false;
+  };
+  // 1. the chapters' code cells: every line is visible without scrolling
+  for (const pre of article.querySelectorAll('div.cell_input pre, div.highlight pre')) {
+    if (pre.closest('div.cell_output')) continue;
+    if (pre.scrollWidth > pre.clientWidth + 2) {
+      const longest = pre.textContent.split('\n').reduce((a, b) => (b.length > a.length ? b : a), '');
+      out.push(`code cell wider than the page (${pre.scrollWidth}px in ${pre.clientWidth}px): ${longest.trim().slice(0, 70)}`);
+    }
+  }
+  // 2. a figure's title or axis title cut by its own frame
+  for (const fig of article.querySelectorAll('.js-plotly-plot')) {
+    const frame = fig.getBoundingClientRect();
+    for (const t of fig.querySelectorAll('.gtitle, .xtitle, .ytitle, .g-xtitle text, .g-ytitle text')) {
+      const r = t.getBoundingClientRect();
+      if (r.width && (r.right > frame.right + 2 || r.left < frame.left - 2))
+        out.push(`figure title cut by its frame: ${t.textContent.slice(0, 70)}`);
+    }
+  }
+  // 3. anything else past the article's right edge that is not inside a scrolling container
+  for (const el of article.querySelectorAll('table, img, svg.main-svg, .js-plotly-plot, pre, div.cell_output > div')) {
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 || r.right <= edge + 2 || scrolls(el)) continue;
+    out.push(`${describe(el)} reaches ${Math.round(r.right - edge)}px past the page's edge`);
+  }
+  return out;
+}"""
 
 
 def _router(prefix: str, outside: list[str]):
@@ -119,6 +169,7 @@ def check_site(site: str | Path, browser: str | None = None, screenshots: str | 
             page.wait_for_timeout(settle_ms)
             counts = page.evaluate(COUNT_DRAWN)
             rep.plotly_drawn, rep.views_drawn = counts["plotlyDrawn"], counts["views"]
+            rep.overflow = page.evaluate(FIND_OVERFLOW)
             # a blocked request also logs a console error; it is reported once, as a request outside the site
             rep.errors = [e for e in rep.errors if "net::ERR_FAILED" not in e or not rep.outside]
             if screenshots is not None and (rep.plotly_expected or rep.views_expected):

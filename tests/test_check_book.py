@@ -42,6 +42,21 @@ def site(tmp_path_factory):
         "js_error.html": head + "<script>notDefinedAnywhere();</script></body></html>",
         "outside.html": head + '<img src="https://example.invalid/logo.png"></body></html>',
         "console.html": head + '<script>console.error("something broke")</script></body></html>',
+        # a code line too long for the column, a table past the page's edge, a table that scrolls, and a
+        # figure whose title runs past its frame
+        "wide.html": head + '<article class="bd-article" style="width:600px">'
+                     '<div class="cell_input"><pre style="overflow-x:auto">' + "x = 1  # " + "long " * 40 + '</pre></div>'
+                     '<table><tr><td style="white-space:nowrap">' + "wide cell " * 60 + '</td></tr></table>'
+                     '<div style="overflow-x:auto"><table><tr><td style="white-space:nowrap">' + "fine " * 200
+                     + '</td></tr></table></div>'
+                     + _figure_html("t", [{"y": [1, 2]}]).replace("{}", '{"title": {"text": "' + "a long title " * 12
+                                                                   + '"}, "width": 400}')
+                     + '</article></body></html>',
+        "narrow.html": head + '<article class="bd-article" style="width:600px">'
+                       '<div class="cell_input"><pre style="overflow-x:auto">x = 1  # short</pre></div>'
+                       '<table><tr><td>' + "a cell that wraps " * 30 + '</td></tr></table>'
+                       + _figure_html("t", [{"y": [1, 2]}]).replace("{}", '{"title": {"text": "short"}, "width": 400}')
+                       + '</article></body></html>',
         "static.html": head + '<p class="static-figure-links"><a href="_static/plotly.min.js">JS</a> · '
                        '<a href="figures/none.png">PNG</a></p></body></html>',
     }
@@ -78,3 +93,12 @@ def test_a_request_outside_the_site_is_blocked_and_fails(site):
 
 def test_a_link_to_a_missing_static_figure_fails(site):
     assert site["static.html"].errors == ["static figure missing: figures/none.png"]
+
+
+def test_elements_wider_than_their_container_fail(site):
+    r = site["wide.html"]
+    assert not r.ok
+    kinds = sorted(o.split(" (")[0].split(":")[0] if o.startswith("code") else o.split(":")[0].split(" reaches")[0]
+                   for o in r.overflow)
+    assert kinds == ["code cell wider than the page", "figure title cut by its frame", "table"], r.overflow
+    assert site["narrow.html"].overflow == [] and site["narrow.html"].ok, site["narrow.html"].line()

@@ -46,3 +46,26 @@ def test_citation_file_is_valid_cff():
     assert cff["cff-version"] == "1.2.0" and cff["title"] and cff["authors"]
     ref = cff["preferred-citation"] if "preferred-citation" in cff else cff["references"][0]
     assert "2401.12181" in str(ref)
+
+
+def _readme_map() -> dict[str, set[str]]:
+    """{subpackage: {module, ...}} as the README's "Where things are" block lists them."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Where things are", 1)[1].split("```", 2)[1]
+    out, sub = {}, None
+    for line in block.splitlines():
+        if line.startswith("  ") and not line.startswith("    ") and line.strip().split()[0].endswith("/"):
+            sub = line.strip().split()[0].rstrip("/")
+            out[sub] = set()
+        elif line.startswith("    ") and sub is not None:
+            out[sub].add(line.strip().split()[0])
+    return out
+
+
+def test_readme_map_of_the_package_matches_the_tree():
+    package = ROOT / "src" / "helpers"
+    tree = {d.name: {f.stem for f in d.glob("*.py") if not f.stem.startswith("__")}
+            for d in package.iterdir() if (d / "__init__.py").is_file()}
+    assert _readme_map() == tree, "README.md's \"Where things are\" map differs from src/helpers: update it"
+    flat = sorted(f.name for f in package.glob("*.py") if f.name != "__init__.py")
+    assert not flat, f"modules outside the subpackages: {flat}"

@@ -320,7 +320,7 @@ def write_headline(site: Path, preset: str, artifacts_dir: Path, names: list[str
     return path
 
 
-SITE_FILES = ["_config.yml", "_toc.yml"]  # plus book/*.md: what a book needs besides its executed chapters
+SITE_FILES = ["_config.yml", "_toc.yml"]  # plus book/*.md and book/_static/*.css: what a book needs besides its chapters
 
 
 def default_site(preset: str, root: Path | None = None) -> Path:
@@ -338,6 +338,9 @@ def prepare_site(site: Path, root: Path) -> None:
         shutil.copy2(root / name, site / name)
     for page in (root / "book").glob("*.md"):
         shutil.copy2(page, site / "book" / page.name)
+    (site / "book" / "_static").mkdir(exist_ok=True)
+    for style in (root / "book" / "_static").glob("*.css"):  # the book's own layout rules
+        shutil.copy2(style, site / "book" / "_static" / style.name)
 
 
 def build(preset: str = "default", notebooks: list[str] | None = None, skip_html: bool = False, force: bool = False,

@@ -11,7 +11,9 @@ circuitsvis is shown through its inlined build (`local_src`), since its default 
 from __future__ import annotations
 
 import shutil
+import re
 import sys
+import textwrap
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -28,9 +30,48 @@ class BookRenderer(MimetypeRenderer):
     """plotly mime bundle + an HTML div that relies on a page-level plotly.js."""
 
     def to_mimebundle(self, fig_dict):
+        fig_dict = wrap_titles(fig_dict)
         html = pio.to_html(fig_dict, include_plotlyjs=False, full_html=False, config={"responsive": True})
         return {"application/vnd.plotly.v1+json": {"data": fig_dict.get("data", []), "layout": fig_dict.get("layout", {})},
                 "text/html": html}
+
+
+# Titles longer than this many characters are broken into lines: the book's column is about 700 px,
+# a 17 px title font fits about 80 characters and a 14 px axis title about 90 (y: the figure's height).
+TITLE_CHARS, AXIS_CHARS = 80, 90
+
+
+def _wrap(text: str, width: int) -> str:
+    if not text or len(re.sub(r"<[^>]+>", "", text)) <= width or "<br>" in text:
+        return text
+    return "<br>".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False))
+
+
+def wrap_titles(fig_dict: dict) -> dict:
+    """A copy of a figure (as a dict) whose figure, subplot and axis titles are broken into lines that
+    fit the book's column, so that no title is cut by the figure's frame. Titles with explicit `<br>`
+    are left as they are."""
+    import copy
+
+    fig = copy.deepcopy(fig_dict)
+    layout = fig.setdefault("layout", {})
+    height = layout.get("height") or 450
+
+    def fix(holder: dict, width: int) -> None:
+        title = holder.get("title")
+        if isinstance(title, dict) and isinstance(title.get("text"), str):
+            title["text"] = _wrap(title["text"], width)
+        elif isinstance(title, str):
+            holder["title"] = {"text": _wrap(title, width)}
+
+    fix(layout, TITLE_CHARS)
+    for key, axis in layout.items():
+        if isinstance(axis, dict) and re.fullmatch(r"[xy]axis\d*", key):
+            fix(axis, AXIS_CHARS if key.startswith("x") else max(20, int(height / 8)))
+    for ann in layout.get("annotations", ()):  # subplot titles are annotations
+        if isinstance(ann.get("text"), str) and ann.get("yref") == "paper" and ann.get("showarrow") is False:
+            ann["text"] = _wrap(ann["text"], TITLE_CHARS // 2)
+    return fig
 
 
 def setup() -> None:
