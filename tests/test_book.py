@@ -88,3 +88,20 @@ def test_headline_counts_verdicts_links_chapters_and_names_missing_results(tmp_p
     assert f"<executed/{names[0]}>` | " in text and "| 1 | 1 | 2 | 1 | 1 | 0 |" in text
     assert "| share | 0.01 | matched |" in text
     assert "This chapter saved no results in this build." in text  # names[1] published nothing
+
+
+def test_long_figure_titles_are_wrapped_to_the_column_and_short_ones_kept():
+    import plotly.graph_objects as go
+
+    from helpers.book import plots
+
+    long = "Fig 6a · " + "a title that names the figure and says what every line means " * 3
+    fig = go.Figure(go.Scatter(y=[1, 2])).update_layout(title=long, height=300, xaxis_title="x " * 80,
+                                                       yaxis_title="short")
+    out = plots.wrap_titles(fig.to_dict())
+    lines = out["layout"]["title"]["text"].split("<br>")
+    assert len(lines) > 1 and max(map(len, lines)) <= plots.TITLE_CHARS
+    assert " ".join(lines) == long.strip()
+    assert max(map(len, out["layout"]["xaxis"]["title"]["text"].split("<br>"))) <= plots.AXIS_CHARS
+    assert out["layout"]["yaxis"]["title"]["text"] == "short"
+    assert fig.layout.title.text == long  # the figure itself is not changed
