@@ -54,7 +54,7 @@ def test_chapter01_planted_paper_values_are_matched_against_a_failing_control():
                             rest_spread=0.1, diagonal=False)
     nset = _nset(trained, control)
     assert nset.chosen == "is_universal" and nset.size == N_SET
-    rows = v01.comparisons(nset, paper.SMALL, threshold=0.5)
+    rows = v01.comparisons(nset, paper.SMALL)
     assert [r.key for r in rows] == ["universal_share", "median_mean_corr_universal", "median_baseline_universal",
                                      "seed_spread_all", "seed_spread_universal", "depth_specialisation"]
     assert rows[0].ours == pytest.approx(N_SET / len(trained)) and rows[0].control == 0.0
@@ -271,3 +271,37 @@ def test_chapter03_set_sensitivity():
     assert s.loc["all_layer2", "its share of the set"] == pytest.approx(0.5)
     assert s.loc["one", "largest family of the set"] == "unigram" and s.loc["one", "median best VR (set)"] == 0.95
     assert s.loc["one", "explained (rest)"] == pytest.approx((20 + 3 + 4) / 159)
+
+
+# ---- chapter 00 ---------------------------------------------------------------------------------
+
+def _gpt2_small():
+    description = {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "act_fn": "gelu_new"}
+    processing = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
+    training = pd.DataFrame({"seed": [0, 1, 2, 3, 4], "steps": 400_000, "train_tokens": 10_000})
+    corpus = pd.DataFrame({"train_tokens": [6_000, 4_000]}, index=["web", "books"])
+    return description, processing, training, corpus
+
+
+def test_chapter00_a_planted_gpt2_small_family_matches_and_a_small_one_differs():
+    from helpers.models import verdicts as v00
+
+    description, processing, training, corpus = _gpt2_small()
+    rows = v00.comparisons(paper.SMALL, 5, description, processing, training, corpus,
+                           {"train_seconds": {"a": 10.0, "b": 30.0}, "source": "shipped"}, data_name="OpenWebText")
+    t = paper.result_table(rows)
+    assert set(t.verdict) == {"matched"} and len(t) == 9
+    small = v00.comparisons("embedded", 3, {**description, "n_layers": 2, "d_mlp": 512}, {**processing, "fold_ln": False},
+                            training.assign(seed=[0, 0, 1, 2, 3]).iloc[:3], corpus, {"train_seconds": {"a": 10.0}})
+    t = paper.result_table(small)
+    assert t.loc["architecture: layers", "verdict"] == "differs" and t.loc["architecture: d_model", "verdict"] == "matched"
+    assert t.loc["architecture: layers", "reason"] == (
+        "sized for 10,000 training tokens per seed, about 10 s of training per member where it was trained (trained here)")
+    assert t.loc["weight processing on load", "reason"] == "not applied here: fold_ln; applied here only: none"
+    assert t.loc["what differs between members", "verdict"] == "differs"  # two members share seed 0
+    assert t.loc["models differing only in their seed", "verdict"] == "differs"
+    assert t.loc["training data", "verdict"] == "differs"
+    assert t.loc["training data", "reason"] == "2 sources, 10,000 training tokens (section 1)"
+    # a hub family: no training rows; a missing description entry is not measured
+    hub = paper.result_table(v00.comparisons(paper.PYTHIA, 4, {**description, "act_fn": None}, processing))
+    assert len(hub) == 6 and hub.loc["activation function", "verdict"] == "not measured"

@@ -27,14 +27,16 @@ def spectrum_summary(dims: pd.DataFrame | None, label: str) -> dict:
             "measured": float(sel.measured_median.median()), "d": int(sel.d.iloc[0])}
 
 
-def comparisons(nset: universality.NeuronSet, model: str = paper.DEFAULT_MODEL, threshold: float = 0.5,
-                dims: pd.DataFrame | None = None, label: str = "") -> list[paper.Comparison]:
-    """Chapter 01's rows: the share of neurons above `threshold`, the median max correlation and
-    baseline over the set, the seed spread over all neurons and over the set, and the depth
-    specialisation of Fig 2c. `nset` holds the family's table, the chosen set and the untrained
-    control's table (None: no control column). `model` is the paper model compared with; `dims`
-    and `label` (the family's label in `dims`) give the reason of the baseline row."""
+def comparisons(nset: universality.NeuronSet, model: str = paper.DEFAULT_MODEL, dims: pd.DataFrame | None = None,
+                label: str = "") -> list[paper.Comparison]:
+    """Chapter 01's rows: the share of neurons above the paper's threshold (the registry's
+    `excess_threshold`, at which its share was counted), the median max correlation and baseline
+    over the set, the seed spread over all neurons and over the set, and the depth specialisation of
+    Fig 2c. `nset` holds the family's table, the chosen set and the untrained control's table (None:
+    no control column). `model` is the paper model compared with; `dims` and `label` (the family's
+    label in `dims`) give the reason of the baseline row."""
     t, chosen, ctl = nset.table, nset.chosen, nset.control
+    threshold = float(paper.value("excess_threshold", model))
     sel = t[chosen].fillna(False).astype(bool)
     share = float((t.excess_corr > threshold).sum() / len(t))
     ctl_share = float((ctl.excess_corr > threshold).sum() / len(ctl)) if ctl is not None else None
