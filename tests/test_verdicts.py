@@ -179,7 +179,7 @@ def test_chapter02_an_empty_set_is_not_measured():
 def test_chapter02_set_sensitivity_separates_the_set_from_the_rest():
     df = _properties()
     sized = df[["layer", "neuron"]].assign(**{"small": df.top, "large": np.arange(len(df)) < 100})
-    s = compare.set_sensitivity(df, sized)
+    s = compare.set_sensitivity(df.assign(small=False), sized)  # a column of the same name in df is replaced
     assert list(s.index) == ["small", "large"]
     assert s.loc["small", ("neurons", "")] == 20 and s.loc["large", ("neurons", "")] == 100
     kurt = compare.FIG3_METRICS["pre_kurt"][0]
@@ -264,7 +264,7 @@ def test_chapter03_a_control_that_passes_too_and_a_model_without_control():
 def test_chapter03_set_sensitivity():
     t, _ = _explained()
     sized = t[["layer", "neuron"]].assign(all_layer2=t.layer.eq(2), one=(t.layer.eq(0) & t.neuron.eq(30)))
-    s = explain.set_sensitivity(t.drop(columns="universal"), sized)
+    s = explain.set_sensitivity(t.assign(one=False), sized)
     assert s.loc["all_layer2", "neurons"] == 40
     assert s.loc["all_layer2", "explained (set)"] == pytest.approx(20 / 40)
     assert s.loc["all_layer2", "largest family of the set"] == "alphabet"

@@ -344,7 +344,8 @@ def set_table(nset: "NeuronSet", threshold: float = 0.5) -> pd.DataFrame:
                      "smallest excess": low,
                      "control neurons reaching it": None if c is None or not len(e) else int((c.excess_corr >= low).sum()),
                      "used later": col == nset.chosen})
-    return pd.DataFrame(rows).set_index("set")
+    out = pd.DataFrame(rows).set_index("set")
+    return out.astype({"control neurons reaching it": "Int64"})
 
 
 def default_control(family) -> str | None:

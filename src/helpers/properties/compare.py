@@ -91,7 +91,8 @@ def set_sensitivity(df: pd.DataFrame, sized: pd.DataFrame, columns: dict | None 
     (`paper.PROPERTY_MEDIAN_KEYS`). Rows: the sets; columns: (label, "set" / "rest")."""
     columns = columns or {c: FIG3_METRICS[c][0] for c in paper.PROPERTY_MEDIAN_KEYS}
     sets = [c for c in sized.columns if c not in ("layer", "neuron")]
-    m = df.merge(sized, on=["layer", "neuron"], how="left", validate="one_to_one")
+    m = df.drop(columns=[c for c in sets if c in df]).merge(sized, on=["layer", "neuron"], how="left",
+                                                             validate="one_to_one")
     rows = {}
     for s in sets:
         sel = m[s].fillna(False).astype(bool)
