@@ -32,7 +32,8 @@ def _universality(set_corr=0.755, set_base=0.155, rest_corr=0.30, rest_base=0.25
     base = np.where(is_set, set_base, rest_base)
     match = layer if diagonal else (layer + 1) % N_LAYERS
     t = pd.DataFrame({"layer": layer, "neuron": np.tile(np.arange(PER_LAYER), N_LAYERS),
-                      "max_corr_b": corr + half, "max_corr_c": corr - half, "match_layer_b": match, "match_layer_c": match,
+                      "max_corr_b": corr + half, "max_corr_c": corr - half,
+                      "match_layer_b": match, "match_layer_c": match,
                       "baseline_b": base, "baseline_c": base, "mean_corr": corr, "mean_baseline": base,
                       "max_corr": corr + half, "min_corr": corr - half, "excess_corr": corr - base, "is_dead": False})
     return t.assign(is_universal=t.excess_corr > 0.5)
@@ -123,7 +124,8 @@ def test_set_sensitivity_moves_with_the_share():
     assert s.loc["10%", "chance"] == 0.25
     assert s.loc["1%", "median excess"] > s.loc["4%", "median excess"] > s.loc["10%", "median excess"]
     assert s.loc["4%", "smallest excess"] == pytest.approx(nset.table.excess_corr.iloc[39])
-    assert s.loc["4%", "median mean_baseline"] == pytest.approx(0.3) and s.loc["4%", "mean seed spread"] == pytest.approx(0.1)
+    assert s.loc["4%", "median mean_baseline"] == pytest.approx(0.3)
+    assert s.loc["4%", "mean seed spread"] == pytest.approx(0.1)
     # the sets never take a neuron the control reaches: at 10% of a control-limited family, fewer
     limited = universality.NeuronSet(nset.table, "top_excess", pd.DataFrame({"excess_corr": [0.85]}))
     assert universality.set_sensitivity(limited).loc["10%", "neurons"] == int((nset.table.excess_corr > 0.85).sum())
@@ -183,7 +185,8 @@ def test_chapter02_set_sensitivity_separates_the_set_from_the_rest():
     assert list(s.index) == ["small", "large"]
     assert s.loc["small", ("neurons", "")] == 20 and s.loc["large", ("neurons", "")] == 100
     kurt = compare.FIG3_METRICS["pre_kurt"][0]
-    assert s.loc["small", (kurt, "set")] == paper.value("median_pre_kurt_universal") and s.loc["small", (kurt, "rest")] == 3.0
+    assert s.loc["small", (kurt, "set")] == paper.value("median_pre_kurt_universal")
+    assert s.loc["small", (kurt, "rest")] == 3.0
     assert s.loc["large", (kurt, "set")] == 3.0  # most of the large set is the Gaussian-like rest
     assert len(s.columns) == 1 + 2 * len(paper.PROPERTY_MEDIAN_KEYS)
 
@@ -193,8 +196,8 @@ def test_chapter02_set_sensitivity_separates_the_set_from_the_rest():
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def _explained(n_letters=20, letter_vr=0.5, unigram_vr=0.95, unigram_layer=0, prev_layer=1, syntax_layers=(0, 0, 3, 3),
-               position=False):
+def _explained(n_letters=20, letter_vr=0.5, unigram_vr=0.95, unigram_layer=0, prev_layer=1,
+               syntax_layers=(0, 0, 3, 3), position=False):
     """An explanation table of 4 layers x 40 neurons: `n_letters` universal alphabet neurons, one
     universal unigram neuron, previous-token neurons in `prev_layer`, syntax neurons in
     `syntax_layers`; the rest unexplained. Returns (table with column `universal`, letters)."""
@@ -208,12 +211,12 @@ def _explained(n_letters=20, letter_vr=0.5, unigram_vr=0.95, unigram_layer=0, pr
         t.loc[idx, ["family", "best_feature", "best_vr", "universal"]] = ["alphabet", f"unigram_{ch}", letter_vr, True]
         letters.append({"layer": 2, "neuron": i, "letter": ch, "vr": letter_vr})
     letters += [{"layer": 3, "neuron": 39, "letter": ch, "vr": 0.01} for ch in LETTERS[n_letters:]]
-    t.loc[unigram_layer * per + 30, ["family", "best_feature", "best_vr", "universal"]] = ["unigram", "unigram_to", unigram_vr,
-                                                                                           True]
+    cols = ["family", "best_feature", "best_vr", "universal"]
+    t.loc[unigram_layer * per + 30, cols] = ["unigram", "unigram_to", unigram_vr, True]
     for j in range(3):
-        t.loc[prev_layer * per + 31 + j, ["family", "best_feature", "best_vr"]] = ["previous-token", "prev_unigram_the", 0.4]
+        t.loc[prev_layer * per + 31 + j, cols[:3]] = ["previous-token", "prev_unigram_the", 0.4]
     for j, l in enumerate(syntax_layers):
-        t.loc[l * per + 34 + j, ["family", "best_feature", "best_vr"]] = ["syntax", "dep_nsubj", 0.3]
+        t.loc[l * per + 34 + j, cols[:3]] = ["syntax", "dep_nsubj", 0.3]
     if position:
         t.loc[[0, 1], ["family", "pre_kurt", "universal"]] = ["position", 1.5, True]
     return t, pd.DataFrame(letters)
@@ -245,7 +248,8 @@ def test_chapter03_planted_families_get_their_verdicts():
 
 def test_chapter03_a_control_that_passes_too_and_a_model_without_control():
     t, letters = _explained(position=True)
-    rows = v03.comparisons(t, "universal", letters, 4, "planted", 10_000, control=_ctl(t.assign(universal=False), letters),
+    rows = v03.comparisons(t, "universal", letters, 4, "planted", 10_000,
+                           control=_ctl(t.assign(universal=False), letters),
                            single=t.assign(layer=t.layer * 5), single_label="deep")
     v = dict(zip([r.quantity for r in rows], paper.result_table(rows).verdict))
     assert v["letters with an alphabet neuron (of 26)"] == "not informative"
@@ -291,12 +295,15 @@ def test_chapter00_a_planted_gpt2_small_family_matches_and_a_small_one_differs()
                            {"train_seconds": {"a": 10.0, "b": 30.0}, "source": "shipped"}, data_name="OpenWebText")
     t = paper.result_table(rows)
     assert set(t.verdict) == {"matched"} and len(t) == 9
-    small = v00.comparisons("embedded", 3, {**description, "n_layers": 2, "d_mlp": 512}, {**processing, "fold_ln": False},
-                            training.assign(seed=[0, 0, 1, 2, 3]).iloc[:3], corpus, {"train_seconds": {"a": 10.0}})
+    small = v00.comparisons("embedded", 3, {**description, "n_layers": 2, "d_mlp": 512},
+                            {**processing, "fold_ln": False}, training.assign(seed=[0, 0, 1, 2, 3]).iloc[:3],
+                            corpus, {"train_seconds": {"a": 10.0}})
     t = paper.result_table(small)
-    assert t.loc["architecture: layers", "verdict"] == "differs" and t.loc["architecture: d_model", "verdict"] == "matched"
+    assert t.loc["architecture: layers", "verdict"] == "differs"
+    assert t.loc["architecture: d_model", "verdict"] == "matched"
     assert t.loc["architecture: layers", "reason"] == (
-        "sized for 10,000 training tokens per seed, about 10 s of training per member where it was trained (trained here)")
+        "sized for 10,000 training tokens per seed, about 10 s of training per member where it was trained "
+        "(trained here)")
     assert t.loc["weight processing on load", "reason"] == "not applied here: fold_ln; applied here only: none"
     assert t.loc["what differs between members", "verdict"] == "differs"  # two members share seed 0
     assert t.loc["models differing only in their seed", "verdict"] == "differs"

@@ -12,4 +12,5 @@
 
 # The chapter's notebook imports this package alone (`from helpers import correlations`) and reaches its
 # modules as attributes.
-from . import pearson, correlate, universality, baselines, dimensionality, checks, sweep, verdicts  # noqa: E402,F401
+from . import (pearson, correlate, universality, baselines, dimensionality, checks, sweep,  # noqa: E402,F401
+               verdicts)

@@ -317,9 +317,11 @@ def set_sensitivity(nset: "NeuronSet", shares=SENSITIVITY_SHARES) -> pd.DataFram
         med = like_for_like_medians(x, "_set")
         e = t.excess_corr[sel]
         rows.append({"set": col if col != nset.chosen else f"{col} (chosen)", "neurons": int(sel.sum()),
-                     "share of neurons": float(sel.mean()), "smallest excess": float(e.min()) if len(e) else np.nan,
-                     "median excess": float(e.median()) if len(e) else np.nan, "median mean_corr": med["mean_corr"],
-                     "median mean_baseline": med["mean_baseline"], "mean seed spread": seed_spread(x, "_set")["selected"],
+                     "share of neurons": float(sel.mean()),
+                     "smallest excess": float(e.min()) if len(e) else np.nan,
+                     "median excess": float(e.median()) if len(e) else np.nan,
+                     "median mean_corr": med["mean_corr"], "median mean_baseline": med["mean_baseline"],
+                     "mean seed spread": seed_spread(x, "_set")["selected"],
                      "same-layer best matches": same_layer_share(t, sel), "chance": chance})
     return pd.DataFrame(rows).set_index("set")
 
@@ -340,9 +342,9 @@ def set_table(nset: "NeuronSet", threshold: float = 0.5) -> pd.DataFrame:
         sel = t[col].fillna(False).astype(bool)
         e = t.excess_corr[sel]
         low = float(e.min()) if len(e) else np.nan
+        reach = None if c is None or not len(e) else int((c.excess_corr >= low).sum())
         rows.append({"set": col, "rule": rule, "neurons": int(sel.sum()), "share of neurons": float(sel.mean()),
-                     "smallest excess": low,
-                     "control neurons reaching it": None if c is None or not len(e) else int((c.excess_corr >= low).sum()),
+                     "smallest excess": low, "control neurons reaching it": reach,
                      "used later": col == nset.chosen})
     out = pd.DataFrame(rows).set_index("set")
     return out.astype({"control neurons reaching it": "Int64"})

@@ -56,34 +56,36 @@ def comparisons(nset: universality.NeuronSet, model: str = paper.DEFAULT_MODEL, 
     n_comp = len(universality.comparison_members(t))
     spread_why = ("range (max - min) over {k} comparison seeds, averaged over {n:,} neurons whose median max "
                   "correlation is {mc:.2f}")
+    share_why = ("the median baseline is {b:.2f}, so an excess above {t:g} needs a max correlation above "
+                 "{need:.2f}")
+    set_why = ("the set holds {n} neurons chosen by excess over a median baseline of {b:.2f}, not by "
+               "excess > {t:g}")
+    base_why = ("the layers' correlation matrices have a median participation ratio of {pr:.1f}, which predicts "
+                "a baseline of {pred:.2f} (section 12)")
+    empty = "the set is empty"
     return [
         paper.Comparison(
-            f"share of neurons with excess > {threshold:g}", "universal_share", share, control=ctl_share, model=model,
-            fmt=".2%", reason=report.sentence(
-                "the median baseline is {b:.2f}, so an excess above {t:g} needs a max correlation above {need:.2f}",
-                b=base, t=threshold, need=base + threshold)),
+            f"share of neurons with excess > {threshold:g}", "universal_share", share, control=ctl_share,
+            model=model, fmt=".2%",
+            reason=report.sentence(share_why, b=base, t=threshold, need=base + threshold)),
         paper.Comparison(
             f"median mean_corr over the set ({chosen})", "median_mean_corr_universal", med["mean_corr"],
             control=ctl_med.get("mean_corr"), model=model, measured=bool(med["n"]), reason=report.choose(
-                bool(med["n"]), report.sentence("the set holds {n} neurons chosen by excess over a median baseline of "
-                                                "{b:.2f}, not by excess > {t:g}", n=med["n"], b=base, t=threshold),
-                "the set is empty")),
+                bool(med["n"]), report.sentence(set_why, n=med["n"], b=base, t=threshold), empty)),
         paper.Comparison(
             f"median mean_baseline over the set ({chosen})", "median_baseline_universal", med["mean_baseline"],
             control=ctl_med.get("mean_baseline"), model=model, measured=bool(med["n"]), reason=report.choose(
-                bool(med["n"]), report.sentence(
-                    "the layers' correlation matrices have a median participation ratio of {pr:.1f}, which predicts "
-                    "a baseline of {pred:.2f} (section 12)", pr=spec_sum["pr_corr"], pred=spec_sum["predicted"]),
-                "the set is empty")),
+                bool(med["n"]), report.sentence(base_why, pr=spec_sum["pr_corr"], pred=spec_sum["predicted"]),
+                empty)),
         paper.Comparison(
-            "mean seed spread of max corr, all neurons", "seed_spread_all", spread_all, control=ctl_spread.get("all"),
-            model=paper.MEDIUM, reason=report.sentence(spread_why, k=n_comp, n=len(t),
-                                                        mc=float(t.mean_corr.median()))),
+            "mean seed spread of max corr, all neurons", "seed_spread_all", spread_all,
+            control=ctl_spread.get("all"), model=paper.MEDIUM,
+            reason=report.sentence(spread_why, k=n_comp, n=len(t), mc=float(t.mean_corr.median()))),
         paper.Comparison(
             f"mean seed spread of max corr, set ({chosen})", "seed_spread_universal", spread_set["selected"],
             control=ctl_spread.get("selected"), model=paper.MEDIUM, measured=bool(spread_set["n_selected"]),
             reason=report.choose(bool(spread_set["n_selected"]), report.sentence(
-                spread_why, k=n_comp, n=spread_set["n_selected"], mc=med["mean_corr"]), "the set is empty")),
+                spread_why, k=n_comp, n=spread_set["n_selected"], mc=med["mean_corr"]), empty)),
         paper.Comparison(
             "depth specialisation (Fig 2c)", "depth_specialisation",
             report.sentence("{d:.2f} of best matches in the same layer (chance {ch:.2f})", d=spec["diagonal"],

@@ -14,8 +14,8 @@ from helpers.core import paper, report
 
 
 def comparisons(family_name: str, n_members: int, description: dict, processing: dict,
-                training: pd.DataFrame | None = None, corpus: pd.DataFrame | None = None, info: dict | None = None,
-                data_name: str = "embedded corpus") -> list[paper.Comparison]:
+                training: pd.DataFrame | None = None, corpus: pd.DataFrame | None = None,
+                info: dict | None = None, data_name: str = "embedded corpus") -> list[paper.Comparison]:
     """Chapter 00's rows for the family `family_name` of `n_members` models.
 
     `description`: the reference model's `loading.describe_model` dict; `processing`: its weight
@@ -28,24 +28,24 @@ def comparisons(family_name: str, n_members: int, description: dict, processing:
     info = info or {}
     budget = ""
     if training is not None:
-        seconds = info.get("train_seconds") or {}
+        seconds = list((info.get("train_seconds") or {}).values())
         budget = report.sentence(
             "sized for {tokens:,} training tokens per seed, about {s:.0f} s of training per member where it was "
             "trained ({where})", tokens=int(training.train_tokens.iloc[0]),
-            s=float(np.median(list(seconds.values()))) if seconds else None, where=info.get("source", "trained here"))
+            s=float(np.median(seconds)) if seconds else None, where=info.get("source", "trained here"))
     applied = [k for k, v in processing.items() if v]
     paper_proc = paper.value("weight_processing", model)
+    missing = ", ".join(sorted(set(paper_proc) - set(applied))) or "none"
+    extra = ", ".join(sorted(set(applied) - set(paper_proc))) or "none"
     rows = [
         paper.Comparison("models differing only in their seed", "n_seeds", n_members, model=model, fmt="d",
                          reason=report.sentence("this preset's family has {n} members", n=n_members)),
-        paper.Comparison("architecture: layers", "n_layers", description["n_layers"], model=model, fmt="d", reason=budget),
-        paper.Comparison("architecture: d_model", "d_model", description["d_model"], model=model, fmt="d", reason=budget),
-        paper.Comparison("architecture: d_mlp", "d_mlp", description["d_mlp"], model=model, fmt="d", reason=budget),
+        *[paper.Comparison(f"architecture: {label}", key, description[key], model=model, fmt="d", reason=budget)
+          for key, label in (("n_layers", "layers"), ("d_model", "d_model"), ("d_mlp", "d_mlp"))],
         paper.Comparison("activation function", "act_fn", description["act_fn"], model=model),
         paper.Comparison("weight processing on load", "weight_processing", applied, model=model,
                          reason=report.sentence("not applied here: {missing}; applied here only: {extra}",
-                                                missing=", ".join(sorted(set(paper_proc) - set(applied))) or "none",
-                                                extra=", ".join(sorted(set(applied) - set(paper_proc))) or "none")),
+                                                missing=missing, extra=extra)),
     ]
     if training is not None:
         seeds = training.seed
@@ -53,11 +53,13 @@ def comparisons(family_name: str, n_members: int, description: dict, processing:
             paper.Comparison("what differs between members", "seed_only_difference",
                              f"seeds {', '.join(str(x) for x in seeds)}; one architecture and recipe",
                              holds=bool(seeds.nunique() == len(training)), model=model,
-                             reason=report.sentence("{n} members, {k} distinct seeds", n=len(training), k=seeds.nunique())),
+                             reason=report.sentence("{n} members, {k} distinct seeds", n=len(training),
+                                                    k=seeds.nunique())),
             paper.Comparison("training steps", "train_steps", int(training.steps.iloc[0]), model=model, fmt=",d",
                              reason=budget),
             paper.Comparison("training data", "train_data", data_name, model=model, reason=report.sentence(
-                "{n} sources, {tokens:,} training tokens (section 1)", n=len(corpus) if corpus is not None else None,
+                "{n} sources, {tokens:,} training tokens (section 1)",
+                n=len(corpus) if corpus is not None else None,
                 tokens=int(corpus.train_tokens.sum()) if corpus is not None else None)),
         ]
     return rows

@@ -14,7 +14,8 @@ from helpers.core import paper
 from helpers.properties.compare import FIG3_METRICS
 
 
-def comparisons(df: pd.DataFrame, selected: str, model: str, control: pd.DataFrame | None = None) -> list[paper.Comparison]:
+def comparisons(df: pd.DataFrame, selected: str, model: str,
+                control: pd.DataFrame | None = None) -> list[paper.Comparison]:
     """One row per property of `paper.PROPERTY_MEDIAN_KEYS`: its median over the neurons of `df`
     (the statistics table joined with the universality table) where `selected` is true, scored
     against the paper's median for `model` (a paper model; `paper.model_for` maps a family onto one).
@@ -27,10 +28,11 @@ def comparisons(df: pd.DataFrame, selected: str, model: str, control: pd.DataFra
     rows = []
     for col, key in paper.PROPERTY_MEDIAN_KEYS.items():
         ours = float(df.loc[sel, col].median()) if sel.any() else float("nan")
-        ctl = None if control is None else (float(control.loc[csel, col].median()) if csel.any() else float("nan"))
+        ctl = (None if control is None else
+               float(control.loc[csel, col].median()) if csel.any() else float("nan"))
         rest = float(df.loc[~sel, col].median()) if (~sel).any() else float("nan")
         reason = (f"the set's {int(sel.sum()):,} neurons against a median of {rest:.3f} over the other "
                   f"{int((~sel).sum()):,}" if sel.any() else f"the set ({selected}) is empty")
-        rows.append(paper.Comparison(f"median {FIG3_METRICS[col][0]} over the set ({selected})", key, ours, control=ctl,
-                                     model=model, measured=bool(sel.any()), reason=reason))
+        rows.append(paper.Comparison(f"median {FIG3_METRICS[col][0]} over the set ({selected})", key, ours,
+                                     control=ctl, model=model, measured=bool(sel.any()), reason=reason))
     return rows

@@ -32,7 +32,8 @@ def depth_comparison(family: str, model_label: str, depth: pd.DataFrame, n_neuro
     given, is judged by the same claim; a control without neurons of the family does not pass."""
     row = depth.loc[family]
     rc = control_depth.loc[family] if control_depth is not None else None
-    ctl_holds = None if rc is None else (bool(rc.holds) if rc.holds is not None and not pd.isna(rc.holds) else False)
+    # a control without neurons of the family, or without a judgement, does not pass
+    ctl_holds = None if rc is None else bool(rc.holds is not None and not pd.isna(rc.holds) and rc.holds)
     return paper.Comparison(
         f"{family} neurons: where ({model_label})", row["paper key"], depth_text(row), model=paper.MEDIUM,
         holds=None if row.holds is None or pd.isna(row.holds) else bool(row.holds), measured=bool(row.neurons),
@@ -71,9 +72,11 @@ def comparisons(table: pd.DataFrame, universal: str, letters: pd.DataFrame, n_la
                      if control is not None else None)
     is_unigram = table.family.eq("unigram")
     top_uni = table[is_unigram & uni].nlargest(1, "best_vr")
-    ctl_uni = control.table[control.table.family.eq("unigram")].nlargest(1, "best_vr") if control is not None else None
+    ctl_uni = (control.table[control.table.family.eq("unigram")].nlargest(1, "best_vr")
+               if control is not None else None)
     top_text = "; ".join(f"{who}: L{int(r.layer)}.{int(r.neuron)} on {r.best_feature}"
-                         for who, d in (("ours", top_uni), ("control", ctl_uni)) if d is not None for r in d.itertuples())
+                         for who, d in (("ours", top_uni), ("control", ctl_uni)) if d is not None
+                         for r in d.itertuples())
     max_kurt = explain.CUTOFFS["max_kurtosis"]
     depth = explain.depth_summary(table, n_layers)
     depth_ctl = explain.depth_summary(control.table, n_layers) if control is not None else None
@@ -82,7 +85,8 @@ def comparisons(table: pd.DataFrame, universal: str, letters: pd.DataFrame, n_la
             "letters with an alphabet neuron (of 26)", "alphabet_letters", n_letters, control=n_letters_ctl,
             model=paper.MEDIUM, fmt="d", measured=bool(len(alpha)), reason=report.sentence(
                 "{k} letters have a unigram label on {n:,} tokens; {m} of them have a universal neuron whose best "
-                "label is the letter's own, with VR ≥ {cut}", k=len(alpha), n=n_tokens, m=n_letters, cut=alpha_cut)),
+                "label is the letter's own, with VR ≥ {cut}",
+                k=len(alpha), n=n_tokens, m=n_letters, cut=alpha_cut)),
         paper.Comparison(
             "highest VR of a universal unigram neuron (one token's forms; control: any of its neurons)",
             "max_vr_unigram", float(top_uni.best_vr.iloc[0]) if len(top_uni) else None,
@@ -93,14 +97,15 @@ def comparisons(table: pd.DataFrame, universal: str, letters: pd.DataFrame, n_la
                     top=top_text, k=int(is_unigram.sum()), n=len(table), ku=int((is_unigram & uni).sum())),
                 report.sentence("no universal unigram neuron among the {n:,} analysed", n=len(table)))),
         paper.Comparison(
-            f"position candidates in the universal set (pre-activation kurtosis < {max_kurt})", "position_candidates",
-            int(((table.pre_kurt < max_kurt) & uni).sum()), model=paper.MEDIUM, fmt="d"),
+            f"position candidates in the universal set (pre-activation kurtosis < {max_kurt})",
+            "position_candidates", int(((table.pre_kurt < max_kurt) & uni).sum()), model=paper.MEDIUM, fmt="d"),
         *[depth_comparison(f, model_label, depth, len(table), n_layers, depth_ctl) for f in explain.DEPTH_CLAIMS],
     ]
     if single is not None:
         n_single = int(single.layer.max()) + 1  # the sample covers every layer
         depth_single = explain.depth_summary(single, n_single)
-        rows += [depth_comparison(f, single_label, depth_single, len(single), n_single) for f in explain.DEPTH_CLAIMS]
+        rows += [depth_comparison(f, single_label, depth_single, len(single), n_single)
+                 for f in explain.DEPTH_CLAIMS]
     rows.append(paper.Comparison("late layers: prediction / suppression neurons", "late_prediction", None,
                                  model=paper.MEDIUM, reason=paper.entry("late_prediction", paper.MEDIUM).note))
     return rows
