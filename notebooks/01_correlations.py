@@ -131,7 +131,7 @@ display(Markdown("**The set later chapters use.** " + nset.describe()))
 # same-layer column is Fig 2c's diagonal over the set's neurons (section 5), against chance.
 
 # %%
-display(correlations.universality.set_sensitivity(nset).style.format(precision=3))
+display(correlations.universality.set_sensitivity(nset).style.format(precision=3, na_rep="n/a"))
 
 # %% [markdown]
 # ## 3. Fig 2a and Fig 11: the distributions

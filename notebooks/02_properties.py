@@ -308,7 +308,7 @@ else:
 # to universal neurons should separate the set from the rest at every size.
 
 # %%
-display(properties.compare.set_sensitivity(df, nset.sized_sets()).style.format(precision=3))
+display(properties.compare.set_sensitivity(df, nset.sized_sets()).style.format(precision=3, na_rep="n/a"))
 
 # %% [markdown]
 # ## Result vs paper

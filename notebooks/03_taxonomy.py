@@ -296,7 +296,7 @@ plots.show_circuitsvis(universality.context_visualisation(ref_model, fam.codec, 
 # family explains, its median best VR against the rest, and its largest family.
 
 # %%
-display(taxonomy.explain.set_sensitivity(table, nset.sized_sets()).style.format(precision=3))
+display(taxonomy.explain.set_sensitivity(table, nset.sized_sets()).style.format(precision=3, na_rep="n/a"))
 
 # %% [markdown]
 # ## Result vs paper
