@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 
-from helpers.models import families, loading as models, training as train
+from helpers.models import families, loading as models, training as train, verdicts
 from helpers.book import plots
 from helpers.core import presets
 
@@ -190,38 +190,14 @@ display(samples)
 # ## Result vs paper
 #
 # This chapter reproduces no figure of the paper; it establishes the object the paper studies. Each
-# row reads the paper's value from the registry and scores this book's against its tolerance.
+# row reads the paper's value from the registry and scores this book's against its tolerance
+# (`helpers.models.verdicts`).
 
 # %%
 paper_model = paper.model_for(fam.name)
-budget = (f"sized for {int(table.train_tokens.iloc[0]):,} training tokens per seed, about "
-          f"{np.median(list(fam.info['train_seconds'].values())):.0f} s of training per member where it was trained "
-          f"({fam.info.get('source', 'trained here')})" if is_embedded else "")
-applied = [k for k, v in ref_model.processing.items() if v]
-paper_proc = paper.value("weight_processing", paper_model)
-rows_rvp = [
-    paper.Comparison("models differing only in their seed", "n_seeds", len(fam.members), model=paper_model, fmt="d",
-                     reason=f"this preset's family has {len(fam.members)} members"),
-    paper.Comparison("architecture: layers", "n_layers", ours["n_layers"], model=paper_model, fmt="d", reason=budget),
-    paper.Comparison("architecture: d_model", "d_model", ours["d_model"], model=paper_model, fmt="d", reason=budget),
-    paper.Comparison("architecture: d_mlp", "d_mlp", ours["d_mlp"], model=paper_model, fmt="d", reason=budget),
-    paper.Comparison("activation function", "act_fn", ours["act_fn"], model=paper_model),
-    paper.Comparison("weight processing on load", "weight_processing", applied, model=paper_model,
-                     reason=report.sentence("not applied here: {missing}; applied here only: {extra}",
-                                            missing=", ".join(sorted(set(paper_proc) - set(applied))) or "none",
-                                            extra=", ".join(sorted(set(applied) - set(paper_proc))) or "none")),
-]
-if is_embedded:
-    rows_rvp += [
-        paper.Comparison("what differs between members", "seed_only_difference",
-                         f"seeds {', '.join(str(x) for x in table.seed)}; one architecture and recipe",
-                         holds=bool(table.seed.nunique() == len(table)), model=paper_model,
-                         reason=report.sentence("{n} members, {k} distinct seeds", n=len(table), k=table.seed.nunique())),
-        paper.Comparison("training steps", "train_steps", int(table.steps.iloc[0]), model=paper_model, fmt=",d", reason=budget),
-        paper.Comparison("training data", "train_data", "embedded corpus", model=paper_model,
-                         reason=report.sentence("{n} sources, {tokens:,} training tokens (section 1)", n=len(summary),
-                                                tokens=int(summary.train_tokens.sum()))),
-    ]
+rows_rvp = verdicts.comparisons(fam.name, len(fam.members), ours, ref_model.processing,
+                                training=table if is_embedded else None, corpus=summary if is_embedded else None,
+                                info=fam.info)
 display(paper.result_table(rows_rvp))
 report.publish("00_seed_family", params, {"Result vs paper": paper.result_table(rows_rvp)})
 

@@ -48,10 +48,11 @@ if IN_COLAB:
 import numpy as np
 import pandas as pd
 import plotly.express as px
+from IPython.display import Markdown
 
-from helpers.correlations import correlate, universality
-from helpers.models import families, loading as models
-from helpers.core import paper, presets
+from helpers import correlations
+from helpers.models import families
+from helpers.core import paper, presets, report
 from helpers.book import plots
 from helpers.core.presets import resolve_dir
 
@@ -88,9 +89,9 @@ is_embedded = fam.name.startswith("embedded")
 # run resumes; the finished table is cached.
 
 # %%
-table = universality.universality_table(fam, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
+table = correlations.universality.universality_table(fam, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
                                         baseline=baseline, threshold=threshold)
-run = correlate.read_json(correlate.results_dir(fam, n_tokens, art, None, baseline, seed, "fp32", threshold) / "run.json")
+run = correlations.correlate.read_json(correlations.correlate.results_dir(fam, n_tokens, art, None, baseline, seed, "fp32", threshold) / "run.json")
 print(f"{run['n_valid_tokens']:,} tokens after dropping BOS/newline; baseline: {run['baseline']}; "
       f"{run['n_dead']} dead reference neurons; {run['seconds']:.0f} s")
 display(table.head())
@@ -103,22 +104,34 @@ display(table.head())
 # statistics). The paper's 0.5 threshold was set on GPT-2, whose rotation baselines are low; small
 # dense models have far higher baselines (sections 11-12 measure why), so the neuron set also has a
 # threshold calibrated on the control: neurons whose excess correlation exceeds the **largest**
-# excess of any control neuron (`above_control`), and the top 1% by excess correlation
-# (`top_excess`). `universality.neuron_set` computes both tables, the sets and the chosen set
-# once, caches them, and is what every later chapter calls.
+# excess of any control neuron (`above_control`). In a small family that can be a large part of the
+# neurons, while the paper's universal neurons are 1-5% of them, so the set later chapters use is of
+# the paper's size: above the control's maximum **and** in the top share of the neurons by excess
+# correlation, the share being GPT2-small's share of universal neurons (`paper_sized`). The paper's
+# own rule (`is_universal`) is used instead wherever it finds at least 20 neurons, and the top 1% by
+# excess correlation (`top_excess`) where the paper-sized set has fewer.
+# `correlations.universality.neuron_set` computes both tables, the sets and the chosen set once,
+# caches them, and is what every later chapter calls. The table below sets each candidate beside
+# the control: how many of the control's neurons reach the set's smallest excess correlation.
 
 # %%
-from helpers.correlations import baselines, checks, dimensionality, sweep
-from helpers.core import report
-
-nset = universality.neuron_set(fam, "auto", params, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
+nset = correlations.universality.neuron_set(fam, "auto", params, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
                                baseline=baseline, threshold=threshold)
 table, control, chosen = nset.table, nset.control, nset.chosen
-summaries = {fam.name: universality.excess_summary(table)}
+summaries = {fam.name: correlations.universality.excess_summary(table)}
 if control is not None:
-    summaries["untrained control"] = universality.excess_summary(control)
+    summaries["untrained control"] = correlations.universality.excess_summary(control)
 display(pd.DataFrame(summaries).T.style.format(precision=3))
-print(f"neuron set for later chapters: {chosen} ({nset.size} neurons)")
+display(correlations.universality.set_table(nset, threshold).style.format(precision=3, na_rep=""))
+display(Markdown("**The set later chapters use.** " + nset.describe()))
+
+# %% [markdown]
+# How this chapter's headline moves with the size of the set: the same rule (above the control's
+# maximum, in the top share by excess) at 1%, 4% and 10% of the neurons, and the chosen set. The
+# same-layer column is Fig 2c's diagonal over the set's neurons (section 5), against chance.
+
+# %%
+display(correlations.universality.set_sensitivity(nset).style.format(precision=3, na_rep="n/a"))
 
 # %% [markdown]
 # ## 3. Fig 2a and Fig 11: the distributions
@@ -157,8 +170,8 @@ fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="g
 plots.style(fig, "Fig 2b · max vs min over seeds of the max correlation", x="max over seeds of max correlation",
             y="min over seeds of max correlation")
 fig.show()
-spread = universality.seed_spread(table, "is_universal")
-spread_top = universality.seed_spread(table, "top_excess")
+spread = correlations.universality.seed_spread(table, "is_universal")
+spread_top = correlations.universality.seed_spread(table, "top_excess")
 print(f"mean spread (max - min over seeds): all neurons {spread['all']:.3f}; universal {spread['selected']:.3f} over "
       f"{spread['n_selected']} neurons; top 1% by excess {spread_top['selected']:.3f} (the paper's values: Result vs paper)")
 
@@ -171,9 +184,9 @@ print(f"mean spread (max - min over seeds): all neurons {spread['all']:.3f}; uni
 # in layers at random, every cell would be the chance level 1 / n_layers.
 
 # %%
-heat = universality.best_match_layers(table)
-spec = universality.depth_specialisation(heat)
-ctl_spec = universality.depth_specialisation(universality.best_match_layers(control)) if control is not None else None
+heat = correlations.universality.best_match_layers(table)
+spec = correlations.universality.depth_specialisation(heat)
+ctl_spec = correlations.universality.depth_specialisation(correlations.universality.best_match_layers(control)) if control is not None else None
 fig = px.imshow(heat, text_auto=".2f", color_continuous_scale="Blues", zmin=0, zmax=1, aspect="auto")
 plots.style(fig, f"Fig 2c · layer of the best match in the other seeds (chance per cell: {spec['chance']:.2f})",
             x="layer of best match (other seed)", y="reference layer")
@@ -185,9 +198,10 @@ print(f"mean share of best matches in the same layer: {spec['diagonal']:.3f} (ch
 # ## 6. Universal neurons by layer
 
 # %%
-by_layer = pd.DataFrame({f"excess > {threshold}": universality.share_by_layer(table, "is_universal"),
-                         "above control maximum": universality.share_by_layer(table, "above_control"),
-                         "top 1% by excess": universality.share_by_layer(table, "top_excess")})
+by_layer = pd.DataFrame({f"excess > {threshold}": correlations.universality.share_by_layer(table, "is_universal"),
+                         "above control maximum": correlations.universality.share_by_layer(table, "above_control"),
+                         "paper-sized": correlations.universality.share_by_layer(table, "paper_sized"),
+                         "top 1% by excess": correlations.universality.share_by_layer(table, "top_excess")})
 fig = px.bar(by_layer.reset_index().melt(id_vars="layer", var_name="set", value_name="share"), x="layer", y="share",
              color="set", barmode="group")
 plots.style(fig, f"Universal neurons per layer · {fam.name}", x="layer", y="share of the layer's neurons", legend="neuron set")
@@ -204,7 +218,7 @@ display((paper_layers / 100).T.style.format("{:.1%}", na_rep="").set_caption("Pa
 # are flat at the right end, more tokens would not change the conclusions.
 
 # %%
-conv = pd.read_parquet(correlate.results_dir(fam, n_tokens, art, None, baseline, seed, "fp32", threshold) / "convergence.parquet")
+conv = pd.read_parquet(correlations.correlate.results_dir(fam, n_tokens, art, None, baseline, seed, "fp32", threshold) / "convergence.parquet")
 conv_summary = conv.groupby("tokens").agg(median_excess=("excess_corr", "median"),
                                           p99_excess=("excess_corr", lambda s: s.quantile(0.99)),
                                           median_max_corr=("mean_corr", "median"),
@@ -227,7 +241,7 @@ fig.show()
 # %%
 emergence = None
 if is_embedded:
-    emergence = universality.checkpoint_emergence(params, n_tokens_aux, art, device=device, batch_size=batch_size, seed=seed,
+    emergence = correlations.universality.checkpoint_emergence(params, n_tokens_aux, art, device=device, batch_size=batch_size, seed=seed,
                                                   threshold=threshold, baseline=baseline)
     display(emergence[["tokens_trained", "median", "p99", "max", "share>0.3", "share>0.5", "share_above_control", "control_p99",
                        "control_max"]].style.format(precision=3))
@@ -237,7 +251,7 @@ if is_embedded:
     plots.style(fig, f"Emergence of universality during training ({n_tokens_aux:,} held-out tokens per point)",
                 x="training tokens per seed", y="excess correlation", legend="over neurons (control_p99: untrained control)")
     fig.show()
-    flat = universality.plateau(emergence, "p99", tolerance=0.05)
+    flat = correlations.universality.plateau(emergence, "p99", tolerance=0.05)
     print(f"The p99 excess rose by {flat['rise_from_init']:+.3f} from the initialisation; from {flat['tokens_trained']:,} "
           f"training tokens on it stays within {flat['tolerance']} of its final value "
           f"({', '.join(f'{v:.3f}' for v in flat['values_from_there'])}: {flat['rise_from_there']:+.3f} in all).")
@@ -255,9 +269,9 @@ if is_embedded:
 
 # %%
 depth_cmp, two_layer, this_row = None, None, None
-families_rec = universality.recorded_families()
+families_rec = correlations.universality.recorded_families()
 if is_embedded and control is not None:
-    this_row = universality.family_record(nset, fam, n_tokens, threshold)
+    this_row = correlations.universality.family_record(nset, fam, n_tokens, threshold)
     if families_rec is not None:
         same = families_rec[(families_rec.preset == "two-layer") & (families_rec.n_tokens == n_tokens)]
         two_layer = same.iloc[-1].to_dict() if len(same) else None
@@ -267,9 +281,9 @@ if two_layer is not None:
     display(side.loc[["n_layers", "d_mlp", "neurons", "train_tokens", "n_tokens", "val_loss_mean", "baseline_median",
                       "excess_median", "excess_p99", "excess_max", "control_p99", "n_above_threshold", "share_above_control_max",
                       "same_layer_share", "same_layer_chance"]].astype(object))
-    depth_cmp = universality.compare_families(two_layer, this_row)
+    depth_cmp = correlations.universality.compare_families(two_layer, this_row)
     display(depth_cmp[["before", "after", "change", "smallest_change", "changed"]].style.format(precision=3))
-    print(universality.depth_conclusion(depth_cmp, "the two-layer family", f"this {this_row['n_layers']}-layer family"))
+    print(correlations.universality.depth_conclusion(depth_cmp, "the two-layer family", f"this {this_row['n_layers']}-layer family"))
     print(f"recorded by: {two_layer['command']}")
 else:
     print(f"no recorded two-layer row at {n_tokens:,} tokens in sweeps/families.csv (the default preset's token count "
@@ -282,11 +296,11 @@ else:
 # (circuitsvis: pick a neuron to colour the tokens by its activation).
 
 # %%
-top = universality.top_neurons(table, k=8)
+top = correlations.universality.top_neurons(table, k=8)
 display(top.style.format(precision=3))
 ref_model = fam.load(reference)
 held_out = fam.token_rows(min(n_tokens_aux, 200_000))
-plots.show_circuitsvis(universality.context_visualisation(ref_model, fam.codec, held_out, top.head(4), k=3))
+plots.show_circuitsvis(correlations.universality.context_visualisation(ref_model, fam.codec, held_out, top.head(4), k=3))
 
 # %% [markdown]
 # ## 11. How much the baseline depends on the draw
@@ -301,10 +315,10 @@ plots.show_circuitsvis(universality.context_visualisation(ref_model, fam.codec, 
 # %%
 variability = None
 if control is not None:
-    run_acc = baselines.load_run(fam, n_tokens, art, device=device, batch_size=batch_size, seed=seed, baseline=baseline,
+    run_acc = correlations.baselines.load_run(fam, n_tokens, art, device=device, batch_size=batch_size, seed=seed, baseline=baseline,
                                  threshold=threshold)
-    ctl_acc = baselines.load_run(nset.control_family, n_tokens, art, device=device, batch_size=batch_size, seed=seed, baseline=baseline, threshold=threshold)
-    variability = baselines.baseline_variability(table, run_acc, control, ctl_acc, seeds=tuple(range(seed + 1, seed + 6)),
+    ctl_acc = correlations.baselines.load_run(nset.control_family, n_tokens, art, device=device, batch_size=batch_size, seed=seed, baseline=baseline, threshold=threshold)
+    variability = correlations.baselines.baseline_variability(table, run_acc, control, ctl_acc, seeds=tuple(range(seed + 1, seed + 6)),
                                                  gaussian_seeds=(seed + 1,), threshold=threshold)
     display(variability["draws"].style.format(precision=3))
     display(variability["stability"].style.format(precision=3))
@@ -328,15 +342,15 @@ if control is not None:
 # %%
 dims = None
 if control is not None:
-    dim_fams = {fam.name: fam, "untrained control": nset.control_family, **universality.checkpoint_families(params, device=device)}
-    dims = dimensionality.families_dimensionality(dim_fams, {k: (n_tokens if k in (fam.name, "untrained control") else n_tokens_aux)
+    dim_fams = {fam.name: fam, "untrained control": nset.control_family, **correlations.universality.checkpoint_families(params, device=device)}
+    dims = correlations.dimensionality.families_dimensionality(dim_fams, {k: (n_tokens if k in (fam.name, "untrained control") else n_tokens_aux)
                                                              for k in dim_fams}, art, device=device, batch_size=batch_size,
                                                   seed=seed, baseline=baseline, threshold=threshold)
     dim_summary = dims.groupby(["label", "layer"])[["d", "pr_cov", "pr_corr", "predicted_median", "measured_median", "textbook"]].median()
     display(dim_summary.style.format(precision=3))
     # the recorded sweep's configurations (sweeps/, 3 seeds each at the sweep's token budget): other
     # widths, depths and vocabularies give points of other dimensionality
-    sweep_results, sweep_dims = sweep.recorded()
+    sweep_results, sweep_dims = correlations.sweep.recorded()
     extra = (sweep_dims.assign(label="sweep: " + sweep_dims.label, member="median of 3 seeds")
              if is_embedded and sweep_dims is not None else None)
     plots.baseline_vs_prediction(dims, extra=extra).show()
@@ -351,10 +365,10 @@ if control is not None:
 # recorded sweep found the gap at this family's training budget (the table says why).
 
 # %%
-check_table = checks.copy_checks(fam, min(n_tokens, 20_000), art, device=device, batch_size=batch_size, seed=seed,
+check_table = correlations.checks.copy_checks(fam, min(n_tokens, 20_000), art, device=device, batch_size=batch_size, seed=seed,
                                  baseline=baseline)
 if control is not None:
-    check_table = pd.concat([check_table, checks.trained_exceeds_control(summaries[fam.name], summaries["untrained control"],
+    check_table = pd.concat([check_table, correlations.checks.trained_exceeds_control(summaries[fam.name], summaries["untrained control"],
                                                                          train_tokens=int(fam.info["recipe"]["train_tokens"]))])
 display(check_table)
 failed = check_table[check_table.required & ~check_table.passed]
@@ -366,49 +380,13 @@ assert failed.empty, f"failed checks:\n{failed}"
 # The paper's values come from the registry (`helpers.core.paper`), each with its source and the
 # tolerance used for "matched". The medians the paper reports over its universal neurons are
 # compared with the same medians over this book's chosen set (not over all neurons), and every row
-# has the untrained control's value beside it where one exists (for sets: the control's own top 1%).
+# has the untrained control's value beside it where one exists (for sets: the control's own top
+# neurons by excess correlation, as many as in the chosen set). `correlations.verdicts` builds the
+# rows and scores each with the same test on the control.
 
 # %%
 pm = paper.model_for(fam.name)
-s = summaries[fam.name]
-c = summaries.get("untrained control")
-ctl_top = (control.assign(top_excess=control.excess_corr >= control.excess_corr.quantile(0.99)) if control is not None else None)
-med = universality.like_for_like_medians(table, chosen)
-ctl_med = universality.like_for_like_medians(ctl_top, "top_excess") if ctl_top is not None else {}
-spread_set = universality.seed_spread(table, chosen)
-ctl_spread = universality.seed_spread(ctl_top, "top_excess") if ctl_top is not None else {}
-pr_corr = float(dims[dims.label == fam.name].pr_corr.median()) if dims is not None else float("nan")
-pred = float(dims[dims.label == fam.name].predicted_median.median()) if dims is not None else float("nan")
-high_baseline = report.sentence("the median baseline is {b:.2f}, so an excess above {t} needs a max correlation above {need:.2f}",
-                                b=s["mean_baseline_median"], t=threshold, need=s["mean_baseline_median"] + threshold)
-n_comp = len(universality.comparison_members(table))
-spread_why = "range (max - min) over {k} comparison seeds, averaged over {n:,} neurons whose median max correlation is {mc:.2f}"
-rows_rvp = [
-    paper.Comparison(f"share of neurons with excess > {threshold}", "universal_share", s["share>0.5"],
-                     control=c["share>0.5"] if c else None, model=pm, fmt=".2%", reason=high_baseline),
-    paper.Comparison(f"median mean_corr over the set ({chosen})", "median_mean_corr_universal", med["mean_corr"],
-                     control=ctl_med.get("mean_corr"), model=pm, reason=report.sentence(
-                         "the set holds {n} neurons chosen by excess over a high baseline, not by excess > 0.5", n=med["n"])),
-    paper.Comparison(f"median mean_baseline over the set ({chosen})", "median_baseline_universal", med["mean_baseline"],
-                     control=ctl_med.get("mean_baseline"), model=pm, reason=report.sentence(
-                         "the layers' correlation matrices have a median participation ratio of {pr:.1f}, which predicts "
-                         "a baseline of {pred:.2f} (section 12)", pr=pr_corr, pred=pred)),
-    paper.Comparison("mean seed spread of max corr, all neurons", "seed_spread_all", spread["all"],
-                     control=ctl_spread.get("all"), model=paper.MEDIUM,
-                     reason=report.sentence(spread_why, k=n_comp, n=len(table), mc=float(table.mean_corr.median()))),
-    paper.Comparison(f"mean seed spread of max corr, set ({chosen})", "seed_spread_universal", spread_set["selected"],
-                     control=ctl_spread.get("selected"), model=paper.MEDIUM,
-                     reason=report.sentence(spread_why, k=n_comp, n=spread_set["n_selected"], mc=med["mean_corr"])),
-    paper.Comparison("depth specialisation (Fig 2c)", "depth_specialisation",
-                     report.sentence("{d:.2f} of best matches in the same layer (chance {ch:.2f})", d=spec["diagonal"], ch=spec["chance"]),
-                     control=report.sentence("{d:.2f}", d=ctl_spec["diagonal"]) if ctl_spec else None, model=pm,
-                     holds=spec["diagonal"] > spec["chance"] and spec["diagonal_is_row_max"],
-                     control_holds=ctl_spec["diagonal"] > ctl_spec["chance"] and ctl_spec["diagonal_is_row_max"] if ctl_spec else None,
-                     reason=report.sentence("diagonal share {d:.2f} against chance {ch:.2f}; the diagonal is the largest entry "
-                                            "of every row: {rm}", d=spec["diagonal"], ch=spec["chance"],
-                                            rm=spec["diagonal_is_row_max"])),
-]
-rvp = paper.result_table(rows_rvp)
+rvp = paper.result_table(correlations.verdicts.comparisons(nset, pm, dims=dims, label=fam.name))
 display(rvp)
 report.publish("01_correlations", params, {"Result vs paper": rvp})
 report.publish_neurons("01_correlations", params, table, report.model_label(fam),
@@ -422,10 +400,13 @@ assert len(table) == ref_model.cfg.n_layers * ref_model.cfg.d_mlp
 # ## Summary
 
 # %%
+s, c = summaries[fam.name], summaries.get("untrained control")
+med = correlations.universality.like_for_like_medians(table, chosen)
+spectrum = correlations.verdicts.spectrum_summary(dims, fam.name)
 last = emergence.iloc[-1] if emergence is not None else None
-sweep_results, _ = sweep.recorded()
-sweep_base = sweep.default_config(sweep_results) if is_embedded and sweep_results is not None else None
-sweep_fx = sweep.one_change_effects(sweep_results, sweep_base) if sweep_base is not None else None
+sweep_results, _ = correlations.sweep.recorded()
+sweep_base = correlations.sweep.default_config(sweep_results) if is_embedded and sweep_results is not None else None
+sweep_fx = correlations.sweep.one_change_effects(sweep_results, sweep_base) if sweep_base is not None else None
 display(report.summary([
     "Of {n:,} reference neurons, {n_univ} ({share:.2%}) have excess correlation above {t} (paper, {pm}: {paper_share:.2%}); "
     "the chosen set for later chapters is `{chosen}` with {n_set} neurons.",
@@ -449,9 +430,8 @@ display(report.summary([
     paper_share=paper.value("universal_share", pm), chosen=chosen, n_set=nset.size, p99=s["p99"], cp99=c["p99"] if c else None,
     b=s["mean_baseline_median"], cb=c["mean_baseline_median"] if c else None, cap=1 - s["mean_baseline_median"],
     mc=med["mean_corr"], mb=med["mean_baseline"], pmc=paper.value("median_mean_corr_universal", pm),
-    pmb=paper.value("median_baseline_universal", pm), pr=pr_corr,
-    d=int(dims.d.iloc[0]) if dims is not None else None, pred=pred,
-    meas=float(dims[dims.label == fam.name].measured_median.median()) if dims is not None else None,
+    pmb=paper.value("median_baseline_universal", pm), pr=spectrum["pr_corr"], d=spectrum["d"], pred=spectrum["predicted"],
+    meas=spectrum["measured"],
     k=len(variability["draws"]) if variability is not None else 0,
     rng=float(variability["per_neuron"].baseline_range.median()) if variability is not None else None,
     jac=float(variability["stability"].loc[chosen, "jaccard_all_draws"]) if variability is not None else None,
@@ -459,7 +439,7 @@ display(report.summary([
     ec=float(last.control_p99) if last is not None else None, aux=n_tokens_aux,
     flat_tokens=flat["tokens_trained"] if emergence is not None else None, flat_tol=flat["tolerance"] if emergence is not None else None,
     flat_vals=", ".join(f"{v:.3f}" for v in flat["values_from_there"]) if emergence is not None else None,
-    depth_sentence=universality.depth_conclusion(depth_cmp, "the two-layer family", f"this {this_row['n_layers']}-layer family")
+    depth_sentence=correlations.universality.depth_conclusion(depth_cmp, "the two-layer family", f"this {this_row['n_layers']}-layer family")
     if depth_cmp is not None else None,
     sweep_tokens=int(sweep_results.train_tokens.min()) if sweep_fx is not None else None,
-    sweep_base=sweep_base, sweep_effects=sweep.effects_sentence(sweep_fx) if sweep_fx is not None else None))
+    sweep_base=sweep_base, sweep_effects=correlations.sweep.effects_sentence(sweep_fx) if sweep_fx is not None else None))

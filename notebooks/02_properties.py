@@ -51,8 +51,8 @@ import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown
 
-from helpers.models import families, loading as models
-from helpers.properties import neuron_stats, compare as properties, significance as property_stats
+from helpers import properties
+from helpers.models import families, loading
 from helpers.core import paper, presets, report
 from helpers.book import plots
 from helpers.correlations import universality
@@ -88,7 +88,7 @@ nset = universality.neuron_set(fam, "auto", params, n_tokens, art, device=device
                                baseline=baseline, threshold=threshold)
 table, chosen = nset.table, nset.chosen
 table["top_decile"] = table.excess_corr >= table.excess_corr.quantile(0.9)
-stats = neuron_stats.member_neuron_stats(fam, n_tokens, art, member=reference, batch_size=batch_size)
+stats = properties.neuron_stats.member_neuron_stats(fam, n_tokens, art, member=reference, batch_size=batch_size)
 df = stats.merge(table, on=["layer", "neuron"], validate="one_to_one")
 sets = list(dict.fromkeys([chosen, "top_decile"]))
 print(f"{len(df):,} neurons; set from chapter 01: {chosen} ({int(df[chosen].sum())} neurons); "
@@ -110,7 +110,7 @@ display(df.describe().T[["mean", "50%", "min", "max"]].style.format(precision=3)
 
 # %%
 display(Markdown(f"The paper's binned count treats a pre-activation as positive above "
-                 f"**{property_stats.binned_positive_cutoff():.4f}**; this book's `act_freq` uses 0."))
+                 f"**{properties.significance.binned_positive_cutoff():.4f}**; this book's `act_freq` uses 0."))
 
 # %% [markdown]
 # ## 2. Fig 3: within-layer percentiles of the selected neurons
@@ -119,9 +119,9 @@ display(Markdown(f"The paper's binned count treats a pre-activation as positive 
 # across layers or models); a box far from 50 means the set is unusual on that metric.
 
 # %%
-metrics = list(properties.FIG3_METRICS)
-labels = {k: v[0] for k, v in properties.FIG3_METRICS.items()}
-pct = pd.concat([properties.within_layer_percentiles(df, metrics, s).assign(set=s) for s in sets])
+metrics = list(properties.compare.FIG3_METRICS)
+labels = {k: v[0] for k, v in properties.compare.FIG3_METRICS.items()}
+pct = pd.concat([properties.compare.within_layer_percentiles(df, metrics, s).assign(set=s) for s in sets])
 pct["metric"] = pct.metric.map(labels)
 fig = px.box(pct, x="metric", y="percentile", color="set", points=False)
 fig.add_hline(y=50, line_dash="dot", line_color="gray")
@@ -137,9 +137,9 @@ fig.show()
 
 # %%
 fig14_metrics = ["vocab_kurt", "vocab_skew", "in_out_sim", "l2_penalty", "act_freq", "pre_skew", "pre_kurt"]
-long = properties.per_layer_long(df, fig14_metrics, chosen)
-boxes = properties.per_layer_boxes(long)
-fig = plots.faceted_boxes(boxes, properties.axis_ranges(long), facet_order=fig14_metrics)
+long = properties.compare.per_layer_long(df, fig14_metrics, chosen)
+boxes = properties.compare.per_layer_boxes(long)
+fig = plots.faceted_boxes(boxes, properties.compare.axis_ranges(long), facet_order=fig14_metrics)
 plots.style(fig, f"Fig 14 · per-layer statistics, {chosen} vs rest (boxes: quartiles, whiskers: 1st-99th "
             "percentile, of every neuron; y-axis clipped to the 0.25-99.75th percentiles)", legend="neuron set",
             height=650)
@@ -153,7 +153,7 @@ fig.show()
 # weights pointing in nearly opposite directions.
 
 # %%
-fit = properties.linear_fit(df.in_out_sim, df.act_freq)
+fit = properties.compare.linear_fit(df.in_out_sim, df.act_freq)
 fig = px.density_heatmap(df, x="in_out_sim", y="act_freq", nbinsx=100, nbinsy=100, color_continuous_scale="Viridis")
 xs = np.linspace(df.in_out_sim.min(), df.in_out_sim.max(), 50)
 fig.add_scatter(x=xs, y=fit["slope"] * xs + fit["intercept"], mode="lines", line=dict(color="red"),
@@ -208,10 +208,10 @@ fig.show()
 
 # %%
 single = families.load_family(single_model, params, device=device)
-n_single = min(n_tokens_single, neuron_stats.SINGLE_MAX_TOKENS)
+n_single = min(n_tokens_single, properties.neuron_stats.SINGLE_MAX_TOKENS)
 # the half-token table is written from the same forward pass (its rows are the first half)
-single_stats = neuron_stats.member_neuron_stats(single, n_single, art, batch_size=8, prefixes=[n_single // 2])
-half_stats = neuron_stats.member_neuron_stats(single, n_single // 2, art, batch_size=8)
+single_stats = properties.neuron_stats.member_neuron_stats(single, n_single, art, batch_size=8, prefixes=[n_single // 2])
+half_stats = properties.neuron_stats.member_neuron_stats(single, n_single // 2, art, batch_size=8)
 conv_cols = ["pre_kurt", "pre_skew", "act_freq", "vocab_kurt"]
 med_full, med_half = (t.groupby("layer")[conv_cols].median() for t in (single_stats, half_stats))
 convergence = pd.DataFrame({"largest change of a per-layer median, half -> all tokens (relative)":
@@ -219,9 +219,9 @@ convergence = pd.DataFrame({"largest change of a per-layer median, half -> all t
                             "median over layers (relative)": ((med_full - med_half).abs() / med_full.abs().clip(lower=1e-9)).median()})
 print(f"SmolLM2 statistics on {n_single:,} tokens (convergence check: {n_single // 2:,})")
 display(convergence.style.format("{:.1%}"))
-single_stats["l2_penalty_full"] = property_stats.full_l2_penalty(single_stats)
-print("weight processing of SmolLM2:", models.SMOLLM2_PROCESSING)
-display(Markdown(property_stats.medians_line({single_model: single_stats},
+single_stats["l2_penalty_full"] = properties.significance.full_l2_penalty(single_stats)
+print("weight processing of SmolLM2:", loading.SMOLLM2_PROCESSING)
+display(Markdown(properties.significance.medians_line({single_model: single_stats},
                                              {"l2_penalty": "median l2_penalty (gate and output)",
                                               "l2_penalty_full": "median penalty with the linear branch"})))
 compare = pd.concat([df.assign(model=f"{fam.name}-{reference}"), single_stats.assign(model=single_model)])
@@ -254,10 +254,10 @@ fig.show()
 # neurons all differ.
 
 # %%
-directions = {k: v[1] for k, v in properties.FIG3_METRICS.items()}
-tests = {s: property_stats.property_tests(df, s, directions, seed=seed) for s in sets}
-pooled = property_stats.permutation_test(df, list(directions), chosen, by=None, seed=seed)
-display(Markdown(f"**Unit of inference:** {property_stats.UNIT_OF_INFERENCE} (here {fam.name}-{reference}, "
+directions = {k: v[1] for k, v in properties.compare.FIG3_METRICS.items()}
+tests = {s: properties.significance.property_tests(df, s, directions, seed=seed) for s in sets}
+pooled = properties.significance.permutation_test(df, list(directions), chosen, by=None, seed=seed)
+display(Markdown(f"**Unit of inference:** {properties.significance.UNIT_OF_INFERENCE} (here {fam.name}-{reference}, "
                  f"{len(df):,} neurons in {df.layer.nunique()} layers)."))
 display(pd.concat({s: t.groups for s, t in tests.items()}, names=["set"]).style.format(precision=3))
 display(tests[chosen].metrics.assign(**{"p (pooled, Holm)": pooled.p_holm}).style.format(precision=3))
@@ -279,11 +279,11 @@ if has_control:
     control_fam = families.load_family("embedded-untrained", params, device=device)
     control_table = universality.universality_table(control_fam, n_tokens, art, device=device, batch_size=batch_size,
                                                     seed=seed, baseline=baseline, threshold=threshold)
-    control_stats = neuron_stats.member_neuron_stats(control_fam, n_tokens, art, member=reference, batch_size=batch_size)
+    control_stats = properties.neuron_stats.member_neuron_stats(control_fam, n_tokens, art, member=reference, batch_size=batch_size)
     control_df = control_stats.merge(control_table, on=["layer", "neuron"], validate="one_to_one")
-    control_df = control_df.assign(**{s: property_stats.top_k_set(control_df, int(df[s].sum())) for s in sets})
-    control_tests = {s: property_stats.property_tests(control_df, s, directions, seed=seed) for s in sets}
-    side = pd.concat({s: property_stats.side_by_side(tests[s], control_tests[s]) for s in sets}, names=["set"])
+    control_df = control_df.assign(**{s: properties.significance.top_k_set(control_df, int(df[s].sum())) for s in sets})
+    control_tests = {s: properties.significance.property_tests(control_df, s, directions, seed=seed) for s in sets}
+    side = pd.concat({s: properties.significance.side_by_side(tests[s], control_tests[s]) for s in sets}, names=["set"])
     display(side.style.format(precision=4))
     effects = pd.concat([t.groups.assign(family=name) for name, t in
                          {f"{fam.name}-{reference}": tests[chosen], f"untrained control-{reference}": control_tests[chosen]}.items()]).reset_index()
@@ -294,22 +294,35 @@ if has_control:
                 x="group of properties", y="median within-layer percentile (above 50: the paper's direction)",
                 legend="family")
     fig.show()
-    display(Markdown("\n".join(f"- `{s}`: {property_stats.control_sentence(tests[s], control_tests[s])}" for s in sets)))
+    display(Markdown("\n".join(f"- `{s}`: {properties.significance.control_sentence(tests[s], control_tests[s])}" for s in sets)))
 else:
     control_tests = None
     display(Markdown(f"Family {fam.name!r} has no untrained control here, so this check cannot run on it."))
+
+# %% [markdown]
+# ## 9. How the medians move with the size of the set
+#
+# Chapter 01's rule (above the untrained control's maximum excess correlation, in the top share of
+# the neurons by excess) at 1%, 4% and 10% of the neurons, and the chosen set: the median of each
+# property the paper reports over the set and over the rest of the neurons. A property that belongs
+# to universal neurons should separate the set from the rest at every size.
+
+# %%
+display(properties.compare.set_sensitivity(df, nset.sized_sets()).style.format(precision=3, na_rep="n/a"))
 
 # %% [markdown]
 # ## Result vs paper
 #
 # The medians the paper reports over its universal neurons (§4.2, from its released tables), against
 # the same medians over this book's chosen set, each scored with the registry's tolerance; the
-# untrained control's set is judged by the same tolerance, so a row the control passes too is "not
-# informative". The second table gives the direction of each group of properties (section 7).
+# untrained control's set (its own top neurons by excess correlation, as many as in the chosen set)
+# is judged by the same tolerance, so a row the control passes too is "not informative"
+# (`properties.verdicts`). The second table gives the direction of each group of properties
+# (section 7).
 
 # %%
-paper_key = fam.name if fam.name in properties.PAPER_MEDIANS else "stanford-gpt2-small"
-rvp = paper.result_table(properties.median_comparisons(df, chosen, paper_key, control_df if has_control else None))
+rvp = paper.result_table(properties.verdicts.comparisons(df, chosen, paper.model_for(fam.name),
+                                                         control_df if has_control else None))
 display(rvp)
 verdicts = pd.DataFrame({"paper": tests[chosen].metrics.groupby("group").paper.agg(lambda p: ", ".join(sorted(set(p)))),
                          "this book": tests[chosen].groups.verdict})
@@ -322,19 +335,19 @@ report.publish("02_properties", params, {"Result vs paper": rvp, "Direction of e
 # post-activation below the activation function's minimum (catches swapped pre/post hooks; every
 # family of this chapter uses a GELU MLP); the test detects a planted set in this very table and
 # finds nothing in a set of whole layers; almost every neuron varies.
-property_stats.check_join(df, int(table.layer.max()) + 1, int(table.neuron.max()) + 1)
-property_stats.check_activation_floor(df, "gelu")
-print("planted-set check:", property_stats.check_detects_planted(df, "pre_kurt", seed=seed))
+properties.significance.check_join(df, int(table.layer.max()) + 1, int(table.neuron.max()) + 1)
+properties.significance.check_activation_floor(df, "gelu")
+print("planted-set check:", properties.significance.check_detects_planted(df, "pre_kurt", seed=seed))
 assert df.pre_var.gt(0).mean() > 0.9
 
 # %% [markdown]
 # ## Summary
 
 # %%
-summary_lines = [property_stats.agreement_sentence(tests[s], f"the set `{s}`") for s in sets]
-summary_lines += [f"Set `{s}` against the untrained control: {property_stats.control_sentence(tests[s], control_tests[s])}"
+summary_lines = [properties.significance.agreement_sentence(tests[s], f"the set `{s}`") for s in sets]
+summary_lines += [f"Set `{s}` against the untrained control: {properties.significance.control_sentence(tests[s], control_tests[s])}"
                   for s in sets] if has_control else []
-summary_lines += [property_stats.medians_line({f"{fam.name}-{reference}": df, single_model: single_stats},
+summary_lines += [properties.significance.medians_line({f"{fam.name}-{reference}": df, single_model: single_stats},
                                               {"pre_kurt": "median pre-activation kurtosis",
                                                "act_freq": "median activation frequency"})]
 display(Markdown("\n".join(f"- {line}" for line in summary_lines)))

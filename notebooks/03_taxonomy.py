@@ -54,7 +54,7 @@ import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown
 
-from helpers.taxonomy import explain
+from helpers import taxonomy
 from helpers.models import families
 from helpers.core import paper, presets, report
 from helpers.book import plots
@@ -96,7 +96,7 @@ min_positive = 20  # a label needs this many positive (and negative) tokens to b
 # paper: more than 3,000 in 10M), and never fewer than `min_positive`.
 
 # %%
-ex = explain.explain_reference(fam, n_explain, art, batch_size, min_positive, verbose=True)
+ex = taxonomy.explain.explain_reference(fam, n_explain, art, batch_size, min_positive, verbose=True)
 table = ex.table
 info = ex.meta["features"]
 labels_kept = ex.features[ex.features.kept]
@@ -129,8 +129,8 @@ display(table.sort_values("best_vr", ascending=False).head(10)[
 # doubled.
 
 # %%
-display(pd.DataFrame({"value": explain.CUTOFFS, "meaning": explain.CUTOFF_TEXT}))
-display(explain.cutoff_sensitivity(table))
+display(pd.DataFrame({"value": taxonomy.explain.CUTOFFS, "meaning": taxonomy.explain.CUTOFF_TEXT}))
+display(taxonomy.explain.cutoff_sensitivity(table))
 
 # %% [markdown]
 # ## 3. Family counts per layer: trained vs untrained control, universal vs the rest
@@ -140,28 +140,28 @@ display(explain.cutoff_sensitivity(table))
 
 # %%
 control_fam = families.load_family("embedded-untrained", params, device=device) if fam.name == "embedded" else None
-ctl = explain.explain_reference(control_fam, n_explain, art, batch_size, min_positive) if control_fam else None
+ctl = taxonomy.explain.explain_reference(control_fam, n_explain, art, batch_size, min_positive) if control_fam else None
 nset = universality.neuron_set(fam, "auto", params, params.n_tokens, art, device=device, batch_size=batch_size, seed=seed,
                                baseline=params.baseline, threshold=params.threshold)
 chosen = nset.chosen
 table = table.merge(nset.table[["layer", "neuron", chosen]], on=["layer", "neuron"], how="left", validate="one_to_one")
 table["set"] = np.where(table[chosen].fillna(False), f"universal ({chosen})", "rest")
-counts = pd.concat([explain.family_counts(table).assign(model="trained")] +
-                   ([explain.family_counts(ctl.table).assign(model="untrained control")] if ctl is not None else []))
+counts = pd.concat([taxonomy.explain.family_counts(table).assign(model="trained")] +
+                   ([taxonomy.explain.family_counts(ctl.table).assign(model="untrained control")] if ctl is not None else []))
 long = counts.reset_index().melt(id_vars=["layer", "model"], var_name="family", value_name="neurons")
 fig = px.bar(long, x="family", y="neurons", color="model", barmode="group", facet_row="layer", height=250 + 180 * table.layer.nunique(),
              color_discrete_map={"trained": plots.COLORS["trained"], "untrained control": plots.COLORS["untrained"]})
 plots.style(fig, f"Families per layer · {fam.name}-{reference} vs its untrained control", x="family", y="neurons",
             legend="model", height=250 + 180 * table.layer.nunique())
 fig.show()
-by_set = table.groupby("set").family.value_counts(normalize=True).unstack(fill_value=0).reindex(columns=list(explain.FAMILIES), fill_value=0)
+by_set = table.groupby("set").family.value_counts(normalize=True).unstack(fill_value=0).reindex(columns=list(taxonomy.explain.FAMILIES), fill_value=0)
 fig = px.bar(by_set.reset_index().melt(id_vars="set", var_name="family", value_name="share"), x="family", y="share",
              color="set", barmode="group")
 plots.style(fig, "Families of universal neurons vs the rest (share of each set)", x="family", y="share of the set's neurons",
             legend="neuron set")
 fig.show()
-display(pd.concat({"trained": explain.family_counts(table, "set"),
-                   **({"untrained control": explain.family_counts(ctl.table.assign(set="all neurons"), "set")} if ctl is not None else {})}))
+display(pd.concat({"trained": taxonomy.explain.family_counts(table, "set"),
+                   **({"untrained control": taxonomy.explain.family_counts(ctl.table.assign(set="all neurons"), "set")} if ctl is not None else {})}))
 
 # %% [markdown]
 # Variance reduction by label group, trained vs control: for each neuron, the best VR within each
@@ -190,9 +190,9 @@ fig.show()
 
 # %%
 single = families.load_family(single_model, params, device=device)
-sm = explain.explain_sampled(single, single.reference, single.token_table(n_single), art, n_select_rows=1, seed=seed,
+sm = taxonomy.explain.explain_sampled(single, single.reference, single.token_table(n_single), art, n_select_rows=1, seed=seed,
                              batch_size=min(batch_size, 8), min_positive=min_positive, verbose=True)
-sm_counts = explain.family_counts(sm.table, ["why", "layer"])
+sm_counts = taxonomy.explain.family_counts(sm.table, ["why", "layer"])
 fig = px.area(sm_counts.reset_index().melt(id_vars=["why", "layer"], var_name="family", value_name="neurons"),
               x="layer", y="neurons", color="family", facet_row="why", height=600)
 plots.style(fig, f"{single_model}: families by layer (per-layer sample of {int(sm_counts.sum(axis=1).max())} neurons per "
@@ -212,7 +212,7 @@ print(f"{len(sm.table):,} sampled neurons on {sm.meta['n_tokens']:,} tokens; {sm
 
 # %%
 alpha_cut = paper.value("alphabet_vr_cutoff", paper.MEDIUM)
-alpha = explain.alphabet_letters(ex.letters, table, alpha_cut, universal=chosen)
+alpha = taxonomy.explain.alphabet_letters(ex.letters, table, alpha_cut, universal=chosen)
 fig = px.bar(alpha, x="letter", y="vr", color="has_neuron", hover_data=["layer", "neuron"],
              color_discrete_map={True: plots.COLORS["universal"], False: plots.COLORS["other"]})
 fig.add_hline(y=alpha_cut, line_dash="dot", line_color="gray")
@@ -228,10 +228,10 @@ n_letters = int(alpha.has_neuron.sum())
 # neuron whose activation the corpus source explains best, with its mean ± std activation per source.
 
 # %%
-prev = explain.top_by_family(table, "previous-token", 1)
+prev = taxonomy.explain.top_by_family(table, "previous-token", 1)
 best_ctx = ex.sources.sort_values("vr", ascending=False).head(1)
 shown = pd.concat([prev[["layer", "neuron"]], best_ctx[["layer", "neuron"]]]).drop_duplicates()
-g = explain.gallery_long(table.merge(shown, on=["layer", "neuron"]))
+g = taxonomy.explain.gallery_long(table.merge(shown, on=["layer", "neuron"]))
 fig = px.bar(g, x="name", y="mean", error_y="std", color="side", barmode="group")
 plots.style(fig, "Fig 1b · the best previous-token neuron, and the best context neuron, split by its best label",
             x="neuron: best label", y="post-activation (mean ± std)", legend="tokens")
@@ -265,8 +265,8 @@ fig.show()
 # activation on the tokens with and without it.
 
 # %%
-gallery = pd.concat([explain.top_by_family(table, f, 6) for f in explain.FAMILIES[:-1]])
-gl = explain.gallery_long(gallery)
+gallery = pd.concat([taxonomy.explain.top_by_family(table, f, 6) for f in taxonomy.explain.FAMILIES[:-1]])
+gl = taxonomy.explain.gallery_long(gallery)
 fig = px.bar(gl, x="name", y="mean", error_y="std", color="side", barmode="group", facet_row="family",
              height=220 * max(gl.family.nunique(), 1) + 150)
 fig.update_xaxes(matches=None, showticklabels=True)
@@ -289,76 +289,33 @@ views = pd.concat([gallery.groupby("family").head(1), shown]).drop_duplicates(["
 plots.show_circuitsvis(universality.context_visualisation(ref_model, fam.codec, rows_ids, views, k=3))
 
 # %% [markdown]
+# ## 10. How the set's explanations move with its size
+#
+# Chapter 01's rule (above the untrained control's maximum excess correlation, in the top share of
+# the neurons by excess) at 1%, 4% and 10% of the neurons, and the chosen set: how much of the set a
+# family explains, its median best VR against the rest, and its largest family.
+
+# %%
+display(taxonomy.explain.set_sensitivity(table, nset.sized_sets()).style.format(precision=3, na_rep="n/a"))
+
+# %% [markdown]
 # ## Result vs paper
 #
 # Which families appear and where. The paper's depth claims are stated for GPT2-medium's 24 layers;
 # here they are ranges of relative depth, and layer l of an n-layer model stands for the slice
 # [l / n, (l + 1) / n] of the depth, so a claim holds when the slice of the family's median layer
 # overlaps its range (`explain.DEPTH_CLAIMS`). A model of few layers can only place a family
-# coarsely; the claims are most informative on the 30-layer SmolLM2.
+# coarsely; the claims are most informative on the 30-layer SmolLM2. `taxonomy.verdicts` builds the
+# rows and judges the untrained control by the same rule.
 
 # %%
 n_layers = ref_model.cfg.n_layers
-depth = explain.depth_summary(table, n_layers)
+depth = taxonomy.explain.depth_summary(table, n_layers)
 n_layers_sm = int(sm.table.layer.max()) + 1  # the sample covers every layer
-depth_sm = explain.depth_summary(sm.table, n_layers_sm)
+depth_sm = taxonomy.explain.depth_summary(sm.table, n_layers_sm)
 display(pd.concat({f"{fam.name}-{reference}": depth, single_model: depth_sm}, names=["model"]))
-reasons = {
-    "alphabet": f"{len(alpha)} letters have a unigram label on {ex.meta['n_tokens']:,} tokens; {n_letters} of them have a "
-                f"universal neuron whose best label is the letter's own, with VR ≥ {alpha_cut}",
-}
-universal_unigram = table[table.family.eq("unigram") & table[chosen].fillna(False).astype(bool)].nlargest(1, "best_vr")
-control_unigram = ctl.table[ctl.table.family.eq("unigram")].nlargest(1, "best_vr") if ctl is not None else None
-top_unigram = "; ".join(f"{who}: L{int(r.layer)}.{int(r.neuron)} on {r.best_feature}" for who, d in
-                        (("ours", universal_unigram), ("control", control_unigram)) if d is not None for r in d.itertuples())
-
-
-depth_ctl = explain.depth_summary(ctl.table, n_layers) if ctl is not None else None
-# the control has no universal set: any of its neurons whose best label is the letter's own counts (a looser rule for it)
-n_letters_ctl = int(explain.alphabet_letters(ctl.letters, ctl.table, alpha_cut).has_neuron.sum()) if ctl is not None else None
-
-
-def depth_text(row):
-    where = (f"quartile layers {row['depth IQR']:.2f} of the depth apart" if row.name == "syntax" else
-             f"median layer {row['median layer']:g}, depth {row['depth span']}")
-    return "no neurons" if row.neurons == 0 else f"{where} (layers {row.layers})"
-
-
-def claim(fam_name, model_name, d, n_neurons, n_layers_model, d_ctl=None):
-    """A depth claim's row; with nothing of the family to place it is "not measured". The control, where
-    given, is judged by the same claim (a control without neurons of the family does not pass)."""
-    row = d.loc[fam_name]
-    rc = d_ctl.loc[fam_name] if d_ctl is not None else None
-    return paper.Comparison(f"{fam_name} neurons: where ({model_name})", row["paper key"], depth_text(row), model=paper.MEDIUM,
-                            holds=row.holds, measured=bool(row.neurons),
-                            control=depth_text(rc) if rc is not None else None,
-                            control_holds=bool(rc.holds) if rc is not None and rc.holds is not None else (False if rc is not None else None),
-                            reason=report.choose(bool(row.neurons), report.sentence(
-                                "{k} {f} neurons: median layer {ml:g} of {n}, quartile layers {iqr:.2f} of the depth apart",
-                                k=int(row.neurons), f=fam_name, ml=row["median layer"], n=n_layers_model,
-                                iqr=row["depth IQR"]),
-                                report.sentence("no {f} neurons among the {n:,} analysed", f=fam_name, n=n_neurons)))
-
-
-rows_rvp = [
-    paper.Comparison("letters with an alphabet neuron (of 26)", "alphabet_letters", n_letters, control=n_letters_ctl,
-                     model=paper.MEDIUM, fmt="d", reason=reasons["alphabet"]),
-    paper.Comparison("highest VR of a universal unigram neuron (one token's forms; control: any of its neurons)", "max_vr_unigram",
-                     float(universal_unigram.best_vr.iloc[0]) if len(universal_unigram) else None,
-                     control=float(control_unigram.best_vr.iloc[0]) if control_unigram is not None and len(control_unigram) else None,
-                     model=paper.MEDIUM, reason=report.choose(
-                         bool(len(universal_unigram)), report.sentence(
-                             "the best is {top}; {k} of the {n:,} neurons are unigram neurons, {ku} of them universal", top=top_unigram,
-                             k=int(table.family.eq("unigram").sum()), n=len(table), ku=len(table[table.family.eq("unigram")
-                                                                                             & table[chosen].fillna(False).astype(bool)])),
-                         report.sentence("no universal unigram neuron among the {n:,} analysed", n=len(table)))),
-    paper.Comparison(f"position candidates in the universal set (pre-activation kurtosis < {explain.CUTOFFS['max_kurtosis']})",
-                     "position_candidates", int(((table.pre_kurt < explain.CUTOFFS["max_kurtosis"]) & table[chosen].fillna(False)).sum()),
-                     model=paper.MEDIUM, fmt="d"),
-    *[claim(f, f"{fam.name}-{reference}", depth, len(table), n_layers, depth_ctl) for f in explain.DEPTH_CLAIMS],
-    *[claim(f, single_model, depth_sm, len(sm.table), n_layers_sm) for f in explain.DEPTH_CLAIMS],
-    paper.Comparison("late layers: prediction / suppression neurons", "late_prediction", None, model=paper.MEDIUM),
-]
+rows_rvp = taxonomy.verdicts.comparisons(table, chosen, ex.letters, n_layers, f"{fam.name}-{reference}", ex.meta["n_tokens"],
+                                         control=ctl, single=sm.table, single_label=single_model)
 rvp = paper.result_table(rows_rvp)
 display(rvp)
 report.publish("03_taxonomy", params, {"Result vs paper": rvp})
@@ -390,7 +347,7 @@ display(report.summary([
     "SmolLM2-135M: {sm_n} sampled neurons; unigram neurons at median relative depth {sm_uni:.2f}, previous-token {sm_prev:.2f}, "
     "syntax {sm_syn:.2f} (0: first layer, 1: last).",
     "{dropped} labels were dropped for having fewer than {minp} positive or negative tokens.",
-], n=len(table), model=f"{fam.name}-{reference}", unexplained=int(fc.get("unexplained", 0)), min_vr=explain.CUTOFFS["min_vr"],
+], n=len(table), model=f"{fam.name}-{reference}", unexplained=int(fc.get("unexplained", 0)), min_vr=taxonomy.explain.CUTOFFS["min_vr"],
     top=fc.drop("unexplained", errors="ignore").idxmax() if len(fc.drop("unexplained", errors="ignore")) else "none",
     top_n=int(fc.drop("unexplained", errors="ignore").max()) if len(fc.drop("unexplained", errors="ignore")) else 0,
     uni_t=share(fc, "unigram", len(table)), uni_c=share(cc, "unigram", len(ctl.table)) if ctl is not None else None,

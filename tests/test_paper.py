@@ -115,23 +115,3 @@ def test_summary_formats_computed_numbers():
 def test_result_table_shows_a_tolerance_only_for_numbers():
     t = paper.result_table([paper.Comparison("layers", "n_layers", 2), paper.Comparison("activation", "act_fn", "gelu_new")])
     assert "(± 0.000)" in t.loc["layers", "paper"] and "±" not in t.loc["activation", "paper"]
-
-
-def test_property_medians_are_scored_against_the_control():
-    # a planted set with the paper's GPT2-small medians; the rest Gaussian-like
-    med = paper.property_medians("stanford-gpt2-small")
-    n, k = 200, 20
-    rest = {"pre_kurt": 3.0, "pre_skew": 0.0, "act_freq": 0.5, "input_bias": 0.0, "l2_penalty": 0.3}
-    df = pd.DataFrame({c: [med[c]] * k + [rest[c]] * (n - k) for c in med}).assign(top=[True] * k + [False] * (n - k))
-    gaussian = df.assign(top=[False] * (n - k) + [True] * k)  # the control's set looks like the rest
-    rows = properties.median_comparisons(df, "top", "stanford-gpt2-small", control=gaussian)
-    assert [r.key for r in rows] == list(paper.PROPERTY_MEDIAN_KEYS.values())
-    t = paper.result_table(rows)
-    assert (t.verdict == "matched").all() and len(t) == 5
-    assert paper.result_table(properties.median_comparisons(df, "top", "stanford-gpt2-small")).verdict.eq("matched").all()
-    t = paper.result_table(properties.median_comparisons(df, "top", "stanford-gpt2-small", control=df))
-    assert (t.verdict == "not informative").all()  # the control's set has the same medians
-    t = paper.result_table(properties.median_comparisons(gaussian, "top", "stanford-gpt2-small", control=df))
-    assert (t.verdict == "differs").all()
-    assert t.loc["median pre-activation kurtosis over the set (top)", "reason"] == (
-        "the set's 20 neurons against a median of 3.000 over the other 180")

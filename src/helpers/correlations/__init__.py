@@ -7,8 +7,10 @@
 - `dimensionality`  effective dimension of a layer's activations (why small models have high baselines)
 - `checks`          build checks a broken analysis would fail
 - `sweep`           the recorded configuration sweep of the embedded family
+- `verdicts`        the chapter's "Result vs paper" rows
 """
 
 # The chapter's notebook imports this package alone (`from helpers import correlations`) and reaches its
 # modules as attributes.
-from . import pearson, correlate, universality, baselines, dimensionality, checks, sweep  # noqa: E402,F401
+from . import (pearson, correlate, universality, baselines, dimensionality, checks, sweep,  # noqa: E402,F401
+               verdicts)

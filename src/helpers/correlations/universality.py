@@ -249,6 +249,16 @@ class NeuronSet:
         sensitivity rows (`SENSITIVITY_SHARES`)."""
         return sized_set(self.table, self.control, share)
 
+    def sized_sets(self, shares=SENSITIVITY_SHARES) -> pd.DataFrame:
+        """`layer`, `neuron` and one boolean column per share (named by `share_label`, e.g. "4%"):
+        `at_share` at each share, then the chosen set under its own column name. One row per neuron
+        of `table`, in its order; the chapters merge it on (layer, neuron) for their sensitivity rows."""
+        out = self.table[["layer", "neuron"]].reset_index(drop=True)
+        for s in shares:
+            out[share_label(s)] = self.at_share(s).to_numpy()
+        out[self.chosen] = self.table[self.chosen].fillna(False).astype(bool).to_numpy()
+        return out
+
     def describe(self) -> str:
         """One sentence, computed: which set later chapters use, its size, and its rule."""
         n, total = self.size, len(self.table)
@@ -263,6 +273,81 @@ class NeuronSet:
                     f"({self.control.excess_corr.max():.3f}; {n_above:,} neurons pass it) and in the top "
                     f"{SET_SHARE:.2%} by excess correlation (GPT2-small's share of universal neurons).")
         return head + ": the top 1% by excess correlation (fewer neurons beat the control)."
+
+
+def share_label(share: float) -> str:
+    """How a share of the neurons names a set column: 0.04 -> "4%", 0.0416 -> "4.16%"."""
+    return f"{share:.0%}" if round(share * 100, 6) == round(share * 100) else f"{share:.2%}"
+
+
+def top_count(table: pd.DataFrame, k: int, column: str = "excess_corr") -> pd.Series:
+    """Boolean Series: the `k` neurons of `table` with the largest `column` (ties broken by order;
+    NaN never selected). The untrained control's counterpart of a set of `k` neurons."""
+    r = table[column].rank(ascending=False, method="first", na_option="bottom")
+    return (r <= k) & table[column].notna()
+
+
+def same_layer_share(table: pd.DataFrame, selected: pd.Series | None = None) -> float:
+    """Fig 2c's diagonal for a set of neurons: the share of (neuron, comparison seed) pairs whose
+    best match lies in the neuron's own layer, over the neurons where `selected` is true (all
+    neurons without it) and the seeds where the neuron has a best match; NaN for an empty set."""
+    sel = pd.Series(True, index=table.index) if selected is None else selected.reindex(table.index).fillna(False)
+    hits = total = 0
+    for m in comparison_members(table):
+        ml = table.loc[sel.astype(bool), f"match_layer_{m}"]
+        valid = ml >= 0
+        hits += int((ml[valid] == table.loc[ml.index[valid], "layer"]).sum())
+        total += int(valid.sum())
+    return hits / total if total else float("nan")
+
+
+def set_sensitivity(nset: "NeuronSet", shares=SENSITIVITY_SHARES) -> pd.DataFrame:
+    """How chapter 01's headline moves with the size of the set: one row per share of the neurons
+    (`NeuronSet.at_share`) and one for the chosen set, with the set's size, the smallest and the
+    median excess correlation in it, the medians the paper reports over its universal neurons
+    (`like_for_like_medians`), the mean seed spread (`seed_spread`) and the share of its best matches
+    in the neuron's own layer (`same_layer_share`; chance: 1 / n_layers). Reuses the table; no pass."""
+    t = nset.table
+    sized = nset.sized_sets(shares)
+    chance = 1.0 / (int(t.layer.max()) + 1)
+    rows = []
+    for col in [c for c in sized.columns if c not in ("layer", "neuron")]:
+        sel = pd.Series(sized[col].to_numpy(), index=t.index)
+        x = t.assign(_set=sel)
+        med = like_for_like_medians(x, "_set")
+        e = t.excess_corr[sel]
+        rows.append({"set": col if col != nset.chosen else f"{col} (chosen)", "neurons": int(sel.sum()),
+                     "share of neurons": float(sel.mean()),
+                     "smallest excess": float(e.min()) if len(e) else np.nan,
+                     "median excess": float(e.median()) if len(e) else np.nan,
+                     "median mean_corr": med["mean_corr"], "median mean_baseline": med["mean_baseline"],
+                     "mean seed spread": seed_spread(x, "_set")["selected"],
+                     "same-layer best matches": same_layer_share(t, sel), "chance": chance})
+    return pd.DataFrame(rows).set_index("set")
+
+
+def set_table(nset: "NeuronSet", threshold: float = 0.5) -> pd.DataFrame:
+    """The candidate sets beside the untrained control: per set column, its rule, size, share of the
+    neurons, smallest excess correlation in it, how many of the control's neurons reach that
+    smallest excess (None without a control), and whether later chapters use it."""
+    rules = {"is_universal": f"excess correlation > {threshold:g} (the paper's rule)",
+             "above_control": "excess above the untrained control's maximum",
+             "paper_sized": f"above the control's maximum and in the top {share_label(SET_SHARE)} by excess",
+             "top_excess": "the top 1% by excess correlation"}
+    t, c = nset.table, nset.control
+    rows = []
+    for col, rule in rules.items():
+        if col not in t:
+            continue
+        sel = t[col].fillna(False).astype(bool)
+        e = t.excess_corr[sel]
+        low = float(e.min()) if len(e) else np.nan
+        reach = None if c is None or not len(e) else int((c.excess_corr >= low).sum())
+        rows.append({"set": col, "rule": rule, "neurons": int(sel.sum()), "share of neurons": float(sel.mean()),
+                     "smallest excess": low, "control neurons reaching it": reach,
+                     "used later": col == nset.chosen})
+    out = pd.DataFrame(rows).set_index("set")
+    return out.astype({"control neurons reaching it": "Int64"})
 
 
 def default_control(family) -> str | None:

@@ -3,4 +3,5 @@
 - `loading`   model configs, safetensors save/load, weight processing, the models loaded from PyPI
 - `training`  training of the embedded seed family (`python -m helpers.models.training`)
 - `families`  families of seeds loaded by name (embedded, untrained control, GPT-2, Pythia, SmolLM2)
+- `verdicts`  the chapter's "Result vs paper" rows
 """

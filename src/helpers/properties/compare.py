@@ -27,26 +27,6 @@ FIG3_METRICS = {
 PAPER_MEDIANS = {m: paper.property_medians(m) for m in paper.PAPER_MODELS}
 
 
-def median_comparisons(df: pd.DataFrame, selected: str, model: str, control: pd.DataFrame | None = None) -> list:
-    """§4.2's "Result vs paper" rows: the median of each property the paper reports
-    (`paper.PROPERTY_MEDIAN_KEYS`) over the neurons where `selected` is true, scored against the
-    paper's median for `model` with the registry's tolerance. `control` is the untrained control's
-    table with its own `selected` column (its set); its medians are judged by the same tolerance.
-    The reason (shown where a row differs) is the median over the other neurons of the model, which
-    says whether the set sits apart from them at all."""
-    sel = df[selected].astype(bool)
-    csel = control[selected].astype(bool) if control is not None else None
-    rows = []
-    for col, key in paper.PROPERTY_MEDIAN_KEYS.items():
-        ours = float(df.loc[sel, col].median()) if sel.any() else float("nan")
-        ctl = None if control is None else (float(control.loc[csel, col].median()) if csel.any() else float("nan"))
-        rest = float(df.loc[~sel, col].median()) if (~sel).any() else float("nan")
-        reason = f"the set's {int(sel.sum()):,} neurons against a median of {rest:.3f} over the other {int((~sel).sum()):,}"
-        rows.append(paper.Comparison(f"median {FIG3_METRICS[col][0]} over the set ({selected})", key, ours, control=ctl,
-                                     model=model, reason=reason))
-    return rows
-
-
 def within_layer_percentiles(df: pd.DataFrame, metrics: list[str], selected: str) -> pd.DataFrame:
     """Fig 3: for every neuron with `selected` true, the percentile (0-100) of each metric among
     all neurons of its own layer. Long table: layer, neuron, metric, percentile."""
@@ -101,3 +81,27 @@ def per_layer_boxes(long: pd.DataFrame, whiskers: tuple[float, float] = (0.01, 0
     q = g.quantile([whiskers[0], 0.25, 0.5, 0.75, whiskers[1]]).unstack()
     q.columns = ["lo", "q1", "median", "q3", "hi"]
     return q.assign(n=g.size()).reset_index()
+
+
+def set_sensitivity(df: pd.DataFrame, sized: pd.DataFrame, columns: dict | None = None) -> pd.DataFrame:
+    """How chapter 02's headline moves with the size of the set: for each boolean set column of
+    `sized` (layer, neuron and one column per set, e.g. `NeuronSet.sized_sets()`), the set's size and
+    the median of each property over the set and over the rest of the neurons of `df`. `columns`
+    ({statistics column: label}) defaults to the properties the paper reports medians of
+    (`paper.PROPERTY_MEDIAN_KEYS`). Rows: the sets; columns: (label, "set" / "rest")."""
+    columns = columns or {c: FIG3_METRICS[c][0] for c in paper.PROPERTY_MEDIAN_KEYS}
+    sets = [c for c in sized.columns if c not in ("layer", "neuron")]
+    m = df.drop(columns=[c for c in sets if c in df]).merge(sized, on=["layer", "neuron"], how="left",
+                                                             validate="one_to_one")
+    rows = {}
+    for s in sets:
+        sel = m[s].fillna(False).astype(bool)
+        row = {("neurons", ""): int(sel.sum())}
+        for col, label in columns.items():
+            row[(label, "set")] = float(m.loc[sel, col].median()) if sel.any() else np.nan
+            row[(label, "rest")] = float(m.loc[~sel, col].median()) if (~sel).any() else np.nan
+        rows[s] = row
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    out.index.name = "set"
+    return out

@@ -525,6 +525,30 @@ def alphabet_letters(letters: pd.DataFrame, table: pd.DataFrame, min_vr: float, 
     return out.assign(has_neuron=out.vr.fillna(-np.inf) >= min_vr)[cols]
 
 
+def set_sensitivity(table: pd.DataFrame, sized: pd.DataFrame) -> pd.DataFrame:
+    """How chapter 03's headline moves with the size of the set: for each boolean set column of
+    `sized` (layer, neuron and one column per set, e.g. `NeuronSet.sized_sets()`), the set's size,
+    the share of its neurons with a family (not unexplained, as dead neurons are) and
+    the same share over the rest, the median best VR of the set and of the rest, and the set's
+    largest family with its share of the set. `table` is an explanation table (family, best_vr)."""
+    sets = [c for c in sized.columns if c not in ("layer", "neuron")]
+    m = table.drop(columns=[c for c in sets if c in table], errors="ignore").merge(
+        sized, on=["layer", "neuron"], how="left", validate="one_to_one")
+    explained = m.family.ne("unexplained")
+    rows = []
+    for s in sets:
+        sel = m[s].fillna(False).astype(bool)
+        fams = m.family[sel & explained].value_counts()
+        rows.append({"set": s, "neurons": int(sel.sum()),
+                     "explained (set)": float(explained[sel].mean()) if sel.any() else np.nan,
+                     "explained (rest)": float(explained[~sel].mean()) if (~sel).any() else np.nan,
+                     "median best VR (set)": float(m.best_vr[sel].median()) if sel.any() else np.nan,
+                     "median best VR (rest)": float(m.best_vr[~sel].median()) if (~sel).any() else np.nan,
+                     "largest family of the set": fams.index[0] if len(fams) else "none",
+                     "its share of the set": float(fams.iloc[0] / sel.sum()) if len(fams) else np.nan})
+    return pd.DataFrame(rows).set_index("set")
+
+
 def top_by_family(table: pd.DataFrame, family: str, k: int = 6, score: str = "best_vr") -> pd.DataFrame:
     """The `k` neurons of `family` with the highest `score`."""
     return table[table.family == family].sort_values(score, ascending=False).head(k)
