@@ -175,8 +175,8 @@ def execution_key(name: str, preset_file: Path, root: Path) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for f in [root / "notebooks" / f"{name}.py", preset_file, *sorted((root / "src" / "helpers").glob("*.py"))]:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    for f in [root / "notebooks" / f"{name}.py", preset_file, *sorted((root / "src" / "helpers").rglob("*.py"))]:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 
