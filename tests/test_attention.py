@@ -219,8 +219,8 @@ def test_bos_value_norms_read_their_own_rows_and_say_how_many(tmp_path):
     from types import SimpleNamespace
 
     model = tiny()
-    fam = SimpleNamespace(name="tiny", identity={"a": "tiny-a"}, codec=SimpleNamespace(drop_ids=[BOS], bos_id=BOS),
-                          load=lambda member: model)
+    codec = SimpleNamespace(drop_ids=[BOS], bos_id=BOS)
+    fam = SimpleNamespace(name="tiny", identity={"a": "tiny-a"}, codec=codec, load=lambda member: model)
     ablated, more = rows(4), rows(9, seed=5)
     run = attention.attention_deactivation(fam, "a", ablated, tmp_path, n_top=1, n_random=1, bos_rows=7,
                                            bos_source=more, model=model)
@@ -229,7 +229,8 @@ def test_bos_value_norms_read_their_own_rows_and_say_how_many(tmp_path):
     assert (bos.n_rows == 7).all() and np.allclose(bos.mean_norm, direct.mean_norm)
     assert run.meta["n_rows"] == 4  # the ablation keeps its own rows
     default = attention.attention_deactivation(fam, "a", ablated, tmp_path, n_top=1, n_random=1, model=model)
-    assert (default.table("bos").n_rows == 4).all() and not np.allclose(default.table("bos").mean_norm, bos.mean_norm)
+    own = default.table("bos")
+    assert (own.n_rows == 4).all() and not np.allclose(own.mean_norm, bos.mean_norm)
     with pytest.raises(ValueError, match="hold 9"):
         attention.attention_deactivation(fam, "a", ablated, tmp_path, bos_rows=10, bos_source=more, model=model)
 

@@ -22,16 +22,18 @@ def pairs(n=40, related=True, top_slopes=(-0.02, 3.0), sign=1.0, seed=0):
     score = np.sort(rng.normal(size=n))[::-1]
     pred = score * 0.5
     eff = pred + 0.05 * rng.normal(size=n) if related else rng.normal(size=n)
+    why = ["most positive h_n"] * min(5, n) + ["random"] * max(n - 5, 0)
     p = pd.DataFrame({"neuron_layer": 1, "neuron": np.arange(n), "head_layer": 2, "head": 0, "score": score,
-                      "score_raw": sign * score, "why": ["most positive h_n"] * min(5, n) + ["random"] * max(n - 5, 0), "n_tokens": 384,
-                      "slope_bos": 0.001, "slope_norm": 0.1, "mean_p_bos": 0.3, "predicted": pred, "effect_bos": eff})
+                      "score_raw": sign * score, "why": why, "n_tokens": 384, "slope_bos": 0.001, "slope_norm": 0.1,
+                      "mean_p_bos": 0.3, "predicted": pred, "effect_bos": eff})
     p.loc[0, ["slope_bos", "slope_norm"]] = top_slopes
     return p
 
 
 def measured(label, p, t=None, ratio=20.0):
     bos = pd.DataFrame({"layer": 0, "head": range(8), "ratio": [ratio] * 6 + [0.5, 0.5]})
-    return verdicts.Measured(label, bos, t or tails(), p, rank_correlation(p.predicted, p.effect_bos, n_boot=300))
+    rank = rank_correlation(p.predicted, p.effect_bos, n_boot=300)
+    return verdicts.Measured(label, bos, t or tails(), p, rank)
 
 
 def verdict_of(rows, start):
@@ -42,14 +44,15 @@ def verdict_of(rows, start):
 
 
 def test_the_papers_picture_is_matched_against_a_control_without_it():
-    rows = verdicts.comparisons(measured("m", pairs()), measured("s", pairs(seed=1)),
-                                measured("ctl", pairs(related=False, top_slopes=(0.02, -3.0)), tails(beyond=2), ratio=1.0))
+    control = measured("ctl", pairs(related=False, top_slopes=(0.02, -3.0)), tails(beyond=2), ratio=1.0)
+    rows = verdicts.comparisons(measured("m", pairs()), measured("s", pairs(seed=1)), control)
     assert len(rows) == 11
     assert verdict_of(rows, "heavier tails than random (m") == "matched"
     assert verdict_of(rows, "top-h_n pair is a deactivation pair (m") == "matched"
     assert verdict_of(rows, "heuristic predicts the mean effect (m)") == "matched"
     assert verdict_of(rows, "heuristic predicts the mean effect (s)") == "matched"  # no control: our rule alone
-    assert verdict_of(rows, "median head: mean ‖W_O v‖ / ‖W_O v_BOS‖ (m)") == "matched"  # 20 against 19.4 +- 10
+    # 20 against 19.4 +- 10
+    assert verdict_of(rows, "median head: mean ‖W_O v‖ / ‖W_O v_BOS‖ (m)") == "matched"
     assert verdict_of(rows, "tokens in the example scatter (m)") == "not scored"
     t = paper.result_table(rows)
     assert t.loc["median head: mean ‖W_O v‖ / ‖W_O v_BOS‖ (m)", "untrained control"] == "1.00"
@@ -68,12 +71,12 @@ def test_a_control_that_passes_too_is_not_informative():
 def test_nothing_to_measure_is_not_measured():
     few = pairs(n=3).assign(why="random")  # no top pair ablated, three pairs: no rank correlation
     rows = verdicts.comparisons(measured("m", few, tails(beyond=0, n_pairs=0)), None, None)
-    for q in ("heavier tails than random", "top-h_n pair is a deactivation pair", "heuristic predicts the mean effect",
-              "tokens in the example scatter"):
+    for q in ("heavier tails than random", "top-h_n pair is a deactivation pair",
+              "heuristic predicts the mean effect", "tokens in the example scatter"):
         assert verdict_of(rows, q) == "not measured", q
     t = paper.result_table(rows)
-    assert t.loc["heuristic predicts the mean effect (m)", "reason"] == ("3 pairs with a measured effect: too few for a "
-                                                                         "rank correlation")
+    assert t.loc["heuristic predicts the mean effect (m)", "reason"] == (
+        "3 pairs with a measured effect: too few for a rank correlation")
     nan_slopes = pairs(top_slopes=(np.nan, np.nan))
     assert verdict_of(verdicts.comparisons(measured("m", nan_slopes)), "top-h_n pair") == "not measured"
 
@@ -93,8 +96,8 @@ def test_reasons_are_computed_from_the_model():
     t = paper.result_table(rows)
     row = t.loc["median head: mean ‖W_O v‖ / ‖W_O v_BOS‖ (m)"]
     assert row.verdict == "differs"
-    assert row.reason == "75% of its 8 heads have a smaller BOS value than the other tokens' mean; its ablated heads put " \
-                         "0.3000 of their attention on BOS"
+    assert row.reason == ("75% of its 8 heads have a smaller BOS value than the other tokens' mean; its ablated "
+                          "heads put 0.3000 of their attention on BOS")
 
 
 def test_set_sensitivity_compares_the_sets_scores_with_the_rest():
@@ -111,4 +114,5 @@ def test_set_sensitivity_compares_the_sets_scores_with_the_rest():
     assert s.loc[0.04, "expected"] == pytest.approx(4 / 100 * 4)
     assert s.loc[0.10, "set"] == 4  # no other neuron beats the control
     text = verdicts.sensitivity_sentence(s)
-    assert "4%: 4 neurons, median |h_n| 3.000 vs 0.100, 4 of the 4 strongest (0.2 expected by their number)" in text
+    assert "4%: 4 neurons, median |h_n| 3.000 vs 0.100, 4 of the 4 strongest (0.2 expected by their number)" \
+        in text

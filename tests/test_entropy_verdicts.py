@@ -16,7 +16,8 @@ def spectrum(null: bool) -> candidates.Spectrum:
     d = 8
     values = np.array([4, 3, 3, 3, 2.5, 2.5, 1.0, 0.5]) if null else np.linspace(3.0, 2.0, d)
     k = 2 if null else 0
-    return candidates.Spectrum(values, torch.eye(d, dtype=torch.float64), 0, k, 0.5, 0.5 * float(np.median(values)), not null)
+    directions = torch.eye(d, dtype=torch.float64)
+    return candidates.Spectrum(values, directions, 0, k, 0.5, 0.5 * float(np.median(values)), not null)
 
 
 def sweep(slopes: dict, n_rows=2, n=10) -> pd.DataFrame:
@@ -24,13 +25,14 @@ def sweep(slopes: dict, n_rows=2, n=10) -> pd.DataFrame:
     with the grid: `slopes` {(layer, neuron, role): (Δ entropy, Δ scale, Δ reciprocal rank) per grid unit}."""
     out = []
     for r in range(n_rows):
-        out.append({"row": r, "layer": -1, "neuron": -1, "role": "nominal", "mode": "nominal", "grid": np.nan, "value": np.nan,
-                    "n": n, "scale": n * 1.0, "entropy": n * 2.0, "loss": n * 3.0, "rr": n * 0.3, "top1_same": float(n)})
+        out.append({"row": r, "layer": -1, "neuron": -1, "role": "nominal", "mode": "nominal", "grid": np.nan,
+                    "value": np.nan, "n": n, "scale": n * 1.0, "entropy": n * 2.0, "loss": n * 3.0, "rr": n * 0.3,
+                    "top1_same": float(n)})
         for (l, nn, role), (se, ss, sr) in slopes.items():
             for g in GRID:
-                out.append({"row": r, "layer": l, "neuron": nn, "role": role, "mode": "total", "grid": g, "value": g / 10,
-                            "n": n, "scale": n * (1.0 + ss * g), "entropy": n * (2.0 + se * g), "loss": n * 3.0,
-                            "rr": n * (0.3 + sr * g), "top1_same": float(n)})
+                out.append({"row": r, "layer": l, "neuron": nn, "role": role, "mode": "total", "grid": g,
+                            "value": g / 10, "n": n, "scale": n * (1.0 + ss * g), "entropy": n * (2.0 + se * g),
+                            "loss": n * 3.0, "rr": n * (0.3 + sr * g), "top1_same": float(n)})
     return pd.DataFrame(out)
 
 
@@ -40,7 +42,8 @@ def study(name, top=(0.1, 0.1, 0.001), partner=(-0.1, -0.1, 0.0), random=0.01, n
     per-grid-unit effects; the top candidate's null-space share `null_ratio` x a random direction's."""
     neurons = pd.DataFrame([{"layer": TOP[0], "neuron": TOP[1], "role": "entropy"},
                             {"layer": PARTNER[0], "neuron": PARTNER[1], "role": "anti-entropy"}]
-                           + [{"layer": l, "neuron": n, "role": "random"} for l, n in RANDOM]).assign(act_sign=1.0)
+                           + [{"layer": l, "neuron": n, "role": "random"} for l, n in RANDOM])
+    neurons = neurons.assign(act_sign=1.0)
     table = pd.DataFrame([{"layer": l, "neuron": n, "l2_rank": 1 + i, "vocab_var_rank": 1 + i, "null_frac": 0.1,
                            "null_ratio": (null_ratio if (l, n) == TOP else 1.0 + 0.05 * i) if null else np.nan}
                           for i, (l, n) in enumerate(zip(neurons.layer, neurons.neuron))])
@@ -79,7 +82,8 @@ def test_a_planted_entropy_neuron_is_matched_against_a_flat_control():
     assert verdict_of(rows, "entropy neuron raises scale and entropy") == "matched"
     assert verdict_of(rows, "the partner has the opposite effect") == "matched"
     assert verdict_of(rows, "null-space fraction") == "matched"
-    assert verdict_of(rows, "cos(w_out) of the anti-entropy partner") == "not informative"  # both planted at -0.9
+    # both planted at -0.9: the control passes the tolerance too
+    assert verdict_of(rows, "cos(w_out) of the anti-entropy partner") == "not informative"
     t = paper.result_table(rows)
     assert t.loc["Δ entropy, grid 5 vs 0 (nats; t)", "this book"] == "0.500"  # 0.1 nats per grid unit, 5 units
     assert t.loc["Δ entropy, grid 5 vs 0 (nats; t)", "verdict"] == "not scored"
@@ -115,12 +119,14 @@ def test_the_wrong_picture_differs():
 def test_set_membership_reads_the_sets_at_each_share():
     rows = [{"layer": l, "neuron": n, "excess_corr": 0.01 * n + (0.5 if (l, n) == TOP else 0.0)}
             for l in range(2) for n in range(50)]
-    nset = NeuronSet(pd.DataFrame(rows).assign(paper_sized=False), "paper_sized", pd.DataFrame({"excess_corr": [0.3]}))
+    control = pd.DataFrame({"excess_corr": [0.3]})
+    nset = NeuronSet(pd.DataFrame(rows).assign(paper_sized=False), "paper_sized", control)
     m = verdicts.set_membership(study("t").neurons[lambda d: d.role != "random"], nset, (0.01, 0.1))
     top, partner = m.set_index("role").loc["entropy"], m.set_index("role").loc["anti-entropy"]
     assert top["name"] == "L1.7" and top.percentile == 100 and top["in set at 1%"] and top["in set at 10%"]
     # L1.3 has excess 0.03, under the control's maximum: in no set
     assert not partner["in set at 1%"] and not partner["in set at 10%"] and partner.percentile < 20
     text = verdicts.membership_sentence(m)
-    assert "the entropy neuron L1.7 has excess correlation 0.570 (percentile 100) and is in the set at 1%, 10%" in text
+    assert "the entropy neuron L1.7 has excess correlation 0.570 (percentile 100) and is in the set at 1%, 10%" \
+        in text
     assert "L1.3" in text and "none of these sizes" in text

@@ -19,7 +19,8 @@ def moments(members="abc", n_layers=4, heavy=None):
         for l in range(n_layers):
             for n in range(D):
                 skew = heavy.get((l, n))
-                rows.append({"member": m, "layer": l, "neuron": n, "vocab_kurt": 3.0 + 0.01 * n if skew is None else 40.0,
+                rows.append({"member": m, "layer": l, "neuron": n,
+                             "vocab_kurt": 3.0 + 0.01 * n if skew is None else 40.0,
                              "vocab_skew": 0.05 if skew is None else skew, "var_ratio": 1.0})
     return pd.DataFrame(rows)
 
@@ -45,8 +46,8 @@ def verdict_of(rows, start):
 
 
 def rows_for(fam, ctl, sm=None, test=None):
-    return verdicts.comparisons(fam, single() if sm is None else sm, ctl, test, reference="a", n_layers=4, n_layers_single=8,
-                                family="planted", single_name="one-model")
+    return verdicts.comparisons(fam, single() if sm is None else sm, ctl, test, reference="a", n_layers=4,
+                                n_layers_single=8, family="planted", single_name="one-model")
 
 
 def test_the_papers_picture_is_matched_against_a_gaussian_control():
@@ -66,8 +67,8 @@ def test_the_papers_picture_is_matched_against_a_gaussian_control():
 
 def test_a_control_that_shows_the_same_pattern_makes_the_rows_not_informative():
     rows = rows_for(moments(heavy=LATE), moments(heavy=LATE))
-    for q in ("late-layer pattern, untied", "suppression dominates the last layer (planted", "consistency across",
-              "relative depth where prediction neurons rise (planted-a)"):
+    for q in ("late-layer pattern, untied", "suppression dominates the last layer (planted",
+              "consistency across", "relative depth where prediction neurons rise (planted-a)"):
         assert verdict_of(rows, q) == "not informative", q
     # a control with heavy tails only where the paper's pattern is absent does not pass
     rows = rows_for(moments(heavy=LATE), moments(heavy={(0, 0): 1.0, (0, 1): -1.0}))
@@ -75,7 +76,8 @@ def test_a_control_that_shows_the_same_pattern_makes_the_rows_not_informative():
 
 
 def test_no_heavy_tailed_neuron_is_not_measured():
-    rows = rows_for(moments(), moments(), sm=single({}), test={"n": 0, "positive": 0, "p_bonferroni": float("nan")})
+    none_tested = {"n": 0, "positive": 0, "p_bonferroni": float("nan")}
+    rows = rows_for(moments(), moments(), sm=single({}), test=none_tested)
     t = table(rows)
     for q in ("consistency across", "late-layer pattern, untied", "late-layer pattern, tied",
               "suppression dominates the last layer (planted", "suppression dominates the last layer (one-model",
@@ -92,7 +94,8 @@ def test_the_wrong_picture_differs():
     test = {"n": 10, "positive": 2, "p_bonferroni": 0.1}
     rows = rows_for(moments(heavy=early), moments(), test=test)
     assert verdict_of(rows, "suppression dominates the last layer (planted") == "differs"
-    assert verdict_of(rows, "relative depth where prediction neurons rise (planted-a)") == "differs"  # rises at 0
+    # prediction neurons rise at relative depth 0
+    assert verdict_of(rows, "relative depth where prediction neurons rise (planted-a)") == "differs"
     assert verdict_of(rows, "suppression neurons fire more") == "differs"
     # seeds that disagree on the last layer's majority are not consistent
     fam = pd.concat([moments("a", heavy=LATE), moments("b", heavy={(3, 0): 1.0, (3, 1): 1.0})])
@@ -106,7 +109,8 @@ def planted_set(n_layers=4, control_max=0.2):
                                                       0.6 if (l == 0 and n < 4) else 0.01 * n)}
             for l in range(n_layers) for n in range(D)]
     t = pd.DataFrame(rows)
-    return NeuronSet(t.assign(paper_sized=False), "paper_sized", pd.DataFrame({"excess_corr": [0.0, control_max]}))
+    control = pd.DataFrame({"excess_corr": [0.0, control_max]})
+    return NeuronSet(t.assign(paper_sized=False), "paper_sized", control)
 
 
 def test_set_sensitivity_counts_the_late_classes_in_the_set_and_the_rest():
@@ -126,7 +130,8 @@ def test_set_sensitivity_counts_the_late_classes_in_the_set_and_the_rest():
 
 def test_set_sensitivity_of_an_empty_set_is_nan_not_zero():
     ref = moments("a").drop(columns="member")
-    s = verdicts.set_sensitivity(ref, planted_set(control_max=0.95), (0.01,), n_layers=4)  # none beats the control
+    # no neuron beats the control: the set is empty
+    s = verdicts.set_sensitivity(ref, planted_set(control_max=0.95), (0.01,), n_layers=4)
     assert s.loc[0.01, "set"] == 0 and np.isnan(s.loc[0.01, "late set: prediction"])
     assert np.isnan(s.loc[0.01, "median W_U kurtosis (set)"])
     assert "n/a" in verdicts.sensitivity_sentence(s)
