@@ -37,18 +37,18 @@ def sweep(slopes: dict, n_rows=2, n=10) -> pd.DataFrame:
 
 
 def study(name, top=(0.1, 0.1, 0.001), partner=(-0.1, -0.1, 0.0), random=0.01, null=True, null_ratio=5.0,
-          partner_cos=-0.9) -> candidates.Study:
+          partner_cos=-0.9, n_random=len(RANDOM)) -> candidates.Study:
     """A planted study: the top candidate's, the partner's (None: not swept) and the random neurons'
     per-grid-unit effects; the top candidate's null-space share `null_ratio` x a random direction's."""
     neurons = pd.DataFrame([{"layer": TOP[0], "neuron": TOP[1], "role": "entropy"},
                             {"layer": PARTNER[0], "neuron": PARTNER[1], "role": "anti-entropy"}]
-                           + [{"layer": l, "neuron": n, "role": "random"} for l, n in RANDOM])
+                           + [{"layer": l, "neuron": n, "role": "random"} for l, n in RANDOM[:n_random]])
     neurons = neurons.assign(act_sign=1.0)
     table = pd.DataFrame([{"layer": l, "neuron": n, "l2_rank": 1 + i, "vocab_var_rank": 1 + i, "null_frac": 0.1,
                            "null_ratio": (null_ratio if (l, n) == TOP else 1.0 + 0.05 * i) if null else np.nan}
                           for i, (l, n) in enumerate(zip(neurons.layer, neurons.neuron))])
     slopes = {(*TOP, "entropy"): top, **({(*PARTNER, "anti-entropy"): partner} if partner else {}),
-              **{(l, n, "random"): (random * (-1) ** i, 0.0, 0.0) for i, (l, n) in enumerate(RANDOM)}}
+              **{(l, n, "random"): (random * (-1) ** i, 0.0, 0.0) for i, (l, n) in enumerate(RANDOM[:n_random])}}
     return candidates.Study(name, table, spectrum(null), neurons, partner_cos, sweep(slopes))
 
 
@@ -103,6 +103,15 @@ def test_an_unswept_partner_is_not_measured_and_no_null_space_differs():
     row = t.loc["null-space fraction, multiple of a random direction's (t)"]
     assert row.verdict == "differs" and row["this book"].startswith("no null space")
     assert row.reason == "W_U has no null space for the output to lie in"
+
+
+def test_without_random_neurons_the_claims_judged_against_them_are_not_measured():
+    rows = rows_of(study("t", n_random=0), study("c", n_random=0))
+    t = paper.result_table(rows)
+    row = t.loc["null-space fraction, multiple of a random direction's (t)"]
+    assert row.verdict == "not measured" and row.reason == "no random neurons to compare the null-space share with"
+    assert verdict_of(rows, "the partner has the opposite effect") == "not measured"
+    assert verdict_of(rows, "entropy neuron raises scale and entropy") == "not measured"  # no chance level
 
 
 def test_the_wrong_picture_differs():

@@ -58,28 +58,31 @@ def delta_at(study: Study, grid: float = 5.0, role: str = "entropy") -> float:
 
 def null_beats_random(study: Study) -> tuple[float, float]:
     """(the top candidate's null-space share as a multiple of a random direction's, the largest of
-    the random neurons'); NaN for both without a null space or without random neurons."""
-    if not study.spectrum.has_null_space or not len(study.role("random")):
+    the random neurons'); both NaN without a null space, the second without random neurons."""
+    if not study.spectrum.has_null_space:
         return float("nan"), float("nan")
     top = study.role("entropy").iloc[0]
     tab = study.table.set_index(["layer", "neuron"])
     rnd = tab.loc[list(zip(study.role("random").layer, study.role("random").neuron))]
-    return float(tab.loc[(top.layer, top.neuron), "null_ratio"]), float(rnd.null_ratio.max())
+    return (float(tab.loc[(top.layer, top.neuron), "null_ratio"]),
+            float(rnd.null_ratio.max()) if len(rnd) else float("nan"))
 
 
 def claims(study: Study, row: pd.Series) -> dict:
     """The paper's claims judged on one model (`row`: its `flag_candidates` row): the same rules for
-    a trained model and for the untrained control. `anti_partner` is None where the partner's or the
-    random neurons' effect is missing (nothing to judge)."""
+    a trained model and for the untrained control. A claim is None where there is nothing to judge it
+    by: `monotone` and `anti_partner` without the random neurons' effect (the chance level), or the
+    partner's, `null_space` where W_U has a null space but there are no random neurons."""
     flat_rr = bool(abs(row.d_rr) < FLAT_RR * abs(row.d_entropy)) if row.d_entropy else False
     ae = anti_effect(study)
     mine, rnd_max = null_beats_random(study)
     sp = study.spectrum
     chance = row.random_max_abs_d_entropy
     judged = bool(np.isfinite(chance) and np.isfinite(ae))
-    return {"monotone": bool(row["has entropy neuron"] and flat_rr),
+    return {"monotone": bool(row["has entropy neuron"] and flat_rr) if np.isfinite(chance) else None,
             "anti_partner": opposite_effects(row.d_entropy, ae, chance) if judged else None,
-            "null_space": bool(sp.has_null_space and mine > rnd_max and mine > NULL_MULTIPLE),
+            "null_space": (None if sp.has_null_space and not np.isfinite(rnd_max) else
+                           bool(sp.has_null_space and mine > rnd_max and mine > NULL_MULTIPLE)),
             "has_null_space": bool(sp.has_null_space), "anti_effect": ae, "null": mine,
             "null_random_max": rnd_max, "spectrum": sp}
 
@@ -121,21 +124,25 @@ def comparisons(name: str, study: Study, row: pd.Series, control_study: Study | 
     ctl = control_row if has_ctl else None
     ae, mine, rnd_max = ours["anti_effect"], ours["null"], ours["null_random_max"]
     ctl_pair = has_ctl and c["anti_partner"] is not None
+    ctl_null = has_ctl and c["null_space"] is not None
+    ctl_mono = has_ctl and c["monotone"] is not None
     M = paper.MEDIUM
     why_monotone = report.sentence("the top weight candidate {n} changes the entropy by {de:+.3f} nats "
                                    "(random neurons: up to {rnd:.3f}) and the reciprocal rank by {rr:+.3f}; "
                                    "monotone: {m}", n=row.neuron, de=row.d_entropy,
                                    rnd=row.random_max_abs_d_entropy, rr=row.d_rr, m=row.monotone)
-    why_null = report.choose(ours["has_null_space"], report.sentence(
-        "{mine:.2f}x against up to {rnd:.2f}x for random neurons (the test asks for more than both and "
-        "more than {k:g}x)", mine=mine, rnd=rnd_max, k=NULL_MULTIPLE),
-        "W_U has no null space for the output to lie in")
+    if not ours["has_null_space"]:
+        why_null = "W_U has no null space for the output to lie in"
+    elif ours["null_space"] is None:
+        why_null = "no random neurons to compare the null-space share with"
+    else:
+        why_null = report.sentence("{mine:.2f}x against up to {rnd:.2f}x for random neurons (the test asks for "
+                                   "more than both and more than {k:g}x)", mine=mine, rnd=rnd_max, k=NULL_MULTIPLE)
     return [
         paper.Comparison(f"entropy neuron raises scale and entropy, rank nearly flat ({name})",
-                         "entropy_monotone", claim_text(row), control=claim_text(ctl) if has_ctl else None,
-                         model=M,
-                         holds=ours["monotone"], control_holds=c["monotone"] if has_ctl else None,
-                         reason=why_monotone),
+                         "entropy_monotone", claim_text(row), control=claim_text(ctl) if ctl_mono else None,
+                         model=M, holds=ours["monotone"], measured=ours["monotone"] is not None,
+                         control_holds=c["monotone"] if ctl_mono else None, reason=why_monotone),
         paper.Comparison(f"cos(w_out) of the anti-entropy partner ({name})", "entropy_anti_cos",
                          float(row.partner_cos), control=float(ctl.partner_cos) if has_ctl else None, model=M,
                          reason=report.sentence("the most opposite late neuron's effective direction s·w_out "
@@ -148,9 +155,9 @@ def comparisons(name: str, study: Study, row: pd.Series, control_study: Study | 
                          control_holds=bool(c["anti_partner"]) if ctl_pair else None,
                          measured=ours["anti_partner"] is not None, reason=_why_partner(ours, row)),
         paper.Comparison(f"null-space fraction, multiple of a random direction's ({name})", "entropy_null_space",
-                         null_text(ours), control=null_text(c) if has_ctl else None, model=M,
-                         holds=ours["null_space"], control_holds=c["null_space"] if has_ctl else None,
-                         reason=why_null),
+                         null_text(ours), control=null_text(c) if ctl_null else None, model=M,
+                         holds=ours["null_space"], measured=ours["null_space"] is not None,
+                         control_holds=c["null_space"] if ctl_null else None, reason=why_null),
         paper.Comparison(f"L2-penalty rank of the entropy neuron ({name})", "entropy_neuron_l2_rank",
                          int(row.l2_rank), control=int(ctl.l2_rank) if has_ctl else None, model=M, fmt="d"),
         paper.Comparison(f"vocab-variance rank of the entropy neuron ({name})", "entropy_neuron_vocab_var_rank",
