@@ -110,10 +110,10 @@ print(f"embedded: {n_rows} rows x {rows.n_ctx} tokens; {single_model}: {n_rows_s
 # strongly each residual direction is read. Weight processing creates one exact zero: folding the
 # LayerNorm with centring makes W_U blind to the all-ones direction that LayerNorm removes anyway;
 # it is left out (RMSNorm models have none). The **null space** is the directions read at less than
-# half the median gain (`entropy.candidates.unembed_spectrum`, `rel = 0.5`); a flat spectrum has none: the model
-# is reported as having **no null space**, and no null-space share is computed for it. A random
-# direction puts k / (d_model − zeros) of its norm in a null space of k directions: the "null ratio"
-# below is a neuron's null-space fraction as a multiple of that.
+# half the median gain (`entropy.candidates.unembed_spectrum`, `rel = 0.5`); a flat spectrum has
+# none: the model is reported as having **no null space**, and no null-space share is computed for
+# it. A random direction puts k / (d_model − zeros) of its norm in a null space of k directions: the
+# "null ratio" below is a neuron's null-space fraction as a multiple of that.
 
 # %%
 model = fam.load(reference)
@@ -143,26 +143,26 @@ display(pd.DataFrame({k: {"d_model": s.d, "exact zeros left out": s.n_zero, "nul
 #
 # The paper's candidate query (late layers, high L2 penalty, low vocabulary-effect variance) as a
 # rule: among the neurons of the **last two layers** whose variance of cos(W_U, w_out) over the
-# vocabulary is in the bottom decile, the largest L2 penalties (`entropy.candidates.candidates`). The top one is
-# the chapter's entropy neuron; its **anti-entropy partner** is the late neuron whose w_out is most
-# nearly opposite (`entropy.candidates.anti_partner`). The random baseline is the paper's: 20 late neurons drawn
-# with the preset's seed, excluding the top decile of L2 penalty and the bottom decile of vocabulary
-# variance.
+# vocabulary is in the bottom decile, the largest L2 penalties (`entropy.candidates.candidates`).
+# The top one is the chapter's entropy neuron; its **anti-entropy partner** is the late neuron whose
+# w_out is most nearly opposite (`entropy.candidates.anti_partner`). The random baseline is the
+# paper's: 20 late neurons drawn with the preset's seed, excluding the top decile of L2 penalty and
+# the bottom decile of vocabulary variance.
 #
 # **Each neuron is swept over its own range, both signs, in its natural direction.** One activation
 # pass over the last two layers gives every late neuron's natural sign s (the sign of its mean
-# activation over the top decile of |activation|, `neuron_stats.SIGN_RULE`) and its 0.5th and
-# 99.5th percentiles (`entropy.interventions.activation_ranges`). The grid (`entropy.candidates.natural_grid`,
-# `entropy.candidates.grid_points`) runs in units where 6 is `entropy.candidates.EXTEND` = 1.5 times its percentile on its
-# natural side, in the direction s; its negative points (−r·6 and −r·3) reach 1.5 times its percentile
-# on the other side, at least the paper's −0.17 against 6; 0 is on the grid. A gated SmolLM2 neuron
-# can act with either sign, so "driving it up" may be the opposite of what it does: the effect at
-# the grid's top is the effect of its typical large activation, and a neuron is called an entropy or
-# anti-entropy neuron by that effect, whatever its weight-space role. The anti-entropy partner is the
-# late neuron whose effective direction s·w_out is most nearly opposite. Plots use these grid units
-# on the x-axis; the table gives each neuron's sign, percentiles and scale. For SmolLM2 the ranks
-# are among its last two layers' neurons (the weight statistics of all 46k neurons cost minutes for
-# nothing used here).
+# activation over the top decile of |activation|, `neuron_stats.SIGN_RULE`) and its 0.5th and 99.5th
+# percentiles (`entropy.interventions.activation_ranges`). The grid
+# (`entropy.candidates.natural_grid`, `entropy.candidates.grid_points`) runs in units where 6 is
+# `entropy.candidates.EXTEND` = 1.5 times its percentile on its natural side, in the direction s;
+# its negative points (−r·6 and −r·3) reach 1.5 times its percentile on the other side, at least the
+# paper's −0.17 against 6; 0 is on the grid. A gated SmolLM2 neuron can act with either sign, so
+# "driving it up" may be the opposite of what it does: the effect at the grid's top is the effect of
+# its typical large activation, and a neuron is called an entropy or anti-entropy neuron by that
+# effect, whatever its weight-space role. The anti-entropy partner is the late neuron whose
+# effective direction s·w_out is most nearly opposite. Plots use these grid units on the x-axis; the
+# table gives each neuron's sign, percentiles and scale. For SmolLM2 the ranks are among its last
+# two layers' neurons (the weight statistics of all 46k neurons cost minutes for nothing used here).
 
 # %%
 studies = {}
