@@ -55,13 +55,12 @@ import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown
 
-from helpers.models import families
-from helpers.properties import neuron_stats
-from helpers.core import paper, presets, report
+from helpers import prediction, properties
 from helpers.book import plots
-from helpers.correlations import universality
-from helpers.prediction import vocab
+from helpers.core import paper, presets, report
 from helpers.core.presets import resolve_dir
+from helpers.correlations import universality
+from helpers.models import families
 
 plots.setup()
 
@@ -102,8 +101,8 @@ sm_neurons = None if params.n_tokens_single >= 16_384 else 256
 
 # %%
 ref_model, sm_model = fam.load(reference), single.load(single.reference)
-real = vocab.real_token_mask(fam, ref_model)
-real_sm = vocab.real_token_mask(single, sm_model)
+real = prediction.vocab.real_token_mask(fam, ref_model)
+real_sm = prediction.vocab.real_token_mask(single, sm_model)
 excluded = pd.concat({f"{fam.name} (d_vocab {len(real.mask):,})": real.excluded,
                       f"{single_model} (d_vocab {len(real_sm.mask):,})": real_sm.excluded}, names=["model", "#"])
 display(excluded)
@@ -125,28 +124,28 @@ print(f"kept: {real.n_kept:,} real next tokens of {fam.name}, {real_sm.n_kept:,}
 # second table shows the counts at other thresholds.
 
 # %%
-mom = vocab.family_vocab_moments(fam, art, verbose=True)
-mom_ctl = vocab.family_vocab_moments(control_fam, art) if control_fam is not None else None
-mom_sm = vocab.member_vocab_moments(single, single.reference, art, neurons_per_layer=sm_neurons, verbose=True)
-mom = vocab.apply_signs(mom, neuron_stats.family_signs(fam, params, art, batch_size))
-mom_sm = vocab.apply_signs(mom_sm, neuron_stats.family_signs(single, params, art, 8, members=[single.reference]).drop(columns="member"))
+mom = prediction.vocab.family_vocab_moments(fam, art, verbose=True)
+mom_ctl = prediction.vocab.family_vocab_moments(control_fam, art) if control_fam is not None else None
+mom_sm = prediction.vocab.member_vocab_moments(single, single.reference, art, neurons_per_layer=sm_neurons, verbose=True)
+mom = prediction.vocab.apply_signs(mom, properties.neuron_stats.family_signs(fam, params, art, batch_size))
+mom_sm = prediction.vocab.apply_signs(mom_sm, properties.neuron_stats.family_signs(single, params, art, 8, members=[single.reference]).drop(columns="member"))
 if mom_ctl is not None:
-    mom_ctl = vocab.apply_signs(mom_ctl, neuron_stats.family_signs(control_fam, params, art, batch_size))
+    mom_ctl = prediction.vocab.apply_signs(mom_ctl, properties.neuron_stats.family_signs(control_fam, params, art, batch_size))
 n_layers, n_layers_sm = ref_model.cfg.n_layers, sm_model.cfg.n_layers
-mom["vocab_class"] = vocab.classify(mom, K).to_numpy()
-mom_sm["vocab_class"] = vocab.classify(mom_sm, K).to_numpy()
+mom["vocab_class"] = prediction.vocab.classify(mom, K).to_numpy()
+mom_sm["vocab_class"] = prediction.vocab.classify(mom_sm, K).to_numpy()
 if mom_ctl is not None:
-    mom_ctl["vocab_class"] = vocab.classify(mom_ctl, K).to_numpy()
-mom_sm["depth"] = vocab.relative_depth(mom_sm.layer, n_layers_sm)
-display(pd.DataFrame({"rule (k = %g, r = %g)" % (K, vocab.PARTITION_RATIO): {**vocab.CLASS_RULE, "effective direction": vocab.EFFECTIVE_RULE}}))
+    mom_ctl["vocab_class"] = prediction.vocab.classify(mom_ctl, K).to_numpy()
+mom_sm["depth"] = prediction.vocab.relative_depth(mom_sm.layer, n_layers_sm)
+display(pd.DataFrame({"rule (k = %g, r = %g)" % (K, prediction.vocab.PARTITION_RATIO): {**prediction.vocab.CLASS_RULE, "effective direction": prediction.vocab.EFFECTIVE_RULE}}))
 fam_label = f"{fam.name} ({len(fam.members)} seeds)"
 display(pd.DataFrame({"neurons with s = −1": {fam_label: int((mom.act_sign < 0).sum()), single_model: int((mom_sm.act_sign < 0).sum())},
                       "of": {fam_label: len(mom), single_model: len(mom_sm)}}))
-counts_at = pd.concat({fam_label: vocab.class_counts(mom), single_model: vocab.class_counts(mom_sm),
-                       **({f"untrained control ({len(control_fam.members)} seeds)": vocab.class_counts(mom_ctl)}
+counts_at = pd.concat({fam_label: prediction.vocab.class_counts(mom), single_model: prediction.vocab.class_counts(mom_sm),
+                       **({f"untrained control ({len(control_fam.members)} seeds)": prediction.vocab.class_counts(mom_ctl)}
                           if mom_ctl is not None else {})},
                       names=["model"])
-display(counts_at.xs(vocab.PARTITION_RATIO, level="variance ratio >="))
+display(counts_at.xs(prediction.vocab.PARTITION_RATIO, level="variance ratio >="))
 display(Markdown(report.summary_markdown([
     "The {fam} family: {n_seeds} seeds of {emb_layers} layers × {emb_mlp} neurons; {sm}: {sm_layers} layers × {sm_mlp} neurons.",
     "Largest W_U kurtosis: {emb_max:.2f} in the {fam} family (any seed), {ctl_max:.2f} in its untrained control, "
@@ -168,11 +167,11 @@ display(Markdown(report.summary_markdown([
 # logarithmic, as in Fig 22.
 
 # %%
-pct_sm = vocab.per_layer_percentiles(mom_sm.assign(member=single_model), by=("member", "layer"))
-pct = vocab.per_layer_percentiles(mom, by=("member", "layer"))
-pct_ctl = vocab.per_layer_percentiles(mom_ctl, by=("member", "layer")) if mom_ctl is not None else None
+pct_sm = prediction.vocab.per_layer_percentiles(mom_sm.assign(member=single_model), by=("member", "layer"))
+pct = prediction.vocab.per_layer_percentiles(mom, by=("member", "layer"))
+pct_ctl = prediction.vocab.per_layer_percentiles(mom_ctl, by=("member", "layer")) if mom_ctl is not None else None
 ticks = list(range(0, n_layers_sm, 5)) + [n_layers_sm - 1]
-depth_ticks = dict(tickvals=ticks, ticktext=[f"{l}<br>{vocab.relative_depth(l, n_layers_sm):.2f}" for l in ticks])
+depth_ticks = dict(tickvals=ticks, ticktext=[f"{l}<br>{prediction.vocab.relative_depth(l, n_layers_sm):.2f}" for l in ticks])
 STAT_NAMES = {"vocab_kurt": ("a", "kurtosis"), "vocab_skew": ("b", "skew")}
 
 
@@ -206,8 +205,8 @@ fig6("vocab_skew", pct, emb_title, "layer (relative depth 0 = first, 1 = last)",
 
 # %%
 late_sm = mom_sm[(mom_sm.depth >= 0.75) & (mom_sm.vocab_kurt > K)]
-late_layers_sm = int((vocab.relative_depth(np.arange(n_layers_sm), n_layers_sm) >= 0.75).sum())
-late_layers = [l for l in range(n_layers) if vocab.relative_depth(l, n_layers) >= 0.75]
+late_layers_sm = int((prediction.vocab.relative_depth(np.arange(n_layers_sm), n_layers_sm) >= 0.75).sum())
+late_layers = [l for l in range(n_layers) if prediction.vocab.relative_depth(l, n_layers) >= 0.75]
 late_emb = mom[mom.layer.isin(late_layers) & (mom.vocab_kurt > K)]
 fig6c = pd.concat([late_sm.assign(model=single_model),
                    late_emb.assign(model=f"{fam.name} (layers {', '.join(map(str, late_layers))}; {len(fam.members)} seeds)")])
@@ -225,20 +224,22 @@ fig.show()
 # The share of each layer's neurons in each class. In the embedded family, per seed and for the
 # untrained control; then, for the reference member, the counts per layer in chapter 01's
 # calibrated universal set and in the rest (`universality.neuron_set`), with the median W_U kurtosis
-# of each set, which shows a difference even where no neuron passes the threshold.
+# of each set, which shows a difference even where no neuron passes the threshold. The set is sized
+# like the paper's (its rule is printed below the table); the last table shows the same view with
+# the set at 1%, 4% and 10% of the neurons (`NeuronSet.at_share`), so that it does not hang on one size.
 
 # %%
-shares_sm = vocab.class_shares_by_layer(mom_sm, K)
+shares_sm = prediction.vocab.class_shares_by_layer(mom_sm, K)
 fig = px.area(shares_sm.drop(columns=["n", "none"]).reset_index().melt(id_vars="layer", var_name="class", value_name="share"),
               x="layer", y="share", color="class")
 fig.update_xaxes(**depth_ticks)
 plots.style(fig, f"{single_model}: share of each layer's neurons in each class (kurtosis > {K:g})",
             x="layer (top) and relative depth (bottom)", y="share of the layer's neurons", legend="class")
 fig.show()
-shares = pd.concat([vocab.class_shares_by_layer(mom, K, by=("member", "layer")).assign(model="trained")] +
-                   ([vocab.class_shares_by_layer(mom_ctl, K, by=("member", "layer")).assign(model="untrained control")]
+shares = pd.concat([prediction.vocab.class_shares_by_layer(mom, K, by=("member", "layer")).assign(model="trained")] +
+                   ([prediction.vocab.class_shares_by_layer(mom_ctl, K, by=("member", "layer")).assign(model="untrained control")]
                     if mom_ctl is not None else []))
-display(shares.reset_index().groupby(["model", "layer"])[list(vocab.CLASSES)].agg(["mean", "min", "max"]).style.format("{:.4f}"))
+display(shares.reset_index().groupby(["model", "layer"])[list(prediction.vocab.CLASSES)].agg(["mean", "min", "max"]).style.format("{:.4f}"))
 
 nset = universality.neuron_set(fam, "auto", params, params.n_tokens, art, device=device, batch_size=batch_size, seed=seed,
                                baseline=params.baseline, threshold=params.threshold)
@@ -252,6 +253,11 @@ by_set = ref_mom.groupby(["layer", "set"]).agg(neurons=("neuron", "size"),
                                               median_kurt=("vocab_kurt", "median"), p95_kurt=("vocab_kurt", lambda k: k.quantile(0.95)),
                                               median_skew=("vocab_skew", "median"), median_var_ratio=("var_ratio", "median"))
 display(by_set.style.format(precision=3))
+display(Markdown(report.sentence("Chapter 01's set: {rule}", rule=nset.describe())))
+set_sizes = prediction.verdicts.set_sensitivity(mom[mom.member == reference], nset, universality.SENSITIVITY_SHARES,
+                                                n_layers, K)
+display(set_sizes.style.format(precision=3))
+display(Markdown(prediction.verdicts.sensitivity_sentence(set_sizes)))
 
 # %% [markdown]
 # ## 6. What the heavy-tailed neurons act on: token classes (Figs 5, 23)
@@ -265,14 +271,14 @@ display(by_set.style.format(precision=3))
 # reference member, and every classified neuron of SmolLM2.
 
 # %%
-classes = vocab.token_classes(real)
-classes_sm = vocab.token_classes(real_sm)
+classes = prediction.vocab.token_classes(real)
+classes_sm = prediction.vocab.token_classes(real_sm)
 ref_rows = mom[mom.member == reference].reset_index(drop=True)
-ex = vocab.explain_effects(vocab.vocab_effect(ref_model, None, real, signs=ref_rows.act_sign.to_numpy()), classes, ref_rows,
-                          sign=vocab.class_sign(ref_rows.vocab_class))
+ex = prediction.vocab.explain_effects(prediction.vocab.vocab_effect(ref_model, None, real, signs=ref_rows.act_sign.to_numpy()), classes, ref_rows,
+                          sign=prediction.vocab.class_sign(ref_rows.vocab_class))
 sm_sel = mom_sm[mom_sm.vocab_class != "none"].sort_values(["layer", "neuron"]).reset_index(drop=True)
-ex_sm = vocab.explain_effects(vocab.vocab_effect_rows(sm_model, sm_sel, real_sm), classes_sm, sm_sel,
-                              sign=vocab.class_sign(sm_sel.vocab_class))
+ex_sm = prediction.vocab.explain_effects(prediction.vocab.vocab_effect_rows(sm_model, sm_sel, real_sm), classes_sm, sm_sel,
+                              sign=prediction.vocab.class_sign(sm_sel.vocab_class))
 print(f"{classes.shape[1]} token classes with at least 5 members on the {fam.name} vocabulary, {classes_sm.shape[1]} on "
       f"{single_model}'s")
 show_cols = ["layer", "neuron", "vocab_class", "vocab_kurt", "vocab_skew", "var_ratio", "class_words", "direction", "best_vr",
@@ -296,8 +302,8 @@ def top_of(table, cls, score):
 
 def fig5(model, real_tokens, cls_table, row, label):
     r = row.iloc[0]
-    eff = vocab.vocab_effect(model, int(r.layer), real_tokens, [int(r.neuron)])[0]
-    h = vocab.effect_histograms(eff, cls_table[r.best_class].to_numpy())
+    eff = prediction.vocab.vocab_effect(model, int(r.layer), real_tokens, [int(r.neuron)])[0]
+    h = prediction.vocab.effect_histograms(eff, cls_table[r.best_class].to_numpy())
     fig = px.bar(h, x="effect", y="count", color="tokens", barmode="overlay", log_y=label != "partition")
     plots.style(fig, f"Fig 5 ({label}) · L{int(r.layer)}.{int(r.neuron)} {r.direction} {r.class_words} "
                 f"(VR {r.best_vr:.2f}; W_U kurtosis {r.vocab_kurt:.1f}, skew {r.vocab_skew:.2f}, var ratio {r.var_ratio:.1f})",
@@ -329,7 +335,7 @@ fig5(ref_model, real, classes, ex.sort_values("var_ratio", ascending=False).head
 # %%
 gal = ex_sm[ex_sm.vocab_class.isin(["prediction", "suppression"])].sort_values("best_vr", ascending=False).head(12)
 gal = gal.reset_index(drop=True).assign(name=lambda d: [f"L{l}.{n}: {w}" for l, n, w in zip(d.layer, d.neuron, d.class_words)])
-g23 = vocab.effect_by_class(sm_model, gal, real_sm, classes_sm).merge(gal[["name"]], left_on="row", right_index=True)
+g23 = prediction.vocab.effect_by_class(sm_model, gal, real_sm, classes_sm).merge(gal[["name"]], left_on="row", right_index=True)
 if len(g23):
     fig = px.bar(g23, x="name", y="mean", error_y="std", color="side", barmode="group")
     plots.style(fig, f"Fig 23 · {single_model}: heavy-tailed neurons by their best token class", x="neuron: best class",
@@ -344,8 +350,8 @@ if len(g23):
 
 # %%
 anti = paper.value("antipodal_cos", paper.MEDIUM)
-ens_sm = vocab.ensembles(ex_sm, vocab.w_out_cosine_fn(sm_model, ex_sm), antipodal=anti)
-ens = vocab.ensembles(ex, vocab.w_out_cosine_fn(ref_model, ex), antipodal=anti)
+ens_sm = prediction.vocab.ensembles(ex_sm, prediction.vocab.w_out_cosine_fn(sm_model, ex_sm), antipodal=anti)
+ens = prediction.vocab.ensembles(ex, prediction.vocab.w_out_cosine_fn(ref_model, ex), antipodal=anti)
 display(ens_sm.head(12))
 print(f"{fam.name}-{reference}: {len(ens)} classes have a prediction or suppression neuron at kurtosis > {K:g}")
 
@@ -370,21 +376,21 @@ def fig24_neurons(ex_table, ens_table, per_side=3, n_classes=5, kinds=("predicti
 
 sel_sm = fig24_neurons(ex_sm, ens_sm)
 rows_sm = single.token_table(n_cond_single)
-split_sm = vocab.next_token_conditioning(single, single.reference, rows_sm, sel_sm[["layer", "neuron", "act_sign"]],
-                                         vocab.class_masks(sel_sm, classes_sm, len(real_sm.mask)), art,
+split_sm = prediction.vocab.next_token_conditioning(single, single.reference, rows_sm, sel_sm[["layer", "neuron", "act_sign"]],
+                                         prediction.vocab.class_masks(sel_sm, classes_sm, len(real_sm.mask)), art,
                                          batch_size=min(batch_size, 8), verbose=True) if len(sel_sm) else None
 # the embedded analogue: the 20 neurons of highest kurtosis (any sign), whatever their class
 sel_emb = ex.sort_values("vocab_kurt", ascending=False).head(20).reset_index(drop=True)
 rows_emb = fam.token_table(n_cond)
-split_emb = vocab.next_token_conditioning(fam, reference, rows_emb, sel_emb[["layer", "neuron", "act_sign"]],
-                                          vocab.class_masks(sel_emb, classes, len(real.mask)), art, batch_size=batch_size, verbose=True)
+split_emb = prediction.vocab.next_token_conditioning(fam, reference, rows_emb, sel_emb[["layer", "neuron", "act_sign"]],
+                                          prediction.vocab.class_masks(sel_emb, classes, len(real.mask)), art, batch_size=batch_size, verbose=True)
 
 
 def show_fig24(sel, split, model, real_tokens, cls_table, name):
     sel = sel.assign(label=[f"L{l}.{n} {d[:4]}. {w}" for l, n, d, w in zip(sel.layer, sel.neuron, sel.direction, sel.class_words)])
     sel = sel.reset_index(drop=True)
     lab = sel[["layer", "neuron", "label", "vocab_class", "direction", "class_words"]]
-    left = vocab.effect_by_class(model, sel, real_tokens, cls_table).merge(sel[["label"]], left_on="row", right_index=True)
+    left = prediction.vocab.effect_by_class(model, sel, real_tokens, cls_table).merge(sel[["label"]], left_on="row", right_index=True)
     fig = plots.split_quantile_boxes(left, "label", "side", f"Fig 24 (left) · {name}: W_U s·w_out on the class vs the rest",
                                      "W_U s·w_out (logit per unit of |activation|)")
     fig.update_xaxes(title_text="neuron (pred. = predicts, supp. = suppresses) and class")
@@ -396,7 +402,7 @@ def show_fig24(sel, split, model, real_tokens, cls_table, name):
                                                                                             False: "next token not in class"})
     fig.update_xaxes(title_text="neuron and class")
     fig.show()
-    eff = vocab.conditioning_effect(split).merge(lab, on=["layer", "neuron"])
+    eff = prediction.vocab.conditioning_effect(split).merge(lab, on=["layer", "neuron"])
     return eff
 
 
@@ -413,7 +419,7 @@ display(conv.pivot_table(index=["model", "label"], columns="part", values="effec
 
 # %%
 tested = {m: e for m, e in ((single_model, eff_sm), (f"{fam.name}-{reference}", eff_emb)) if e is not None}
-tests = pd.DataFrame({m: vocab.direction_test(e, "suppresses", n_tests=len(tested)) for m, e in tested.items()}).T
+tests = pd.DataFrame({m: prediction.vocab.direction_test(e, "suppresses", n_tests=len(tested)) for m, e in tested.items()}).T
 display(tests)
 
 # %% [markdown]
@@ -424,102 +430,13 @@ display(tests)
 # 0.2, ..., 1), so where the pattern starts can only be placed to within a layer.
 
 # %%
-pat_sm = vocab.depth_pattern(mom_sm, n_layers_sm, K)
-pat_emb = {m: vocab.depth_pattern(g, n_layers, K) for m, g in mom.groupby("member")}
-pat_ctl = vocab.depth_pattern(mom_ctl[mom_ctl.member == reference], n_layers, K) if mom_ctl is not None else None
-cons = vocab.seed_consistency(mom, n_layers, K)
-cons_ctl = vocab.seed_consistency(mom_ctl, n_layers, K) if mom_ctl is not None else None
-paper_counts = pd.Series(dict(paper.value("universal_wu_kurt_gt10_by_layer", paper.MEDIUM)))
-paper_rise = vocab.rise_depth(paper_counts.reindex(range(paper.value("n_layers", paper.MEDIUM)), fill_value=0),
-                              paper.value("n_layers", paper.MEDIUM))
 sm_test = tests.loc[single_model] if single_model in tests.index else None
-heavy_per_seed = ", ".join(str(int(n)) for n in mom.groupby("member").vocab_class.apply(
-    lambda c: c.isin(["prediction", "suppression"]).sum()))
-alpha = 0.05
-sup_holds = None if sm_test is None or not sm_test["n"] else bool(sm_test["positive"] > sm_test["n"] / 2
-                                                                   and sm_test["p_bonferroni"] < alpha)
-sup_reason = ("" if sm_test is None or not sm_test["n"] else report.sentence(
-    "{k} of {n} tested suppression neurons fire more when the next token is in their class; sign test p = {p:.2g} "
-    "(Bonferroni), against {alpha}", k=int(sm_test["positive"]), n=int(sm_test["n"]), p=sm_test["p_bonferroni"], alpha=alpha))
-ref_heavy = mom[mom.member == reference].vocab_class.isin(["prediction", "suppression"])
-why_small = report.choose(
-    bool(ref_heavy.any()),
-    f"{int(ref_heavy.sum())} of its {len(ref_heavy):,} neurons are heavy-tailed (W_U kurtosis > {K:g}); its {n_layers} layers "
-    f"place them in relative depth steps of {1 / max(n_layers - 1, 1):.2f}",
-    f"its largest W_U kurtosis is {mom[mom.member == reference].vocab_kurt.max():.1f}: no neuron is heavy-tailed "
-    f"(kurtosis > {K:g}) in its {n_layers} layers")
-why_sm = report.sentence("{m}'s heavy-tailed share is {early:.2%} in the first half of its layers and {late:.2%} in the last "
-                         "quarter; the same rule on the paper's per-layer counts gives {rise:.2f}", m=single_model,
-                         early=pat_sm["heavy_share_first_half"], late=pat_sm["heavy_share_last_quarter"], rise=paper_rise)
-
-
-def n_heavy(moments, layer=None):
-    """Heavy-tailed (prediction or suppression) neurons of one model's moments, in `layer` or all layers."""
-    m = moments if layer is None else moments[moments.layer == layer]
-    return int(m.vocab_class.isin(["prediction", "suppression"]).sum())
-
-
-def last_layer_text(p):
-    return f"{p['last_suppression']} suppression vs {p['last_prediction']} prediction neurons"
-
-
-ref_mom = mom[mom.member == reference]
-ctl_mom = mom_ctl[mom_ctl.member == reference] if mom_ctl is not None else None
-no_heavy = "no heavy-tailed (W_U kurtosis > {k}) neuron in {where} of {m}"
-rows_rvp = [
-    paper.Comparison(f"relative depth where prediction neurons rise ({single_model})", "prediction_rise_depth",
-                     pat_sm["rise_depth"], model=paper.MEDIUM, fmt=".2f", reason=why_sm),
-    paper.Comparison(f"relative depth where prediction neurons rise ({fam.name}-{reference})", "prediction_rise_depth",
-                     pat_emb[reference]["rise_depth"], control=pat_ctl["rise_depth"] if pat_ctl else None,
-                     model=paper.MEDIUM, fmt=".2f", reason=why_small),
-    paper.Comparison(f"suppression dominates the last layer ({single_model})", "suppression_last_layer", last_layer_text(pat_sm),
-                     model=paper.MEDIUM, holds=pat_sm["suppression_dominates_last"], measured=bool(n_heavy(mom_sm, n_layers_sm - 1)),
-                     reason=report.choose(bool(n_heavy(mom_sm, n_layers_sm - 1)),
-                                          report.sentence("its last layer has {p} prediction and {s} suppression neurons",
-                                                          p=pat_sm["last_prediction"], s=pat_sm["last_suppression"]),
-                                          report.sentence(no_heavy, k=K, where="the last layer", m=single_model))),
-    paper.Comparison(f"suppression dominates the last layer ({fam.name}, seed {reference})", "suppression_last_layer",
-                     last_layer_text(pat_emb[reference]), control=last_layer_text(pat_ctl) if pat_ctl else None,
-                     model=paper.MEDIUM, holds=pat_emb[reference]["suppression_dominates_last"],
-                     control_holds=pat_ctl["suppression_dominates_last"] if pat_ctl else None,
-                     measured=bool(n_heavy(ref_mom, n_layers - 1)),
-                     reason=report.choose(bool(n_heavy(ref_mom, n_layers - 1)), why_small,
-                                          report.sentence(no_heavy, k=K, where="the last layer", m=f"{fam.name}-{reference}"))),
-    paper.Comparison(f"consistency across the {len(fam.members)} seeds ({fam.name})", "wu_seed_consistency",
-                     f"95th-pct kurtosis within {cons['max_rel_range_p95_kurt']:.1%} across seeds; last-layer majority: "
-                     f"{', '.join(sorted(set(cons['last_layer_majority'].values())))} "
-                     f"({heavy_per_seed} heavy-tailed neurons per seed)", model=paper.MEDIUM,
-                     control=(f"within {cons_ctl['max_rel_range_p95_kurt']:.1%}; "
-                              f"{', '.join(str(n) for n in cons_ctl['n_heavy'].values())} heavy-tailed") if cons_ctl else None,
-                     holds=cons["consistent"], measured=cons["measured"],
-                     control_holds=bool(cons_ctl["consistent"] and cons_ctl["measured"]) if cons_ctl else None,
-                     reason=report.choose(cons["measured"], report.sentence(
-                         "the largest seed range of a layer's 95th-percentile W_U kurtosis is {r:.1%} of its mean; last-layer "
-                         "majorities: {maj}", r=cons["max_rel_range_p95_kurt"],
-                         maj=", ".join(f"{m} {c}" for m, c in cons["last_layer_majority"].items())),
-                         report.sentence(no_heavy, k=K, where="any layer", m=f"any of the {len(fam.members)} seeds"))),
-    paper.Comparison(f"late-layer pattern, tied embeddings ({single_model})", "wu_pattern_tied",
-                     f"heavy-tailed share {pat_sm['heavy_share_last_quarter']:.2%} in the last quarter vs "
-                     f"{pat_sm['heavy_share_first_half']:.2%} in the first half", model=paper.MEDIUM,
-                     holds=pat_sm["late_pattern"], measured=bool(n_heavy(mom_sm)),
-                     reason=report.choose(bool(n_heavy(mom_sm)), why_sm,
-                                          report.sentence(no_heavy, k=K, where="any layer", m=single_model))),
-    paper.Comparison(f"late-layer pattern, untied embeddings ({fam.name}, seed {reference})", "wu_pattern_untied",
-                     f"heavy-tailed share {pat_emb[reference]['heavy_share_last_quarter']:.2%} in the last quarter vs "
-                     f"{pat_emb[reference]['heavy_share_first_half']:.2%} in the first half", model=paper.MEDIUM,
-                     control=(f"{pat_ctl['heavy_share_last_quarter']:.2%} vs {pat_ctl['heavy_share_first_half']:.2%}"
-                              if pat_ctl else None),
-                     holds=pat_emb[reference]["late_pattern"], measured=bool(n_heavy(ref_mom)),
-                     control_holds=bool(pat_ctl["late_pattern"] and n_heavy(ctl_mom)) if pat_ctl else None,
-                     reason=report.choose(bool(n_heavy(ref_mom)),
-                                          why_small + "; so untied vs tied cannot be separated from depth here",
-                                          report.sentence(no_heavy, k=K, where="any layer", m=f"{fam.name}-{reference}"))),
-    paper.Comparison(f"suppression neurons fire more when the next token is in their class ({single_model})",
-                     "suppression_fires_on_class",
-                     None if sm_test is None or not sm_test["n"] else
-                     f"{int(sm_test['positive'])} of {int(sm_test['n'])} neurons (sign test p = {sm_test['p_bonferroni']:.2g}, Bonferroni)",
-                     model=paper.MEDIUM, holds=sup_holds, reason=sup_reason),
-]
+rows_rvp = prediction.verdicts.comparisons(mom, mom_sm, mom_ctl, sm_test, reference=reference, n_layers=n_layers,
+                                           n_layers_single=n_layers_sm, family=fam.name, single_name=single_model,
+                                           kurtosis_threshold=K)
+pat_sm = prediction.vocab.depth_pattern(mom_sm, n_layers_sm, K)
+cons = prediction.vocab.seed_consistency(mom, n_layers, K)
+paper_rise = prediction.verdicts.paper_rise_depth()
 rvp = paper.result_table(rows_rvp)
 display(rvp)
 report.publish("04_prediction_neurons", params, {"Result vs paper": rvp})
@@ -533,7 +450,7 @@ assert len(mom) == len(fam.members) * n_layers * ref_model.cfg.d_mlp and len(mom
 assert (mom_sm.vocab_kurt >= mom_sm.vocab_skew ** 2 + 1 - 1e-6).all() and (mom.vocab_kurt >= 1).all()
 if mom_ctl is not None:
     assert 2.5 < mom_ctl.vocab_kurt.median() < 3.5 and (mom_ctl.vocab_class == "none").mean() > 0.99
-assert set(mom_sm.vocab_class) <= set(vocab.CLASSES) and mom_sm.vocab_kurt.max() > mom.vocab_kurt.max()
+assert set(mom_sm.vocab_class) <= set(prediction.vocab.CLASSES) and mom_sm.vocab_kurt.max() > mom.vocab_kurt.max()
 assert ex.best_vr.dropna().between(-1e-6, 1 + 1e-6).all()
 
 # %% [markdown]

@@ -57,13 +57,15 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+from IPython.display import Markdown
 
-from helpers.entropy import candidates as entropy, interventions
-from helpers.models import families
-from helpers.core import paper, presets, report
+from helpers import entropy
 from helpers.book import plots
-from helpers.data.tokens import TokenRows
+from helpers.core import paper, presets, report
 from helpers.core.presets import resolve_dir
+from helpers.correlations import universality
+from helpers.data.tokens import TokenRows
+from helpers.models import families
 
 plots.setup()
 
@@ -108,10 +110,10 @@ print(f"embedded: {n_rows} rows x {rows.n_ctx} tokens; {single_model}: {n_rows_s
 # strongly each residual direction is read. Weight processing creates one exact zero: folding the
 # LayerNorm with centring makes W_U blind to the all-ones direction that LayerNorm removes anyway;
 # it is left out (RMSNorm models have none). The **null space** is the directions read at less than
-# half the median gain (`entropy.unembed_spectrum`, `rel = 0.5`); a flat spectrum has none: the model
-# is reported as having **no null space**, and no null-space share is computed for it. A random
-# direction puts k / (d_model − zeros) of its norm in a null space of k directions: the "null ratio"
-# below is a neuron's null-space fraction as a multiple of that.
+# half the median gain (`entropy.candidates.unembed_spectrum`, `rel = 0.5`); a flat spectrum has
+# none: the model is reported as having **no null space**, and no null-space share is computed for
+# it. A random direction puts k / (d_model − zeros) of its norm in a null space of k directions: the
+# "null ratio" below is a neuron's null-space fraction as a multiple of that.
 
 # %%
 model = fam.load(reference)
@@ -119,9 +121,9 @@ control_fam = families.load_family("embedded-untrained", params, device=device) 
 control = control_fam.load(reference) if control_fam else None
 single = families.load_family(single_model, params, device=device)
 sm_model = single.load(single.reference)
-spectra = {f"{fam.name}-{reference}": entropy.unembed_spectrum(model), single_model: entropy.unembed_spectrum(sm_model)}
+spectra = {f"{fam.name}-{reference}": entropy.candidates.unembed_spectrum(model), single_model: entropy.candidates.unembed_spectrum(sm_model)}
 if control is not None:
-    spectra[f"untrained control-{reference}"] = entropy.unembed_spectrum(control)
+    spectra[f"untrained control-{reference}"] = entropy.candidates.unembed_spectrum(control)
 spec_long = pd.concat([s.table().assign(model=k, relative=s.values / np.median(s.values[: s.d - s.n_zero])) for k, s in spectra.items()])
 fig = px.scatter(spec_long, x="index", y="relative", color="part", facet_col="model", log_y=True, height=380,
                  color_discrete_map={"rest": "#7f7f7f", "null space": "#d62728", "zero (weight processing)": "#000000"})
@@ -141,38 +143,38 @@ display(pd.DataFrame({k: {"d_model": s.d, "exact zeros left out": s.n_zero, "nul
 #
 # The paper's candidate query (late layers, high L2 penalty, low vocabulary-effect variance) as a
 # rule: among the neurons of the **last two layers** whose variance of cos(W_U, w_out) over the
-# vocabulary is in the bottom decile, the largest L2 penalties (`entropy.candidates`). The top one is
-# the chapter's entropy neuron; its **anti-entropy partner** is the late neuron whose w_out is most
-# nearly opposite (`entropy.anti_partner`). The random baseline is the paper's: 20 late neurons drawn
-# with the preset's seed, excluding the top decile of L2 penalty and the bottom decile of vocabulary
-# variance.
+# vocabulary is in the bottom decile, the largest L2 penalties (`entropy.candidates.candidates`).
+# The top one is the chapter's entropy neuron; its **anti-entropy partner** is the late neuron whose
+# w_out is most nearly opposite (`entropy.candidates.anti_partner`). The random baseline is the
+# paper's: 20 late neurons drawn with the preset's seed, excluding the top decile of L2 penalty and
+# the bottom decile of vocabulary variance.
 #
 # **Each neuron is swept over its own range, both signs, in its natural direction.** One activation
 # pass over the last two layers gives every late neuron's natural sign s (the sign of its mean
-# activation over the top decile of |activation|, `neuron_stats.SIGN_RULE`) and its 0.5th and
-# 99.5th percentiles (`interventions.activation_ranges`). The grid (`entropy.natural_grid`,
-# `entropy.grid_points`) runs in units where 6 is `entropy.EXTEND` = 1.5 times its percentile on its
-# natural side, in the direction s; its negative points (−r·6 and −r·3) reach 1.5 times its percentile
-# on the other side, at least the paper's −0.17 against 6; 0 is on the grid. A gated SmolLM2 neuron
-# can act with either sign, so "driving it up" may be the opposite of what it does: the effect at
-# the grid's top is the effect of its typical large activation, and a neuron is called an entropy or
-# anti-entropy neuron by that effect, whatever its weight-space role. The anti-entropy partner is the
-# late neuron whose effective direction s·w_out is most nearly opposite. Plots use these grid units
-# on the x-axis; the table gives each neuron's sign, percentiles and scale. For SmolLM2 the ranks
-# are among its last two layers' neurons (the weight statistics of all 46k neurons cost minutes for
-# nothing used here).
+# activation over the top decile of |activation|, `neuron_stats.SIGN_RULE`) and its 0.5th and 99.5th
+# percentiles (`entropy.interventions.activation_ranges`). The grid
+# (`entropy.candidates.natural_grid`, `entropy.candidates.grid_points`) runs in units where 6 is
+# `entropy.candidates.EXTEND` = 1.5 times its percentile on its natural side, in the direction s;
+# its negative points (−r·6 and −r·3) reach 1.5 times its percentile on the other side, at least the
+# paper's −0.17 against 6; 0 is on the grid. A gated SmolLM2 neuron can act with either sign, so
+# "driving it up" may be the opposite of what it does: the effect at the grid's top is the effect of
+# its typical large activation, and a neuron is called an entropy or anti-entropy neuron by that
+# effect, whatever its weight-space role. The anti-entropy partner is the late neuron whose
+# effective direction s·w_out is most nearly opposite. Plots use these grid units on the x-axis; the
+# table gives each neuron's sign, percentiles and scale. For SmolLM2 the ranks are among its last
+# two layers' neurons (the weight statistics of all 46k neurons cost minutes for nothing used here).
 
 # %%
 studies = {}
 name_ref = f"{fam.name}-{reference}"
-studies[name_ref] = entropy.study(model, name_ref, fam.identity[reference], rows, fam.codec.drop_ids, art, n_candidates=2,
+studies[name_ref] = entropy.candidates.study(model, name_ref, fam.identity[reference], rows, fam.codec.drop_ids, art, n_candidates=2,
                                   n_random=n_random, seed=seed, batch_size=8)
 if control is not None:
     name_ctl = f"untrained control-{reference}"
-    studies[name_ctl] = entropy.study(control, name_ctl, control_fam.identity[reference], rows, control_fam.codec.drop_ids, art,
+    studies[name_ctl] = entropy.candidates.study(control, name_ctl, control_fam.identity[reference], rows, control_fam.codec.drop_ids, art,
                                       n_candidates=1, n_random=n_random, seed=seed, random_grid=random_grid_single, batch_size=8)
 sm_rows = TokenRows(single.token_table(params.n_tokens_single).ids[:, :ctx_single])
-studies[single_model] = entropy.study(sm_model, single_model, single.identity[single.reference], TokenRows(sm_rows.ids[:n_rows_single]),
+studies[single_model] = entropy.candidates.study(sm_model, single_model, single.identity[single.reference], TokenRows(sm_rows.ids[:n_rows_single]),
                                       single.codec.drop_ids, art, n_candidates=1, n_random=n_random_single, seed=seed,
                                       rows_random=TokenRows(sm_rows.ids[n_rows_single:n_rows_single + n_rows_single_random, :ctx_single_random]),
                                       random_grid=random_grid_single, late_only=True, partner_modes=("total",), batch_size=2)
@@ -195,7 +197,7 @@ display(chosen[chosen.role == "random"].groupby("model")[["l2_penalty", "vocab_v
 plots.show_all(plots.l2_histogram(s.table[s.table.late], s.neurons[s.neurons.role != "random"].merge(s.table[["layer", "neuron", "l2_penalty"]]),
                                   f"Fig 7a · L2 penalty of the last two layers' neurons · {k}") for k, s in studies.items())
 models_by_name = {name_ref: model, single_model: sm_model, **({name_ctl: control} if control is not None else {})}
-cos_long = pd.concat([entropy.unembed_cosines(models_by_name[k], list(zip(sel.layer, sel.neuron))).merge(sel[["layer", "neuron", "role"]]).assign(model=k)
+cos_long = pd.concat([entropy.candidates.unembed_cosines(models_by_name[k], list(zip(sel.layer, sel.neuron))).merge(sel[["layer", "neuron", "role"]]).assign(model=k)
                       for k, sel in ((k, s.neurons[s.neurons.role.isin(["entropy", "anti-entropy", "random"])]) for k, s in studies.items())])
 fig = plots.density_histogram(cos_long, "cos", "role", facet_col="model", nbins=120, color_map=plots.ROLE_COLORS)
 fig.update_xaxes(matches=None)
@@ -221,7 +223,7 @@ plots.show_all(plots.null_fraction_scatter(late_roles[k], s.spectrum.random_frac
                                            f"Null-space fraction vs norm · {k} (k = {s.spectrum.k}; dotted: a random direction)")
                for k, s in with_null.items())
 if with_null:
-    curve_k = pd.concat([entropy.null_fraction_curve(models_by_name[k], s.spectrum, list(zip(s.role("entropy").layer, s.role("entropy").neuron)),
+    curve_k = pd.concat([entropy.candidates.null_fraction_curve(models_by_name[k], s.spectrum, list(zip(s.role("entropy").layer, s.role("entropy").neuron)),
                                                      sorted({1, 2, 4, 8, 16, 32, s.spectrum.k})).assign(model=k)
                          for k, s in with_null.items()])
     display(curve_k.pivot_table(index="k", columns="model", values=["null_frac", "random"]).style.format(precision=4))
@@ -237,13 +239,13 @@ if with_null:
 # tables use the unshifted values).
 
 # %%
-curves = {k: interventions.curves(s.sweep) for k, s in studies.items()}
-aligned = {k: interventions.aligned_curves(s.sweep) for k, s in studies.items()}
-noms = {k: interventions.nominal(s.sweep) for k, s in studies.items()}
+curves = {k: entropy.interventions.curves(s.sweep) for k, s in studies.items()}
+aligned = {k: entropy.interventions.aligned_curves(s.sweep) for k, s in studies.items()}
+noms = {k: entropy.interventions.nominal(s.sweep) for k, s in studies.items()}
 plots.show_all(plots.intervention_curves(aligned[k], noms[k], f"Fig 7c-f · fixed-activation interventions · {k}") for k in studies)
 plots.intervention_curves(aligned[single_model], noms[single_model], f"Fig 1f · next-token entropy against the fixed activation · {single_model}",
                           metrics=("entropy",), letters="f", height=420).show()
-effects = pd.concat({k: interventions.effect_summary(s.sweep) for k, s in studies.items()}, names=["model", None]).droplevel(1)
+effects = pd.concat({k: entropy.interventions.effect_summary(s.sweep) for k, s in studies.items()}, names=["model", None]).droplevel(1)
 display(effects[effects["mode"] == "total"].groupby(["model", "role"]).agg(
     neurons=("neuron", "size"), d_scale=("d_scale", "median"), d_entropy=("d_entropy", "median"), d_rr=("d_rr", "median"),
     d_loss=("d_loss", "median"), max_abs_d_entropy=("d_entropy", lambda x: x.abs().max()),
@@ -271,7 +273,7 @@ display(td.style.format(precision=4))
 # difference is small against the range, the token count suffices for the shape of the curve.
 
 # %%
-conv = pd.concat({k: interventions.halves(s.sweep) for k, s in studies.items()}, names=["model", None]).droplevel(1)
+conv = pd.concat({k: entropy.interventions.halves(s.sweep) for k, s in studies.items()}, names=["model", None]).droplevel(1)
 conv["role_group"] = np.where(conv.role == "random", "random", "candidates")
 conv_summary = conv.groupby(["model", "role_group", "metric"])[["max_half_diff", "effect_range"]].max()
 display(conv_summary.style.format(precision=4))
@@ -290,24 +292,34 @@ display(conv_summary.style.format(precision=4))
 
 # %%
 seed_studies = {name_ref: studies[name_ref],
-                **{f"{fam.name}-{m}": entropy.study(fam.load(m), f"{fam.name}-{m}", fam.identity[m], rows, fam.codec.drop_ids, art,
+                **{f"{fam.name}-{m}": entropy.candidates.study(fam.load(m), f"{fam.name}-{m}", fam.identity[m], rows, fam.codec.drop_ids, art,
                                                     n_candidates=1, n_random=0, seed=seed, batch_size=8, candidate_modes=("total",),
                                                     partner_modes=None, verbose=False)
                    for m in fam.members if m != reference},
                 **({name_ctl: studies[name_ctl]} if control is not None else {})}
-seeds = entropy.seed_summary(seed_studies)
+seeds = entropy.candidates.seed_summary(seed_studies)
 chance = float(seeds.loc[name_ref, "random_max_abs_d_entropy"])
-seeds["has entropy neuron"] = seeds.monotone & (seeds.direction == 1) & (seeds.d_entropy > chance) & (seeds.top1_same_min >= 0.9)
-seeds["top candidate is anti-entropy"] = (seeds.monotone & (seeds.direction == -1) & (-seeds.d_entropy > chance)
-                                          & (seeds.top1_same_min >= 0.9))
+seeds = entropy.verdicts.flag_candidates(seeds, chance)
 display(seeds.style.format(precision=4))
-sm_summary = entropy.seed_summary({single_model: studies[single_model]})
-sm_chance = sm_summary.random_max_abs_d_entropy
-sm_summary["has entropy neuron"] = (sm_summary.monotone & (sm_summary.direction == 1) & (sm_summary.d_entropy > sm_chance)
-                                    & (sm_summary.top1_same_min >= 0.9))
-sm_summary["top candidate is anti-entropy"] = (sm_summary.monotone & (sm_summary.direction == -1) & (-sm_summary.d_entropy > sm_chance)
-                                               & (sm_summary.top1_same_min >= 0.9))
+sm_summary = entropy.candidates.seed_summary({single_model: studies[single_model]})
+sm_summary = entropy.verdicts.flag_candidates(sm_summary, sm_summary.random_max_abs_d_entropy)
 display(sm_summary.style.format(precision=4))
+
+# %% [markdown]
+# ## 9. The candidates and chapter 01's universal set
+#
+# The candidates come from the weights, not from chapter 01's set. Where they stand in it: the
+# reference model's candidates and partner, their excess correlation across seeds (chapter 01) and
+# its percentile, and whether each is in the set at 1%, 4% and 10% of the neurons (`NeuronSet.at_share`).
+
+# %%
+nset = universality.neuron_set(fam, "auto", params, params.n_tokens, art, device=device, batch_size=params.batch_size,
+                               seed=seed, baseline=params.baseline, threshold=params.threshold)
+in_set = entropy.verdicts.set_membership(studies[name_ref].neurons[lambda d: d.role != "random"], nset,
+                                         universality.SENSITIVITY_SHARES)
+display(in_set.style.format(precision=3))
+display(Markdown(report.sentence("Chapter 01's set: {rule} {where}", rule=nset.describe(),
+                                 where=entropy.verdicts.membership_sentence(in_set))))
 
 # %% [markdown]
 # ## Result vs paper
@@ -323,97 +335,9 @@ n_trained_members = len(fam.members)
 n_has = int(seeds.loc[[f"{fam.name}-{m}" for m in fam.members], "has entropy neuron"].sum())
 ctl_row = seeds.loc[name_ctl] if control is not None else None
 ref_row, sm_row = seeds.loc[name_ref], sm_summary.loc[single_model]
-
-
-def claim_text(r):
-    return (f"{r.neuron}: scale {r.d_scale:+.3f}, entropy {r.d_entropy:+.3f} nats, reciprocal rank {r.d_rr:+.3f} "
-            f"(grid 6 vs 0); monotone: {r.monotone}")
-
-
-def anti_effect(k):
-    e = effects.loc[[k]]
-    e = e[(e.role == "anti-entropy") & (e["mode"] == "total")]
-    return float(e.d_entropy.iloc[0]) if len(e) else float("nan")
-
-
-def delta_5(k, role="entropy"):
-    c = curves[k]
-    c = c[(c.role == role) & (c["mode"] == "total")].set_index("grid").entropy
-    return float(c.loc[5.0] - c.loc[0.0]) if 5.0 in c.index else float("nan")
-
-
-def null_beats_random(k):
-    s = studies[k]
-    if not s.spectrum.has_null_space:
-        return float("nan"), float("nan")
-    top = s.role("entropy").iloc[0]
-    tab = s.table.set_index(["layer", "neuron"])
-    rnd = tab.loc[list(zip(s.role("random").layer, s.role("random").neuron))]
-    return float(tab.loc[(top.layer, top.neuron), "null_ratio"]), float(rnd.null_ratio.max())
-
-
-def claims(k, r):
-    """The paper's claims judged on one model (`k` its name, `r` its `seed_summary` row): the same rules
-    for a trained model and for the untrained control."""
-    flat_rr = abs(r.d_rr) < 0.25 * abs(r.d_entropy) if r.d_entropy else False
-    ae = anti_effect(k)
-    mine, rnd_max = null_beats_random(k)
-    sp = studies[k].spectrum
-    return {"monotone": bool(r["has entropy neuron"] and flat_rr),
-            "anti_partner": (entropy.opposite_effects(r.d_entropy, ae, r.random_max_abs_d_entropy)
-                             if np.isfinite(r.random_max_abs_d_entropy) and np.isfinite(ae) else None),
-            "null_space": bool(sp.has_null_space and mine > rnd_max and mine > 2), "has_null_space": bool(sp.has_null_space),
-            "anti_effect": ae, "null": mine, "null_random_max": rnd_max, "spectrum": sp}
-
-
-def null_text(c):
-    sp = c["spectrum"]
-    if c["has_null_space"]:
-        return f"{c['null']:.2f}x (random neurons up to {c['null_random_max']:.2f}x)"
-    return (f"no null space (flat W_U spectrum: smallest / median singular value "
-            f"{sp.values[sp.d - sp.n_zero - 1] / np.median(sp.values[: sp.d - sp.n_zero]):.2f})")
-
-
-def comparisons(k, r, ctl):
-    """The "Result vs paper" rows of one model (`r`: its `seed_summary` row; `ctl`: the control's or None)."""
-    ours = claims(k, r)
-    c = claims(name_ctl, ctl) if ctl is not None else None
-    ae, mine, rnd_max = ours["anti_effect"], ours["null"], ours["null_random_max"]
-    return [
-        paper.Comparison(f"entropy neuron raises scale and entropy, rank nearly flat ({k})", "entropy_monotone", claim_text(r),
-                         control=claim_text(ctl) if ctl is not None else None, model=paper.MEDIUM,
-                         holds=ours["monotone"], control_holds=c["monotone"] if c else None,
-                         reason=report.sentence("the top weight candidate {n} changes the entropy by {de:+.3f} nats (random "
-                                                "neurons: up to {rnd:.3f}) and the reciprocal rank by {rr:+.3f}; monotone: {m}",
-                                                n=r.neuron, de=r.d_entropy, rnd=r.random_max_abs_d_entropy, rr=r.d_rr, m=r.monotone)),
-        paper.Comparison(f"cos(w_out) of the anti-entropy partner ({k})", "entropy_anti_cos", float(r.partner_cos),
-                         control=float(ctl.partner_cos) if ctl is not None else None, model=paper.MEDIUM,
-                         reason=report.sentence("the most opposite late neuron's effective direction s·w_out has cos {c:.2f} "
-                                                "with the candidate's", c=float(r.partner_cos))),
-        paper.Comparison(f"the partner has the opposite effect on the entropy ({k})", "entropy_anti_partner",
-                         f"partner {ae:+.3f} nats vs top candidate {r.d_entropy:+.3f} (each acting naturally: grid 6 vs 0)",
-                         control=f"{c['anti_effect']:+.3f} vs {ctl.d_entropy:+.3f}" if c else None, model=paper.MEDIUM,
-                         holds=ours["anti_partner"], control_holds=(bool(c["anti_partner"]) if c else None),
-                         reason=report.choose(np.sign(ae) == np.sign(r.d_entropy),
-                                              "both move the entropy the same way when they act naturally",
-                                              report.sentence("one of the two effects is within the random neurons' range "
-                                                              "(up to {rnd:.3f} nats)", rnd=r.random_max_abs_d_entropy))),
-        paper.Comparison(f"null-space fraction, multiple of a random direction's ({k})", "entropy_null_space",
-                         null_text(ours), control=null_text(c) if c else None, model=paper.MEDIUM,
-                         holds=ours["null_space"], control_holds=c["null_space"] if c else None,
-                         reason=report.choose(ours["has_null_space"], report.sentence(
-                             "{mine:.2f}x against up to {rnd:.2f}x for random neurons (the test asks for more than both and "
-                             "more than 2x)", mine=mine, rnd=rnd_max), "W_U has no null space for the output to lie in")),
-        paper.Comparison(f"L2-penalty rank of the entropy neuron ({k})", "entropy_neuron_l2_rank", int(r.l2_rank),
-                         control=int(ctl.l2_rank) if ctl is not None else None, model=paper.MEDIUM, fmt="d"),
-        paper.Comparison(f"vocab-variance rank of the entropy neuron ({k})", "entropy_neuron_vocab_var_rank", int(r.vocab_var_rank),
-                         control=int(ctl.vocab_var_rank) if ctl is not None else None, model=paper.MEDIUM, fmt="d"),
-        paper.Comparison(f"Δ entropy, grid 5 vs 0 (nats; {k})", "entropy_delta_entropy", delta_5(k),
-                         control=delta_5(name_ctl) if ctl is not None else None, model=paper.MEDIUM),
-    ]
-
-
-rows_rvp = comparisons(name_ref, ref_row, ctl_row) + comparisons(single_model, sm_row, None)
+ctl_study = studies[name_ctl] if control is not None else None
+rows_rvp = (entropy.verdicts.comparisons(name_ref, studies[name_ref], ref_row, ctl_study, ctl_row)
+            + entropy.verdicts.comparisons(single_model, studies[single_model], sm_row))
 rvp = paper.result_table(rows_rvp)
 display(rvp)
 report.publish("05_entropy_neurons", params, {"Result vs paper": rvp})
@@ -424,7 +348,7 @@ report.publish_neurons("05_entropy_neurons", params, studies[single_model].table
 # Checks that fail on a broken analysis, not on a negative result: finite unintervened metrics, a
 # reciprocal rank in (0, 1], null-space fractions that are shares, a direct run whose top-1 agreement
 # is never far below the total run's (it freezes the one path that rescales every logit).
-assert all(np.isfinite(noms[k][list(interventions.METRICS)]).all() and 0 < noms[k].rr <= 1 and noms[k].entropy > 0 for k in studies)
+assert all(np.isfinite(noms[k][list(entropy.interventions.METRICS)]).all() and 0 < noms[k].rr <= 1 and noms[k].entropy > 0 for k in studies)
 assert all((s.spectrum.k >= 1 and s.table.null_frac.between(-1e-9, 1 + 1e-9).all()) if s.spectrum.has_null_space
            else (s.spectrum.flat and s.table.null_frac.isna().all()) for s in studies.values())
 assert (effects[effects["mode"] == "direct"].groupby("model").top1_same_min.min()

@@ -69,15 +69,14 @@ import circuitsvis as cv
 import numpy as np
 import pandas as pd
 import plotly.express as px
+from IPython.display import Markdown
 
-from helpers.attention import heads as attention
-from helpers.taxonomy import explain
-from helpers.models import families
-from helpers.properties import neuron_stats
-from helpers.core import paper, presets, report
+from helpers import attention, properties, taxonomy
 from helpers.book import plots
-from helpers.correlations import universality
+from helpers.core import paper, presets, report
 from helpers.core.presets import resolve_dir
+from helpers.correlations import universality
+from helpers.models import families
 
 plots.setup()
 
@@ -122,15 +121,15 @@ cfg_e = fam.load(reference).cfg
 
 
 def signs_of(family, members=None, bs=batch_size, cfg=cfg_e):
-    """{member: [n_layers, d_mlp] natural signs s} from the cached statistics tables (`neuron_stats.family_signs`)."""
-    t = neuron_stats.family_signs(family, params, art, bs, members=members)
-    return {m: neuron_stats.sign_tensor(g, cfg.n_layers, cfg.d_mlp) for m, g in t.groupby("member")}
+    """{member: [n_layers, d_mlp] natural signs s} from the cached statistics tables (`properties.neuron_stats.family_signs`)."""
+    t = properties.neuron_stats.family_signs(family, params, art, bs, members=members)
+    return {m: properties.neuron_stats.sign_tensor(g, cfg.n_layers, cfg.d_mlp) for m, g in t.groupby("member")}
 
 
 signs = signs_of(fam)
 signs_ctl = signs_of(control, [reference]) if control else {}
-run = attention.attention_deactivation(fam, reference, rows, art, n_top, n_random, seed, batch_size, verbose=True, signs=signs[reference])
-run_ctl = (attention.attention_deactivation(control, reference, rows, art, n_top, n_random, seed, batch_size, signs=signs_ctl[reference])
+run = attention.heads.attention_deactivation(fam, reference, rows, art, n_top, n_random, seed, batch_size, verbose=True, signs=signs[reference])
+run_ctl = (attention.heads.attention_deactivation(control, reference, rows, art, n_top, n_random, seed, batch_size, signs=signs_ctl[reference])
            if control else None)
 timings["embedded (trained + control)"] = time.time() - t0
 label, label_ctl = f"{fam.name}-{reference}", "untrained control"
@@ -179,7 +178,9 @@ plots.ablation_scatter(records, pairs, top_ids, f"Figs 8b,c and 26 · path ablat
 # ## 2. SmolLM2-135M: all layers
 #
 # Every neuron of layer l against every head of layers > l (about six million pairs). The BOS value
-# norms are measured on the first two rows; the path ablation on the pairs stated below.
+# norms are measured on the first `bos_rows` rows (a preset key) of chapter 02's held-out SmolLM2
+# rows, separately from the ablation's rows; the count is printed below from the computed table. The
+# path ablation runs on the pairs stated below.
 
 # %%
 single = families.load_family(single_model, params, device=device)
@@ -187,8 +188,9 @@ srows = single.token_table(n_single)
 t0 = time.time()
 smodel = single.load(single.reference)  # once: for the run (if not cached) and the circuitsvis view
 ssigns = signs_of(single, [single.reference], 8, smodel.cfg)[single.reference]  # chapter 02's table: no pass of its own
-srun = attention.attention_deactivation(single, single.reference, srows, art, n_top_single, n_random_single, seed,
-                                        batch_size=2, bos_rows=2, verbose=True, model=smodel, signs=ssigns)
+srun = attention.heads.attention_deactivation(single, single.reference, srows, art, n_top_single, n_random_single, seed,
+                                        batch_size=2, bos_rows=params.bos_rows, bos_source=single.token_table(params.n_tokens_single),
+                                        verbose=True, model=smodel, signs=ssigns)
 print(f"{single_model}: {int((ssigns < 0).sum()):,} of {ssigns.numel():,} neurons have s = −1")
 timings["SmolLM2-135M"] = time.time() - t0
 slabel = single_model
@@ -197,6 +199,8 @@ print(f"SmolLM2: {len(srows)} rows of {srows.n_ctx} tokens; {len(spairs)} pairs 
       f"({n_top_single} highest h_n, {n_top_single} lowest, {n_random_single} random); "
       f"{int(spairs.n_tokens.iloc[0]):,} sampled tokens per pair")
 sbos = srun.table("bos")
+display(Markdown(report.sentence("BOS value norms of {m}: {r} rows, {t:,} tokens (BOS and newline left out).",
+                                 m=slabel, r=int(sbos.n_rows.iloc[0]), t=int(sbos.n_tokens.iloc[0]))))
 fig = px.box(sbos, x="layer", y="ratio", points="all", hover_data=["head"])
 fig.add_hline(y=1, line_dash="dot", line_color="gray")
 plots.style(fig, f"BOS value norms (§5.3) · {slabel}, per layer", x="layer", y="mean ‖W_O v‖ (other tokens) / ‖W_O v_BOS‖")
@@ -224,8 +228,8 @@ plots.ablation_scatter(srecords, spairs, stop_ids, f"Figs 8b,c and 26 · path ab
 summ = pd.concat([pairs.assign(model=label)] + ([run_ctl.table("pairs").assign(model=label_ctl)] if run_ctl else []) +
                  [spairs.assign(model=slabel)], ignore_index=True)
 plots.heuristic_vs_effect(summ, "Heuristic vs path ablation across pairs").show()
-rank = pd.DataFrame({m: attention.rank_correlation(g.predicted, g.effect_bos, seed=seed) for m, g in summ.groupby("model")}).T
-rank_score = pd.DataFrame({m: attention.rank_correlation(g.score, g.effect_bos, seed=seed) for m, g in summ.groupby("model")}).T
+rank = pd.DataFrame({m: attention.heads.rank_correlation(g.predicted, g.effect_bos, seed=seed) for m, g in summ.groupby("model")}).T
+rank_score = pd.DataFrame({m: attention.heads.rank_correlation(g.score, g.effect_bos, seed=seed) for m, g in summ.groupby("model")}).T
 topp = summ[summ.why != "random"]
 sign_ok = (np.sign(topp.slope_bos) == -np.sign(topp.score_raw)).groupby(topp.model).mean().rename("slope sign as predicted (top pairs)")
 display(rank.add_prefix("ρ(w_out score·mean act, effect) ").join(rank_score.add_prefix("ρ(h_n, effect) ")).join(sign_ok))
@@ -235,7 +239,7 @@ display(rank.add_prefix("ρ(w_out score·mean act, effect) ").join(rank_score.ad
 # correlation from the first quarter, half and all of the ablated rows.
 
 # %%
-conv = pd.concat({label: attention.convergence(pairs, records, seed=seed), slabel: attention.convergence(spairs, srecords, seed=seed)},
+conv = pd.concat({label: attention.heads.convergence(pairs, records, seed=seed), slabel: attention.heads.convergence(spairs, srecords, seed=seed)},
                  names=["model"]).reset_index(level=0)
 fig = px.line(conv, x="tokens_per_pair", y="rho", color="model", markers=True, error_y=conv.hi - conv.rho, error_y_minus=conv.rho - conv.lo)
 plots.style(fig, "Convergence of ρ(w_out score × mean activation, measured effect) with the ablated tokens", x="sampled tokens per pair",
@@ -247,11 +251,13 @@ fig.show()
 #
 # Per neuron, its strongest later head (largest |h_n|); the ten highest (deactivating) and ten lowest
 # (activating) of the reference model, with their chapter-03 family (variance reduction, cached by
-# chapter 03) and whether they are in chapter 01's universal set.
+# chapter 03) and whether they are in chapter 01's universal set. Then the set against the rest:
+# each neuron's largest |h_n| over its later heads, with the set at 1%, 4% and 10% of the neurons
+# (`NeuronSet.at_share`).
 
 # %%
-best = attention.neuron_best(attention.score_only(fam, reference, rows.n_ctx, art, seed)["table"])
-ex = explain.explain_reference(fam, min(params.n_tokens, 100_000), art, batch_size, 20)
+best = attention.heads.neuron_best(attention.heads.score_only(fam, reference, rows.n_ctx, art, seed)["table"])
+ex = taxonomy.explain.explain_reference(fam, min(params.n_tokens, 100_000), art, batch_size, 20)
 nset = universality.neuron_set(fam, "auto", params, params.n_tokens, art, device=device, batch_size=batch_size, seed=seed,
                                baseline=params.baseline, threshold=params.threshold)
 fams = ex.table[["layer", "neuron", "family", "best_feature", "best_vr"]].rename(columns={"layer": "neuron_layer"})
@@ -262,6 +268,10 @@ strongest = strongest.merge(fams, on=["neuron_layer", "neuron"], how="left").mer
 strongest["name"] = [f"L{l}.{n} → L{hl}.H{h}" for l, n, hl, h in zip(strongest.neuron_layer, strongest.neuron, strongest.head_layer, strongest["head"])]
 display(strongest[["kind", "name", "best", "family", "best_feature", "best_vr", "universal"]].style.format(precision=3))
 display(strongest.groupby("kind").family.value_counts().unstack(fill_value=0))
+display(Markdown(report.sentence("Chapter 01's set: {rule}", rule=nset.describe())))
+set_sizes = attention.verdicts.set_sensitivity(best, nset, universality.SENSITIVITY_SHARES)
+display(set_sizes.style.format(precision=3))
+display(Markdown(attention.verdicts.sensitivity_sentence(set_sizes)))
 report.publish_neurons("06_attention_deactivation", params,
                        best.rename(columns={"neuron_layer": "layer"}).assign(head_name=lambda t: [f"L{l}.H{h}" for l, h in zip(t.head_layer, t["head"])]),
                        report.model_label(fam), {"best": "attention score h_n (strongest later head)", "head_name": "that head"})
@@ -276,16 +286,16 @@ report.publish_neurons("06_attention_deactivation", params,
 # chance), with the same test on the control's matches.
 
 # %%
-members = {m: attention.score_only(fam, m, rows.n_ctx, art, seed, signs=signs[m]) for m in fam.members}
+members = {m: attention.heads.score_only(fam, m, rows.n_ctx, art, seed, signs=signs[m]) for m in fam.members}
 signs_ctl = signs_of(control) if control else {}
-members_ctl = {m: attention.score_only(control, m, rows.n_ctx, art, seed, signs=signs_ctl[m]) for m in control.members} if control else {}
+members_ctl = {m: attention.heads.score_only(control, m, rows.n_ctx, art, seed, signs=signs_ctl[m]) for m in control.members} if control else {}
 seed_tails = pd.concat({"trained": pd.DataFrame({m: r["tails"] for m, r in members.items()}).T,
                         **({"untrained control": pd.DataFrame({m: r["tails"] for m, r in members_ctl.items()}).T} if control else {})})
 display(seed_tails[["min", "max", "std", "baseline_min", "baseline_max", "q999_ratio", "share_beyond_baseline"]])
-bests = {m: attention.neuron_best(r["table"]) for m, r in members.items()}
-rec = attention.matched_recurrence(bests[reference], {m: b for m, b in bests.items() if m != reference}, nset.table, k=20)
-bests_ctl = {m: attention.neuron_best(r["table"]) for m, r in members_ctl.items()}
-rec_ctl = (attention.matched_recurrence(bests_ctl[reference], {m: b for m, b in bests_ctl.items() if m != reference}, nset.control, k=20)
+bests = {m: attention.heads.neuron_best(r["table"]) for m, r in members.items()}
+rec = attention.heads.matched_recurrence(bests[reference], {m: b for m, b in bests.items() if m != reference}, nset.table, k=20)
+bests_ctl = {m: attention.heads.neuron_best(r["table"]) for m, r in members_ctl.items()}
+rec_ctl = (attention.heads.matched_recurrence(bests_ctl[reference], {m: b for m, b in bests_ctl.items() if m != reference}, nset.control, k=20)
            if control is not None and nset.control is not None else pd.DataFrame(columns=rec.columns))
 recurrence = pd.DataFrame({
     "trained": {"median percentile of the match": rec.percentile.median(), "same sign": rec.same_sign.dropna().astype(float).mean(),
@@ -312,7 +322,7 @@ fig.show()
 show_pair = spairs[spairs.why != "random"].assign(abs_eff=lambda d: d.effect_bos.abs()).nlargest(1, "abs_eff").iloc[0]
 at = srecords[srecords.pair == show_pair.pair].assign(abs_d=lambda d: d.d_bos.abs()).nlargest(1, "abs_d").iloc[0]
 n_show = 40
-pat = attention.head_patterns(smodel, srows.ids[int(at.row)], int(show_pair.neuron_layer), int(show_pair.neuron),
+pat = attention.heads.head_patterns(smodel, srows.ids[int(at.row)], int(show_pair.neuron_layer), int(show_pair.neuron),
                               int(show_pair.head_layer), int(show_pair["head"]), end=int(at.pos), window=n_show)
 tok_strs = [single.codec.decode([int(srows.ids[int(at.row), int(p)])]) for p in pat["positions"]]
 name = f"L{int(show_pair.neuron_layer)}.{int(show_pair.neuron)} → L{int(show_pair.head_layer)}.H{int(show_pair['head'])}"
@@ -335,61 +345,13 @@ ratio_t = float(run.table("bos").ratio.median())
 ratio_c = float(run_ctl.table("bos").ratio.median()) if run_ctl else None
 ratio_s = float(sbos.ratio.median())
 tails_t, tails_c, tails_s = run.meta["tails"], run_ctl.meta["tails"] if run_ctl else None, srun.meta["tails"]
-n_beyond = lambda t: int(round(t["share_beyond_baseline"] * t["n_pairs"]))  # noqa: E731
-heavy = lambda t: n_beyond(t) >= 10  # noqa: E731
-
-
-def example(p):
-    top = p[p.why == "most positive h_n"].iloc[0]
-    s = np.sign(top.score * top.score_raw)  # the neuron's natural sign: the slopes are per unit of signed activation
-    return top, bool(s * top.slope_bos < 0 and s * top.slope_norm > 0)
-
-
-ex_t, ok_t = example(pairs)
-ex_s, ok_s = example(spairs)
-ex_c, ok_c = example(run_ctl.table("pairs")) if run_ctl else (None, None)
+n_beyond, heavy = attention.verdicts.n_beyond, attention.verdicts.heavy
 rank_t, rank_s = rank.loc[label], rank.loc[slabel]
 rank_c = rank.loc[label_ctl] if label_ctl in rank.index else None
-fmt_rank = lambda r: f"ρ {r['rho']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] (n={int(r['n'])})"  # noqa: E731
-fmt_pair = lambda e: f"L{int(e.neuron_layer)}.{int(e.neuron)} → L{int(e.head_layer)}.H{int(e['head'])}"  # noqa: E731
-why_tails = lambda t: report.sentence("{n} pairs beyond the random maximum (the test asks for 10); largest |h_n| {s:.2f} against "  # noqa: E731
-                                      "{b:.2f} for random vectors", n=n_beyond(t), s=max(-t["min"], t["max"]),
-                                      b=max(-t["baseline_min"], t["baseline_max"]))
-why_slopes = lambda e: report.sentence("slope of Δp(BOS) {b:+.2g} (predicted < 0), of the norm change {n:+.2g}% "  # noqa: E731
-                                       "(predicted > 0), over {t:,} tokens", b=e.slope_bos, n=e.slope_norm, t=int(e.n_tokens))
-why_rank = lambda r: report.sentence("the 95% interval [{lo:.2f}, {hi:.2f}] over {n} pairs includes 0",  # noqa: E731
-                                     lo=r["lo"], hi=r["hi"], n=int(r["n"]))
-rows_rvp = [
-    paper.Comparison(f"median head: mean ‖W_O v‖ / ‖W_O v_BOS‖ ({label})", "bos_value_ratio_median", ratio_t, control=ratio_c,
-                     model=paper.MEDIUM, fmt=".2f",
-                     reason=f"{cfg.n_layers} layers trained on a small corpus; its ablated heads put {pairs.mean_p_bos.mean():.4f} of "
-                            "their attention on BOS"),
-    paper.Comparison(f"median head: mean ‖W_O v‖ / ‖W_O v_BOS‖ ({slabel})", "bos_value_ratio_median", ratio_s, model=paper.MEDIUM,
-                     fmt=".2f", reason=f"another model (SmolLM2: GQA, quantised, instruct-tuned); {(sbos.ratio > 1).mean():.0%} of its heads have a smaller BOS value"),
-    paper.Comparison(f"most negative h_n ({label})", "attn_score_min", tails_t["min"],
-                     control=tails_c["min"] if tails_c else None, model=paper.MEDIUM, fmt=".2f"),
-    paper.Comparison(f"most negative h_n ({slabel})", "attn_score_min", tails_s["min"], model=paper.MEDIUM, fmt=".2f"),
-    paper.Comparison(f"heavier tails than random ({label}: pairs beyond the random maximum)",
-                     "attn_score_heavy_tails", f"{n_beyond(tails_t)} of {tails_t['n_pairs']:,}", model=paper.MEDIUM, holds=heavy(tails_t),
-                     control=f"{n_beyond(tails_c)} of {tails_c['n_pairs']:,}" if tails_c else None,
-                     control_holds=heavy(tails_c) if tails_c else None, reason=why_tails(tails_t)),
-    paper.Comparison(f"heavier tails than random ({slabel}: pairs beyond the random maximum)",
-                     "attn_score_heavy_tails", f"{n_beyond(tails_s)} of {tails_s['n_pairs']:,}", model=paper.MEDIUM, holds=heavy(tails_s),
-                     reason=why_tails(tails_s)),
-    paper.Comparison(f"top-h_n pair is a deactivation pair ({label}: slopes {ex_t.slope_bos:+.2g}, {ex_t.slope_norm:+.2g}%)",
-                     "attn_example_deactivation", fmt_pair(ex_t),
-                     control=(f"{fmt_pair(ex_c)}: slopes {ex_c.slope_bos:+.2g}, {ex_c.slope_norm:+.2g}%" if ex_c is not None else None),
-                     model=paper.MEDIUM, holds=ok_t, control_holds=ok_c, reason=why_slopes(ex_t)),
-    paper.Comparison(f"top-h_n pair is a deactivation pair ({slabel}: slopes {ex_s.slope_bos:+.2g}, {ex_s.slope_norm:+.2g}%)",
-                     "attn_example_deactivation", fmt_pair(ex_s),
-                     model=paper.MEDIUM, holds=ok_s, reason=why_slopes(ex_s)),
-    paper.Comparison(f"tokens in the example scatter ({label})", "attn_example_points", int(ex_t.n_tokens), model=paper.MEDIUM, fmt="d"),
-    paper.Comparison(f"heuristic predicts the mean effect ({label})", "attn_heuristic_predicts", fmt_rank(rank_t), model=paper.MEDIUM,
-                     holds=bool(rank_t["lo"] > 0), control=fmt_rank(rank_c) if rank_c is not None else None,
-                     control_holds=bool(rank_c["lo"] > 0) if rank_c is not None else None, reason=why_rank(rank_t)),
-    paper.Comparison(f"heuristic predicts the mean effect ({slabel})", "attn_heuristic_predicts", fmt_rank(rank_s), model=paper.MEDIUM,
-                     holds=bool(rank_s["lo"] > 0), reason=why_rank(rank_s)),
-]
+rows_rvp = attention.verdicts.comparisons(
+    attention.verdicts.from_run(label, run, seed, rank_t.to_dict()),
+    attention.verdicts.from_run(slabel, srun, seed, rank_s.to_dict()),
+    attention.verdicts.from_run(label_ctl, run_ctl, seed, rank_c.to_dict()) if run_ctl else None)
 display(paper.result_table(rows_rvp))
 report.publish("06_attention_deactivation", params, {"Result vs paper": paper.result_table(rows_rvp)})
 display(pd.Series(timings, name="seconds (this run; cached results load in seconds)").round(1).to_frame())

@@ -215,6 +215,26 @@ def test_bos_value_norms_match_a_direct_computation():
     assert (bos.n_tokens == 4 * (ARCH["n_ctx"] - 1)).all()
 
 
+def test_bos_value_norms_read_their_own_rows_and_say_how_many(tmp_path):
+    from types import SimpleNamespace
+
+    model = tiny()
+    codec = SimpleNamespace(drop_ids=[BOS], bos_id=BOS)
+    fam = SimpleNamespace(name="tiny", identity={"a": "tiny-a"}, codec=codec, load=lambda member: model)
+    ablated, more = rows(4), rows(9, seed=5)
+    run = attention.attention_deactivation(fam, "a", ablated, tmp_path, n_top=1, n_random=1, bos_rows=7,
+                                           bos_source=more, model=model)
+    bos = run.table("bos")
+    direct = attention.bos_value_norms(model, TokenRows(more.ids[:7]), BOS, [BOS])
+    assert (bos.n_rows == 7).all() and np.allclose(bos.mean_norm, direct.mean_norm)
+    assert run.meta["n_rows"] == 4  # the ablation keeps its own rows
+    default = attention.attention_deactivation(fam, "a", ablated, tmp_path, n_top=1, n_random=1, model=model)
+    own = default.table("bos")
+    assert (own.n_rows == 4).all() and not np.allclose(own.mean_norm, bos.mean_norm)
+    with pytest.raises(ValueError, match="hold 9"):
+        attention.attention_deactivation(fam, "a", ablated, tmp_path, bos_rows=10, bos_source=more, model=model)
+
+
 def test_bad_input_is_refused():
     model = tiny()
     with pytest.raises(ValueError, match="earlier layer"):

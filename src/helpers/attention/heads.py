@@ -52,7 +52,7 @@ from helpers.core.cache import atomic_write_parquet, cached_result, config_hash
 from helpers.data.tokens import TokenRows, valid_token_mask
 from helpers.models.loading import neuron_weights
 
-CODE_VERSION = 2
+CODE_VERSION = 3  # 3: the BOS table records its rows (`n_rows`), which may come from their own token rows
 SIGN = ("h_n > 0: the neuron's typical large activation (of sign s_n) raises the head's attention logit on BOS "
         "(deactivation neuron); h_n < 0: it lowers it (activation neuron)")
 
@@ -225,7 +225,7 @@ def bos_value_norms(model, rows: TokenRows, bos_id: int, drop_ids: Sequence[int]
                     verbose: bool = False) -> pd.DataFrame:
     """Per head: ‖W_O v_BOS‖ (BOS read alone: the value at position 0 of every row), the mean ‖W_O v‖
     over the valid tokens of `rows` (BOS and newline dropped), and `ratio` = mean / BOS.
-    Columns layer, head, bos_norm, mean_norm, ratio, n_tokens."""
+    Columns layer, head, bos_norm, mean_norm, ratio, n_tokens, n_rows."""
     cfg = model.cfg
     names = [f"blocks.{l}.attn.hook_v" for l in range(cfg.n_layers)]
     tok = torch.tensor([[int(bos_id)]], device=cfg.device)
@@ -243,7 +243,7 @@ def bos_value_norms(model, rows: TokenRows, bos_id: int, drop_ids: Sequence[int]
     L, H = torch.meshgrid(torch.arange(cfg.n_layers), torch.arange(cfg.n_heads), indexing="ij")
     return pd.DataFrame({"layer": L.flatten().numpy(), "head": H.flatten().numpy(), "bos_norm": bos.flatten().numpy(),
                          "mean_norm": mean.flatten().numpy(), "ratio": (mean / bos.clamp_min(1e-12)).flatten().numpy(),
-                         "n_tokens": acc.n})
+                         "n_tokens": acc.n, "n_rows": len(rows)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,22 +448,29 @@ def tail_summary(score: torch.Tensor, baseline: torch.Tensor) -> dict:
 def attention_deactivation(family, member: str, rows: TokenRows, artifacts_dir: str | Path, n_top: int = 20,
                            n_random: int = 40, seed: int = 0, batch_size: int = 8, bos_rows: int | None = None,
                            head_layers: Sequence[int] | None = None, verbose: bool = False, model=None,
-                           signs: torch.Tensor | None = None):
+                           signs: torch.Tensor | None = None, bos_source: TokenRows | None = None):
     """The chapter's measurements on one model, cached under `<artifacts>/attention/` keyed by the
     weights, the rows, the pair selection and this code's version.
 
     Scores for all pairs (positions averaged: the measured half of the row), their Fig 8a histogram
-    and tail summary, the BOS value norms (on the first `bos_rows` rows, default all), the path
+    and tail summary, the BOS value norms (on the first `bos_rows` rows of `bos_source`, default
+    `rows`; all of them without `bos_rows`, an error where it has fewer), the path
     ablation of `select_pairs(n_top, n_random)` with per-token records and per-pair summaries.
     Returns the Result (tables "pairs", "records", "bos", "hist", "top_scores"; meta has "tails").
     `model`: the member already loaded (it is loaded only when the result is not cached otherwise).
     `signs` [n_layers, d_mlp]: each neuron's s_n (`heuristic_scores`; None: +1 for all)."""
     rows = TokenRows.of(rows)
+    source = rows if bos_source is None else TokenRows.of(bos_source)
+    if bos_rows is not None and bos_rows > len(source):
+        raise ValueError(f"bos_rows={bos_rows}, but the BOS value norms' token rows hold {len(source)}: "
+                         "pass more rows (bos_source) or fewer bos_rows")
+    bos_sub = TokenRows(source.ids[:bos_rows]) if bos_rows else source
     first = rows.n_ctx // 2
     positions = list(range(first, rows.n_ctx))
     ident = {"code_version": CODE_VERSION, "weights": family.identity[member], "rows_sha256": rows.sha256,
              "rows_shape": list(rows.ids.shape), "n_top": int(n_top), "n_random": int(n_random), "seed": int(seed),
-             "bos_rows": bos_rows, "drop_ids": sorted(family.codec.drop_ids), "bos_id": int(family.codec.bos_id),
+             "bos_rows_sha256": bos_sub.sha256, "bos_rows_shape": list(bos_sub.ids.shape),
+             "drop_ids": sorted(family.codec.drop_ids), "bos_id": int(family.codec.bos_id),
              "head_layers": None if head_layers is None else list(head_layers), "first_pos": first,
              "signs": _signs_key(signs)}
 
@@ -475,7 +482,6 @@ def attention_deactivation(family, member: str, rows: TokenRows, artifacts_dir: 
         k = min(200, len(table) // 2)
         top = pd.concat([table.nlargest(k, "score"), table.nsmallest(k, "score")], ignore_index=True)
         atomic_write_parquet(top, folder / "top_scores.parquet")
-        bos_sub = TokenRows(rows.ids[:bos_rows]) if bos_rows else rows
         bos = bos_value_norms(m, bos_sub, family.codec.bos_id, family.codec.drop_ids, batch_size, verbose)
         atomic_write_parquet(bos, folder / "bos.parquet")
         pairs = select_pairs(table, n_top, n_random, seed)
