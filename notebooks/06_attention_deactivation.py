@@ -178,8 +178,8 @@ plots.ablation_scatter(records, pairs, top_ids, f"Figs 8b,c and 26 · path ablat
 # ## 2. SmolLM2-135M: all layers
 #
 # Every neuron of layer l against every head of layers > l (about six million pairs). The BOS value
-# norms are measured on the first `bos_rows` rows (a preset key) of chapter 02's held-out SmolLM2
-# rows, separately from the ablation's rows; the count is printed below from the computed table. The
+# norms are measured on the first `bos_ctx` tokens of the first `bos_rows` rows (preset keys) of
+# chapter 02's held-out SmolLM2 rows, separately from the ablation's rows; the count is printed below from the computed table. The
 # path ablation runs on the pairs stated below.
 
 # %%
@@ -189,7 +189,8 @@ t0 = time.time()
 smodel = single.load(single.reference)  # once: for the run (if not cached) and the circuitsvis view
 ssigns = signs_of(single, [single.reference], 8, smodel.cfg)[single.reference]  # chapter 02's table: no pass of its own
 srun = attention.heads.attention_deactivation(single, single.reference, srows, art, n_top_single, n_random_single, seed,
-                                        batch_size=2, bos_rows=params.bos_rows, bos_source=single.token_table(params.n_tokens_single),
+                                        batch_size=2, bos_rows=params.bos_rows, bos_ctx=params.bos_ctx,
+                                        bos_source=single.token_table(params.n_tokens_single),
                                         verbose=True, model=smodel, signs=ssigns)
 print(f"{single_model}: {int((ssigns < 0).sum()):,} of {ssigns.numel():,} neurons have s = −1")
 timings["SmolLM2-135M"] = time.time() - t0

@@ -233,6 +233,10 @@ def test_bos_value_norms_read_their_own_rows_and_say_how_many(tmp_path):
     assert (own.n_rows == 4).all() and not np.allclose(own.mean_norm, bos.mean_norm)
     with pytest.raises(ValueError, match="hold 9"):
         attention.attention_deactivation(fam, "a", ablated, tmp_path, bos_rows=10, bos_source=more, model=model)
+    short = attention.attention_deactivation(fam, "a", ablated, tmp_path, n_top=1, n_random=1, bos_rows=7, bos_ctx=5,
+                                             bos_source=more, model=model).table("bos")
+    direct_short = attention.bos_value_norms(model, TokenRows(more.ids[:7, :5]), BOS, [BOS])
+    assert np.allclose(short.mean_norm, direct_short.mean_norm) and not np.allclose(short.mean_norm, bos.mean_norm)
 
 
 def test_bad_input_is_refused():

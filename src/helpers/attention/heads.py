@@ -448,12 +448,13 @@ def tail_summary(score: torch.Tensor, baseline: torch.Tensor) -> dict:
 def attention_deactivation(family, member: str, rows: TokenRows, artifacts_dir: str | Path, n_top: int = 20,
                            n_random: int = 40, seed: int = 0, batch_size: int = 8, bos_rows: int | None = None,
                            head_layers: Sequence[int] | None = None, verbose: bool = False, model=None,
-                           signs: torch.Tensor | None = None, bos_source: TokenRows | None = None):
+                           signs: torch.Tensor | None = None, bos_source: TokenRows | None = None,
+                           bos_ctx: int | None = None):
     """The chapter's measurements on one model, cached under `<artifacts>/attention/` keyed by the
     weights, the rows, the pair selection and this code's version.
 
     Scores for all pairs (positions averaged: the measured half of the row), their Fig 8a histogram
-    and tail summary, the BOS value norms (on the first `bos_rows` rows of `bos_source`, default
+    and tail summary, the BOS value norms (on the first `bos_ctx` tokens of the first `bos_rows` rows of `bos_source`, default
     `rows`; all of them without `bos_rows`, an error where it has fewer), the path
     ablation of `select_pairs(n_top, n_random)` with per-token records and per-pair summaries.
     Returns the Result (tables "pairs", "records", "bos", "hist", "top_scores"; meta has "tails").
@@ -464,7 +465,7 @@ def attention_deactivation(family, member: str, rows: TokenRows, artifacts_dir: 
     if bos_rows is not None and bos_rows > len(source):
         raise ValueError(f"bos_rows={bos_rows}, but the BOS value norms' token rows hold {len(source)}: "
                          "pass more rows (bos_source) or fewer bos_rows")
-    bos_sub = TokenRows(source.ids[:bos_rows]) if bos_rows else source
+    bos_sub = TokenRows(source.ids[:bos_rows, :bos_ctx]) if bos_rows or bos_ctx else source
     first = rows.n_ctx // 2
     positions = list(range(first, rows.n_ctx))
     ident = {"code_version": CODE_VERSION, "weights": family.identity[member], "rows_sha256": rows.sha256,

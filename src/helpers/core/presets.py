@@ -178,6 +178,7 @@ class Preset(Mapping):
     n_tokens_aux: int         # tokens of the auxiliary passes (training checkpoints, examples)
     n_tokens_single: int      # tokens of the single-model statistics (chapter 02)
     bos_rows: int             # token rows of the single model's BOS value norms (chapter 06)
+    bos_ctx: int              # tokens of each of those rows (their first bos_ctx tokens)
     batch_size: int           # rows per forward pass of the analyses
     threshold: float          # excess correlation above which a neuron counts as universal
     baseline: str             # the correlation baseline: rotation (seeded orthogonal) or gaussian
@@ -252,6 +253,7 @@ TOP_KEYS: dict[str, _Key] = {
     "n_tokens_aux": _Key(_positive_int, True, "tokens of the auxiliary passes"),
     "n_tokens_single": _Key(_positive_int, True, "tokens of the single-model statistics"),
     "bos_rows": _Key(_positive_int, True, "token rows of the single model's BOS value norms"),
+    "bos_ctx": _Key(_positive_int, True, "tokens of each row of the single model's BOS value norms"),
     "batch_size": _Key(_positive_int, True, "rows per forward pass"),
     "threshold": _Key(_float, True, "universality threshold on the excess correlation"),
     "baseline": _Key(_one_of(*BASELINES), True, "correlation baseline"),
