@@ -77,7 +77,6 @@ from helpers.properties import neuron_stats
 from helpers.core import paper, presets, report
 from helpers.book import plots
 from helpers.correlations import universality
-from helpers.core.presets import resolve_dir
 
 plots.setup()
 
@@ -93,7 +92,7 @@ single_model = None
 params = presets.notebook_preset(globals())
 device, batch_size, single_model = params.device, params.batch_size, params.single_model
 seed = params.baseline_seed
-art = resolve_dir(params.artifacts_dir)
+art = params.artifacts_path
 fam = families.load_family(params.family, params, device=device)
 control = families.load_family("embedded-untrained", params, device=device) if fam.name == "embedded" else None
 reference = fam.reference
