@@ -137,6 +137,27 @@ def test_the_presets_threshold_reaches_the_table(planted, tmp_path, monkeypatch,
     assert res.path.parent == tmp_path / "art" / "correlations" and res.meta["threshold"] == 0.9
 
 
+def test_the_command_line_reads_the_rows_and_builds_the_identity_once(planted, tmp_path, monkeypatch):
+    fam, _, _ = planted
+    path = cli_setup(monkeypatch, tmp_path, fam)
+    calls = {"rows": 0, "identity": 0}
+    rows, identity = fam.rows_factory, correlate.correlation_identity
+
+    def counted_rows(*a):
+        calls["rows"] += 1
+        return rows(*a)
+
+    def counted_identity(*a, **k):
+        calls["identity"] += 1
+        return identity(*a, **k)
+
+    monkeypatch.setattr(fam, "rows_factory", counted_rows)
+    monkeypatch.setattr(correlate, "correlation_identity", counted_identity)
+    correlate.main(["--preset", str(path)])  # computed
+    correlate.main(["--preset", str(path)])  # found in the cache
+    assert calls == {"rows": 2, "identity": 2}
+
+
 def test_cli_errors_are_one_line_unless_debug(planted, tmp_path, monkeypatch, capsys):
     fam, _, clean_dir = planted
     path = cli_setup(monkeypatch, tmp_path, fam, threshold=0.7)
