@@ -289,3 +289,23 @@ def test_an_injected_misspelt_value_is_checked():
 def test_a_notebook_without_preset_is_told_to_set_it():
     with pytest.raises(PresetError, match="must set `preset`"):
         notebook_preset({"n_tokens": 5})
+
+
+# ---- command lines: one helper resolves every job's flags against its preset ----
+
+def test_command_line_flags_override_the_preset_and_default_to_it(tmp_path):
+    from helpers.core.cli import preset_from_args, preset_parser
+
+    ap = preset_parser("job", ["n_tokens", "threshold", "baseline", "device"])
+    args = ap.parse_args(["--preset", "smoke", "--n-tokens", "4096", "--threshold", "0.3"])
+    p = preset_from_args(args)
+    assert (p.n_tokens, p.threshold, p.baseline, p.device) == (4096, 0.3, "rotation", "cpu")
+    assert preset_from_args(ap.parse_args(["--preset", "smoke"])) == load_preset("smoke")
+    path = write_preset(tmp_path, {**smoke_data(), "batch_size": 3}, "mine")
+    assert preset_from_args(ap.parse_args(["--preset", str(path)])).batch_size == 3
+    with pytest.raises(SystemExit):  # argparse refuses a value outside the preset's choices
+        ap.parse_args(["--baseline", "rotated"])
+    with pytest.raises(PresetError, match="`n_tokens` must be a positive integer, got 0"):
+        preset_from_args(ap.parse_args(["--preset", "smoke", "--n-tokens", "0"]))
+    with pytest.raises(ValueError, match="not preset keys"):
+        preset_parser("job", ["n_tokenz"])

@@ -383,8 +383,8 @@ def build(preset: str = "default", notebooks: list[str] | None = None, skip_html
                             "train_seconds": fam.info["train_seconds"], "precision": fam.info.get("precision", {}),
                             "seeds": {m: int(fam.info["base_seed"]) + i for i, m in enumerate(fam.members)},
                             "sha256": {m: v.removeprefix("sha256:") for m, v in fam.identity.items()},
-                            "precision_here": choose_precision(params.recipe.precision, params.device, arch.d_model,
-                                                               arch.d_vocab)}
+                            "precision_here": choose_precision(params.recipe.precision, params.device,
+                                                               arch.d_model, arch.d_vocab)}
         record["seeds"] = {"embedded family (initialisation and data order)": record["family"]["seeds"],
                            "untrained control (initialisation)": {m: member_seed(int(fam.info["base_seed"]), m, untrained=True)
                                                                   for m in fam.members}}

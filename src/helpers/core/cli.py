@@ -21,7 +21,8 @@ OPTION_TYPES = {"n_tokens": int, "n_tokens_aux": int, "n_tokens_single": int, "b
 OPTION_CHOICES = {"baseline": BASELINES}
 
 
-def add_preset_options(ap: argparse.ArgumentParser, keys: Sequence[str], default_preset: str | None = "default") -> None:
+def add_preset_options(ap: argparse.ArgumentParser, keys: Sequence[str],
+                       default_preset: str | None = "default") -> None:
     """Add `--preset` (required when `default_preset` is None) and one flag per preset key of `keys`."""
     unknown = [k for k in keys if k not in TOP_KEYS or k == "preset"]
     if unknown:
@@ -33,7 +34,8 @@ def add_preset_options(ap: argparse.ArgumentParser, keys: Sequence[str], default
                         help="params/<preset>.yaml, or a path to a .yaml file (default: %(default)s)")
     for k in keys:
         ap.add_argument("--" + k.replace("_", "-"), dest=k, default=None, type=OPTION_TYPES.get(k, str),
-                        choices=OPTION_CHOICES.get(k), help=f"{TOP_KEYS[k].doc} (default: the preset's `{k}`)")
+                        choices=OPTION_CHOICES.get(k),
+                        help=f"{TOP_KEYS[k].doc} (default: the preset's `{k}`)")
     ap.set_defaults(preset_keys=tuple(keys))
 
 

@@ -61,8 +61,8 @@ def publish(chapter: str, params: Preset, tables: dict) -> Path:
     page (`helpers.book` gathers them into `book/_generated/headline.md`). Values are stored as
     the text the chapter shows; the file is `<artifacts>/results/<preset>/<chapter>.json`."""
     path = results_folder(params) / f"{chapter}.json"
-    out = {"chapter": chapter, "preset": str(params.preset), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "tables": {}}
+    out = {"chapter": chapter, "preset": str(params.preset),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tables": {}}
     for title, df in tables.items():
         flat = df.reset_index() if df.index.name or any(df.index.names) else df
         # columns and rows as lists: the JSON writer sorts mapping keys, and the column order matters

@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.core.cache import (Result, atomic_torch_save, atomic_write_csv, atomic_write_parquet, cached_result, run_cli,
-                                write_json)
+from helpers.core.cache import (Result, atomic_torch_save, atomic_write_csv, atomic_write_parquet, cached_result,
+                                run_cli, write_json)
 from helpers.core.cli import preset_from_args, preset_parser
 from helpers.correlations.pearson import (DEFAULT_BYTES_PER_ELEM, gaussian_rotation, global_to_layer_neuron,
                                           max_correlation, mixed_correlation, plan_blocks, random_rotation)
@@ -76,9 +76,9 @@ def correlation_identity(family, n_tokens: int, reference: str | None = None, ba
 
 
 def correlate_family(family, n_tokens: int, out_dir: str | Path | None = None, reference: str | None = None,
-                     batch_size: int = 32, device: str = "cpu", precision: str = "fp32", memory_budget_gb: float = 8.0,
-                     checkpoint_every: int = 200_000, baseline: str = "rotation", seed: int = 0,
-                     threshold: float = 0.5, n_snapshots: int = 4, rows: torch.Tensor | None = None,
+                     batch_size: int = 32, device: str = "cpu", precision: str = "fp32",
+                     memory_budget_gb: float = 8.0, checkpoint_every: int = 200_000, baseline: str = "rotation",
+                     seed: int = 0, threshold: float = 0.5, n_snapshots: int = 4, rows: torch.Tensor | None = None,
                      verbose: bool = True, artifacts_dir: str | Path | None = None) -> Result:
     """Correlate `family`'s reference member with every other member and its baseline; returns the
     cached result: `.table("universality")` the per-neuron table (also saved as `.csv`),
@@ -102,7 +102,8 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path | None = None, r
         return _correlate(family, rows, identity, out, reference, others, batch_size, device, precision, memory_budget_gb,
                           checkpoint_every, baseline, seed, threshold, n_snapshots, verbose)
 
-    return cached_result("correlations", identity, compute, root=artifacts_dir, folder=out_dir, prefix=family.name)
+    return cached_result("correlations", identity, compute, root=artifacts_dir, folder=out_dir,
+                         prefix=family.name)
 
 
 def _correlate(family, rows: TokenRows, identity: dict, out: Path, reference: str, others: list[str], batch_size: int,
@@ -281,9 +282,10 @@ def keep_accumulators(out: Path, block: int, rows: slice, acc: StreamingPearson,
 
 def main(argv: list[str] | None = None) -> None:
     ap = preset_parser(
-        "Correlate a reference model with the other seeds of its family (paper §2). The family, token count, batch "
-        "size, reference, baseline, baseline seed, threshold and device come from the preset unless a flag overrides "
-        "them.", ["family", "n_tokens", "reference", "device", "baseline", "baseline_seed", "threshold", "batch_size"])
+        "Correlate a reference model with the other seeds of its family (paper §2). The family, token count, "
+        "batch size, reference, baseline, baseline seed, threshold and device come from the preset unless a flag "
+        "overrides them.",
+        ["family", "n_tokens", "reference", "device", "baseline", "baseline_seed", "threshold", "batch_size"])
     ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     ap.add_argument("--memory-budget-gb", type=float, default=8.0)
     ap.add_argument("--checkpoint-every", type=int, default=200_000, help="tokens between accumulator checkpoints")
@@ -293,9 +295,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = preset_from_args(args)
     fam = load_family(params.family, params, device=params.device)
-    res = correlate_family(fam, params.n_tokens, args.out, fam.member(params.reference), params.batch_size, params.device,
-                           args.precision, args.memory_budget_gb, args.checkpoint_every, params.baseline,
-                           params.baseline_seed, params.threshold, artifacts_dir=params.artifacts_path)
+    res = correlate_family(fam, params.n_tokens, args.out, fam.member(params.reference), params.batch_size,
+                           params.device, args.precision, args.memory_budget_gb, args.checkpoint_every,
+                           params.baseline, params.baseline_seed, params.threshold,
+                           artifacts_dir=params.artifacts_path)
     if res.files:
         table = res.table("universality")
         print(f"{res.path}: {int(table.is_universal.sum())} of {len(table)} neurons universal (threshold "

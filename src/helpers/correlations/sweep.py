@@ -63,7 +63,8 @@ def run_sweep(base: Preset, grid_file: str | Path, out_csv: str | Path | None = 
         t0 = time.time()
         t = universality_table(fam, grid["n_tokens"], art, device, verbose=False).table("universality")
         trained = excess_summary(t)
-        control = excess_summary(universality_table(ctl, grid["n_tokens"], art, device, verbose=False).table("universality"))
+        ctl_table = universality_table(ctl, grid["n_tokens"], art, device, verbose=False).table("universality")
+        control = excess_summary(ctl_table)
         tt = training_table(folder).loc[fam.members]
         minutes = float(tt.train_seconds.sum()) / 60
         row = {"config": cfg["name"], **{k: params["embedded"][k] for k in ("n_layers", "d_model", "d_mlp", "d_vocab", "lr", "train_tokens")},
@@ -226,8 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.appendix_only:
         df = pd.read_csv(root / "sweeps" / "results.csv")
     else:
-        df = run_sweep(params, args.grid, root / "sweeps" / "results.csv", args.only, root / "sweeps" / "dimensionality.csv")
-    write_appendix(df, command, root / "book" / "appendix_sweep.md", decision=grid.get("decision", ""), preset=params.preset)
+        df = run_sweep(params, args.grid, root / "sweeps" / "results.csv", args.only,
+                       root / "sweeps" / "dimensionality.csv")
+    write_appendix(df, command, root / "book" / "appendix_sweep.md", decision=grid.get("decision", ""),
+                   preset=params.preset)
     print(df.to_string())
 
 

@@ -127,8 +127,8 @@ def add_calibrated_sets(table: pd.DataFrame, control: pd.DataFrame | None, top_f
     return out
 
 
-def checkpoint_emergence(params: Preset, n_tokens: int, artifacts_dir: str | Path, device: str = "cpu", batch_size: int = 32,
-                         seed: int = 0, threshold: float = 0.5, baseline: str = "rotation",
+def checkpoint_emergence(params: Preset, n_tokens: int, artifacts_dir: str | Path, device: str = "cpu",
+                         batch_size: int = 32, seed: int = 0, threshold: float = 0.5, baseline: str = "rotation",
                          control_family: str = "embedded-untrained") -> pd.DataFrame:
     """Universality at every saved training checkpoint of the embedded family (the same step in every
     seed): one row per step with the excess-correlation summary.
@@ -286,10 +286,11 @@ def neuron_set(family, control_family, params: Preset, n_tokens: int, artifacts_
     if isinstance(control_family, str):
         name = default_control(family) if control_family == "auto" else control_family
         control_family = None if name is None else load_family(name, params, device=device)
-    run = universality_table(family, n_tokens, artifacts_dir, device, batch_size, seed, baseline, threshold=threshold,
-                             verbose=verbose)
+    run = universality_table(family, n_tokens, artifacts_dir, device, batch_size, seed, baseline,
+                             threshold=threshold, verbose=verbose)
     ctl_run = None if control_family is None else universality_table(
-        control_family, n_tokens, artifacts_dir, device, batch_size, seed, baseline, threshold=threshold, verbose=verbose)
+        control_family, n_tokens, artifacts_dir, device, batch_size, seed, baseline, threshold=threshold,
+        verbose=verbose)
     fam_dir, ctl_dir = run.path, None if ctl_run is None else ctl_run.path
     key = config_hash({"family": fam_dir.name, "control": None if ctl_dir is None else ctl_dir.name, "min_count": min_count,
                        "top_fraction": top_fraction, "share": share, "version": 2})
@@ -422,7 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--command", default=None, help="the command to record as having made the row (default: this one)")
     args = ap.parse_args(argv)
     params = preset_from_args(args)
-    command = args.command or "python -m helpers.correlations.universality " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = argv if argv is not None else sys.argv[1:]
+    command = args.command or "python -m helpers.correlations.universality " + " ".join(given)
     table = record_family(params, args.record, command)
     print(table.to_string())
 

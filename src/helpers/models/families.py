@@ -29,15 +29,16 @@ import torch
 
 from helpers.core.cache import read_json, sha256_file
 from helpers.core.presets import Architecture, Preset
-from helpers.data.corpus import embedded_rows_identity, embedded_token_rows, preset_corpus, retokenized_token_rows
+from helpers.data.corpus import (embedded_rows_identity, embedded_token_rows, preset_corpus,
+                                 retokenized_token_rows)
 from helpers.data.hub import require_hub
 from helpers.data.tokens import TokenRows, cached_token_rows
-from helpers.models.loading import (MEMBERS, PROCESSING, SMOLLM2_FILE, HFCodec, VocabCodec, evaluate_loss, init_model,
-                                    load_model, load_smollm2, processed_model, sample_text, smollm2_path,
-                                    smollm2_tokenizer, state_sha256)
+from helpers.models.loading import (MEMBERS, PROCESSING, SMOLLM2_FILE, HFCodec, VocabCodec, evaluate_loss,
+                                    init_model, load_model, load_smollm2, processed_model, sample_text,
+                                    smollm2_path, smollm2_tokenizer, state_sha256)
 from helpers.models.training import ensure_family
-from helpers.models.weights import (family_dir, family_members, family_vocab, member_seed, saved_checkpoint_steps,
-                                    shipped_family, trained_members)
+from helpers.models.weights import (family_dir, family_members, family_vocab, member_seed,
+                                    saved_checkpoint_steps, shipped_family, trained_members)
 
 
 class UnknownFamily(KeyError):
@@ -312,7 +313,8 @@ def load_family(name: str = "embedded", params: Preset | None = None, device: st
     if name in HUB_FAMILIES:
         require_hub(f"family {name!r}")
         if params is None:
-            raise ValueError(f"family {name!r} caches its token rows in a preset's artifacts folder: pass `params`")
+            raise ValueError(f"family {name!r} caches its token rows in a preset's artifacts folder: "
+                             "pass `params`")
         fam = _hub_family(name, device, params.artifacts_path)
     elif name == "smollm2-135m":
         smollm2_path()

@@ -36,9 +36,9 @@ from helpers.core.presets import Architecture, Preset, Recipe
 from helpers.data.corpus import preset_corpus
 from helpers.data.tokens import VocabMap, iter_row_batches
 from helpers.models.loading import PROCESSING, evaluate_loss, init_model, save_model
-from helpers.models.weights import (VOCAB_FILE, ShippedWeightsError, check_shipped, checkpoint_steps, family_dir,
-                                    family_members, family_vocab, member_seed, prepare_rows, ship_family,
-                                    trained_members, training_table)
+from helpers.models.weights import (VOCAB_FILE, ShippedWeightsError, check_shipped, checkpoint_steps,
+                                    family_dir, family_members, family_vocab, member_seed, prepare_rows,
+                                    ship_family, trained_members, training_table)
 
 
 def lr_at(step: int, n_steps: int, recipe: Recipe) -> float:
@@ -194,8 +194,8 @@ def adamw_optimizer(model, recipe: Recipe) -> torch.optim.AdamW:
     )
 
 
-def train_member(arch: Architecture, recipe: Recipe, train_rows: torch.Tensor, val_rows: torch.Tensor, seed: int,
-                 folder: Path, device: str = "cpu", desc: str = "train") -> dict:
+def train_member(arch: Architecture, recipe: Recipe, train_rows: torch.Tensor, val_rows: torch.Tensor,
+                 seed: int, folder: Path, device: str = "cpu", desc: str = "train") -> dict:
     """Train one member and save it (with checkpoints) in `folder`; resumes from `folder/resume.pt`."""
     from tqdm.auto import tqdm
 
@@ -304,13 +304,16 @@ def ensure_family(params: Preset, device: str = "cpu", verbose: bool = True) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = preset_parser("Train (or reuse) the embedded seed family of a preset; ship it; check it.", ["device"])
-    ap.add_argument("--retrain", action="store_true", help="delete this preset's cached training first (never touches weights/)")
+    ap = preset_parser("Train (or reuse) the embedded seed family of a preset; ship it; check it.",
+                       ["device"])
+    ap.add_argument("--retrain", action="store_true",
+                    help="delete this preset's cached training first (never touches weights/)")
     ap.add_argument("--ship", metavar="FOLDER", default=None,
-                    help="after training, export the family to FOLDER (e.g. weights/embedded-deep) as fp16 with a manifest")
+                    help="after training, export the family to FOLDER (e.g. weights/embedded-deep) as fp16 with a "
+                         "manifest")
     ap.add_argument("--check", action="store_true",
-                    help="verify the shipped family of the preset (sha256 of every file, validation loss of every member "
-                         "within 1e-3 nats of the manifest); exits 1 naming what differs")
+                    help="verify the shipped family of the preset (sha256 of every file, validation loss of every "
+                         "member within 1e-3 nats of the manifest); exits 1 naming what differs")
     args = ap.parse_args(argv)
     params = preset_from_args(args)
     if args.check:

@@ -78,7 +78,8 @@ def family_key(arch: Architecture, recipe: Recipe, base_seed: int, corpus: Corpu
 
 def family_dir(params: Preset, corpus: Corpus) -> Path:
     """The training cache folder of the preset's embedded family."""
-    return params.artifacts_path / "family" / family_key(params.arch, params.recipe, params.train_seed, corpus)
+    key = family_key(params.arch, params.recipe, params.train_seed, corpus)
+    return params.artifacts_path / "family" / key
 
 
 def family_vocab(folder: Path, arch: Architecture) -> VocabMap:
@@ -86,7 +87,8 @@ def family_vocab(folder: Path, arch: Architecture) -> VocabMap:
     return VocabMap(np.load(Path(folder) / VOCAB_FILE), int(arch["d_vocab"]) - 1)
 
 
-def prepare_rows(corpus: Corpus, vocab: VocabMap, n_ctx: int, split: str, max_tokens: int | None = None) -> torch.Tensor:
+def prepare_rows(corpus: Corpus, vocab: VocabMap, n_ctx: int, split: str,
+                 max_tokens: int | None = None) -> torch.Tensor:
     """[rows, n_ctx] int64 model ids of a corpus split, each row BOS + n_ctx-1 tokens."""
     stream = corpus.tokens(split)
     if max_tokens:
@@ -122,8 +124,10 @@ def training_curves(folder: str | Path):
     rows = []
     for m in trained_members(folder):
         log = read_json(folder / m / "train_log.json")
-        rows += [{"member": m, "kind": "train", "tokens": r["tokens"], "loss": r["loss"]} for r in log["train"]]
-        rows += [{"member": m, "kind": "validation", "tokens": r["tokens"], "loss": r["val_loss"]} for r in log["eval"]]
+        rows += [{"member": m, "kind": "train", "tokens": r["tokens"], "loss": r["loss"]}
+                 for r in log["train"]]
+        rows += [{"member": m, "kind": "validation", "tokens": r["tokens"], "loss": r["val_loss"]}
+                 for r in log["eval"]]
     return pd.DataFrame(rows)
 
 
@@ -136,7 +140,9 @@ def checkpoint_folders(folder: str | Path, member: str) -> list[Path]:
 # The shipped family: trained once, committed in weights/ with a manifest of sha256s
 # --------------------------------------------------------------------------------------------
 
-SHIPPED_CHECKPOINT_MEMBERS = ("a", "b", "c")  # the emergence analysis needs at least two; three keep weights/ < 60 MB
+# Members whose intermediate checkpoints are shipped: the emergence analysis needs at least two;
+# three keep weights/ under 60 MB.
+SHIPPED_CHECKPOINT_MEMBERS = ("a", "b", "c")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -145,7 +151,8 @@ class ShippedWeightsError(RuntimeError):
     """A shipped weight file is missing, truncated or altered: never loaded, never retrained over."""
 
 
-WEIGHTS_ENV = "UNIVERSAL_NEURONS_WEIGHTS"  # another folder of shipped families (e.g. one restored from git history)
+# Another folder of shipped families (e.g. one restored from git history).
+WEIGHTS_ENV = "UNIVERSAL_NEURONS_WEIGHTS"
 
 
 def shipped_root() -> Path:
@@ -154,8 +161,8 @@ def shipped_root() -> Path:
     if env:
         root = Path(env).expanduser().resolve()
         if not root.is_dir():
-            raise FileNotFoundError(f"${WEIGHTS_ENV}={env} is not a folder: point it at a folder of shipped families "
-                                    "(each with a manifest.json), or unset it to use weights/")
+            raise FileNotFoundError(f"${WEIGHTS_ENV}={env} is not a folder: point it at a folder of shipped "
+                                    "families (each with a manifest.json), or unset it to use weights/")
         return root
     return repo_root() / "weights"
 
@@ -163,8 +170,9 @@ def shipped_root() -> Path:
 def shipped_key(params: Preset, corpus_key: str) -> str:
     """What a shipped family must match to stand in for a preset's: architecture, recipe, training
     seed, members and the corpus configuration (its key; the content hash is checked separately)."""
-    return config_hash({"arch": params.arch.to_dict(), "recipe": params.recipe.to_dict(), "train_seed": params.train_seed,
-                        "members": family_members(params), "corpus": corpus_key, "trainer": TRAINER_VERSION})
+    return config_hash({"arch": params.arch.to_dict(), "recipe": params.recipe.to_dict(),
+                        "train_seed": params.train_seed, "members": family_members(params),
+                        "corpus": corpus_key, "trainer": TRAINER_VERSION})
 
 
 class ShippedFamily:
@@ -177,7 +185,8 @@ class ShippedFamily:
         try:
             self.manifest = read_json(path)
         except (OSError, ValueError) as e:
-            raise ShippedWeightsError(f"{path}: unreadable manifest ({e}); restore it with `git checkout -- {path}`") from None
+            raise ShippedWeightsError(f"{path}: unreadable manifest ({e}); "
+                                      f"restore it with `git checkout -- {path}`") from None
 
     def _entry(self, path: Path) -> dict:
         rel = Path(path).resolve().relative_to(self.folder.resolve()).as_posix()
@@ -193,15 +202,18 @@ class ShippedFamily:
         """Raise `ShippedWeightsError` naming `path` if it is missing, truncated or altered."""
         entry = self._entry(path)
         path = Path(path)
-        hint = (f"restore it with `git checkout -- {path}` (or retrain the family: `python -m helpers.models.training "
-                f"--preset {self.manifest.get('preset', '<name>')} --retrain --ship {self.folder}`)")
+        hint = (f"restore it with `git checkout -- {path}` (or retrain the family: "
+                f"`python -m helpers.models.training --preset {self.manifest.get('preset', '<name>')} "
+                f"--retrain --ship {self.folder}`)")
         if not path.is_file():
             raise ShippedWeightsError(f"{path}: missing; {hint}")
         size = path.stat().st_size
         if size != entry["bytes"]:
-            raise ShippedWeightsError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated?); {hint}")
+            raise ShippedWeightsError(f"{path}: {size} bytes, the manifest says {entry['bytes']} "
+                                      f"(truncated?); {hint}")
         if sha256_file(path) != entry["sha256"]:
-            raise ShippedWeightsError(f"{path}: sha256 differs from the manifest (altered or corrupted); {hint}")
+            raise ShippedWeightsError(f"{path}: sha256 differs from the manifest (altered or corrupted); "
+                                      f"{hint}")
 
     def verify_all(self) -> None:
         for rel in sorted(self.manifest["files"]):
@@ -220,8 +232,9 @@ def shipped_family(params: Preset, corpus: Corpus) -> ShippedFamily | None:
         if fam.manifest.get("key") == key:
             fam.verify(fam.folder / VOCAB_FILE)
             if fam.manifest["corpus_content_sha256"] != corpus.provenance["content_sha256"]:
-                print(f"note: the corpus built here differs in content from the one {fam.folder.name} was trained on "
-                      "(a newer Debian package?); the shipped weights are used, and held-out numbers may differ slightly")
+                print(f"note: the corpus built here differs in content from the one {fam.folder.name} "
+                      "was trained on (a newer Debian package?); the shipped weights are used, and held-out "
+                      "numbers may differ slightly")
             return fam
     return None
 
@@ -231,7 +244,8 @@ def _fp16_copy(src: Path, dst: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     dst.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(torch.float16).contiguous() for k, v in load_file(str(src / "model.safetensors")).items()}
+    state = {k: v.to(torch.float16).contiguous()
+             for k, v in load_file(str(src / "model.safetensors")).items()}
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt", "dtype": "float16"})
     shutil.copyfile(src / "config.json", dst / "config.json")
 
@@ -240,8 +254,9 @@ def _member_record(log: dict, loss: float) -> dict:
     """A member's entry in the manifest: its training record and the loss of its shipped weights."""
     run = log.get("runs", [{}])[-1]
     return {"seed": log["seed"], "val_loss": loss, "val_loss_fp32_weights": log["final_val_loss"],
-            "precision": log.get("precision", "unknown"), "cpu": run.get("cpu"), "forward": run.get("forward"),
-            "torch": run.get("torch"), "train_seconds": round(log["seconds"], 1),
+            "precision": log.get("precision", "unknown"), "cpu": run.get("cpu"),
+            "forward": run.get("forward"), "torch": run.get("torch"),
+            "train_seconds": round(log["seconds"], 1),
             "tokens_per_second": log.get("tokens_per_second")}
 
 
@@ -274,12 +289,14 @@ def ship_family(params: Preset, out: Path, command: str, device: str = "cpu") ->
     files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {
-        "version": MANIFEST_VERSION, "preset": params.get("preset"), "key": shipped_key(params, corpus.provenance["key"]),
-        "arch": arch.to_dict(), "recipe": recipe.to_dict(), "train_seed": params.train_seed, "trainer": TRAINER_VERSION,
+        "version": MANIFEST_VERSION, "preset": params.get("preset"),
+        "key": shipped_key(params, corpus.provenance["key"]), "arch": arch.to_dict(),
+        "recipe": recipe.to_dict(), "train_seed": params.train_seed, "trainer": TRAINER_VERSION,
         "corpus_key": corpus.provenance["key"], "corpus_config": corpus.provenance["config"],
-        "corpus_content_sha256": corpus.provenance["content_sha256"], "vocab_coverage": info.get("vocab_coverage"),
-        "processing_on_load": PROCESSING, "weights_dtype": "float16",
-        "val_loss_measured_on": f"the first {recipe.eval_tokens:,} tokens of the corpus's held-out split, fp32, after loading",
+        "corpus_content_sha256": corpus.provenance["content_sha256"],
+        "vocab_coverage": info.get("vocab_coverage"), "processing_on_load": PROCESSING, "weights_dtype": "float16",
+        "val_loss_measured_on": f"the first {recipe.eval_tokens:,} tokens of the corpus's held-out split, "
+                                "fp32, after loading",
         "checkpoint_members": [m for m in SHIPPED_CHECKPOINT_MEMBERS if m in members],
         "checkpoint_steps": steps[1:-1], "command": command, "members": record, "files": files,
     }
@@ -310,8 +327,10 @@ def check_shipped(params: Preset, device: str = "cpu", tolerance: float = 1e-3) 
         loss = evaluate_loss(load_model(fam.folder / m, device), val_rows)
         diff = abs(loss - rec["val_loss"])
         status = "ok" if diff <= tolerance else "DIFFERS"
-        print(f"member {m}: validation loss {loss:.5f}, manifest {rec['val_loss']:.5f} (|diff| {diff:.1e}) {status}")
+        print(f"member {m}: validation loss {loss:.5f}, manifest {rec['val_loss']:.5f} (|diff| {diff:.1e}) "
+              f"{status}")
         if diff > tolerance:
-            problems.append(f"member {m} ({fam.folder / m / 'model.safetensors'}): validation loss {loss:.5f} differs from "
-                            f"the manifest's {rec['val_loss']:.5f} by {diff:.1e} > {tolerance:g} nats")
+            problems.append(f"member {m} ({fam.folder / m / 'model.safetensors'}): validation loss "
+                            f"{loss:.5f} differs from the manifest's {rec['val_loss']:.5f} by {diff:.1e} > "
+                            f"{tolerance:g} nats")
     return problems

@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.core.cache import (Result, atomic_write_csv, atomic_write_parquet, cached_result, open_result, result_dir,
-                                run_cli, write_json)
+from helpers.core.cache import (Result, atomic_write_csv, atomic_write_parquet, cached_result, open_result,
+                                result_dir, run_cli, write_json)
 from helpers.core.cli import preset_from_args, preset_parser
 from helpers.data.tokens import TokenRows
 from helpers.models.families import load_family, short_name
@@ -357,10 +357,11 @@ def member_neuron_stats(family, n_tokens: int, artifacts_dir: str | Path, member
         p_out = result_dir(artifacts_dir, "neuron_stats", p_ident, prefix=prefix)
         if open_result(p_out, "neuron_stats", p_ident) is None:
             shared.append((p_rows, p_ident, p_out))
-    return cached_result("neuron_stats", identity, lambda o: _compute_table(family.load(member), rows, family.codec.drop_ids, o,
-                                                                             batch_size, checkpoint_every, verbose, identity,
-                                                                             shared),
-                         folder=out)
+    def compute(folder: Path) -> dict | None:
+        return _compute_table(family.load(member), rows, family.codec.drop_ids, folder, batch_size,
+                              checkpoint_every, verbose, identity, shared)
+
+    return cached_result("neuron_stats", identity, compute, folder=out)
 
 
 SINGLE_MAX_TOKENS = 32_768  # the statistics of a large single model (SmolLM2) use at most this many tokens
@@ -389,7 +390,8 @@ def activation_signs(family, member: str, n_tokens: int, artifacts_dir: str | Pa
     """`layer`, `neuron`, `act_sign` (`SIGN_RULE`) and `post_top_mean` of `member`, from its
     statistics table over `n_tokens` tokens (`member_neuron_stats`: cached, so a table chapter 02
     made costs nothing here)."""
-    t = member_neuron_stats(family, n_tokens, artifacts_dir, member, batch_size, verbose=verbose).table(TABLE_FILE)
+    res = member_neuron_stats(family, n_tokens, artifacts_dir, member, batch_size, verbose=verbose)
+    t = res.table(TABLE_FILE)
     return t[["layer", "neuron", "act_sign", "post_top_mean"]].reset_index(drop=True)
 
 
@@ -411,10 +413,11 @@ def summary(table: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = preset_parser("Per-neuron weight and activation statistics of one model (paper §3, §5). The family, member "
-                       "(the preset's reference), token count, batch size and device come from the preset unless a flag "
-                       "overrides them.", ["family", "n_tokens", "device", "batch_size"])
-    ap.add_argument("--member", default=None, help="which seed, full or short name (default: the preset's reference)")
+    ap = preset_parser("Per-neuron weight and activation statistics of one model (paper §3, §5). The family, "
+                       "member (the preset's reference), token count, batch size and device come from the preset "
+                       "unless a flag overrides them.", ["family", "n_tokens", "device", "batch_size"])
+    ap.add_argument("--member", default=None,
+                    help="which seed, full or short name (default: the preset's reference)")
     ap.add_argument("--checkpoint-every", type=int, default=200_000, help="tokens between accumulator checkpoints")
     ap.add_argument("--out", default=None, help="output folder (default: a cache folder keyed by the run's inputs); a "
                                                 "finished table there made with other inputs is refused")
@@ -431,8 +434,9 @@ def main(argv: list[str] | None = None) -> None:
     res = member_neuron_stats(fam, params.n_tokens, params.artifacts_path, member, params.batch_size,
                               args.checkpoint_every, args.out)
     table = res.table(TABLE_FILE)
-    print(f"{res.path}: {len(table)} neurons of {fam.name}/{member}; median act_freq {table.act_freq.median():.3f}, "
-          f"median post kurtosis {table.post_kurt.median():.2f}, median vocab kurtosis {table.vocab_kurt.median():.2f}")
+    print(f"{res.path}: {len(table)} neurons of {fam.name}/{member}; median act_freq "
+          f"{table.act_freq.median():.3f}, median post kurtosis {table.post_kurt.median():.2f}, median vocab "
+          f"kurtosis {table.vocab_kurt.median():.2f}")
     print(summary(table))
 
 
