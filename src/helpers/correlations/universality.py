@@ -19,7 +19,7 @@ from helpers.core.cache import Result, config_hash, read_json, run_cli, write_js
 from helpers.core.cli import preset_from_args, preset_parser
 from helpers.core.presets import Preset, repo_root
 from helpers.correlations.correlate import correlate_family
-from helpers.models.families import embedded_family, load_family, short_name
+from helpers.models.families import embedded_family, load_family
 from helpers.models.weights import saved_checkpoint_steps
 
 
