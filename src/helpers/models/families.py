@@ -211,27 +211,9 @@ def embedded_family(params: Preset, untrained: bool = False, device: str = "cpu"
     corpus = preset_corpus(params, verbose=False)
     shipped = shipped_family(params, corpus)
     if shipped is not None:
-        folder, manifest = shipped.folder, shipped.manifest
-        info = {"arch": manifest["arch"], "recipe": manifest["recipe"], "base_seed": manifest["train_seed"],
-                "members": list(manifest["members"]), "source": f"shipped ({folder.name})",
-                "val_loss": {m: v["val_loss"] for m, v in manifest["members"].items()},
-                "train_seconds": {m: v["train_seconds"] for m, v in manifest["members"].items()},
-                "precision": {m: v["precision"] for m, v in manifest["members"].items()},
-                "corpus": manifest["corpus_key"], "corpus_content_sha256": manifest["corpus_content_sha256"],
-                "vocab_coverage": manifest["vocab_coverage"], "seeds": {m: v["seed"] for m, v in manifest["members"].items()},
-                "processing": PROCESSING, "manifest": manifest}
+        folder, info = shipped.folder, {**shipped.family_info(), "processing": PROCESSING}
     else:
-        folder = family_dir(params, corpus)
-        if not (folder / "family.json").is_file() or any(not (folder / m / "train_log.json").is_file()
-                                                         for m in family_members(params)):
-            if not train:
-                raise FamilyNotTrained(
-                    f"the embedded family of preset {params.get('preset', '?')!r} is not shipped in weights/ and not "
-                    f"trained on this machine ({folder}); train it with `python -m helpers.models.training --preset "
-                    f"{params.get('preset', '<name>')}` or call with train=True")
-            if verbose:
-                print(f"training the embedded family of preset {params.get('preset', '?')!r} (no shipped weights match it)")
-            ensure_family(params, device=device, verbose=verbose)
+        folder = _trained_family(params, corpus, train, device, verbose)
         info = {**read_json(folder / "family.json"), "source": "trained on this machine"}
     vocab = family_vocab(folder, arch)
     all_members = family_members(params)
@@ -288,6 +270,23 @@ def embedded_family(params: Preset, untrained: bool = False, device: str = "cpu"
                   {**info, "checkpoint_steps": steps, "checkpoint_members": ckpt_members, "family_folder": str(folder)},
                   rows, corpus,
                   identity_factory=identity, reference_member=ref if ref in members else None)
+
+
+def _trained_family(params: Preset, corpus, train: bool, device: str, verbose: bool) -> Path:
+    """The training cache folder of the preset's family, trained here first when `train` (else an
+    error saying how) if any member is missing."""
+    folder = family_dir(params, corpus)
+    if (folder / "family.json").is_file() and all(m in trained_members(folder) for m in family_members(params)):
+        return folder
+    if not train:
+        raise FamilyNotTrained(
+            f"the embedded family of preset {params.get('preset', '?')!r} is not shipped in weights/ and not "
+            f"trained on this machine ({folder}); train it with `python -m helpers.models.training --preset "
+            f"{params.get('preset', '<name>')}` or call with train=True")
+    if verbose:
+        print(f"training the embedded family of preset {params.get('preset', '?')!r} (no shipped weights match it)")
+    ensure_family(params, device=device, verbose=verbose)
+    return folder
 
 
 def _weights_sha(shipped, folder: Path) -> str:

@@ -215,6 +215,19 @@ class ShippedFamily:
             raise ShippedWeightsError(f"{path}: sha256 differs from the manifest (altered or corrupted); "
                                       f"{hint}")
 
+    def family_info(self) -> dict:
+        """What a loaded family records about its weights, read from the manifest (the keys of a
+        trained family's `family.json`)."""
+        man, recs = self.manifest, self.manifest["members"]
+        return {"arch": man["arch"], "recipe": man["recipe"], "base_seed": man["train_seed"],
+                "members": list(recs), "source": f"shipped ({self.folder.name})",
+                "val_loss": {m: v["val_loss"] for m, v in recs.items()},
+                "train_seconds": {m: v["train_seconds"] for m, v in recs.items()},
+                "precision": {m: v["precision"] for m, v in recs.items()},
+                "corpus": man["corpus_key"], "corpus_content_sha256": man["corpus_content_sha256"],
+                "vocab_coverage": man["vocab_coverage"], "seeds": {m: v["seed"] for m, v in recs.items()},
+                "manifest": man}
+
     def verify_all(self) -> None:
         for rel in sorted(self.manifest["files"]):
             self.verify(self.folder / rel)
@@ -294,7 +307,8 @@ def ship_family(params: Preset, out: Path, command: str, device: str = "cpu") ->
         "recipe": recipe.to_dict(), "train_seed": params.train_seed, "trainer": TRAINER_VERSION,
         "corpus_key": corpus.provenance["key"], "corpus_config": corpus.provenance["config"],
         "corpus_content_sha256": corpus.provenance["content_sha256"],
-        "vocab_coverage": info.get("vocab_coverage"), "processing_on_load": PROCESSING, "weights_dtype": "float16",
+        "vocab_coverage": info.get("vocab_coverage"), "processing_on_load": PROCESSING,
+        "weights_dtype": "float16",
         "val_loss_measured_on": f"the first {recipe.eval_tokens:,} tokens of the corpus's held-out split, "
                                 "fp32, after loading",
         "checkpoint_members": [m for m in SHIPPED_CHECKPOINT_MEMBERS if m in members],
