@@ -27,13 +27,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from helpers.models.loading import init_model
 from helpers.core.presets import load_preset
-from helpers.models.training import (_optimizer, choose_precision, compiled_loss, cpu_description, split_embedded_config,
-                           train_loss)
+from helpers.models.loading import init_model
+from helpers.models.training import adamw_optimizer, choose_precision, compiled_loss, cpu_description
 
 
-def model_flops_per_token(arch: dict) -> float:
+def model_flops_per_token(arch) -> float:
     """Forward + backward FLOPs per token of the GPT-2-style architecture (matmuls and attention)."""
     d, m, v, t, L = arch["d_model"], arch["d_mlp"], arch["d_vocab"], arch["n_ctx"], arch["n_layers"]
     per_layer = 2 * (3 * d * d + d * d + 2 * d * m)  # QKV, O, MLP in and out
@@ -54,7 +53,7 @@ def matmul_gflops(dtype, m: int, k: int, n: int, reps: int = 5) -> float:
     return 2 * m * k * n / best / 1e9
 
 
-def peak_gflops(arch: dict, tokens: int, dtypes) -> dict:
+def peak_gflops(arch, tokens: int, dtypes) -> dict:
     d, v = arch["d_model"], arch["d_vocab"]
     shapes = [(tokens, d, v), (tokens, v, d), (d, tokens, v)]  # forward, grad of input, grad of weight
     out = {}
@@ -77,8 +76,8 @@ def legacy_loss(model, tokens):
 
 def run(arch, recipe, loss_fn, precision: str, steps: int, warmup: int) -> float:
     model = init_model(arch, 0)
-    opt = _optimizer(model, recipe)
-    bs, t = int(recipe["batch_size"]), arch["n_ctx"]
+    opt = adamw_optimizer(model, recipe)
+    bs, t = recipe.batch_size, arch.n_ctx
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, arch["d_vocab"], (bs, t), generator=gen) for _ in range(4)]
 
@@ -87,7 +86,7 @@ def run(arch, recipe, loss_fn, precision: str, steps: int, warmup: int) -> float
             loss = loss_fn(model, batches[i % len(batches)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
 
     for i in range(warmup):
@@ -106,9 +105,9 @@ def main() -> None:
     ap.add_argument("--precision", default=None, help="override the preset's precision (auto, fp32, bf16)")
     args = ap.parse_args()
     params = load_preset(args.preset)
-    arch, recipe = split_embedded_config(params["embedded"])
-    prec = choose_precision(args.precision or recipe["precision"], "cpu", arch["d_model"], arch["d_vocab"])
-    tokens = int(recipe["batch_size"]) * arch["n_ctx"]
+    arch, recipe = params.arch, params.recipe
+    prec = choose_precision(args.precision or recipe.precision, "cpu", arch.d_model, arch.d_vocab)
+    tokens = recipe.batch_size * arch.n_ctx
     peaks = peak_gflops(arch, tokens, [torch.float32, torch.bfloat16])
     flops = model_flops_per_token(arch) / 1e9
     fn, how = compiled_loss("cpu", 10_000)

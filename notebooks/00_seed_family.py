@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 
-from helpers.models import families, loading as models, training as train, verdicts
+from helpers.models import families, loading as models, verdicts, weights
 from helpers.book import plots
 from helpers.core import presets
 
@@ -141,20 +141,20 @@ if is_embedded:
 
 # %%
 if is_embedded:
-    curves = train.training_curves(fam.info["family_folder"])
+    curves = weights.training_curves(fam.info["family_folder"])
     fig = plots.training_curves(curves)
     fig.show()
 
 # %%
 if is_embedded:
-    table = train.training_table(fam.info["family_folder"])
+    table = weights.training_table(fam.info["family_folder"])
     # An untrained model's loss sits near the uniform guess, far above a trained member's: the
     # control is measured on the first 16,384 held-out tokens, not on the 200,000 of the trained
     # members' validation loss, and its change from the first half of those tokens, printed next to
     # the gap between each member and its control, shows that this precision is enough.
     control = families.load_family("embedded-untrained", params, device=device)
     ctl_rows = fam.token_rows(min(n_tokens, 16_384), "val")
-    ctl_loss = {m: train.row_losses(control.load(m), ctl_rows) for m in control.members}
+    ctl_loss = {m: models.row_losses(control.load(m), ctl_rows) for m in control.members}
     ctl_table = pd.DataFrame({m: {"loss": l.mean(), "loss on the first half": l[: len(l) // 2].mean()}
                               for m, l in ctl_loss.items()}).T
     ctl_table["change from the first half"] = ctl_table["loss"] - ctl_table["loss on the first half"]

@@ -54,7 +54,6 @@ from helpers import correlations
 from helpers.models import families
 from helpers.core import paper, presets, report
 from helpers.book import plots
-from helpers.core.presets import resolve_dir
 
 plots.setup()
 
@@ -71,7 +70,7 @@ params = presets.notebook_preset(globals())
 device, n_tokens, n_tokens_aux, batch_size = params.device, params.n_tokens, params.n_tokens_aux, params.batch_size
 threshold, baseline, embedded = params.threshold, params.baseline, params.embedded
 seed = params.baseline_seed  # the rotation baseline's seed; the family was trained from params.train_seed
-art = resolve_dir(params.artifacts_dir)
+art = params.artifacts_path
 fam = families.load_family(params.family, params, device=device)
 reference = fam.reference
 is_embedded = fam.name.startswith("embedded")
@@ -89,9 +88,9 @@ is_embedded = fam.name.startswith("embedded")
 # run resumes; the finished table is cached.
 
 # %%
-table = correlations.universality.universality_table(fam, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
-                                        baseline=baseline, threshold=threshold)
-run = correlations.correlate.read_json(correlations.correlate.results_dir(fam, n_tokens, art, None, baseline, seed, "fp32", threshold) / "run.json")
+corr = correlations.universality.universality_table(fam, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
+                                                    baseline=baseline, threshold=threshold)
+table, run = corr.table("universality"), corr.meta
 print(f"{run['n_valid_tokens']:,} tokens after dropping BOS/newline; baseline: {run['baseline']}; "
       f"{run['n_dead']} dead reference neurons; {run['seconds']:.0f} s")
 display(table.head())
@@ -218,7 +217,7 @@ display((paper_layers / 100).T.style.format("{:.1%}", na_rep="").set_caption("Pa
 # are flat at the right end, more tokens would not change the conclusions.
 
 # %%
-conv = pd.read_parquet(correlations.correlate.results_dir(fam, n_tokens, art, None, baseline, seed, "fp32", threshold) / "convergence.parquet")
+conv = corr.table("convergence")
 conv_summary = conv.groupby("tokens").agg(median_excess=("excess_corr", "median"),
                                           p99_excess=("excess_corr", lambda s: s.quantile(0.99)),
                                           median_max_corr=("mean_corr", "median"),

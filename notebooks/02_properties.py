@@ -56,7 +56,6 @@ from helpers.models import families, loading
 from helpers.core import paper, presets, report
 from helpers.book import plots
 from helpers.correlations import universality
-from helpers.core.presets import resolve_dir
 
 plots.setup()
 
@@ -73,7 +72,7 @@ params = presets.notebook_preset(globals())
 device, n_tokens, n_tokens_single, batch_size = params.device, params.n_tokens, params.n_tokens_single, params.batch_size
 threshold, baseline, single_model = params.threshold, params.baseline, params.single_model
 seed = params.baseline_seed  # the rotation baseline's seed; the family was trained from params.train_seed
-art = resolve_dir(params.artifacts_dir)
+art = params.artifacts_path
 fam = families.load_family(params.family, params, device=device)
 reference = fam.reference
 
@@ -88,7 +87,8 @@ nset = universality.neuron_set(fam, "auto", params, n_tokens, art, device=device
                                baseline=baseline, threshold=threshold)
 table, chosen = nset.table, nset.chosen
 table["top_decile"] = table.excess_corr >= table.excess_corr.quantile(0.9)
-stats = properties.neuron_stats.member_neuron_stats(fam, n_tokens, art, member=reference, batch_size=batch_size)
+stats = properties.neuron_stats.member_neuron_stats(fam, n_tokens, art, member=reference,
+                                         batch_size=batch_size).table("neuron_stats")
 df = stats.merge(table, on=["layer", "neuron"], validate="one_to_one")
 sets = list(dict.fromkeys([chosen, "top_decile"]))
 print(f"{len(df):,} neurons; set from chapter 01: {chosen} ({int(df[chosen].sum())} neurons); "
@@ -210,8 +210,9 @@ fig.show()
 single = families.load_family(single_model, params, device=device)
 n_single = min(n_tokens_single, properties.neuron_stats.SINGLE_MAX_TOKENS)
 # the half-token table is written from the same forward pass (its rows are the first half)
-single_stats = properties.neuron_stats.member_neuron_stats(single, n_single, art, batch_size=8, prefixes=[n_single // 2])
-half_stats = properties.neuron_stats.member_neuron_stats(single, n_single // 2, art, batch_size=8)
+single_stats = properties.neuron_stats.member_neuron_stats(single, n_single, art, batch_size=8,
+                                                prefixes=[n_single // 2]).table("neuron_stats")
+half_stats = properties.neuron_stats.member_neuron_stats(single, n_single // 2, art, batch_size=8).table("neuron_stats")
 conv_cols = ["pre_kurt", "pre_skew", "act_freq", "vocab_kurt"]
 med_full, med_half = (t.groupby("layer")[conv_cols].median() for t in (single_stats, half_stats))
 convergence = pd.DataFrame({"largest change of a per-layer median, half -> all tokens (relative)":
@@ -278,8 +279,10 @@ has_control = fam.name.startswith("embedded")
 if has_control:
     control_fam = families.load_family("embedded-untrained", params, device=device)
     control_table = universality.universality_table(control_fam, n_tokens, art, device=device, batch_size=batch_size,
-                                                    seed=seed, baseline=baseline, threshold=threshold)
-    control_stats = properties.neuron_stats.member_neuron_stats(control_fam, n_tokens, art, member=reference, batch_size=batch_size)
+                                                    seed=seed, baseline=baseline,
+                                                    threshold=threshold).table("universality")
+    control_stats = properties.neuron_stats.member_neuron_stats(control_fam, n_tokens, art, member=reference,
+                                                     batch_size=batch_size).table("neuron_stats")
     control_df = control_stats.merge(control_table, on=["layer", "neuron"], validate="one_to_one")
     control_df = control_df.assign(**{s: properties.significance.top_k_set(control_df, int(df[s].sum())) for s in sets})
     control_tests = {s: properties.significance.property_tests(control_df, s, directions, seed=seed) for s in sets}

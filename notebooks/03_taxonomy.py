@@ -59,7 +59,6 @@ from helpers.models import families
 from helpers.core import paper, presets, report
 from helpers.book import plots
 from helpers.correlations import universality
-from helpers.core.presets import resolve_dir
 
 plots.setup()
 
@@ -75,7 +74,7 @@ single_model = None
 params = presets.notebook_preset(globals())
 device, batch_size, single_model = params.device, params.batch_size, params.single_model
 seed = params.baseline_seed
-art = resolve_dir(params.artifacts_dir)
+art = params.artifacts_path
 fam = families.load_family(params.family, params, device=device)
 reference = fam.reference
 # Token counts of this chapter, sized to keep it under about 8 minutes on 2 CPU cores on the default

@@ -58,7 +58,6 @@ from IPython.display import Markdown
 from helpers import prediction, properties
 from helpers.book import plots
 from helpers.core import paper, presets, report
-from helpers.core.presets import resolve_dir
 from helpers.correlations import universality
 from helpers.models import families
 
@@ -76,7 +75,7 @@ single_model = None
 params = presets.notebook_preset(globals())
 device, batch_size, single_model = params.device, params.batch_size, params.single_model
 seed = params.baseline_seed
-art = resolve_dir(params.artifacts_dir)
+art = params.artifacts_path
 fam = families.load_family(params.family, params, device=device)
 control_fam = families.load_family("embedded-untrained", params, device=device) if fam.name == "embedded" else None
 single = families.load_family(single_model, params, device=device)
@@ -88,9 +87,9 @@ K = paper.value("wu_kurtosis_threshold", paper.MEDIUM)  # the reference code's W
 # weight-only: W_U moments of SmolLM2's 46,080 neurons take ~1-2 min once, then are cached.
 n_cond = min(params.n_tokens, 100_000)
 n_cond_single = min(params.n_tokens_single, 8_192)
-# On a CI-sized preset (fewer than 16,384 SmolLM2 tokens) its W_U moments cover a slice of the first
-# 256 neurons of each of its 30 layers (a sixth of the cost; indices carry no meaning); else all 1,536.
-sm_neurons = None if params.n_tokens_single >= 16_384 else 256
+# The preset sizes SmolLM2's W_U moments: all 1,536 neurons of each of its 30 layers, or on the CI
+# preset a slice of the first 256 of each (a sixth of the cost; indices carry no meaning).
+sm_neurons = params.vocab_single_neurons
 
 # %% [markdown]
 # ## 1. Which columns are real next tokens

@@ -62,7 +62,6 @@ from IPython.display import Markdown
 from helpers import entropy
 from helpers.book import plots
 from helpers.core import paper, presets, report
-from helpers.core.presets import resolve_dir
 from helpers.correlations import universality
 from helpers.data.tokens import TokenRows
 from helpers.models import families
@@ -80,7 +79,7 @@ single_model = None
 # %%
 params = presets.notebook_preset(globals())
 device, single_model, seed = params.device, params.single_model, params.baseline_seed
-art = resolve_dir(params.artifacts_dir)
+art = params.artifacts_path
 fam = families.load_family(params.family, params, device=device)
 reference = fam.reference
 n_random = paper.value("entropy_n_random", paper.MEDIUM)  # the paper's baseline size
@@ -90,15 +89,13 @@ t_start = time.time()
 # ~4): the embedded model ~0.02 s per 256-token row and replica, SmolLM2 ~1.4 s per 512-token row
 # and replica (it starts at layer 28: two blocks, the 49k-token unembedding and the metrics) and ~2 s
 # per row for its full pass. The paper used 24 rows of 512 tokens; section 7 shows how far the curves
-# have converged at these sizes.
-full_size = params.n_tokens_single >= 50_000  # the book's preset, not the CI one
+# have converged at these sizes. SmolLM2's sizes are the preset's (the CI preset keeps them small).
 rows_all = fam.token_table(params.n_tokens)
 n_rows = max(2, min(len(rows_all), 2048 // rows_all.n_ctx))
 rows = TokenRows(rows_all.ids[:n_rows])
-ctx_single = 512 if full_size else 64
-n_rows_single, n_rows_single_random = (4, 2) if full_size else (2, 2)
+ctx_single, n_rows_single, n_rows_single_random = params.entropy_single_ctx, params.entropy_single_rows, 2
 ctx_single_random = ctx_single // 2  # SmolLM2's random neurons: half-length rows (flat curves need fewer tokens)
-n_random_single = n_random if full_size else 5  # CI: 5 random neurons of SmolLM2 keep the test run short
+n_random_single = params.entropy_single_random or n_random  # null in the preset: the paper's count
 random_grid_single = (0.0, 3.0, 6.0)  # SmolLM2's random neurons and the control's: 3 of the 8 grid points
 print(f"embedded: {n_rows} rows x {rows.n_ctx} tokens; {single_model}: {n_rows_single} rows x {ctx_single} tokens "
       f"(random neurons: {n_rows_single_random} other rows x {ctx_single_random} tokens, grid points {random_grid_single})")

@@ -74,7 +74,6 @@ from IPython.display import Markdown
 from helpers import attention, properties, taxonomy
 from helpers.book import plots
 from helpers.core import paper, presets, report
-from helpers.core.presets import resolve_dir
 from helpers.correlations import universality
 from helpers.models import families
 
@@ -92,7 +91,7 @@ single_model = None
 params = presets.notebook_preset(globals())
 device, batch_size, single_model = params.device, params.batch_size, params.single_model
 seed = params.baseline_seed
-art = resolve_dir(params.artifacts_dir)
+art = params.artifacts_path
 fam = families.load_family(params.family, params, device=device)
 control = families.load_family("embedded-untrained", params, device=device) if fam.name == "embedded" else None
 reference = fam.reference

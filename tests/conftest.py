@@ -21,13 +21,26 @@ def smoke_params(tmp_path):
     import os
     from pathlib import Path
 
-    from helpers.data.corpus import build_corpus
-    from helpers.core.presets import load_preset, resolve_dir
+    from helpers.core.presets import load_preset
+    from helpers.data.corpus import preset_corpus
 
     params = load_preset("smoke")
-    shared = resolve_dir(params.get("artifacts_dir", "artifacts"))
-    build_corpus(params.get("corpus", {}), shared, verbose=False)
+    shared = params.artifacts_path
+    preset_corpus(params, verbose=False)
     for sub in ("corpus", "debs"):
         if (shared / sub).is_dir():
             os.symlink(shared / sub, Path(tmp_path) / sub)
-    return {**dict(params), "artifacts_dir": str(tmp_path)}
+    return params.replace(artifacts_dir=str(tmp_path))
+
+
+def write_preset_file(folder, **overrides):
+    """A preset file in `folder` (named `custom.yaml`): the smoke preset with `overrides` applied,
+    for command-line tests that pass `--preset <file>`."""
+    import yaml
+
+    from helpers.core.presets import load_preset
+
+    data = {k: v for k, v in load_preset("smoke").to_dict().items() if k != "preset"}
+    path = folder / "custom.yaml"
+    path.write_text(yaml.safe_dump({**data, **overrides}))
+    return path

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from helpers.book import build as book
+from helpers.core.presets import load_preset
 from helpers.data.hub import HubUnreachable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,11 +78,11 @@ def test_headline_counts_verdicts_links_chapters_and_names_missing_results(tmp_p
                         "this book": [0.01, "late", 5, 0.05, 0.3, "0 neurons"],
                         "verdict": ["matched", "differs", "not scored", "not informative", "not informative",
                                     "not measured"]}).set_index("quantity")
-    params = {"preset": "smoke", "artifacts_dir": str(tmp_path)}
+    params = load_preset("smoke", artifacts_dir=str(tmp_path))
     path = report.publish(names[0], params, {"Result vs paper": rvp})
     assert path == tmp_path / "results" / "smoke" / f"{names[0]}.json"
     site = tmp_path / "site"
-    text = book.write_headline(site, "smoke", tmp_path, names, ROOT).read_text()
+    text = book.write_headline(site, params, names, ROOT).read_text()
     assert ("6 comparisons with the paper: 1 matched, 1 differ, 2 not informative (the untrained control passes the same "
             "test), 1 not measured, 1 not scored.") in text
     assert "| matched | differs | not informative | not measured | not scored | other |" in text

@@ -18,13 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_published_tables_join_per_model(tmp_path):
-    params = {"preset": "p", "artifacts_dir": str(tmp_path)}
+    from helpers.core.presets import load_preset
+
+    params = load_preset("smoke", artifacts_dir=str(tmp_path))
     a = pd.DataFrame({"layer": [0, 0, 1], "neuron": [1, 2, 1], "x": [0.1, 0.2, 0.3]})
     b = pd.DataFrame({"layer": [0, 1], "neuron": [2, 1], "fam": ["unigram", "position"]})
     report.publish_neurons("01_x", params, a, "m1", {"x": "excess"})
     report.publish_neurons("03_y", params, b, "m1", {"fam": "family"})
     report.publish_neurons("03_y", params, b, "m2", {"fam": "family"})
-    t = browser.published_neurons(tmp_path / "results" / "p" / "neurons")
+    t = browser.published_neurons(tmp_path / "results" / "smoke" / "neurons")
     assert list(t.columns) == ["model", "layer", "neuron", "excess", "family"]
     m1 = t[t.model == "m1"].set_index(["layer", "neuron"])
     assert len(m1) == 3 and m1.loc[(0, 2), "family"] == "unigram" and pd.isna(m1.loc[(0, 1), "family"])

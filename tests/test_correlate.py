@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers.core.cache import read_json
 from helpers.correlations import correlate
 from helpers.models.families import Family
 from helpers.models.loading import init_model
@@ -59,7 +60,7 @@ def planted_family(n_members=4):
 
 def test_planted_neurons_are_found_universal(tmp_path):
     fam, where = planted_family()
-    table = correlate.correlate_family(fam, 0, tmp_path / "run", batch_size=64, verbose=False)
+    table = correlate.correlate_family(fam, 0, tmp_path / "run", batch_size=64, verbose=False).table("universality")
     assert len(table) == ARCH["n_layers"] * ARCH["d_mlp"]
     planted = table.set_index(["layer", "neuron"]).loc[PLANTED]
     for (l, n), row in planted.iterrows():
@@ -74,10 +75,10 @@ def test_planted_neurons_are_found_universal(tmp_path):
     assert planted.excess_corr.min() > rest.excess_corr.max()
     assert rest.excess_corr.abs().median() < 0.15
     assert (table.is_universal == (table.excess_corr > 0.5)).all()
-    run = correlate.read_json(tmp_path / "run" / "run.json")
+    run = read_json(tmp_path / "run" / "run.json")
     assert run["others"] == ["b", "c", "d"] and run["n_valid_tokens"] == 300 * 15
     # cached: a second call reads the table without computing
-    again = correlate.correlate_family(fam, 0, tmp_path / "run", verbose=False)
+    again = correlate.correlate_family(fam, 0, tmp_path / "run", verbose=False).table("universality")
     pd.testing.assert_frame_equal(again, table)
 
 
@@ -94,7 +95,8 @@ def test_baselines_are_seeded_and_orthogonal():
 
 def test_killed_run_resumes_to_the_same_table(tmp_path, monkeypatch):
     fam, _ = planted_family(3)
-    full = correlate.correlate_family(fam, 0, tmp_path / "full", batch_size=20, checkpoint_every=1000, verbose=False)
+    full = correlate.correlate_family(fam, 0, tmp_path / "full", batch_size=20, checkpoint_every=1000,
+                                      verbose=False).table("universality")
     real_update = correlate.StreamingPearson.update
     calls = {"n": 0}
 
@@ -109,7 +111,8 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, monkeypatch):
         correlate.correlate_family(fam, 0, tmp_path / "resumed", batch_size=20, checkpoint_every=1000, verbose=False)
     monkeypatch.setattr(correlate.StreamingPearson, "update", real_update)
     assert list((tmp_path / "resumed").glob("state_block0_rank0.pt"))
-    resumed = correlate.correlate_family(fam, 0, tmp_path / "resumed", batch_size=20, checkpoint_every=1000, verbose=False)
+    resumed = correlate.correlate_family(fam, 0, tmp_path / "resumed", batch_size=20, checkpoint_every=1000,
+                                         verbose=False).table("universality")
     num = full.select_dtypes("number").columns
     assert np.allclose(full[num].to_numpy(float), resumed[num].to_numpy(float), atol=1e-6, equal_nan=True)
     assert not list((tmp_path / "resumed").glob("state_*.pt"))
@@ -126,10 +129,11 @@ def test_bad_budget_and_foreign_checkpoint_are_explained(tmp_path, capsys):
     fam, _ = planted_family(2)
     with pytest.raises(ValueError, match="per-layer covariances"):
         correlate.correlate_family(fam, 0, tmp_path / "x", memory_budget_gb=1e-9, verbose=False)
-    clean = correlate.correlate_family(fam, 0, tmp_path / "clean", verbose=False)
+    clean = correlate.correlate_family(fam, 0, tmp_path / "clean", verbose=False).table("universality")
     (tmp_path / "y").mkdir()
     torch.save({"acc": {}, "next_batch": 1, "snapshots": []}, tmp_path / "y" / "state_block0_rank0.pt")
-    table = correlate.correlate_family(fam, 0, tmp_path / "y", verbose=False)  # not resumed: started fresh
+    # not resumed: started fresh
+    table = correlate.correlate_family(fam, 0, tmp_path / "y", verbose=False).table("universality")
     assert "state_block0_rank0.pt: checkpoint of another version" in capsys.readouterr().err
     pd.testing.assert_frame_equal(table, clean)
 
@@ -147,4 +151,4 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     two = pd.read_parquet(tmp_path / "two" / "universality.parquet")
     num = one.select_dtypes("number").columns
     assert np.allclose(one[num].to_numpy(float), two[num].to_numpy(float), atol=1e-6, equal_nan=True)
-    assert correlate.read_json(tmp_path / "two" / "run.json")["world_size"] == 2
+    assert read_json(tmp_path / "two" / "run.json")["world_size"] == 2

@@ -8,7 +8,6 @@ import torch
 
 from helpers.correlations.pearson import (
     BlockedStreamingPearson,
-    StreamingPearson,
     apply_rotation,
     excess_correlation,
     gaussian_rotation,
@@ -18,6 +17,7 @@ from helpers.correlations.pearson import (
     plan_blocks,
     random_rotation,
 )
+from helpers.streaming.accumulators import StreamingPearson
 
 
 @pytest.fixture(autouse=True)

@@ -75,7 +75,7 @@ def planted_family():
 
 def test_universality_and_statistics_cover_every_layer(planted_family, tmp_path):
     fam, where = planted_family
-    table = correlate.correlate_family(fam, 0, tmp_path / "corr", batch_size=64, verbose=False)
+    table = correlate.correlate_family(fam, 0, tmp_path / "corr", batch_size=64, verbose=False).table("universality")
     assert len(table) == L * D and set(table.layer) == set(range(L))
     planted = table.set_index(["layer", "neuron"]).loc[PLANTED]
     for (l, n), row in planted.iterrows():  # the match is found in the planted layer, first and last alike
@@ -89,7 +89,8 @@ def test_universality_and_statistics_cover_every_layer(planted_family, tmp_path)
     assert spec["chance"] == pytest.approx(1 / L)
     assert universality.share_by_layer(table).index.tolist() == list(range(L))
 
-    stats = neuron_stats.member_neuron_stats(fam, 0, tmp_path, member="a", batch_size=64, verbose=False)
+    stats = neuron_stats.member_neuron_stats(fam, 0, tmp_path, member="a", batch_size=64,
+                                             verbose=False).table("neuron_stats")
     df = stats.merge(table, on=["layer", "neuron"], validate="one_to_one")
     property_stats.check_join(df, L, D)
     with pytest.raises(AssertionError):
@@ -317,16 +318,16 @@ def test_attention_pairs_cover_every_later_layer(dense_family, tmp_path):
 # ---- chapter 00: the family's description, held-out losses and samples -------------------------
 
 def test_seed_family_description_losses_and_samples_on_four_layers():
-    from helpers.models import families, loading as models, training as train
+    from helpers.models import families, loading as models
 
     rows = _rows(8)
     fam = _family("deep4", {"a": processed_model(ARCH, init_model(ARCH, 1).state_dict()),
                             "b": processed_model(ARCH, init_model(ARCH, 2).state_dict())}, rows)
     ours = models.describe_model(fam.load("a"))
     assert ours["n_layers"] == L and ours["n_neurons"] == L * D
-    per_row = train.row_losses(fam.load("a"), rows, batch_size=3)
+    per_row = models.row_losses(fam.load("a"), rows, batch_size=3)
     assert per_row.shape == (len(rows),) and np.isfinite(per_row).all()
-    assert float(per_row.mean()) == pytest.approx(train.evaluate_loss(fam.load("a"), rows, batch_size=3), rel=1e-5)
+    assert float(per_row.mean()) == pytest.approx(models.evaluate_loss(fam.load("a"), rows, batch_size=3), rel=1e-5)
     codec = SimpleNamespace(**vars(CODEC), encode=lambda s: torch.tensor([[BOS, 1, 2]]),
                             decode=lambda ids: "".join(f" w{int(i)}" for i in ids))
     fam_s = Family("deep4", ["a", "b"], fam.load, lambda: codec, "cpu", {}, lambda n, split: rows)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from helpers.correlations import baselines, checks, dimensionality as dim
-from helpers.correlations.pearson import StreamingPearson, random_rotation
+from helpers.correlations.pearson import random_rotation
+from helpers.streaming.accumulators import StreamingPearson
 
 
 def test_participation_ratio_known_spectra():

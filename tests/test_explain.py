@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from helpers.data.tokens import GPT2_EOS, TokenRows, gpt2_tokenizer
-from helpers.taxonomy.explain import (FAMILIES, GroupedMoments, alphabet_letters, assign_families, cutoff_sensitivity, explanation_tables,
+from helpers.streaming.accumulators import GroupedMoments
+from helpers.taxonomy.explain import (FAMILIES, alphabet_letters, assign_families, cutoff_sensitivity, explanation_tables,
                              family_of, stream_explanations, variance_reduction_direct)
 from helpers.taxonomy.features import build_feature_set, vocab_strings_gpt2
 

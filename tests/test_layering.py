@@ -20,12 +20,9 @@ RANK = {"core": 0, "data": 1, "models": 2, "streaming": 3,
 ANALYSES = {"correlations", "properties", "taxonomy", "prediction", "entropy", "attention"}
 # The only imports from one chapter's analysis into another's: (importer, imported), as modules.
 ANALYSIS_EDGES = {
-    ("properties.neuron_stats", "correlations.correlate"),   # the analysed token rows of chapter 01
-    ("taxonomy.explain", "properties.neuron_stats"),         # per-neuron statistics table
-    ("prediction.vocab", "taxonomy.explain"),                # token-class variance reduction
+    ("taxonomy.explain", "properties.neuron_stats"),         # activation statistics of a sampled model
     ("prediction.vocab", "taxonomy.features"),               # token classes
     ("entropy.candidates", "properties.neuron_stats"),       # weight statistics, activation signs
-    ("entropy.interventions", "properties.neuron_stats"),    # activation signs
 }
 
 

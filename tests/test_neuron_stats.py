@@ -9,7 +9,8 @@ from scipy import stats
 from helpers.properties import neuron_stats as ns
 from helpers.models.families import Family
 from helpers.models.loading import init_model
-from helpers.properties.neuron_stats import StreamingMoments, activation_statistics, neuron_stats_table, weight_statistics
+from helpers.properties.neuron_stats import activation_statistics, neuron_stats_table, weight_statistics
+from helpers.streaming.accumulators import StreamingMoments
 
 ARCH = {"n_layers": 2, "d_model": 16, "n_heads": 2, "d_mlp": 24, "n_ctx": 8, "d_vocab": 30}
 BOS, NEWLINE = 0, 5
@@ -316,24 +317,26 @@ def test_neuron_stats_table_joins_saves_and_caches(tmp_path, monkeypatch):
 
 
 def test_cli_on_a_tiny_family(tmp_path, monkeypatch, capsys):
-    import helpers.models.loading
-    import helpers.core.presets
     from types import SimpleNamespace
+
+    from conftest import write_preset_file
 
     models = {"x-a": tiny_model(0), "x-b": tiny_model(1)}
     rows = token_rows()
     fam = Family("tiny", list(models), models.__getitem__, lambda: SimpleNamespace(drop_ids=[BOS, NEWLINE]), "cpu",
                  {}, lambda n, split: rows)
-    monkeypatch.setattr(helpers.models.families, "load_family", lambda name, params, device="cpu": fam)
-    monkeypatch.setattr(helpers.core.presets, "load_preset",
-                        lambda name: {"family": "tiny", "n_tokens": 100, "artifacts_dir": str(tmp_path), "batch_size": 8})
-    ns.main(["--member", "b"])
-    out = ns.stats_dir(fam, "x-b", 100, tmp_path)
-    assert "48 neurons of tiny/x-b" in capsys.readouterr().out
+    monkeypatch.setattr(ns, "load_family", lambda name, params, device="cpu": fam)
+    path = write_preset_file(tmp_path, family="tiny", n_tokens=100, artifacts_dir=str(tmp_path), batch_size=8)
+    ns.main(["--preset", str(path), "--member", "b"])
+    out = ns.member_neuron_stats(fam, 100, tmp_path, "x-b").path
+    assert f"{out}: 48 neurons of tiny/x-b" in capsys.readouterr().out
     table = pd.read_parquet(out / "neuron_stats.parquet")
     direct = weight_statistics(models["x-b"])
     np.testing.assert_array_equal(table.w_in_norm.to_numpy(), direct.w_in_norm.to_numpy())
-    assert ns.stats_dir(fam, "x-a", 100, tmp_path) != out != ns.stats_dir(fam, "x-b", 200, tmp_path)
+    assert out.parent == tmp_path / "neuron_stats" and out.name.startswith("tiny-x-b-")
+    monkeypatch.setattr(ns, "_compute_table", lambda *a, **k: {})  # the other folders, without computing them
+    assert len({out, ns.member_neuron_stats(fam, 100, tmp_path, "x-a").path,
+                ns.member_neuron_stats(fam, 200, tmp_path, "x-b").path}) == 3
 
 
 def test_prefix_statistics_come_from_the_same_pass(tmp_path, monkeypatch):
@@ -353,10 +356,11 @@ def test_prefix_statistics_come_from_the_same_pass(tmp_path, monkeypatch):
     orig = acts.hook_activations
     monkeypatch.setattr(acts, "hook_activations", lambda model, ids, *a, **k: (seen.append(len(ids)), orig(model, ids, *a, **k))[1])
     # 20 rows in batches of 8; the prefix of 9 rows is not a multiple of the batch size
-    full = ns.member_neuron_stats(fam, 20 * n_ctx, tmp_path, batch_size=8, verbose=False, prefixes=[9 * n_ctx])
+    full = ns.member_neuron_stats(fam, 20 * n_ctx, tmp_path, batch_size=8, verbose=False,
+                                  prefixes=[9 * n_ctx]).table("neuron_stats")
     assert seen == [8, 1, 8, 3]  # a batch is cut at the prefix's last row; each of the 20 rows seen once
     seen.clear()
-    half = ns.member_neuron_stats(fam, 9 * n_ctx, tmp_path, batch_size=8, verbose=False)
+    half = ns.member_neuron_stats(fam, 9 * n_ctx, tmp_path, batch_size=8, verbose=False).table("neuron_stats")
     assert seen == []  # read from the cache written during the pass
     separate = ns.neuron_stats_table(model, all_rows[:9], [BOS, NEWLINE], tmp_path / "separate", batch_size=3, verbose=False)
     cols = ["layer", "neuron", *ns.ACTIVATION_COLUMNS, "w_in_norm", "vocab_kurt"]
@@ -374,7 +378,7 @@ def test_prefix_statistics_come_from_the_same_pass(tmp_path, monkeypatch):
 def test_signed_log_histogram_top_fraction_sign_and_quantiles():
     """The sign of the mean over the top 1% of |x| (`SIGN_RULE`) against a sort, on columns where
     the mean and the large values disagree in sign; merge and state round trips are exact."""
-    from helpers.properties.neuron_stats import TOP_FRACTION, SignedLogHistogram
+    from helpers.streaming.accumulators import TOP_FRACTION, SignedLogHistogram
 
     rng = np.random.default_rng(0)
     n = 20_000

@@ -148,6 +148,43 @@ def test_notebooks_hold_no_loops(py):
             assert not isinstance(node, (ast.For, ast.While)), f"{py.stem}: a loop in a notebook cell:\n{c.source[:200]}"
 
 
+# What a notebook would write to find a cached result on disk instead of using the one a helper returns.
+CACHE_PATH_CALLS = {"results_dir", "result_dir", "resolve_dir", "stats_dir", "read_parquet", "read_json", "read_csv", "Path"}
+
+
+@pytest.mark.parametrize("py", SOURCES, ids=lambda p: p.stem)
+def test_notebooks_rebuild_no_cache_path(py):
+    """Cached jobs return their result (table, metadata, folder): a notebook never rebuilds where one lies."""
+    for c in _code_cells(jupytext.read(py)):
+        src = "\n".join(l for l in c.source.splitlines() if not l.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+                assert name not in CACHE_PATH_CALLS, f"{py.stem}: `{name}(...)` in a notebook cell:\n{c.source[:200]}"
+            assert not (isinstance(node, ast.Attribute) and node.attr == "artifacts_dir"), \
+                f"{py.stem}: the notebook reads `artifacts_dir`; use `params.artifacts_path`"
+
+
+def _reads_params(node) -> bool:
+    return any(isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "params"
+               for n in ast.walk(node))
+
+
+@pytest.mark.parametrize("py", SOURCES, ids=lambda p: p.stem)
+def test_notebooks_size_nothing_by_comparing_a_preset_value(py):
+    """A size that depends on the preset (a CI preset runs smaller) is a preset key, not a notebook's
+    `params.x >= N` test."""
+    for c in _code_cells(jupytext.read(py)):
+        src = "\n".join(l for l in c.source.splitlines() if not l.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Compare) and any(isinstance(o, (ast.Lt, ast.LtE, ast.Gt, ast.GtE)) for o in node.ops):
+                operands = [node.left, *node.comparators]
+                assert not (any(_reads_params(o) for o in operands)
+                            and any(isinstance(o, ast.Constant) and isinstance(o.value, (int, float)) for o in operands)), \
+                    f"{py.stem}: a size decided in the notebook from a preset value:\n{ast.unparse(node)}"
+
+
 def test_every_notebook_is_in_the_table_of_contents():
     toc = (ROOT / "_toc.yml").read_text()
     for py in SOURCES:

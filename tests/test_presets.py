@@ -200,29 +200,61 @@ def test_looking_up_a_name_that_is_no_preset_key_is_an_error_not_a_default():
     assert "seed" not in p
 
 
-def test_embedded_schema_equals_the_trainers_keys_and_types():
-    from helpers.models import training as train
+def test_the_embedded_block_is_parsed_once_into_typed_architecture_and_recipe():
+    from dataclasses import fields
 
-    assert set(presets.EMBEDDED_KEYS) == set(train.ARCH_KEYS) | set(train.RECIPE_DEFAULTS)
-    assert {k for k, key in presets.EMBEDDED_KEYS.items() if key.required} == set(train.ARCH_KEYS)
-    assert presets.PRECISIONS == train.PRECISIONS
-    # every recipe default passes its own check unchanged
-    for k, v in train.RECIPE_DEFAULTS.items():
+    from helpers.models import loading
+
+    assert set(presets.EMBEDDED_KEYS) == set(presets.ARCH_KEYS) | set(presets.RECIPE_DEFAULTS)
+    assert {k for k, key in presets.EMBEDDED_KEYS.items() if key.required} == set(presets.ARCH_KEYS)
+    assert loading.ARCH_KEYS == presets.ARCH_KEYS == tuple(f.name for f in fields(presets.Architecture))
+    for k, v in presets.RECIPE_DEFAULTS.items():  # every recipe default passes its own check unchanged
         assert presets.EMBEDDED_KEYS[k].check(v) == v, k
+    p = load_preset("smoke")
+    raw = smoke_data()["embedded"]
+    assert p.arch == presets.Architecture(**{k: raw[k] for k in presets.ARCH_KEYS}) and p.arch["n_ctx"] == p.arch.n_ctx == 64
+    assert p.recipe.lr == raw["lr"] and p.recipe.n_checkpoints == raw["n_checkpoints"]
+    assert p.recipe.min_lr_frac == presets.Recipe().min_lr_frac  # left out of the block: the default
+    assert p.recipe.to_dict() == {**presets.RECIPE_DEFAULTS, **{k: v for k, v in raw.items() if k not in presets.ARCH_KEYS}}
+    wider = p.replace(embedded={**p["embedded"], "d_model": 64})
+    assert wider.arch.d_model == 64 and p.arch.d_model == 32  # a replaced block is parsed again
+    assert load_preset("gpt2-small").arch is None and load_preset("gpt2-small").recipe is None
+    with pytest.raises(AttributeError):
+        p.arch.n_ctx = 5
+
+
+def test_the_former_autocast_key_in_the_embedded_block_says_what_replaced_it(tmp_path):
+    data = smoke_data()
+    data["embedded"]["autocast_bf16"] = True
+    with pytest.raises(PresetError, match="replaced by `precision: auto | fp32 | bf16`"):
+        load_preset(write_preset(tmp_path, data))
+
+
+def test_the_artifacts_path_is_resolved_against_the_repository_root(tmp_path):
+    p = load_preset("smoke")
+    assert p.artifacts_path == ROOT / p.artifacts_dir and p.artifacts_path.is_dir()
+    assert p.replace(artifacts_dir=str(tmp_path / "elsewhere")).artifacts_path == tmp_path / "elsewhere"
+
+
+def test_nullable_sizing_keys_are_present_as_null():
+    p = load_preset("default")
+    assert p["vocab_single_neurons"] is None and "vocab_single_neurons" in p
+    assert load_preset("smoke").vocab_single_neurons == 256
 
 
 def test_the_schema_is_the_dataclass():
     from dataclasses import fields
 
-    assert presets.KEYS == tuple(f.name for f in fields(presets.Preset) if f.name != "path")
+    assert presets.KEYS == tuple(f.name for f in fields(presets.Preset) if f.init and f.name != "path")
 
 
-def test_the_training_seed_is_read_from_train_seed_only():
-    from helpers.models import training as train
+def test_the_training_seed_alone_moves_the_family_key():
+    from helpers.models import weights
 
-    assert train.train_seed(load_preset("smoke", train_seed=11)) == 11
-    with pytest.raises(KeyError):
-        train.train_seed({"seed": 3})
+    base = load_preset("smoke")
+    key = weights.shipped_key(base, "corpus")
+    assert weights.shipped_key(base.replace(train_seed=11), "corpus") != key
+    assert weights.shipped_key(base.replace(baseline_seed=11, sample_seed=11), "corpus") == key
 
 
 # ---- notebooks: the namespace papermill leaves before the cell that builds `params` ----
@@ -257,3 +289,23 @@ def test_an_injected_misspelt_value_is_checked():
 def test_a_notebook_without_preset_is_told_to_set_it():
     with pytest.raises(PresetError, match="must set `preset`"):
         notebook_preset({"n_tokens": 5})
+
+
+# ---- command lines: one helper resolves every job's flags against its preset ----
+
+def test_command_line_flags_override_the_preset_and_default_to_it(tmp_path):
+    from helpers.core.cli import preset_from_args, preset_parser
+
+    ap = preset_parser("job", ["n_tokens", "threshold", "baseline", "device"])
+    args = ap.parse_args(["--preset", "smoke", "--n-tokens", "4096", "--threshold", "0.3"])
+    p = preset_from_args(args)
+    assert (p.n_tokens, p.threshold, p.baseline, p.device) == (4096, 0.3, "rotation", "cpu")
+    assert preset_from_args(ap.parse_args(["--preset", "smoke"])) == load_preset("smoke")
+    path = write_preset(tmp_path, {**smoke_data(), "batch_size": 3}, "mine")
+    assert preset_from_args(ap.parse_args(["--preset", str(path)])).batch_size == 3
+    with pytest.raises(SystemExit):  # argparse refuses a value outside the preset's choices
+        ap.parse_args(["--baseline", "rotated"])
+    with pytest.raises(PresetError, match="`n_tokens` must be a positive integer, got 0"):
+        preset_from_args(ap.parse_args(["--preset", "smoke", "--n-tokens", "0"]))
+    with pytest.raises(ValueError, match="not preset keys"):
+        preset_parser("job", ["n_tokenz"])

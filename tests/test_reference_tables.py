@@ -40,13 +40,14 @@ def assert_same_table(got: pd.DataFrame, want: pd.DataFrame, name: str) -> None:
 
 
 def check(fam, n_tokens, batch_size, prefix, tmp_path, member):
-    table = correlate.correlate_family(fam, n_tokens, tmp_path / "corr", batch_size=batch_size, verbose=False)
+    table = correlate.correlate_family(fam, n_tokens, tmp_path / "corr", batch_size=batch_size,
+                                       verbose=False).table("universality")
     assert_same_table(table, pd.read_parquet(DATA / f"{prefix}_universality.parquet"), f"{prefix} universality")
     conv = pd.read_parquet(tmp_path / "corr" / "convergence.parquet")
     assert_same_table(conv.reset_index(drop=True), pd.read_parquet(DATA / f"{prefix}_convergence.parquet").reset_index(drop=True),
                       f"{prefix} convergence")
     stats = neuron_stats.member_neuron_stats(fam, n_tokens, tmp_path, member=member, batch_size=batch_size,
-                                             out_dir=tmp_path / "stats", verbose=False)
+                                             out_dir=tmp_path / "stats", verbose=False).table("neuron_stats")
     assert_same_table(stats, pd.read_parquet(DATA / f"{prefix}_neuron_stats.parquet"), f"{prefix} neuron stats")
 
 

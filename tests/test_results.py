@@ -19,7 +19,7 @@ from helpers.core import cache as artifacts
 from helpers.correlations import correlate
 from helpers.properties import neuron_stats
 from helpers.streaming.activations import ActivationStream
-from helpers.core.cache import DamagedFile, IdentityMismatch, cached_result, run_cli
+from helpers.core.cache import DamagedFile, IdentityMismatch, cached_result, read_json, run_cli
 from helpers.data.tokens import TokenRows, cached_token_rows, load_token_rows
 from helpers.models.families import Family
 from helpers.models.loading import init_model, load_model, save_model
@@ -38,7 +38,7 @@ def planted(tmp_path_factory):
     torch.manual_seed(0)
     fam, _ = planted_family(3)
     clean_dir = tmp_path_factory.mktemp("clean")
-    clean = correlate.correlate_family(fam, 0, clean_dir, batch_size=20, verbose=False)
+    clean = correlate.correlate_family(fam, 0, clean_dir, batch_size=20, verbose=False).table("universality")
     return fam, clean, clean_dir
 
 
@@ -60,10 +60,10 @@ def test_resume_with_another_batch_size_gives_the_clean_table(planted, tmp_path,
     kill_after_first_checkpoint(fam, tmp_path / "run", monkeypatch, batch_size=20)
     st = torch.load(tmp_path / "run" / "state_block0_rank0.pt", weights_only=False)["state"]
     assert st["rows_done"] == 40 and st["tokens_done"] == 40 * 16  # 2 batches of 20 rows: 570 >= 500 tokens
-    resumed = correlate.correlate_family(fam, 0, tmp_path / "run", batch_size=32, verbose=False)
+    resumed = correlate.correlate_family(fam, 0, tmp_path / "run", batch_size=32, verbose=False).table("universality")
     same(resumed, clean)
-    run = correlate.read_json(tmp_path / "run" / "run.json")
-    assert run["n_valid_tokens"] == correlate.read_json(clean_dir / "run.json")["n_valid_tokens"] == 300 * 15
+    run = read_json(tmp_path / "run" / "run.json")
+    assert run["n_valid_tokens"] == read_json(clean_dir / "run.json")["n_valid_tokens"] == 300 * 15
 
 
 def test_truncated_checkpoint_is_named_and_the_run_starts_fresh(planted, tmp_path, monkeypatch, capsys):
@@ -71,7 +71,7 @@ def test_truncated_checkpoint_is_named_and_the_run_starts_fresh(planted, tmp_pat
     kill_after_first_checkpoint(fam, tmp_path / "run", monkeypatch, batch_size=20)
     ckpt = tmp_path / "run" / "state_block0_rank0.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:200])
-    table = correlate.correlate_family(fam, 0, tmp_path / "run", batch_size=20, verbose=False)
+    table = correlate.correlate_family(fam, 0, tmp_path / "run", batch_size=20, verbose=False).table("universality")
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"{ckpt}: damaged checkpoint, unreadable (RuntimeError); deleting it and starting fresh"]
     same(table, clean)
@@ -83,7 +83,7 @@ def test_truncated_or_corrupted_result_is_named_and_recomputed(planted, tmp_path
     table_file = tmp_path / "run" / "universality.parquet"
     size = table_file.stat().st_size
     table_file.write_bytes(table_file.read_bytes()[: size // 2])
-    same(correlate.correlate_family(fam, 0, tmp_path / "run", batch_size=20, verbose=False), clean)
+    same(correlate.correlate_family(fam, 0, tmp_path / "run", batch_size=20, verbose=False).table("universality"), clean)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"{table_file}: {size // 2:,} bytes, recorded {size:,}")
     assert err[0].endswith("recomputing correlations")
@@ -91,7 +91,7 @@ def test_truncated_or_corrupted_result_is_named_and_recomputed(planted, tmp_path
     data = bytearray(table_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     table_file.write_bytes(bytes(data))
-    same(correlate.correlate_family(fam, 0, tmp_path / "run", batch_size=20, verbose=False), clean)
+    same(correlate.correlate_family(fam, 0, tmp_path / "run", batch_size=20, verbose=False).table("universality"), clean)
     assert "sha256 differs from the recorded one" in capsys.readouterr().err
     # a parquet read without a record is still named in one line
     with pytest.raises(DamagedFile, match=r"universality.parquet: unreadable parquet .*delete it to recompute"):
@@ -107,60 +107,84 @@ def test_stale_out_is_refused_naming_the_fields(planted, tmp_path):
 
 
 def cli_setup(monkeypatch, tmp_path, fam, **preset):
-    import helpers.models.families
-    import helpers.core.presets
+    """A preset file for the planted family (its tokens come from the family, whatever `n_tokens`
+    says); `load_family` returns the planted family."""
+    from conftest import write_preset_file
 
-    params = {"family": "planted", "n_tokens": 0, "artifacts_dir": str(tmp_path / "art"), "batch_size": 50, "baseline_seed": 0, **preset}
-    monkeypatch.setattr(helpers.models.families, "load_family", lambda name, params, device="cpu": fam)
-    monkeypatch.setattr(helpers.core.presets, "load_preset", lambda name: params)
-    return params
+    import helpers.correlations.correlate
+
+    monkeypatch.setattr(helpers.correlations.correlate, "load_family", lambda name, params, device="cpu": fam)
+    return write_preset_file(tmp_path, family="planted", n_tokens=1, artifacts_dir=str(tmp_path / "art"), batch_size=50,
+                             baseline_seed=0, **preset)
 
 
 def test_the_presets_threshold_reaches_the_table(planted, tmp_path, monkeypatch, capsys):
     fam, clean, _ = planted
-    cli_setup(monkeypatch, tmp_path, fam, threshold=0.9, baseline="rotation", reference="a")
-    correlate.main(["--out", str(tmp_path / "p")])
-    run = correlate.read_json(tmp_path / "p" / "run.json")
+    path = cli_setup(monkeypatch, tmp_path, fam, threshold=0.9, baseline="rotation", reference="a")
+    correlate.main(["--preset", str(path), "--out", str(tmp_path / "p")])
+    run = read_json(tmp_path / "p" / "run.json")
     table = pd.read_parquet(tmp_path / "p" / "universality.parquet")
     assert run["threshold"] == 0.9 and run["batch_size"] == 50
     assert (table.is_universal == (table.excess_corr > 0.9)).all()
     assert table.is_universal.sum() < clean.is_universal.sum()  # the planted neurons' excess is between 0.5 and 0.9
     assert "(threshold 0.9)" in capsys.readouterr().out
-    correlate.main(["--out", str(tmp_path / "f"), "--threshold", "0.5"])  # a flag overrides the preset
-    assert correlate.read_json(tmp_path / "f" / "run.json")["threshold"] == 0.5
+    correlate.main(["--preset", str(path), "--out", str(tmp_path / "f"), "--threshold", "0.5"])  # a flag overrides the preset
+    assert read_json(tmp_path / "f" / "run.json")["threshold"] == 0.5
     # the default cache folder is keyed by the preset's threshold too
-    correlate.main([])
-    assert correlate.results_dir(fam, 0, tmp_path / "art", "a", "rotation", 0, "fp32", 0.9).joinpath("run.json").is_file()
+    correlate.main(["--preset", str(path)])
+    monkeypatch.setattr(correlate, "_correlate", lambda *a, **k: pytest.fail("the preset's run was not where expected"))
+    res = correlate.correlate_family(fam, 1, reference="a", threshold=0.9, artifacts_dir=tmp_path / "art")
+    assert res.path.parent == tmp_path / "art" / "correlations" and res.meta["threshold"] == 0.9
+
+
+def test_the_command_line_reads_the_rows_and_builds_the_identity_once(planted, tmp_path, monkeypatch):
+    fam, _, _ = planted
+    path = cli_setup(monkeypatch, tmp_path, fam)
+    calls = {"rows": 0, "identity": 0}
+    rows, identity = fam.rows_factory, correlate.correlation_identity
+
+    def counted_rows(*a):
+        calls["rows"] += 1
+        return rows(*a)
+
+    def counted_identity(*a, **k):
+        calls["identity"] += 1
+        return identity(*a, **k)
+
+    monkeypatch.setattr(fam, "rows_factory", counted_rows)
+    monkeypatch.setattr(correlate, "correlation_identity", counted_identity)
+    correlate.main(["--preset", str(path)])  # computed
+    correlate.main(["--preset", str(path)])  # found in the cache
+    assert calls == {"rows": 2, "identity": 2}
 
 
 def test_cli_errors_are_one_line_unless_debug(planted, tmp_path, monkeypatch, capsys):
     fam, _, clean_dir = planted
-    cli_setup(monkeypatch, tmp_path, fam, threshold=0.7)
+    path = cli_setup(monkeypatch, tmp_path, fam, threshold=0.7)
     shutil.copytree(clean_dir, tmp_path / "out")
     with pytest.raises(SystemExit) as e:
-        run_cli(correlate.main, ["--out", str(tmp_path / "out")])
+        run_cli(correlate.main, ["--preset", str(path), "--out", str(tmp_path / "out")])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "made with another threshold" in err[0] and "--debug" in err[0]
+    assert len(err) == 1 and "made with another" in err[0] and "threshold" in err[0] and "--debug" in err[0]
     monkeypatch.delenv(artifacts.DEBUG_ENV, raising=False)
     with pytest.raises(IdentityMismatch):
-        run_cli(correlate.main, ["--out", str(tmp_path / "out"), "--debug"])
+        run_cli(correlate.main, ["--preset", str(path), "--out", str(tmp_path / "out"), "--debug"])
 
 
 def test_moved_artifacts_reuse_every_result(planted, tmp_path, monkeypatch):
     fam, clean, _ = planted
-    first = correlate.results_dir(fam, 0, tmp_path / "here")
-    correlate.correlate_family(fam, 0, first, batch_size=20, verbose=False)
+    first = correlate.correlate_family(fam, 0, batch_size=20, verbose=False, artifacts_dir=tmp_path / "here")
     shutil.copytree(tmp_path / "here", tmp_path / "elsewhere" / "artifacts")
-    moved = correlate.results_dir(fam, 0, tmp_path / "elsewhere" / "artifacts")
-    assert moved.name == first.name
     monkeypatch.setattr(correlate, "_correlate", lambda *a, **k: pytest.fail("recomputed a moved result"))
-    same(correlate.correlate_family(fam, 0, moved, batch_size=20, verbose=False), clean)
+    moved = correlate.correlate_family(fam, 0, batch_size=20, verbose=False, artifacts_dir=tmp_path / "elsewhere" / "artifacts")
+    assert moved.path.name == first.path.name and moved.path.parent.parent == tmp_path / "elsewhere" / "artifacts"
+    same(moved.table("universality"), clean)
 
 
 def test_embedded_identities_hold_no_path(tmp_path):
     from helpers.models.families import FamilyNotTrained, load_family
-    from helpers.core.presets import load_preset, resolve_dir
+    from helpers.core.presets import load_preset
 
     params = load_preset("smoke")
     try:
@@ -168,7 +192,7 @@ def test_embedded_identities_hold_no_path(tmp_path):
     except FamilyNotTrained:
         pytest.skip("the smoke family is not trained here: python -m helpers.models.training --preset smoke")
     ident = json.dumps([correlate.correlation_identity(fam, 2000), neuron_stats.stats_identity(fam, fam.reference, 2000)])
-    assert str(resolve_dir(params["artifacts_dir"])) not in ident and "/" not in ident.replace("\\/", "")
+    assert str(params.artifacts_path) not in ident and "/" not in ident.replace("\\/", "")
     assert fam.token_table(2000).sha256 in ident
 
 
@@ -320,5 +344,5 @@ def test_neuron_stats_resume_with_another_batch_size(tmp_path, monkeypatch):
     resumed = neuron_stats.neuron_stats_table(model, rows, drop, tmp_path / "run", batch_size=7, verbose=False)
     # batches of 7 rows round differently from batches of 4 in the forward pass (fp32): ~1e-8
     pd.testing.assert_frame_equal(resumed, clean, rtol=1e-5, atol=1e-6)
-    assert correlate.read_json(tmp_path / "run" / "run.json")["n_valid_tokens"] == \
-        correlate.read_json(tmp_path / "clean" / "run.json")["n_valid_tokens"]
+    assert read_json(tmp_path / "run" / "run.json")["n_valid_tokens"] == \
+        read_json(tmp_path / "clean" / "run.json")["n_valid_tokens"]

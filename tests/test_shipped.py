@@ -5,15 +5,15 @@ import json
 import pytest
 import torch
 
-from helpers.models import families, training as train
+from helpers.models import families, training as train, weights
 
 
 @pytest.fixture
 def shipped(smoke_params, tmp_path, monkeypatch):
     """The smoke family, trained into tmp_path and shipped to tmp_path/weights/embedded-smoke."""
-    monkeypatch.setattr(train, "shipped_root", lambda: tmp_path / "weights")
+    monkeypatch.setattr(weights, "shipped_root", lambda: tmp_path / "weights")
     families.load_family("embedded", smoke_params, train=True)
-    out = train.ship_family(smoke_params, tmp_path / "weights" / "embedded-smoke", "python -m helpers.models.training --preset smoke --ship X")
+    out = weights.ship_family(smoke_params, tmp_path / "weights" / "embedded-smoke", "python -m helpers.models.training --preset smoke --ship X")
     return smoke_params, out
 
 
@@ -45,7 +45,7 @@ def test_shipped_family_is_found_and_loaded_without_training(shipped, monkeypatc
     assert end.members == list("abc") and end.identity["a"] == fam.identity["a"]
     ctl = families.load_family("embedded-untrained", params, members=["a", "b", "c"])
     assert ctl.members == list("abc")
-    assert train.check_shipped(params) == []
+    assert weights.check_shipped(params) == []
 
 
 def test_a_flipped_byte_is_named_and_never_loaded(shipped):
@@ -55,9 +55,9 @@ def test_a_flipped_byte_is_named_and_never_loaded(shipped):
     blob[len(blob) // 2] ^= 0xFF
     target.write_bytes(bytes(blob))
     fam = families.load_family("embedded", params)
-    with pytest.raises(train.ShippedWeightsError, match=r"c/model\.safetensors: sha256 differs"):
+    with pytest.raises(weights.ShippedWeightsError, match=r"c/model\.safetensors: sha256 differs"):
         fam.load("c")
-    problems = train.check_shipped(params)
+    problems = weights.check_shipped(params)
     assert len(problems) == 1 and "c/model.safetensors" in problems[0]
     with pytest.raises(SystemExit) as e:
         train.main(["--preset", "smoke", "--check"])  # the command line exits non-zero
@@ -69,11 +69,11 @@ def test_truncated_and_missing_files_are_named(shipped):
     target = folder / "a" / "model.safetensors"
     target.write_bytes(target.read_bytes()[:1000])
     (folder / "d" / "config.json").unlink()
-    problems = train.check_shipped(params)
+    problems = weights.check_shipped(params)
     assert any("a/model.safetensors" in p and "truncated" in p for p in problems)
     assert any("d/config.json: missing" in p for p in problems)
     (folder / "vocab_gpt2_ids.npy").write_bytes(b"garbage")
-    with pytest.raises(train.ShippedWeightsError, match="vocab_gpt2_ids.npy"):
+    with pytest.raises(weights.ShippedWeightsError, match="vocab_gpt2_ids.npy"):
         families.load_family("embedded", params)
 
 
@@ -83,13 +83,13 @@ def test_check_names_the_member_whose_loss_differs(shipped):
     manifest = json.loads(path.read_text())
     manifest["members"]["e"]["val_loss"] += 0.01
     path.write_text(json.dumps(manifest))
-    problems = train.check_shipped(params)
+    problems = weights.check_shipped(params)
     assert len(problems) == 1 and problems[0].startswith("member e")
 
 
 def test_a_changed_preset_does_not_match_the_shipped_family(shipped):
     params, _ = shipped
-    other = {**params, "embedded": {**params["embedded"], "lr": 0.001}}
+    other = params.replace(embedded={**params["embedded"], "lr": 0.001})
     with pytest.raises(families.FamilyNotTrained):
         families.load_family("embedded", other)
 
@@ -106,13 +106,13 @@ def test_the_default_preset_keeps_the_key_of_the_shipped_six_layer_family():
     manifest = json.loads((repo_root() / "weights" / "embedded-deep" / "manifest.json").read_text())
     corpus_key = config_hash(corpus_config(params["corpus"]))
     assert corpus_key == manifest["corpus_key"] == "eb998101dfab"
-    assert train.shipped_key(params, corpus_key) == manifest["key"] == "d3e57dd9b0cb"
-    assert manifest["arch"]["n_layers"] == 6 and train.TRAINER_VERSION == manifest["trainer"] == 2
+    assert weights.shipped_key(params, corpus_key) == manifest["key"] == "d3e57dd9b0cb"
+    assert manifest["arch"]["n_layers"] == 6 and weights.TRAINER_VERSION == manifest["trainer"] == 2
 
 
 def test_weights_env_points_at_another_folder_of_families(tmp_path, monkeypatch):
-    monkeypatch.setenv(train.WEIGHTS_ENV, str(tmp_path))
-    assert train.shipped_root() == tmp_path.resolve()
-    monkeypatch.setenv(train.WEIGHTS_ENV, str(tmp_path / "missing"))
+    monkeypatch.setenv(weights.WEIGHTS_ENV, str(tmp_path))
+    assert weights.shipped_root() == tmp_path.resolve()
+    monkeypatch.setenv(weights.WEIGHTS_ENV, str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="UNIVERSAL_NEURONS_WEIGHTS"):
-        train.shipped_root()
+        weights.shipped_root()

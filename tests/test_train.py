@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.models import families, loading as models, training as train
+from helpers.core.presets import Architecture, Recipe
 from helpers.data.tokens import iter_row_batches
+from helpers.models import families, loading as models, training as train, weights
 
-RECIPE = {**train.RECIPE_DEFAULTS, "train_tokens": 16 * 16 * 12, "batch_size": 16, "n_checkpoints": 2,
-          "precision": "fp32", "lr": 1e-2}
+RECIPE = Recipe(train_tokens=16 * 16 * 12, batch_size=16, n_checkpoints=2, precision="fp32", lr=1e-2)
 
 
 def _rows(arch, n=200, seed=0):
@@ -20,18 +20,19 @@ def _rows(arch, n=200, seed=0):
 
 def test_training_lowers_loss_and_saves_checkpoints(tmp_path, tiny_arch):
     rows = _rows(tiny_arch)
-    log = train.train_member(tiny_arch, RECIPE, rows, rows[:20], seed=0, folder=tmp_path / "a")
+    log = train.train_member(Architecture(**tiny_arch), RECIPE, rows, rows[:20], seed=0, folder=tmp_path / "a")
     evals = [e["val_loss"] for e in log["eval"]]
     assert evals[-1] < evals[0] - 0.5
-    steps = [p.name for p in train.checkpoint_folders(tmp_path, "a")]
-    assert steps == [f"step{s:06d}" for s in train.checkpoint_steps(log["n_steps"], 2)]
+    steps = [p.name for p in weights.checkpoint_folders(tmp_path, "a")]
+    assert steps == [f"step{s:06d}" for s in weights.checkpoint_steps(log["n_steps"], 2)]
     assert steps[0] == "step000000"
     m = models.load_model(tmp_path / "a")
-    assert train.evaluate_loss(m, rows[:20]) == pytest.approx(log["final_val_loss"], abs=1e-4)
+    assert models.evaluate_loss(m, rows[:20]) == pytest.approx(log["final_val_loss"], abs=1e-4)
 
 
 def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_arch, monkeypatch):
     rows = _rows(tiny_arch)
+    tiny_arch = Architecture(**tiny_arch)
     train.train_member(tiny_arch, RECIPE, rows, rows[:20], seed=1, folder=tmp_path / "full")
 
     # Interrupt the second run right after its first post-init checkpoint has been written.
@@ -55,13 +56,8 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_arch, monkey
 
 
 def test_checkpoint_steps_are_geometric_and_include_init_and_end():
-    assert train.checkpoint_steps(800, 4) == [0, 100, 200, 400, 800]
-    assert train.checkpoint_steps(5, 1) == [0, 5]
-
-
-def test_embedded_config_rejects_unknown_keys():
-    with pytest.raises(ValueError, match="n_layerz"):
-        train.split_embedded_config({"n_layerz": 2})
+    assert weights.checkpoint_steps(800, 4) == [0, 100, 200, 400, 800]
+    assert weights.checkpoint_steps(5, 1) == [0, 5]
 
 
 def test_smoke_family_is_trained_cached_and_loads(smoke_params):
@@ -121,21 +117,16 @@ def test_precision_auto_needs_a_measured_2x_speedup(monkeypatch, bf16_seconds, e
     train._PRECISION_CACHE.clear()
 
 
-def test_old_autocast_key_gets_a_clear_error():
-    with pytest.raises(ValueError, match="precision: auto"):
-        train.split_embedded_config({"n_layers": 1, "autocast_bf16": True})
-
-
 def test_row_losses_average_to_the_validation_loss(tiny_arch):
     """Per-row losses, by hand for one row, and their mean equal to `evaluate_loss`."""
     model = models.init_model(tiny_arch, seed=3).eval()
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(0, tiny_arch["d_vocab"], (7, tiny_arch["n_ctx"]), generator=g)
-    per_row = train.row_losses(model, rows, batch_size=3)
+    per_row = models.row_losses(model, rows, batch_size=3)
     assert per_row.shape == (7,)
     with torch.no_grad():
         logp = torch.log_softmax(model(rows[2:3]).double()[0, :-1], -1)
     by_hand = -logp[torch.arange(tiny_arch["n_ctx"] - 1), rows[2, 1:]].mean().item()
     assert per_row[2] == pytest.approx(by_hand, rel=1e-5)
-    assert per_row.mean() == pytest.approx(train.evaluate_loss(model, rows, batch_size=2), rel=1e-6)
+    assert per_row.mean() == pytest.approx(models.evaluate_loss(model, rows, batch_size=2), rel=1e-6)
     assert np.ptp(per_row) > 0  # rows differ: an interval over rows is not degenerate

@@ -141,8 +141,7 @@ def test_like_for_like_medians_use_the_set_not_all_neurons():
 
 def test_checkpoint_emergence_compares_like_with_like(monkeypatch):
     """The control run uses the checkpoints' token count and baseline, and the checkpoints honour `baseline`."""
-    import helpers.models.families as families
-    import helpers.models.training as train
+    from types import SimpleNamespace
 
     calls = []
 
@@ -158,7 +157,7 @@ def test_checkpoint_emergence_compares_like_with_like(monkeypatch):
         t = _table()
         if family.name == "control":
             t["excess_corr"] = t.excess_corr - 0.3
-        return t
+        return SimpleNamespace(table=lambda name: t)  # the cached run: its table by name
 
     monkeypatch.setattr(universality, "universality_table", fake_table)
     loaded = []
@@ -167,9 +166,9 @@ def test_checkpoint_emergence_compares_like_with_like(monkeypatch):
         loaded.append(members)
         return Fam("control", members)
 
-    monkeypatch.setattr(families, "load_family", load_control)
-    monkeypatch.setattr(families, "embedded_family", lambda params, device="cpu", checkpoint=None: Fam(f"step{checkpoint}"))
-    monkeypatch.setattr(train, "saved_checkpoint_steps", lambda params: [0, 10])
+    monkeypatch.setattr(universality, "load_family", load_control)
+    monkeypatch.setattr(universality, "embedded_family", lambda params, device="cpu", checkpoint=None: Fam(f"step{checkpoint}"))
+    monkeypatch.setattr(universality, "saved_checkpoint_steps", lambda params: [0, 10])
     em = universality.checkpoint_emergence({}, 1234, "unused", baseline="gaussian")
     assert {c[1] for c in calls} == {1234} and {c[2] for c in calls} == {"gaussian"}
     assert ("control", 1234, "gaussian") in calls

@@ -4,10 +4,11 @@
 All real logic of the book lives here; the notebooks call it and plot. One subpackage per concern,
 from the bottom up (a subpackage imports only those above it in this list, see tests/test_layering.py):
 
-- `core`          presets, the on-disk cache, the paper's registry and verdict rule, computed sentences
+- `core`          presets, command-line options, the on-disk cache, the paper's registry and verdict rule,
+                  computed sentences
 - `data`          the GPT-2 tokenizer, token rows, the embedded corpus
-- `models`        chapter 00: model loading, training, and seed families
-- `streaming`     the activation pass every chapter's data goes through
+- `models`        chapter 00: model loading, the family's weights, training, and seed families
+- `streaming`     the activation pass every chapter's data goes through, and its accumulators
 - `correlations`  chapter 01: which neurons are universal
 - `properties`    chapter 02: what makes them different
 - `taxonomy`      chapter 03: neuron families by variance reduction

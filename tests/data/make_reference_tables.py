@@ -46,21 +46,23 @@ def planted():
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fam = planted()
-        table = correlate.correlate_family(fam, 0, Path(tmp) / "planted", batch_size=20, verbose=False)
+        table = correlate.correlate_family(fam, 0, Path(tmp) / "planted", batch_size=20,
+                                           verbose=False).table("universality")
         table.to_parquet(HERE / "planted_universality.parquet")
         pd.read_parquet(Path(tmp) / "planted" / "convergence.parquet").to_parquet(HERE / "planted_convergence.parquet")
         stats = neuron_stats.member_neuron_stats(fam, 0, tmp, member="a", batch_size=20, out_dir=Path(tmp) / "pstats",
-                                                 verbose=False)
+                                                 verbose=False).table("neuron_stats")
         stats.to_parquet(HERE / "planted_neuron_stats.parquet")
 
         params = load_preset("smoke")
         fam = load_family("embedded", params)
         rows = fam.token_rows(SMOKE_TOKENS)
-        table = correlate.correlate_family(fam, SMOKE_TOKENS, Path(tmp) / "smoke", batch_size=SMOKE_BATCH, verbose=False)
+        table = correlate.correlate_family(fam, SMOKE_TOKENS, Path(tmp) / "smoke", batch_size=SMOKE_BATCH,
+                                           verbose=False).table("universality")
         table.to_parquet(HERE / "smoke_universality.parquet")
         pd.read_parquet(Path(tmp) / "smoke" / "convergence.parquet").to_parquet(HERE / "smoke_convergence.parquet")
         stats = neuron_stats.member_neuron_stats(fam, SMOKE_TOKENS, tmp, batch_size=SMOKE_BATCH,
-                                                 out_dir=Path(tmp) / "sstats", verbose=False)
+                                                 out_dir=Path(tmp) / "sstats", verbose=False).table("neuron_stats")
         stats.to_parquet(HERE / "smoke_neuron_stats.parquet")
         (HERE / "smoke_identity.json").write_text(json.dumps(
             {"family": fam.identity, "rows_sha256": rows_sha256(rows), "rows_shape": list(rows.shape),

@@ -25,7 +25,8 @@ import torch
 
 from helpers.streaming.activations import hook_activations
 from helpers.core.cache import cached_result, read_json, write_json
-from helpers.core.report import model_label
+from helpers.core.presets import Preset
+from helpers.core.report import model_label, results_folder
 
 CARD_CONTEXTS = 3      # top activating contexts per neuron
 CARD_WINDOW = 10       # tokens before the top token shown in a context
@@ -225,15 +226,15 @@ def _browsable(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     return table[keep].reset_index(drop=True)
 
 
-def build_browser(site: Path, params, artifacts_dir: Path, n_tokens: int = 8192, device: str = "cpu") -> dict:
+def build_browser(site: Path, params: Preset, n_tokens: int = 8192, device: str = "cpu") -> dict:
     """Write the neuron browser of a built preset into `site`: the page's markup
     (`book/_generated/neurons.html`) and its data under `book/_static/`. Every published neuron gets
     a row; cards (cached) are computed for every neuron of the reference model and for the single
     model's neurons that chapter 03 analysed."""
     from helpers.models.families import load_family
 
-    preset = str(params["preset"])
-    table = published_neurons(Path(artifacts_dir) / "results" / preset / "neurons")
+    artifacts_dir = params.artifacts_path
+    table = published_neurons(results_folder(params) / "neurons")
     fam = load_family(params["family"], params, device=device)
     table = _browsable(table, model_label(fam))
     cards: dict[str, dict] = {}

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from helpers.core.cache import read_json, write_json
 from helpers.core.paper import VERDICTS
-from helpers.core.presets import load_preset, preset_path, published_ref, repo_root, resolve_dir
+from helpers.core.cli import add_preset_options
+from helpers.core.presets import Preset, load_preset, preset_path, published_ref, repo_root
+from helpers.core.report import results_folder
 
 PACKAGES = ["torch", "transformer_lens", "transformers", "numpy", "pandas", "plotly", "circuitsvis",
             "papermill", "jupytext", "jupyter-book", "nbmake", "safetensors", "scipy"]
@@ -304,10 +306,11 @@ def headline_markdown(results: dict[str, dict | None], root: Path | None = None)
     return "\n".join(lines) + "\n"
 
 
-def write_headline(site: Path, preset: str, artifacts_dir: Path, names: list[str], root: Path | None = None) -> Path:
+def write_headline(site: Path, params: Preset, names: list[str], root: Path | None = None) -> Path:
+    """The front page's summary of every chapter's published "Result vs paper" tables."""
     results = {}
     for name in names:
-        f = artifacts_dir / "results" / preset / f"{name}.json"
+        f = results_folder(params) / f"{name}.json"
         res = read_json(f) if f.is_file() else None
         tables = (res or {}).get("tables", {})
         if res is not None and not all(isinstance(t, dict) and {"columns", "rows"} <= set(t) for t in tables.values()):
@@ -362,29 +365,29 @@ def build(preset: str = "default", notebooks: list[str] | None = None, skip_html
         prepare_site(site, root)
     timings: dict[str, float] = {}
     record: dict = {"preset": pfile.stem, "preset_text": pfile.read_text(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    if params.get("family", "embedded").startswith("embedded"):
-        from helpers.data.corpus import build_corpus
+    if params.family.startswith("embedded"):
+        from helpers.data.corpus import preset_corpus
         from helpers.models.families import embedded_family
-        from helpers.models.training import choose_precision, split_embedded_config
+        from helpers.models.training import choose_precision
+        from helpers.models.weights import member_seed
 
         t0 = time.time()
-        corpus = build_corpus(params.get("corpus", {}), resolve_dir(params.get("artifacts_dir", "artifacts")))
+        corpus = preset_corpus(params)
         timings["corpus (build or reuse)"] = time.time() - t0
         t0 = time.time()
         # the shipped weights when they match the preset; trains (and says so) only when none do
-        fam = embedded_family(params, device=params.get("device", "cpu"), train=True)
+        fam = embedded_family(params, device=params.device, train=True)
         timings["seed family (shipped, cached or trained)"] = time.time() - t0
         folder = Path(fam.info["family_folder"])
-        arch, recipe = split_embedded_config(params["embedded"])
+        arch = params.arch
         record["corpus"] = corpus.provenance
         record["family"] = {"source": fam.info["source"], "folder": str(folder.relative_to(root)) if folder.is_relative_to(root) else str(folder),
                             "processing": fam.info["processing"], "val_loss": fam.info["val_loss"],
                             "train_seconds": fam.info["train_seconds"], "precision": fam.info.get("precision", {}),
                             "seeds": {m: int(fam.info["base_seed"]) + i for i, m in enumerate(fam.members)},
                             "sha256": {m: v.removeprefix("sha256:") for m, v in fam.identity.items()},
-                            "precision_here": choose_precision(recipe["precision"], params.get("device", "cpu"), arch["d_model"], arch["d_vocab"])}
-        from helpers.models.training import member_seed
-
+                            "precision_here": choose_precision(params.recipe.precision, params.device,
+                                                               arch.d_model, arch.d_vocab)}
         record["seeds"] = {"embedded family (initialisation and data order)": record["family"]["seeds"],
                            "untrained control (initialisation)": {m: member_seed(int(fam.info["base_seed"]), m, untrained=True)
                                                                   for m in fam.members}}
@@ -419,13 +422,13 @@ def build(preset: str = "default", notebooks: list[str] | None = None, skip_html
         print(f"  {timings[f'notebook {name}']:.0f} s", flush=True)
         chapters.append({"chapter": name, "status": "executed by this build (papermill)", "seconds": round(timings[f"notebook {name}"])})
     for c in chapters:
-        res = resolve_dir(params.get("artifacts_dir", "artifacts")) / "results" / pfile.stem / f"{c['chapter']}.json"
+        res = results_folder(params) / f"{c['chapter']}.json"
         c["preset"] = pfile.stem
         c["results for the front page"] = read_json(res)["date"] if res.is_file() else "none saved"
     record.update(timings=timings, chapters=chapters, hardware=hardware(), versions=package_versions())
-    write_json(resolve_dir(params.get("artifacts_dir", "artifacts")) / f"run_record_{pfile.stem}.json", record)
+    write_json(params.artifacts_path / f"run_record_{pfile.stem}.json", record)
     write_run_record(record, site / "book" / "_generated" / "run_record.md")
-    write_headline(site, pfile.stem, resolve_dir(params.get("artifacts_dir", "artifacts")), notebook_names(root), root)
+    write_headline(site, params, notebook_names(root), root)
     if skip_html:
         return out_dir
     from helpers.book.plots import install_plotly_js
@@ -434,7 +437,7 @@ def build(preset: str = "default", notebooks: list[str] | None = None, skip_html
     from helpers.book.browser import build_browser
 
     t0 = time.time()
-    info = build_browser(site, params, resolve_dir(params.get("artifacts_dir", "artifacts")), device=params.get("device", "cpu"))
+    info = build_browser(site, params, device=params.device)
     print(f"neuron browser: {info['neurons']:,} neurons of {', '.join(info['models']) or 'no model'}, "
           f"{sum(info['bytes'].values()) / 1e6:.1f} MB, {time.time() - t0:.0f} s", flush=True)
     t0 = time.time()
@@ -527,7 +530,7 @@ def record_runtimes(kind: str, cpu: str, preset: str = "default", root: Path | N
 
     root = root or repo_root()
     params = load_preset(preset_path(preset))
-    record_path = resolve_dir(params.get("artifacts_dir", "artifacts")) / f"run_record_{preset}.json"
+    record_path = params.artifacts_path / f"run_record_{preset}.json"
     if not record_path.is_file():
         raise FileNotFoundError(f"{record_path} missing: build the book first (python -m helpers.book --preset {preset})")
     record = read_json(record_path)
@@ -545,7 +548,7 @@ def record_runtimes(kind: str, cpu: str, preset: str = "default", root: Path | N
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Build the book: corpus, seed family, notebooks (papermill), HTML.")
-    ap.add_argument("--preset", default="default")
+    add_preset_options(ap, [])  # the chapters read the preset file themselves: no flag can override it here
     ap.add_argument("--notebook", action="append", default=None, help="execute only these notebooks (name without suffix)")
     ap.add_argument("--skip-html", action="store_true", help="execute notebooks but do not run jupyter-book")
     ap.add_argument("--force", action="store_true", help="re-execute notebooks even if nothing they depend on changed")

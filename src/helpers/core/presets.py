@@ -8,14 +8,16 @@ jobs (`python -m helpers.models.training --preset <name>`).
 `load_preset(name, **overrides)` reads a file into a `Preset`: a frozen dataclass that is also a
 read-only mapping (`params["n_tokens"]`, `params.get("corpus", {})`, `"embedded" in params`,
 `params.n_tokens`). Every key is checked: an unknown key at any level is an error naming the file,
-the key and the closest valid key; a missing required key is an error naming it.
+the key and the closest valid key; a missing required key is an error naming it. The `embedded`
+block is parsed once, here, into two frozen objects the trainer and the loaders take as they are:
+`params.arch` (an `Architecture`) and `params.recipe` (a `Recipe`, defaults filled in). The cache
+folder is `params.artifacts_path`, resolved against the repository root.
 
 The three seeds are separate, so that changing one never changes what the others determine:
 `train_seed` (the embedded family's training: member `a` uses it, `b` it + 1, ...),
 `baseline_seed` (the correlation's random rotation baseline) and `sample_seed` (text samples).
 
-This module is the bottom layer: it imports no other helpers module. The `embedded` block's keys
-mirror `helpers.models.training.ARCH_KEYS` and `RECIPE_DEFAULTS` (a test keeps them equal).
+This module is the bottom layer: it imports no other helpers module.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -127,8 +129,8 @@ class _Key:
 
 # ---- the schema ----
 
-# The `embedded` block: architecture (helpers.models.loading.ARCH_KEYS, all required) and training recipe
-# (helpers.models.training.RECIPE_DEFAULTS, each optional: the trainer fills in its default).
+# The `embedded` block: architecture (the fields of `Architecture`, all required) and training recipe
+# (the fields of `Recipe`, each optional: left out, the recipe's default).
 EMBEDDED_KEYS: dict[str, _Key] = {
     "n_layers": _Key(_positive_int, True, "transformer blocks"),
     "d_model": _Key(_positive_int, True, "residual stream width"),
@@ -156,6 +158,77 @@ CORPUS_KEYS: dict[str, _Key] = {
     "max_chars_per_source": _Key(_optional(_positive_int), False, "characters taken from each source (null: all)"),
     "val_fraction": _Key(_fraction, False, "share of documents held out (the analyses' tokens)"),
 }
+
+
+@dataclass(frozen=True)
+class Architecture(Mapping):
+    """The embedded models' shape (a GPT-2-style `HookedTransformer`). Read by attribute
+    (`arch.n_ctx`) or as a read-only mapping (`arch["n_ctx"]`), so the model constructors take it
+    as they take the `arch` of a saved model's config.json."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    n_ctx: int
+    d_vocab: int
+
+    def __getitem__(self, key: str) -> int:
+        if key not in ARCH_KEYS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(ARCH_KEYS)
+
+    def __len__(self) -> int:
+        return len(ARCH_KEYS)
+
+    def to_dict(self) -> dict[str, int]:
+        """{key: int} in field order: what cache keys and records store."""
+        return {k: int(getattr(self, k)) for k in ARCH_KEYS}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How each member of the embedded family is trained: the `embedded` block's recipe keys, the
+    defaults below where the block leaves one out."""
+
+    train_tokens: int = 3_000_000  # training tokens per member
+    batch_size: int = 32           # rows per step
+    lr: float = 3e-3               # peak learning rate
+    min_lr_frac: float = 0.1       # final learning rate as a fraction of the peak (cosine decay)
+    warmup_frac: float = 0.05      # fraction of the steps spent warming up
+    weight_decay: float = 0.1      # AdamW weight decay (matrices only)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    grad_clip: float = 1.0         # gradient norm clip
+    n_checkpoints: int = 4         # checkpoints kept per member besides the initialisation
+    precision: str = "auto"        # auto | fp32 | bf16 (auto: bf16 autocast only where it is faster)
+    eval_tokens: int = 200_000     # held-out tokens of the validation loss
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.precision not in PRECISIONS:
+            raise PresetError(f"recipe precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def n_steps(self, n_ctx: int) -> int:
+        """Optimizer steps of one member: `train_tokens` in batches of `batch_size` rows of `n_ctx`."""
+        return max(1, int(self.train_tokens) // (int(self.batch_size) * int(n_ctx)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every key with its value (`betas` as a list): what cache keys and records store."""
+        return {**asdict(self), "betas": list(self.betas)}
+
+
+ARCH_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Architecture))
+RECIPE_DEFAULTS: dict[str, Any] = Recipe().to_dict()
+
+
+def parse_embedded(block: Mapping) -> tuple[Architecture, Recipe]:
+    """A checked `embedded` block -> (architecture, recipe with its defaults filled in)."""
+    arch = Architecture(**{k: int(block[k]) for k in ARCH_KEYS})
+    return arch, Recipe(**{k: v for k, v in block.items() if k in RECIPE_DEFAULTS})
+
 
 # Former keys, with what replaced them.
 RENAMED = {
@@ -186,11 +259,19 @@ class Preset(Mapping):
     baseline_seed: int        # seed of the correlation's random baseline
     sample_seed: int          # seed of the text samples (chapter 00)
     single_model: str         # the pretrained model of the single-model comparisons (chapter 02)
+    # Sizes of the single model's runs, set per preset (a CI preset keeps them small):
+    vocab_single_neurons: int | None   # neurons per layer of its W_U moments, chapter 04 (null: all)
+    entropy_single_ctx: int            # tokens per row of its entropy interventions, chapter 05
+    entropy_single_rows: int           # rows of its entropy interventions, chapter 05
+    entropy_single_random: int | None  # random neurons of its entropy baseline (null: the paper's count)
     preset: str | None = None  # the preset's name (the file's stem unless the file says otherwise)
     n_seeds: int | None = None  # members of the embedded family (2-5; default all five)
     corpus: Mapping | None = None    # the embedded corpus (CORPUS_KEYS)
     embedded: Mapping | None = None  # the embedded family's architecture and recipe (EMBEDDED_KEYS)
     path: Path | None = field(default=None, repr=False)  # the file it was read from (not a key)
+    # The `embedded` block parsed (None without one): set from it, never given.
+    arch: Architecture | None = field(default=None, init=False, repr=False, compare=False)
+    recipe: Recipe | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         problems = []
@@ -212,18 +293,28 @@ class Preset(Mapping):
             problems.append(f"family {self.family!r} needs an `embedded` block (the architecture and recipe of its models)")
         if problems:
             raise PresetError(f"{_where(self.path)}: " + "; ".join(problems))
+        if self.embedded is not None:
+            arch, recipe = parse_embedded(self.embedded)
+            object.__setattr__(self, "arch", arch)
+            object.__setattr__(self, "recipe", recipe)
 
-    # read-only mapping view: the keys this preset sets (optional keys it leaves out are absent)
+    @property
+    def artifacts_path(self) -> Path:
+        """The cache folder `artifacts_dir`, resolved against the repository root (and created)."""
+        return resolve_dir(self.artifacts_dir)
+
+    # read-only mapping view: the keys this preset sets (optional keys it leaves out are absent;
+    # a required key is always present, null where its value may be null)
     def __getitem__(self, key: str) -> Any:
         if key not in TOP_KEYS:
             raise PresetKeyError(_unknown_key_message(key, TOP_KEYS, f"{_where(self.path)}: no preset key"))
         value = getattr(self, key)
-        if value is None:
+        if value is None and not TOP_KEYS[key].required:
             raise PresetKeyError(f"{_where(self.path)}: preset {self.preset!r} does not set `{key}`")
         return value
 
     def __iter__(self) -> Iterator[str]:
-        return (k for k in TOP_KEYS if getattr(self, k) is not None)
+        return (k for k in TOP_KEYS if getattr(self, k) is not None or TOP_KEYS[k].required)
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -261,6 +352,12 @@ TOP_KEYS: dict[str, _Key] = {
     "baseline_seed": _Key(_seed, True, "seed of the correlation's random baseline"),
     "sample_seed": _Key(_seed, True, "seed of the text samples"),
     "single_model": _Key(_str, True, "the single pretrained model of chapter 02"),
+    "vocab_single_neurons": _Key(_optional(_positive_int), True,
+                                 "neurons per layer of the single model's W_U moments (null: all)"),
+    "entropy_single_ctx": _Key(_positive_int, True, "tokens per row of the single model's entropy runs"),
+    "entropy_single_rows": _Key(_positive_int, True, "rows of the single model's entropy interventions"),
+    "entropy_single_random": _Key(_optional(_positive_int), True,
+                                  "random neurons of the single model's entropy baseline (null: the paper's)"),
     "preset": _Key(_str, False, "the preset's name"),
     "n_seeds": _Key(_optional(_int), False, "members of the embedded family"),
     "corpus": _Key(None, False, "the embedded corpus block (CORPUS_KEYS)"),
@@ -362,7 +459,7 @@ def _apply_overrides(base: Preset, overrides: Mapping[str, Any]) -> Preset:
     unknown = [_unknown_key_message(k, TOP_KEYS, "unknown override") for k in given if k not in TOP_KEYS]
     if unknown:
         raise PresetError(f"{_where(base.path)}: " + "; ".join(unknown))
-    data = {k: getattr(base, k) for k in TOP_KEYS if getattr(base, k) is not None}
+    data = {k: getattr(base, k) for k in base}
     data.update(given)  # an override replaces the whole value, blocks included
     return _build(data, base.path, f"{_where(base.path)} with overrides {sorted(given)}")
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import math
 import string
+import time
+from pathlib import Path
 from typing import Any, Iterable
+
+from helpers.core.cache import write_json
+from helpers.core.presets import Preset
 
 
 class _Formatter(string.Formatter):
@@ -46,18 +51,18 @@ def choose(condition: bool, if_true: str, if_false: str) -> str:
     return if_true if condition else if_false
 
 
-def publish(chapter: str, params, tables: dict, artifacts_dir=None) -> "Path":
+def results_folder(params: Preset) -> Path:
+    """Where a preset's chapters publish their results for the book: `<artifacts>/results/<preset>/`."""
+    return params.artifacts_path / "results" / str(params.preset)
+
+
+def publish(chapter: str, params: Preset, tables: dict) -> Path:
     """Save a chapter's computed "Result vs paper" tables ({title: DataFrame}) for the book's front
     page (`helpers.book` gathers them into `book/_generated/headline.md`). Values are stored as
     the text the chapter shows; the file is `<artifacts>/results/<preset>/<chapter>.json`."""
-    import time
-
-    from helpers.core.cache import write_json
-    from helpers.core.presets import resolve_dir
-
-    path = resolve_dir(artifacts_dir or params["artifacts_dir"]) / "results" / str(params["preset"]) / f"{chapter}.json"
-    out = {"chapter": chapter, "preset": str(params["preset"]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "tables": {}}
+    path = results_folder(params) / f"{chapter}.json"
+    out = {"chapter": chapter, "preset": str(params.preset),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tables": {}}
     for title, df in tables.items():
         flat = df.reset_index() if df.index.name or any(df.index.names) else df
         # columns and rows as lists: the JSON writer sorts mapping keys, and the column order matters
@@ -82,18 +87,16 @@ def model_label(family, member: str | None = None) -> str:
     return m if m.startswith(family.name) else f"{family.name}-{m}"
 
 
-def publish_neurons(chapter: str, params, table, model: str, columns: dict, artifacts_dir=None) -> "Path":
+def publish_neurons(chapter: str, params: Preset, table, model: str, columns: dict) -> Path:
     """Save per-neuron results of a chapter for the neuron browser (`helpers.book.browser`): `table`
     holds `layer`, `neuron` and the `columns` to keep ({column: label shown in the browser});
     `model` names the model (e.g. "embedded-a", "smollm2-135m"). Written to
     `<artifacts>/results/<preset>/neurons/<chapter>--<model>.csv`."""
-    from helpers.core.presets import resolve_dir
-
     missing = [c for c in ("layer", "neuron", *columns) if c not in table.columns]
     if missing:
         raise KeyError(f"publish_neurons({chapter!r}): the table has no column(s) {missing}")
     out = table[["layer", "neuron", *columns]].rename(columns=columns).assign(model=model)
-    folder = resolve_dir(artifacts_dir or params["artifacts_dir"]) / "results" / str(params["preset"]) / "neurons"
+    folder = results_folder(params) / "neurons"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{chapter}--{model}.csv"
     out.to_csv(path, index=False)

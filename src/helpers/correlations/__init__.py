@@ -1,6 +1,6 @@
 """Chapter 01: which neurons are universal (paper §2).
 
-- `pearson`         streaming Pearson correlation and the rotation baselines
+- `pearson`         blocked correlations, the rotation baselines, maxima and excess correlation
 - `correlate`       the correlation job over a family (`python -m helpers.correlations.correlate`)
 - `universality`    the per-neuron universality table turned into the chapter's quantities
 - `baselines`       rotation baselines redrawn from a finished run

@@ -23,8 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.correlations.correlate import baseline_matrices, correlate_family, results_dir, short_name
-from helpers.correlations.pearson import StreamingPearson, max_correlation, mixed_correlation
+from helpers.correlations.correlate import baseline_matrices, correlate_family
+from helpers.correlations.pearson import max_correlation, mixed_correlation
+from helpers.models.families import short_name
+from helpers.streaming.accumulators import StreamingPearson
 
 
 @dataclass
@@ -74,14 +76,11 @@ def load_run(family, n_tokens: int, artifacts_dir: str | Path, device: str = "cp
              baseline: str = "rotation", threshold: float = 0.5) -> RunAccumulators:
     """The accumulators of `family`'s correlation run over `n_tokens` (chapter 01's run). A cache
     written before runs kept them is recomputed once into its `accumulators/` sub-folder."""
-    out = results_dir(family, n_tokens, artifacts_dir, None, baseline, seed, "fp32", threshold)
-    run = read_accumulators(out)
+    res = correlate_family(family, n_tokens, batch_size=batch_size, device=device, baseline=baseline, seed=seed,
+                           threshold=threshold, verbose=False, artifacts_dir=artifacts_dir)
+    run = read_accumulators(res.path)
     if run is None:
-        correlate_family(family, n_tokens, out, batch_size=batch_size, device=device, baseline=baseline, seed=seed,
-                         threshold=threshold, verbose=False)
-        run = read_accumulators(out)
-    if run is None:
-        sub = out / "accumulators"
+        sub = res.path / "accumulators"
         correlate_family(family, n_tokens, sub, batch_size=batch_size, device=device, baseline=baseline, seed=seed,
                          threshold=threshold, verbose=False)
         run = read_accumulators(sub)

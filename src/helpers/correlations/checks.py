@@ -19,10 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.streaming.activations import mlp_activations
-from helpers.data.tokens import valid_token_mask
 from helpers.core.cache import config_hash
-from helpers.correlations.correlate import baseline_matrices, correlate_family, short_name
+from helpers.core.presets import repo_root
+from helpers.correlations.correlate import baseline_matrices, correlate_family
+from helpers.data.tokens import valid_token_mask
+from helpers.models.families import short_name
+from helpers.streaming.activations import mlp_activations
 
 
 @dataclass
@@ -95,7 +97,7 @@ def copy_checks(family, n_tokens: int, artifacts_dir: str | Path, device: str = 
     out = Path(artifacts_dir) / "checks" / f"{cf.name}-{config_hash({'id': cf.identity, 'n': int(n_tokens), 'b': baseline, 's': seed})}"
     rows = family.token_rows(n_tokens)
     table = correlate_family(cf, n_tokens, out, batch_size=batch_size, device=device, baseline=baseline, seed=seed, rows=rows,
-                             verbose=False)
+                             verbose=False).table("universality")
     live = ~table.is_dead.to_numpy()
     mc = table[f"max_corr_{short_name(cf.copy)}"].to_numpy()
     model = cf.load(cf.reference)
@@ -117,8 +119,6 @@ def sweep_control_gap(results_csv: str | Path | None = None) -> dict:
     """What the recorded sweep (`sweeps/results.csv`) says about the trained-vs-control gap: the
     smallest training budget it measured, and whether every configuration at that budget or more
     had its p99 excess above its untrained control's."""
-    from helpers.core.presets import repo_root
-
     df = pd.read_csv(results_csv or repo_root() / "sweeps" / "results.csv")
     return {"min_train_tokens": int(df.train_tokens.min()), "all_above": bool((df.excess_p99 > df.control_p99).all()),
             "n_configs": len(df)}

@@ -17,15 +17,15 @@ the work of the paper's pair of runs; for the embedded family, 40%). The pass ru
 streaming driver (`helpers.streaming.activations.ActivationStream`): accumulators checkpoint every
 `checkpoint_every` tokens with the run's identity, a restarted run resumes at the next row whatever
 its batch size, and under `torchrun` each rank takes a contiguous shard of the rows and the
-statistics are merged exactly at the end. The table is a content-keyed result
-(`helpers.core.cache.cached_result`).
+statistics are merged exactly at the end. The run is a content-keyed result
+(`helpers.core.cache.cached_result`), returned as such: `.table("universality")`, the
+`.table("convergence")` snapshots, `.meta` the run record, `.path` its folder.
 
 Command line: `python -m helpers.correlations.correlate --preset default` (see `--help`).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import time
 from pathlib import Path
@@ -34,17 +34,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.streaming.activations import ActivationStream, distributed, hook_names
-from helpers.core.cache import (atomic_torch_save, atomic_write_csv, atomic_write_parquet, cached_result, read_json, result_dir,  # noqa: F401 (read_json: callers)
-                        run_cli, write_json)
+from helpers.core.cache import (Result, atomic_torch_save, atomic_write_csv, atomic_write_parquet, cached_result,
+                                run_cli, write_json)
+from helpers.core.cli import preset_from_args, preset_parser
+from helpers.correlations.pearson import (DEFAULT_BYTES_PER_ELEM, gaussian_rotation, global_to_layer_neuron,
+                                          max_correlation, mixed_correlation, plan_blocks, random_rotation)
 from helpers.data.tokens import TokenRows
-from helpers.correlations.pearson import (DEFAULT_BYTES_PER_ELEM, StreamingPearson, gaussian_rotation, global_to_layer_neuron, max_correlation, mixed_correlation,
-                          plan_blocks, random_rotation)
-
-
-def short_name(member: str) -> str:
-    """Column suffix of a member: `stanford-gpt2-small-b` -> `b`, `pythia-160m-seed1` -> `seed1`."""
-    return member.rsplit("-", 1)[-1] if "-" in member else member
+from helpers.models.families import load_family, short_name
+from helpers.streaming.accumulators import StreamingPearson
+from helpers.streaming.activations import ActivationStream, distributed, hook_names
 
 
 def baseline_seed(seed: int, member: str, layer: int) -> int:
@@ -77,16 +75,22 @@ def correlation_identity(family, n_tokens: int, reference: str | None = None, ba
             "baseline_seed": int(seed), "precision": precision, "threshold": float(threshold)}
 
 
-def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str | None = None, batch_size: int = 32,
-                     device: str = "cpu", precision: str = "fp32", memory_budget_gb: float = 8.0,
-                     checkpoint_every: int = 200_000, baseline: str = "rotation", seed: int = 0,
-                     threshold: float = 0.5, n_snapshots: int = 4, rows: torch.Tensor | None = None,
-                     verbose: bool = True) -> pd.DataFrame:
-    """Correlate `family`'s reference member with every other member and its baseline; returns (and
-    saves as `out_dir/universality.parquet` and `.csv`) the per-neuron table. Cached: a finished
-    run in `out_dir` made with the same inputs is loaded (its files checked); one made with other
+def correlate_family(family, n_tokens: int, out_dir: str | Path | None = None, reference: str | None = None,
+                     batch_size: int = 32, device: str = "cpu", precision: str = "fp32",
+                     memory_budget_gb: float = 8.0, checkpoint_every: int = 200_000, baseline: str = "rotation",
+                     seed: int = 0, threshold: float = 0.5, n_snapshots: int = 4, rows: torch.Tensor | None = None,
+                     verbose: bool = True, artifacts_dir: str | Path | None = None) -> Result:
+    """Correlate `family`'s reference member with every other member and its baseline; returns the
+    cached result: `.table("universality")` the per-neuron table (also saved as `.csv`),
+    `.table("convergence")` the same statistics part-way through the pass, `.meta` the run record
+    (`run.json`), `.path` its folder: `out_dir`, else `<artifacts_dir>/correlations/<family>-<key>`
+    (`key` a hash of `correlation_identity`, content only, so a moved checkout finds it).
+
+    A finished run made with the same inputs is loaded (its files checked); one made with other
     inputs is refused (IdentityMismatch names the fields); an interrupted one resumes from its
-    checkpoint, whatever the batch size."""
+    checkpoint, whatever the batch size. The token rows and the identity are computed once here."""
+    if out_dir is None and artifacts_dir is None:
+        raise ValueError("correlate_family needs the artifacts folder (artifacts_dir) or an explicit out_dir")
     reference = reference or family.reference
     others = [m for m in family.members if m != reference]
     if not others:
@@ -98,8 +102,8 @@ def correlate_family(family, n_tokens: int, out_dir: str | Path, reference: str 
         return _correlate(family, rows, identity, out, reference, others, batch_size, device, precision, memory_budget_gb,
                           checkpoint_every, baseline, seed, threshold, n_snapshots, verbose)
 
-    res = cached_result("correlations", identity, compute, folder=out_dir)
-    return res.table("universality") if res.files else pd.DataFrame()
+    return cached_result("correlations", identity, compute, root=artifacts_dir, folder=out_dir,
+                         prefix=family.name)
 
 
 def _correlate(family, rows: TokenRows, identity: dict, out: Path, reference: str, others: list[str], batch_size: int,
@@ -247,14 +251,6 @@ def universality_table(res: dict, others: list[str], n_layers: int, d_mlp: int, 
     return df
 
 
-def results_dir(family, n_tokens: int, artifacts_dir: str | Path, reference: str | None = None, baseline: str = "rotation",
-                seed: int = 0, precision: str = "fp32", threshold: float = 0.5) -> Path:
-    """Cache folder of a correlation run: `<artifacts>/correlations/<family>-<hash of its identity>`
-    (`correlation_identity`: content only, so a moved checkout finds the same folder)."""
-    ident = correlation_identity(family, n_tokens, reference, baseline, seed, precision, threshold)
-    return result_dir(artifacts_dir, "correlations", ident, prefix=family.name)
-
-
 # ------------------------------------------------------------------ kept accumulators
 # The finished run's accumulators (the reference block against every comparison neuron, and one
 # covariance per comparison layer) are kept beside the table when they are small, so that other
@@ -285,47 +281,29 @@ def keep_accumulators(out: Path, block: int, rows: slice, acc: StreamingPearson,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from helpers.models.families import load_family
-    from helpers.core.presets import load_preset, resolve_dir
-
-    ap = argparse.ArgumentParser(
-        description="Correlate a reference model with the other seeds of its family (paper §2). The family, token "
-                    "count, batch size, reference, baseline, baseline seed, threshold and device come from the preset "
-                    "unless a flag overrides them.")
-    ap.add_argument("--preset", default="default", help="params/<preset>.yaml (default: %(default)s)")
-    ap.add_argument("--family", default=None, help="default: the preset's family (e.g. embedded-untrained)")
-    ap.add_argument("--n-tokens", type=int, default=None, help="tokens of held-out text (default: the preset's n_tokens)")
-    ap.add_argument("--reference", default=None, help="reference member (default: the preset's reference, else the first)")
-    ap.add_argument("--device", default=None, help="default: the preset's device")
+    ap = preset_parser(
+        "Correlate a reference model with the other seeds of its family (paper §2). The family, token count, "
+        "batch size, reference, baseline, baseline seed, threshold and device come from the preset unless a flag "
+        "overrides them.",
+        ["family", "n_tokens", "reference", "device", "baseline", "baseline_seed", "threshold", "batch_size"])
     ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     ap.add_argument("--memory-budget-gb", type=float, default=8.0)
-    ap.add_argument("--baseline", default=None, choices=["rotation", "gaussian"], help="default: the preset's baseline")
-    ap.add_argument("--baseline-seed", type=int, default=None, help="default: the preset's baseline_seed (or seed)")
-    ap.add_argument("--threshold", type=float, default=None, help="universal if excess correlation > this "
-                                                                    "(default: the preset's threshold, else 0.5)")
     ap.add_argument("--checkpoint-every", type=int, default=200_000, help="tokens between accumulator checkpoints")
-    ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's batch_size (does not change the "
-                                                                 "result; a resumed run may use another)")
     ap.add_argument("--out", default=None, help="output folder (default: a cache folder keyed by the run's inputs); a "
                                                 "finished run there made with other inputs is refused")
     ap.add_argument("--debug", action="store_true", help="show tracebacks (also HELPERS_DEBUG=1)")
     args = ap.parse_args(argv)
-    params = load_preset(args.preset)
-    device = args.device or params.get("device", "cpu")
-    fam = load_family(args.family or params["family"], params, device=device)
-    ref = args.reference or params.get("reference")
-    reference = fam.member(ref) if ref else fam.reference
-    n_tokens = args.n_tokens or int(params["n_tokens"])
-    baseline = args.baseline or params.get("baseline", "rotation")
-    seed = args.baseline_seed if args.baseline_seed is not None else int(params["baseline_seed"])
-    threshold = args.threshold if args.threshold is not None else float(params.get("threshold", 0.5))
-    art = resolve_dir(params.get("artifacts_dir", "artifacts"))
-    out = Path(args.out) if args.out else results_dir(fam, n_tokens, art, reference, baseline, seed, args.precision, threshold)
-    table = correlate_family(fam, n_tokens, out, reference, args.batch_size or int(params.get("batch_size", 32)), device,
-                             args.precision, args.memory_budget_gb, args.checkpoint_every, baseline, seed, threshold)
-    if len(table):
-        print(f"{out}: {int(table.is_universal.sum())} of {len(table)} neurons universal (threshold {threshold}); "
-              f"excess correlation median {table.excess_corr.median():.3f}, 99th percentile {table.excess_corr.quantile(0.99):.3f}")
+    params = preset_from_args(args)
+    fam = load_family(params.family, params, device=params.device)
+    res = correlate_family(fam, params.n_tokens, args.out, fam.member(params.reference), params.batch_size,
+                           params.device, args.precision, args.memory_budget_gb, args.checkpoint_every,
+                           params.baseline, params.baseline_seed, params.threshold,
+                           artifacts_dir=params.artifacts_path)
+    if res.files:
+        table = res.table("universality")
+        print(f"{res.path}: {int(table.is_universal.sum())} of {len(table)} neurons universal (threshold "
+              f"{params.threshold}); excess correlation median {table.excess_corr.median():.3f}, 99th percentile "
+              f"{table.excess_corr.quantile(0.99):.3f}")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ def families_dimensionality(families: dict, n_tokens: int | dict, artifacts_dir,
     out = []
     for label, fam in families.items():
         n = n_tokens[label] if isinstance(n_tokens, dict) else n_tokens
-        table = universality_table(fam, n, artifacts_dir, device, batch_size, seed, baseline, threshold=threshold, verbose=False)
+        table = universality_table(fam, n, artifacts_dir, device, batch_size, seed, baseline, threshold=threshold,
+                                   verbose=False).table("universality")
         run = load_run(fam, n, artifacts_dir, device, batch_size, seed, baseline, threshold)
         out.append(layer_dimensionality(run, table, seed, baseline, n_draws, label).assign(n_tokens=n))
     return pd.concat(out, ignore_index=True)

@@ -13,15 +13,20 @@ the two-layer family, the book's default until the six-layer family trained on a
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from helpers.core.presets import load_preset, repo_root, resolve_dir
+from helpers.core.cache import run_cli
+from helpers.core.cli import preset_from_args, preset_parser
+from helpers.core.presets import Preset, load_preset, repo_root
+from helpers.correlations.dimensionality import families_dimensionality
+from helpers.correlations.universality import excess_summary, universality_table
+from helpers.models.families import embedded_family
+from helpers.models.training import ensure_family
+from helpers.models.weights import training_table
 
 
 def _merge_rows(path: Path | None, new: pd.DataFrame, key: str, order: list[str]) -> pd.DataFrame:
@@ -32,20 +37,15 @@ def _merge_rows(path: Path | None, new: pd.DataFrame, key: str, order: list[str]
     return out.sort_values(key, key=lambda c: c.map(rank).fillna(len(rank)), kind="stable").reset_index(drop=True)
 
 
-def run_sweep(preset: str, grid_file: str | Path, device: str = "cpu", out_csv: str | Path | None = None,
+def run_sweep(base: Preset, grid_file: str | Path, out_csv: str | Path | None = None,
               only: list[str] | None = None, dims_csv: str | Path | None = None) -> pd.DataFrame:
-    """Train and score every configuration of the grid (or those named in `only`, merged into the
-    existing `out_csv`). With `dims_csv`, also record each configuration's per-layer effective
-    dimensionality and its predicted vs measured rotation baseline (medians over its members), the
-    sweep's points of chapter 01's dimensionality figure."""
-    from helpers.correlations.dimensionality import families_dimensionality
-    from helpers.models.families import embedded_family
-    from helpers.models.training import ensure_family, training_table
-    from helpers.correlations.universality import excess_summary, universality_table
-
-    base = load_preset(preset)
+    """Train and score every configuration of the grid on the preset `base` (its device; the grid
+    overrides its `embedded` block), or those named in `only`, merged into the existing `out_csv`.
+    With `dims_csv`, also record each configuration's per-layer effective dimensionality and its
+    predicted vs measured rotation baseline (medians over its members), the sweep's points of
+    chapter 01's dimensionality figure."""
     grid = yaml.safe_load(Path(grid_file).read_text())
-    art = resolve_dir(base.get("artifacts_dir", "artifacts"))
+    art, device = base.artifacts_path, base.device
     names = [c["name"] for c in grid["configs"]]
     unknown = sorted(set(only or []) - set(names))
     if unknown:
@@ -61,9 +61,10 @@ def run_sweep(preset: str, grid_file: str | Path, device: str = "cpu", out_csv: 
         fam = embedded_family(params, device=device, train=False)
         ctl = embedded_family(params, untrained=True, device=device, train=False)
         t0 = time.time()
-        trained = excess_summary(universality_table(fam, grid["n_tokens"], art, device, verbose=False))
-        control = excess_summary(universality_table(ctl, grid["n_tokens"], art, device, verbose=False))
-        t = universality_table(fam, grid["n_tokens"], art, device, verbose=False)
+        t = universality_table(fam, grid["n_tokens"], art, device, verbose=False).table("universality")
+        trained = excess_summary(t)
+        ctl_table = universality_table(ctl, grid["n_tokens"], art, device, verbose=False).table("universality")
+        control = excess_summary(ctl_table)
         tt = training_table(folder).loc[fam.members]
         minutes = float(tt.train_seconds.sum()) / 60
         row = {"config": cfg["name"], **{k: params["embedded"][k] for k in ("n_layers", "d_model", "d_mlp", "d_vocab", "lr", "train_tokens")},
@@ -211,28 +212,27 @@ def write_appendix(df: pd.DataFrame, command: str, path: str | Path, decision: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Sweep embedded-family configurations, scored by universality.")
-    ap.add_argument("--preset", default="two-layer")
+    ap = preset_parser("Sweep embedded-family configurations, scored by universality.", ["device"],
+                       default_preset="two-layer")
     ap.add_argument("--grid", default="sweeps/embedded.yaml")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", action="append", default=None, metavar="CONFIG",
                     help="run only this configuration of the grid (repeatable); its rows replace those in the CSVs")
     ap.add_argument("--appendix-only", action="store_true",
                     help="re-render book/appendix_sweep.md from sweeps/results.csv without running anything")
     args = ap.parse_args(argv)
+    params = preset_from_args(args)
     root = repo_root()
     grid = yaml.safe_load(Path(args.grid).read_text())
     command = "python -m helpers.correlations.sweep --preset " + args.preset + " --grid " + args.grid
     if args.appendix_only:
         df = pd.read_csv(root / "sweeps" / "results.csv")
     else:
-        df = run_sweep(args.preset, args.grid, args.device, root / "sweeps" / "results.csv", args.only,
+        df = run_sweep(params, args.grid, root / "sweeps" / "results.csv", args.only,
                        root / "sweeps" / "dimensionality.csv")
-    write_appendix(df, command, root / "book" / "appendix_sweep.md", decision=grid.get("decision", ""), preset=args.preset)
+    write_appendix(df, command, root / "book" / "appendix_sweep.md", decision=grid.get("decision", ""),
+                   preset=params.preset)
     print(df.to_string())
 
 
 if __name__ == "__main__":
-    from helpers.core.cache import run_cli
-
     run_cli(main)

@@ -1,12 +1,13 @@
 """Analyses of the per-neuron universality table (paper §2, Figs 2, 11, 12, 13).
 
-The table comes from `helpers.correlations.correlate.correlate_family`; these functions turn it into the
-quantities the chapter plots and compares with the paper. No loops live in the notebooks: runs over
-several families or checkpoints are here too.
+The table comes from `helpers.correlations.correlate.correlate_family` (`universality_table` returns
+that cached run); these functions turn it into the quantities the chapter plots and compares with
+the paper. No loops live in the notebooks: runs over several families or checkpoints are here too.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,17 +15,23 @@ import numpy as np
 import pandas as pd
 
 from helpers.core import paper
-from helpers.core.cache import read_json
-from helpers.correlations.correlate import correlate_family, results_dir, short_name
+from helpers.core.cache import Result, config_hash, read_json, run_cli, write_json
+from helpers.core.cli import preset_from_args, preset_parser
+from helpers.core.presets import Preset, repo_root
+from helpers.correlations.correlate import correlate_family
+from helpers.models.families import embedded_family, load_family
+from helpers.models.weights import saved_checkpoint_steps
 
 
 def universality_table(family, n_tokens: int, artifacts_dir: str | Path, device: str = "cpu", batch_size: int = 32,
                        seed: int = 0, baseline: str = "rotation", precision: str = "fp32", threshold: float = 0.5,
-                       verbose: bool = True) -> pd.DataFrame:
-    """The per-neuron table of `family` over `n_tokens` held-out tokens (computed once, then cached)."""
-    out = results_dir(family, n_tokens, artifacts_dir, None, baseline, seed, precision, threshold)
-    return correlate_family(family, n_tokens, out, batch_size=batch_size, device=device, precision=precision,
-                            baseline=baseline, seed=seed, threshold=threshold, verbose=verbose)
+                       verbose: bool = True) -> Result:
+    """The correlation run of `family` over `n_tokens` held-out tokens, computed once, then cached
+    under `artifacts_dir` (`correlate_family`): `.table("universality")` the per-neuron table,
+    `.table("convergence")`, `.meta` the run record."""
+    return correlate_family(family, n_tokens, batch_size=batch_size, device=device, precision=precision,
+                            baseline=baseline, seed=seed, threshold=threshold, verbose=verbose,
+                            artifacts_dir=artifacts_dir)
 
 
 def comparison_members(table: pd.DataFrame) -> list[str]:
@@ -120,8 +127,8 @@ def add_calibrated_sets(table: pd.DataFrame, control: pd.DataFrame | None, top_f
     return out
 
 
-def checkpoint_emergence(params: dict, n_tokens: int, artifacts_dir: str | Path, device: str = "cpu", batch_size: int = 32,
-                         seed: int = 0, threshold: float = 0.5, baseline: str = "rotation",
+def checkpoint_emergence(params: Preset, n_tokens: int, artifacts_dir: str | Path, device: str = "cpu",
+                         batch_size: int = 32, seed: int = 0, threshold: float = 0.5, baseline: str = "rotation",
                          control_family: str = "embedded-untrained") -> pd.DataFrame:
     """Universality at every saved training checkpoint of the embedded family (the same step in every
     seed): one row per step with the excess-correlation summary.
@@ -131,20 +138,17 @@ def checkpoint_emergence(params: dict, n_tokens: int, artifacts_dir: str | Path,
     extreme maxima), and `share_above_control` uses that run's maximum. The control's summary is in
     the `control_*` columns. Every step, and the control, uses the same members: those whose
     checkpoints were saved."""
-    from helpers.models.families import embedded_family, load_family
-    from helpers.models.training import saved_checkpoint_steps
-
     steps = saved_checkpoint_steps(params)
     members = embedded_family(params, device=device, checkpoint=steps[0]).members  # the same seeds at every step
     ctl = load_family(control_family, params, device=device, members=members)
     ctl_table = universality_table(ctl, n_tokens, artifacts_dir, device, batch_size, seed, baseline=baseline,
-                                   threshold=threshold, verbose=False)
+                                   threshold=threshold, verbose=False).table("universality")
     c = excess_summary(ctl_table)
     rows = []
     for step in steps:
         fam = embedded_family(params, device=device, checkpoint=step)
         t = universality_table(fam, n_tokens, artifacts_dir, device, batch_size, seed, baseline=baseline, threshold=threshold,
-                               verbose=False)
+                               verbose=False).table("universality")
         s = excess_summary(t)
         s["step"] = step
         s["tokens_trained"] = step * fam.info["recipe"]["batch_size"] * fam.info["arch"]["n_ctx"]
@@ -355,7 +359,7 @@ def default_control(family) -> str | None:
     return "embedded-untrained" if family.name == "embedded" else None
 
 
-def neuron_set(family, control_family, params: dict, n_tokens: int, artifacts_dir: str | Path, device: str = "cpu",
+def neuron_set(family, control_family, params: Preset, n_tokens: int, artifacts_dir: str | Path, device: str = "cpu",
                batch_size: int = 32, seed: int = 0, baseline: str = "rotation", threshold: float = 0.5,
                min_count: int = 20, top_fraction: float = 0.01, share: float = SET_SHARE,
                verbose: bool = False) -> NeuronSet:
@@ -364,26 +368,20 @@ def neuron_set(family, control_family, params: dict, n_tokens: int, artifacts_di
     over the same `n_tokens` tokens and `baseline`, the calibrated sets (`add_calibrated_sets`) and
     the chosen one (`choose_set`). The correlation tables are cached by `helpers.correlations.correlate`; the
     set table is cached under `<artifacts>/neuron_sets/`, keyed by both runs and the set rules."""
-    from helpers.core.cache import config_hash, write_json
-
     if isinstance(control_family, str):
         name = default_control(family) if control_family == "auto" else control_family
-        if name is None:
-            control_family = None
-        else:
-            from helpers.models.families import load_family
-
-            control_family = load_family(name, params, device=device)
-    fam_dir = results_dir(family, n_tokens, artifacts_dir, None, baseline, seed, "fp32", threshold)
-    ctl_dir = None if control_family is None else results_dir(control_family, n_tokens, artifacts_dir, None, baseline, seed,
-                                                               "fp32", threshold)
+        control_family = None if name is None else load_family(name, params, device=device)
+    run = universality_table(family, n_tokens, artifacts_dir, device, batch_size, seed, baseline,
+                             threshold=threshold, verbose=verbose)
+    ctl_run = None if control_family is None else universality_table(
+        control_family, n_tokens, artifacts_dir, device, batch_size, seed, baseline, threshold=threshold,
+        verbose=verbose)
+    fam_dir, ctl_dir = run.path, None if ctl_run is None else ctl_run.path
     key = config_hash({"family": fam_dir.name, "control": None if ctl_dir is None else ctl_dir.name, "min_count": min_count,
                        "top_fraction": top_fraction, "share": share, "version": 2})
     cache = Path(artifacts_dir) / "neuron_sets" / f"{family.name}-{key}"
-    table = universality_table(family, n_tokens, artifacts_dir, device, batch_size, seed, baseline, threshold=threshold,
-                               verbose=verbose)
-    control = None if control_family is None else universality_table(
-        control_family, n_tokens, artifacts_dir, device, batch_size, seed, baseline, threshold=threshold, verbose=verbose)
+    table = run.table("universality")
+    control = None if ctl_run is None else ctl_run.table("universality")
     if (cache / "sets.parquet").is_file():
         sets = pd.read_parquet(cache / "sets.parquet")
         chosen = read_json(cache / "set.json")["chosen"]
@@ -403,11 +401,8 @@ def neuron_set(family, control_family, params: dict, n_tokens: int, artifacts_di
     return NeuronSet(out, chosen, control, control_family)
 
 
-def checkpoint_families(params: dict, device: str = "cpu") -> dict:
+def checkpoint_families(params: Preset, device: str = "cpu") -> dict:
     """{"step N": Family} for every saved training checkpoint of the preset's embedded family."""
-    from helpers.models.families import embedded_family
-    from helpers.models.training import saved_checkpoint_steps
-
     return {f"step {s}": embedded_family(params, device=device, checkpoint=s) for s in saved_checkpoint_steps(params)}
 
 
@@ -440,15 +435,13 @@ def family_record(nset: NeuronSet, family, n_tokens: int, threshold: float = 0.5
             "same_layer_share": spec["diagonal"], "same_layer_chance": spec["chance"]}
 
 
-def record_family(params, out_csv: str | Path, n_tokens: int | None = None, device: str = "cpu", command: str = "",
-                  verbose: bool = True) -> pd.DataFrame:
-    """Compute `family_record` for the preset's embedded family and write it into `out_csv`, one row
-    per (preset, n_tokens), replacing an older row of the same key. Returns the file's table."""
-    from helpers.models.families import load_family
-
-    n = int(n_tokens or params.n_tokens)
+def record_family(params: Preset, out_csv: str | Path, command: str = "", verbose: bool = True) -> pd.DataFrame:
+    """Compute `family_record` for the preset's embedded family over its `n_tokens` and write it into
+    `out_csv`, one row per (preset, n_tokens), replacing an older row of the same key. Returns the
+    file's table."""
+    n, device = params.n_tokens, params.device
     fam = load_family(params.family, params, device=device)
-    nset = neuron_set(fam, "auto", params, n, params.artifacts_dir, device=device, batch_size=params.batch_size,
+    nset = neuron_set(fam, "auto", params, n, params.artifacts_path, device=device, batch_size=params.batch_size,
                       seed=params.baseline_seed, baseline=params.baseline, threshold=params.threshold, verbose=verbose)
     row = {"preset": params.preset, **family_record(nset, fam, n, params.threshold),
            "weights": fam.info.get("source", ""), "command": command}
@@ -463,8 +456,6 @@ def record_family(params, out_csv: str | Path, n_tokens: int | None = None, devi
 
 def recorded_families(root: Path | None = None) -> pd.DataFrame | None:
     """The committed rows of `RECORD_FILE` (None if absent)."""
-    from helpers.core.presets import repo_root
-
     path = (root or repo_root()) / RECORD_FILE
     return pd.read_csv(path) if path.is_file() else None
 
@@ -511,25 +502,17 @@ def depth_conclusion(cmp: pd.DataFrame, before: str, after: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import sys
-
-    from helpers.core.presets import load_preset
-
-    ap = argparse.ArgumentParser(description="Record a preset's family in one row (chapter 01's comparison of families).")
-    ap.add_argument("--preset", required=True)
+    ap = preset_parser("Record a preset's family in one row (chapter 01's comparison of families).",
+                       ["n_tokens", "device"], default_preset=None)
     ap.add_argument("--record", default=RECORD_FILE, help=f"the CSV to write into (default {RECORD_FILE})")
-    ap.add_argument("--n-tokens", type=int, default=None, help="held-out tokens (default: the preset's n_tokens)")
-    ap.add_argument("--device", default=None)
     ap.add_argument("--command", default=None, help="the command to record as having made the row (default: this one)")
     args = ap.parse_args(argv)
-    params = load_preset(args.preset)
-    command = args.command or "python -m helpers.correlations.universality " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = record_family(params, args.record, args.n_tokens, args.device or params.device, command)
+    params = preset_from_args(args)
+    given = argv if argv is not None else sys.argv[1:]
+    command = args.command or "python -m helpers.correlations.universality " + " ".join(given)
+    table = record_family(params, args.record, command)
     print(table.to_string())
 
 
 if __name__ == "__main__":
-    from helpers.core.cache import run_cli
-
     run_cli(main)

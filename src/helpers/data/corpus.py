@@ -42,6 +42,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from helpers.core.cache import array_sha256, config_hash, read_json, sha256_file, write_json
+from helpers.core.cli import add_preset_options, preset_from_args
+from helpers.core.presets import Preset
 from helpers.data.tokens import GPT2_EOS, GPT2_VOCAB_SIZE, TokenRows, VocabMap, encode_gpt2, gpt2_tokenizer, rows_from_stream
 
 BUILDER_VERSION = 1
@@ -374,6 +376,11 @@ class Corpus:
         return pd.DataFrame(self.provenance["per_source"]).set_index("label")
 
 
+def preset_corpus(params: Preset, verbose: bool = True) -> Corpus:
+    """The corpus of a preset's `corpus` block, built (or reused) under its artifacts folder."""
+    return build_corpus(params.get("corpus", {}), params.artifacts_path, verbose=verbose)
+
+
 def build_corpus(cfg: dict, out_root: str | Path, deb_dir: str | Path | None = None, force: bool = False, verbose: bool = True) -> Corpus:
     """Build (or reuse) the corpus described by `cfg` (a preset's `corpus` block) under `out_root`.
 
@@ -507,25 +514,21 @@ def embedded_rows_identity(corpus, vocab: VocabMap, n_ctx: int, split: str, max_
 
 
 def main(argv: list[str] | None = None) -> None:
-    from helpers.core.presets import load_preset, resolve_dir
-
     ap = argparse.ArgumentParser(description="Build the embedded corpus (cached by its configuration).")
-    ap.add_argument("--preset", default="default", help="params/<preset>.yaml whose `corpus` block to build")
-    ap.add_argument("--artifacts-dir", default=None, help="overrides the preset's artifacts_dir")
+    add_preset_options(ap, ["artifacts_dir"])
     ap.add_argument("--text-dir", action="append", default=[], help="add a folder of text files as a source")
     ap.add_argument("--only-text", action="store_true", help="use only the --text-dir folders")
     ap.add_argument("--deb-dir", default=None, help="folder holding the Debian .deb files (downloaded there if missing)")
     ap.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     args = ap.parse_args(argv)
-    preset = load_preset(args.preset)
+    preset = preset_from_args(args)
     cfg = dict(preset.get("corpus", {}))
     if args.text_dir:
         cfg["text_dirs"] = list(cfg.get("text_dirs", [])) + args.text_dir
     if args.only_text:
         cfg["sources"] = []
-    out = resolve_dir(args.artifacts_dir or preset.get("artifacts_dir", "artifacts"))
     try:
-        corpus = build_corpus(cfg, out, deb_dir=args.deb_dir, force=args.force)
+        corpus = build_corpus(cfg, preset.artifacts_path, deb_dir=args.deb_dir, force=args.force)
     except SourceMissing as e:
         sys.exit(f"error: {e}")
     print(corpus.summary().to_string())

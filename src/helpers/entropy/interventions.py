@@ -42,7 +42,7 @@ from helpers.core import paper
 from helpers.streaming.activations import ActivationStream
 from helpers.core.cache import atomic_write_parquet, cached_result
 from helpers.data.tokens import TokenRows, valid_token_mask
-from helpers.properties.neuron_stats import SignedLogHistogram
+from helpers.streaming.accumulators import SignedLogHistogram
 
 SCALE_HOOK = "ln_final.hook_scale"
 METRICS = ("scale", "entropy", "loss", "rr", "top1_same")

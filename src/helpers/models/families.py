@@ -11,7 +11,8 @@
 
 Loading a family never trains unless asked to (`train=True`), and says so when it does. The
 embedded family is looked up, in order, in the shipped folders of `weights/` (checked against
-their manifest's sha256 on every load), then in this machine's training cache under `artifacts/`.
+their manifest's sha256 on every load), then in this machine's training cache under `artifacts/`
+(both described in `helpers.models.weights`).
 
 Every family has an `identity`: the sha256 of each member's weights (or the hub name of a hub
 model), so cached results are keyed by what was computed, never by where the files lie.
@@ -19,23 +20,25 @@ model), so cached results are keyed by what was computed, never by where the fil
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from helpers.core.cache import read_json, sha256_file
-from helpers.data.corpus import build_corpus, embedded_rows_identity, embedded_token_rows, retokenized_token_rows
-from helpers.data.tokens import TokenRows, VocabMap, cached_token_rows
+from helpers.core.presets import Architecture, Preset
+from helpers.data.corpus import (embedded_rows_identity, embedded_token_rows, preset_corpus,
+                                 retokenized_token_rows)
 from helpers.data.hub import require_hub
-from helpers.models.loading import (MEMBERS, PROCESSING, SMOLLM2_FILE, HFCodec, VocabCodec, init_model, load_model,
-                     load_smollm2, processed_model, smollm2_path, smollm2_tokenizer)
-from helpers.models.training import (checkpoint_steps, family_dir, family_members, member_seed, shipped_family,
-                    split_embedded_config, train_seed)
+from helpers.data.tokens import TokenRows, cached_token_rows
+from helpers.models.loading import (MEMBERS, PROCESSING, SMOLLM2_FILE, HFCodec, VocabCodec, evaluate_loss,
+                                    init_model, load_model, load_smollm2, processed_model, sample_text,
+                                    smollm2_path, smollm2_tokenizer, state_sha256)
+from helpers.models.training import ensure_family
+from helpers.models.weights import (family_dir, family_members, family_vocab, member_seed,
+                                    saved_checkpoint_steps, shipped_family, trained_members)
 
 
 class UnknownFamily(KeyError):
@@ -123,15 +126,10 @@ HUB_FAMILIES = {
 KNOWN_FAMILIES = ["embedded", "embedded-untrained", *HUB_FAMILIES, "smollm2-135m"]
 
 
-def state_sha256(model) -> str:
-    """sha256 of a model's raw state dict (names, shapes, fp32 bytes): the identity of weights that
-    exist only in memory, such as an untrained control rebuilt from its seed."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(str(tuple(v.shape)).encode())
-        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
+def short_name(member: str) -> str:
+    """A member's short name, the suffix of its table columns: `stanford-gpt2-small-b` -> `b`,
+    `pythia-160m-seed1` -> `seed1`, `a` -> `a`."""
+    return member.rsplit("-", 1)[-1] if "-" in member else member
 
 
 def _hub_family(name: str, device: str, artifacts_dir: Path) -> Family:
@@ -167,7 +165,7 @@ def _hub_family(name: str, device: str, artifacts_dir: Path) -> Family:
     return fam
 
 
-def _smollm2_family(device: str, params: dict | None) -> Family:
+def _smollm2_family(device: str, params: Preset | None) -> Family:
     if params is None:
         raise ValueError("smollm2-135m reads the embedded corpus of a preset: pass `params` (e.g. load_preset('default'))")
 
@@ -175,10 +173,8 @@ def _smollm2_family(device: str, params: dict | None) -> Family:
         return load_smollm2(device, fam.codec.tokenizer)
 
     def rows(n_tokens: int, split: str) -> TokenRows:
-        from helpers.core.presets import resolve_dir
-
-        art = resolve_dir(params.get("artifacts_dir", "artifacts"))
-        corpus = build_corpus(params.get("corpus", {}), art, verbose=False)
+        art = params.artifacts_path
+        corpus = preset_corpus(params, verbose=False)
         ident = {"source": "smollm2", "corpus": corpus.provenance["content_sha256"], "tokenizer": SMOLLM2_FILE,
                  "n_ctx": 512, "split": split, "n_tokens": int(n_tokens), "version": 1}
         return cached_token_rows(art, ident, lambda: retokenized_token_rows(corpus, fam.codec, n_tokens, split, n_ctx=512))
@@ -192,13 +188,13 @@ def _smollm2_family(device: str, params: dict | None) -> Family:
     return fam
 
 
-def _untrained_model(arch: dict, seed: int, device: str):
+def _untrained_model(arch: Architecture, seed: int, device: str):
     """An untrained control member: the init of `seed`, with the same weight processing as a trained one."""
     raw = init_model(arch, seed, "cpu")
     return processed_model(arch, raw.state_dict(), device), state_sha256(raw)
 
 
-def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", train: bool = False,
+def embedded_family(params: Preset, untrained: bool = False, device: str = "cpu", train: bool = False,
                     checkpoint: int | None = None, verbose: bool = True, members: list[str] | None = None) -> Family:
     """The embedded family of a preset (or its untrained control, or its weights at a training step).
 
@@ -210,38 +206,16 @@ def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", 
     members: those whose intermediate checkpoints were saved (`info["checkpoint_members"]`; all five
     when trained here, three in the shipped family). `members`: a subset of the members to load.
     """
-    from helpers.core.presets import resolve_dir
-
-    arch, recipe = split_embedded_config(params["embedded"])
-    art = resolve_dir(params.get("artifacts_dir", "artifacts"))
-    corpus = build_corpus(params.get("corpus", {}), art, verbose=False)
+    arch = params.arch
+    art = params.artifacts_path
+    corpus = preset_corpus(params, verbose=False)
     shipped = shipped_family(params, corpus)
     if shipped is not None:
-        folder, manifest = shipped.folder, shipped.manifest
-        info = {"arch": manifest["arch"], "recipe": manifest["recipe"], "base_seed": manifest["train_seed"],
-                "members": list(manifest["members"]), "source": f"shipped ({folder.name})",
-                "val_loss": {m: v["val_loss"] for m, v in manifest["members"].items()},
-                "train_seconds": {m: v["train_seconds"] for m, v in manifest["members"].items()},
-                "precision": {m: v["precision"] for m, v in manifest["members"].items()},
-                "corpus": manifest["corpus_key"], "corpus_content_sha256": manifest["corpus_content_sha256"],
-                "vocab_coverage": manifest["vocab_coverage"], "seeds": {m: v["seed"] for m, v in manifest["members"].items()},
-                "processing": PROCESSING, "manifest": manifest}
+        folder, info = shipped.folder, {**shipped.family_info(), "processing": PROCESSING}
     else:
-        folder = family_dir(params, corpus)
-        if not (folder / "family.json").is_file() or any(not (folder / m / "train_log.json").is_file()
-                                                         for m in family_members(params)):
-            if not train:
-                raise FamilyNotTrained(
-                    f"the embedded family of preset {params.get('preset', '?')!r} is not shipped in weights/ and not "
-                    f"trained on this machine ({folder}); train it with `python -m helpers.models.training --preset "
-                    f"{params.get('preset', '<name>')}` or call with train=True")
-            from helpers.models.training import ensure_family
-
-            if verbose:
-                print(f"training the embedded family of preset {params.get('preset', '?')!r} (no shipped weights match it)")
-            ensure_family(params, device=device, verbose=verbose)
+        folder = _trained_family(params, corpus, train, device, verbose)
         info = {**read_json(folder / "family.json"), "source": "trained on this machine"}
-    vocab = VocabMap(np.load(folder / "vocab_gpt2_ids.npy"), int(arch["d_vocab"]) - 1)
+    vocab = family_vocab(folder, arch)
     all_members = family_members(params)
     if members is not None:
         unknown = [m for m in members if m not in all_members]
@@ -253,10 +227,9 @@ def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", 
         members = [m for m in members if m in ckpt_members]
         if len(members) < 2:
             raise ValueError(f"checkpoints were saved for {ckpt_members} only: fewer than two of the requested members")
-    base_seed = train_seed(params)
-    n_ctx = int(arch["n_ctx"])
-    steps = checkpoint_steps(max(1, int(recipe["train_tokens"]) // (int(recipe["batch_size"]) * n_ctx)),
-                             int(recipe["n_checkpoints"]))
+    base_seed = params.train_seed
+    n_ctx = arch.n_ctx
+    steps = saved_checkpoint_steps(params)
     name = "embedded-untrained" if untrained else "embedded"
     if untrained or checkpoint == 0:
         seeds = {m: member_seed(base_seed, m, untrained=untrained) for m in members}
@@ -299,6 +272,23 @@ def embedded_family(params: dict, untrained: bool = False, device: str = "cpu", 
                   identity_factory=identity, reference_member=ref if ref in members else None)
 
 
+def _trained_family(params: Preset, corpus, train: bool, device: str, verbose: bool) -> Path:
+    """The training cache folder of the preset's family, trained here first when `train` (else an
+    error saying how) if any member is missing."""
+    folder = family_dir(params, corpus)
+    if (folder / "family.json").is_file() and all(m in trained_members(folder) for m in family_members(params)):
+        return folder
+    if not train:
+        raise FamilyNotTrained(
+            f"the embedded family of preset {params.get('preset', '?')!r} is not shipped in weights/ and not "
+            f"trained on this machine ({folder}); train it with `python -m helpers.models.training --preset "
+            f"{params.get('preset', '<name>')}` or call with train=True")
+    if verbose:
+        print(f"training the embedded family of preset {params.get('preset', '?')!r} (no shipped weights match it)")
+    ensure_family(params, device=device, verbose=verbose)
+    return folder
+
+
 def _weights_sha(shipped, folder: Path) -> str:
     if shipped is not None:
         return shipped.expected_sha(folder / "model.safetensors")
@@ -312,7 +302,7 @@ def _load_verified(shipped, folder: Path, device: str):
     return load_model(folder, device)
 
 
-def load_family(name: str = "embedded", params: dict | None = None, device: str = "cpu", **kwargs) -> Family:
+def load_family(name: str = "embedded", params: Preset | None = None, device: str = "cpu", **kwargs) -> Family:
     """Load a family by name. `params` is the preset (the embedded families and SmolLM2 read its
     corpus and architecture); online-only families fail fast when the hub is unreachable."""
     if name in ("embedded", "embedded-untrained"):
@@ -321,9 +311,10 @@ def load_family(name: str = "embedded", params: dict | None = None, device: str 
         return embedded_family(params, untrained=name == "embedded-untrained", device=device, **kwargs)
     if name in HUB_FAMILIES:
         require_hub(f"family {name!r}")
-        from helpers.core.presets import resolve_dir
-
-        fam = _hub_family(name, device, resolve_dir((params or {}).get("artifacts_dir", "artifacts")))
+        if params is None:
+            raise ValueError(f"family {name!r} caches its token rows in a preset's artifacts folder: "
+                             "pass `params`")
+        fam = _hub_family(name, device, params.artifacts_path)
     elif name == "smollm2-135m":
         smollm2_path()
         fam = _smollm2_family(device, params)
@@ -339,16 +330,12 @@ def evaluate_family(family: Family, rows: torch.Tensor, batch_size: int = 32) ->
     """Validation loss (nats per token) of every member of `family` on the same `rows`."""
     from tqdm.auto import tqdm
 
-    from helpers.models.training import evaluate_loss
-
     return {m: evaluate_loss(family.load(m), rows, batch_size) for m in tqdm(family.members, desc=f"{family.name} loss")}
 
 
 def sample_family(family: Family, prompts: list[str], max_new_tokens: int = 30, temperature: float = 0.7, seed: int = 0):
     """Table of sampled continuations: one row per member, one column per prompt."""
     import pandas as pd
-
-    from helpers.models.loading import sample_text
 
     rows = {}
     for m in family.members:
@@ -362,13 +349,12 @@ def weights_table(family: Family):
     (precision, CPU, seconds), its validation loss and the sha256 of its weights."""
     import pandas as pd
 
-    from helpers.models.training import _trained_members
-
     folder = Path(family.info["family_folder"])
     manifest = family.info.get("manifest", {}).get("members", {})
+    done = trained_members(folder)
     rows = []
     for m in family.members:
-        log = read_json(folder / m / "train_log.json") if m in _trained_members(folder) else {}
+        log = read_json(folder / m / "train_log.json") if m in done else {}
         run = (log.get("runs") or [{}])[-1]
         rec = manifest.get(m, {})
         rows.append({"member": m, "weights": family.info.get("source", ""), "seed": log.get("seed"),

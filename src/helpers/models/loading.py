@@ -5,12 +5,14 @@ TransformerLens's `from_pretrained` in `helpers.models.families`).
 Every model is a TransformerLens `HookedTransformer` loaded with the same weight processing as
 `from_pretrained`: `fold_ln`, `center_writing_weights`, `center_unembed` (and value-bias folding).
 The paper's weight statistics are computed on these processed weights (App. A.1), so the processing
-is passed explicitly and recorded in `PROCESSING`. Families (sets of seeds) live one layer up, in
-`helpers.models.families`.
+is passed explicitly and recorded in `PROCESSING`. Also here: a model's held-out loss
+(`evaluate_loss`, `row_losses`) and the content identity of weights held only in memory
+(`state_sha256`). Families (sets of seeds) live one layer up, in `helpers.models.families`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -19,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from helpers.core.cache import write_json
+from helpers.core.cache import DamagedFile, write_json
+from helpers.core.presets import ARCH_KEYS
 from helpers.data.tokens import VocabMap
 
 PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
 MEMBERS = list("abcde")
-ARCH_KEYS = ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "d_vocab")
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,8 +94,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", processin
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"no saved model in {folder} (expected model.safetensors and config.json)")
-    from helpers.core.cache import DamagedFile
-
     try:
         arch = json.loads((folder / "config.json").read_text())["arch"]
     except (ValueError, KeyError) as e:
@@ -117,6 +118,45 @@ def processed_model(arch: dict, state: dict, device: str | torch.device = "cpu",
     model.eval()
     model.processing = proc
     return model
+
+
+def state_sha256(model) -> str:
+    """sha256 of a model's raw state dict (names, shapes, fp32 bytes): the identity of weights that
+    exist only in memory, such as an untrained control rebuilt from its seed."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def evaluate_loss(model, rows: torch.Tensor, batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy (nats) of `model` over `rows` [n, n_ctx] of model ids, in fp32."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i : i + batch_size].to(model.cfg.device)
+        logits = model(batch, return_type="logits").float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total += float(loss)
+        count += batch[:, 1:].numel()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def row_losses(model, rows: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+    """Mean next-token cross-entropy (nats) of `model` on each row of `rows` [n, n_ctx], in fp32:
+    [n]. Every row scores n_ctx - 1 tokens, so their mean is `evaluate_loss`."""
+    model.eval()
+    out = []
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i : i + batch_size].to(model.cfg.device)
+        logits = model(batch, return_type="logits").float()
+        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")  # [batch, n_ctx - 1]
+        out.append(loss.mean(1).double().cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ import torch
 
 from helpers.streaming.activations import ActivationStream
 from helpers.core.cache import atomic_write_parquet, cached_result, config_hash
-from helpers.taxonomy.explain import GroupedMoments
+from helpers.streaming.accumulators import GroupedMoments
 from helpers.taxonomy.features import PRONOUNS, SYMBOLS, WORD_GROUPS, token_feature_table, vocab_strings_gpt2
 from helpers.models.loading import neuron_weights
 

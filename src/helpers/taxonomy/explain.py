@@ -29,7 +29,6 @@ reference model (see `--help`).
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +38,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.streaming.activations import ActivationStream
 from helpers.core.cache import atomic_write_parquet, cached_result, run_cli
+from helpers.core.cli import preset_from_args, preset_parser
 from helpers.data.tokens import TokenRows
+from helpers.models.families import load_family
+from helpers.streaming.accumulators import GroupedMoments, StreamingMoments
+from helpers.streaming.activations import ActivationStream
 from helpers.taxonomy.features import FeatureSet, build_feature_set, feature_set_key, letter_of, vocab_strings_gpt2
-from helpers.properties.neuron_stats import StreamingMoments
 
 CODE_VERSION = 3
 MODEL = "model"
@@ -58,161 +59,8 @@ MAX_POSITION_GROUPS = 256
 
 
 # --------------------------------------------------------------------------------------------
-# The accumulator
+# Variance reduction (eq. 4), directly: the check of `GroupedMoments`
 # --------------------------------------------------------------------------------------------
-
-
-class GroupedMoments:
-    """Streaming per-label sums of `n` variables for `g` binary labels: the grouped moments of eq. 4.
-
-    `update(x, y)` with `x` [tokens, n] activations and `y` [tokens, g] 0/1 labels adds the count
-    of each label, and for each variable and label the sum and the sum of squares of x over the
-    labelled tokens (`x.T @ y` and `(x*x).T @ y`: one matrix product each), plus the totals;
-    with `firing=True` also the count of x > 0 per label (`(x > 0).T @ y`).
-
-    Precision: values are shifted by a per-variable constant (the first batch's mean) before they
-    are squared, so the sums of squares do not cancel catastrophically; each batch's products are
-    taken in `dtype` (float32 by default: matmul speed, ~1e-7 relative error per batch) and added
-    to float64 accumulators across batches. With `dtype=torch.float64` the result agrees with a
-    direct pandas computation to ~1e-12. `merge` re-shifts exactly, so accumulators built on
-    different shards combine to rounding error.
-    """
-
-    def __init__(self, n: int, g: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 firing: bool = False):
-        self.n, self.g, self.device, self.dtype, self.firing = int(n), int(g), torch.device(device), dtype, firing
-        f64 = dict(dtype=torch.float64, device=self.device)
-        self.count = 0
-        self.shift = torch.zeros(self.n, **f64)
-        self.s, self.q, self.fires = torch.zeros(self.n, **f64), torch.zeros(self.n, **f64), torch.zeros(self.n, **f64)
-        self.n1 = torch.zeros(self.g, **f64)
-        self.s1, self.q1 = torch.zeros(self.n, self.g, **f64), torch.zeros(self.n, self.g, **f64)
-        self.f1 = torch.zeros(self.n, self.g, **f64) if firing else None
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> "GroupedMoments":
-        if x.dim() != 2 or x.shape[1] != self.n or y.dim() != 2 or y.shape != (x.shape[0], self.g):
-            raise ValueError(f"expected x [tokens, {self.n}] and y [tokens, {self.g}], got {tuple(x.shape)}, {tuple(y.shape)}")
-        if x.shape[0] == 0:
-            return self
-        x = x.to(self.device)
-        if self.count == 0:
-            self.shift = x.double().mean(0)
-        d = (x.double() - self.shift).to(self.dtype)
-        yy = y.to(self.device, self.dtype)
-        self.count += int(x.shape[0])
-        self.s += d.sum(0, dtype=torch.float64)
-        self.q += (d * d).sum(0, dtype=torch.float64)
-        self.n1 += yy.sum(0, dtype=torch.float64)
-        self.s1 += (d.T @ yy).double()
-        self.q1 += ((d * d).T @ yy).double()
-        if self.firing:
-            fire = (x > 0).to(self.dtype)
-            self.fires += fire.sum(0, dtype=torch.float64)
-            self.f1 += (fire.T @ yy).double()
-        return self
-
-    def _reshift(self, new: torch.Tensor) -> None:
-        """Express the sums about `new` instead of `self.shift` (exact algebra)."""
-        c = new - self.shift  # [n]
-        n1 = self.n1[None, :]
-        self.q1 += -2 * c[:, None] * self.s1 + c[:, None] ** 2 * n1
-        self.s1 -= c[:, None] * n1
-        self.q += -2 * c * self.s + c * c * self.count
-        self.s -= c * self.count
-        self.shift = new.clone()
-
-    def merge(self, other: "GroupedMoments") -> "GroupedMoments":
-        if (other.n, other.g, other.firing) != (self.n, self.g, self.firing):
-            raise ValueError("cannot merge GroupedMoments of different shapes")
-        if other.count == 0:
-            return self
-        if self.count == 0:
-            self.load_state_dict(other.state_dict())
-            return self
-        o = GroupedMoments(self.n, self.g, self.device, self.dtype, self.firing)
-        o.load_state_dict(other.state_dict())
-        o._reshift(self.shift)
-        self.count += o.count
-        for k in ("s", "q", "fires", "n1", "s1", "q1"):
-            getattr(self, k).add_(getattr(o, k))
-        if self.firing:
-            self.f1 += o.f1
-        return self
-
-    def state_dict(self) -> dict:
-        st = {k: getattr(self, k) for k in ("shift", "s", "q", "fires", "n1", "s1", "q1")}
-        return {**{k: v.clone() for k, v in st.items()}, "count": self.count, "n": self.n, "g": self.g,
-                "firing": self.firing, "f1": None if self.f1 is None else self.f1.clone()}
-
-    def load_state_dict(self, st: dict) -> None:
-        if (st["n"], st["g"], st["firing"]) != (self.n, self.g, self.firing):
-            raise ValueError("state of a GroupedMoments of another shape")
-        self.count = int(st["count"])
-        for k in ("shift", "s", "q", "fires", "n1", "s1", "q1"):
-            setattr(self, k, st[k].to(self.device, torch.float64).clone())
-        self.f1 = None if st["f1"] is None else st["f1"].to(self.device, torch.float64).clone()
-
-    # ---------------------------------------------------------------- results
-    def _sides(self):
-        n = float(self.count)
-        n1 = self.n1[None, :]
-        n0 = n - n1
-        s0, q0 = self.s[:, None] - self.s1, self.q[:, None] - self.q1
-        return n, n1, n0, s0, q0
-
-    def variance_reduction(self) -> torch.Tensor:
-        """[n, g] float64 VR of eq. 4 (NaN where a variable is constant or a label is all 0 or all 1)."""
-        n, n1, n0, s0, q0 = self._sides()
-        ss = self.q - self.s ** 2 / n
-        within1 = torch.where(n1 > 0, self.q1 - self.s1 ** 2 / n1.clamp_min(1), torch.zeros_like(self.q1))
-        within0 = torch.where(n0 > 0, q0 - s0 ** 2 / n0.clamp_min(1), torch.zeros_like(q0))
-        vr = 1 - (within0 + within1) / ss[:, None]
-        bad = (ss[:, None] <= 1e-12 * self.q.clamp_min(1e-300)[:, None]) | (n1 == 0) | (n0 == 0)
-        return vr.masked_fill(bad, float("nan"))
-
-    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """([n, g] mean where the label is 1, [n, g] mean where it is 0), float64."""
-        n, n1, n0, s0, _ = self._sides()
-        return self.s1 / n1 + self.shift[:, None], s0 / n0 + self.shift[:, None]
-
-    def stds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Population standard deviations on each side of each label, float64 [n, g]."""
-        n, n1, n0, s0, q0 = self._sides()
-        v1 = (self.q1 / n1 - (self.s1 / n1) ** 2).clamp_min(0)
-        v0 = (q0 / n0 - (s0 / n0) ** 2).clamp_min(0)
-        return v1.sqrt(), v0.sqrt()
-
-    def firing_information(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mutual information in bits between firing (x > 0) and the label, taken as one
-        categorical variable whose values are the labels (they must partition the tokens, as
-        position groups do); that MI divided by the entropy of firing), each [n].
-
-        The plug-in MI of counts is biased upwards: for a variable independent of the label its
-        expectation is about (G - 1) / (2 N ln 2) bits with G occupied label values and N tokens,
-        which is large beside a rarely firing neuron's entropy. The MI is therefore the
-        Miller-Madow estimate: each of H(firing), H(label) and H(firing, label) gets its bias
-        term (m - 1) / (2 N) nats (m its occupied cells), so the MI loses
-        (m_joint - m_firing - m_label + 1) / (2 N) nats; it is clipped at 0."""
-        if not self.firing:
-            raise ValueError("built without firing=True")
-        n = float(self.count)
-        pg = (self.n1 / n)[None, :]
-        pf = (self.fires / n).clamp(1e-12, 1 - 1e-12)
-        pfg = (self.f1 / self.n1.clamp_min(1)[None, :]).clamp(1e-12, 1 - 1e-12)
-
-        def kl(p, q):
-            return p * torch.log2(p / q) + (1 - p) * torch.log2((1 - p) / (1 - q))
-
-        plug_in = (pg * kl(pfg, pf[:, None])).sum(1)
-        occupied = self.n1 > 0
-        m_label = occupied.sum().double()
-        m_firing = (self.fires > 0).double() + (self.fires < n).double()
-        m_joint = ((self.f1 > 0) & occupied[None, :]).sum(1).double() + ((self.f1 < self.n1[None, :]) & occupied[None, :]).sum(1).double()
-        bias = (m_joint - m_firing - m_label + 1) / (2 * n * math.log(2))
-        mi = (plug_in - bias).clamp_min(0)
-        h = -(pf * torch.log2(pf) + (1 - pf) * torch.log2(1 - pf))
-        return mi, torch.where(h > 1e-9, (mi / h).clamp_max(1), torch.zeros_like(mi))
 
 
 def variance_reduction_direct(v: np.ndarray, y: np.ndarray) -> float:
@@ -636,22 +484,16 @@ def explain_reference(family, n_tokens: int, artifacts_dir: str | Path, batch_si
 
 
 def main(argv: list[str] | None = None) -> None:
-    from helpers.models.families import load_family
-    from helpers.core.presets import load_preset, resolve_dir
-
-    ap = argparse.ArgumentParser(prog="python -m helpers.taxonomy.explain", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="default")
-    ap.add_argument("--family", default=None, help="a family name (default: the preset's); smollm2-135m uses a per-layer sample")
-    ap.add_argument("--n-tokens", type=int, default=None, help="analysed tokens (default: the preset's n_tokens)")
-    ap.add_argument("--batch-size", type=int, default=None)
+    ap = preset_parser(__doc__.split("\n\n")[0], ["family", "device", "batch_size"],
+                       prog="python -m helpers.taxonomy.explain")
+    ap.add_argument("--n-tokens", type=int, default=None,
+                    help="analysed tokens (default: the preset's n_tokens; for smollm2-135m its n_tokens_single)")
     ap.add_argument("--min-positive", type=int, default=20)
-    ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
-    params = load_preset(args.preset, device=args.device, batch_size=args.batch_size)
-    art = resolve_dir(params.artifacts_dir)
-    name = args.family or params.family
-    fam = load_family(name, params, device=params.device)
-    if name == "smollm2-135m":
+    params = preset_from_args(args)
+    art = params.artifacts_path
+    fam = load_family(params.family, params, device=params.device)
+    if params.family == "smollm2-135m":
         n = args.n_tokens or params.n_tokens_single
         ex = explain_sampled(fam, fam.reference, fam.token_table(n), art, min_positive=args.min_positive,
                              batch_size=min(params.batch_size, 8), verbose=True)
