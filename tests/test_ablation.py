@@ -315,3 +315,16 @@ def test_log_mean_exp_small_large_and_zero_changes():
     got = ab._log_mean_exp(lp.exp(), delta.clone(), lp)
     assert (got[0] == 0).all()
     assert torch.allclose(got[1].double(), want[1], atol=1e-7) and torch.allclose(got[2].double(), want[2], rtol=1e-6)
+
+
+def test_row_subsets_summarise_the_first_rows():
+    base = np.linspace(1, 2, 30)
+    draws = lambda s: (1 + 0.01 * np.arange(-10, 10)[:, None]) * base  # noqa: E731
+    # the set's effect is 3x random on the first 15 rows and 1x on the rest
+    set_row = np.where(np.arange(30) < 15, 3.0, 1.0) * base
+    table, plan = _planted_table(lambda s: set_row, draws)
+    subs = ab.row_subsets(table, plan, (0.5, 1.0), n_boot=50)
+    assert sorted(subs) == [150, 300]
+    assert subs[150].set_index(["scope", "metric"]).loc[("L0", "kl"), "ratio"] == pytest.approx(3 / 0.995)
+    whole = set_row.sum() / base.sum()
+    assert subs[300].set_index(["scope", "metric"]).loc[("L0", "kl"), "ratio"] == pytest.approx(whole / 0.995)

@@ -40,7 +40,8 @@ from scipy.stats import beta
 from helpers.core import paper, report
 from helpers.data.tokens import TokenRows
 from helpers.entropy import interventions as iv
-from helpers.entropy.candidates import grid_points, natural_grid, w_out_matrix
+from helpers.entropy.candidates import grid_points, natural_grid
+from helpers.models.loading import neuron_weights
 
 KL_NAME = "kl_unigram"
 
@@ -135,14 +136,13 @@ def frequency_table(model, fd: FrequencyDirection, signs: pd.DataFrame | None = 
     neurons) and `late` (in the last `n_last` layers)."""
     d_mlp, L = model.cfg.d_mlp, model.cfg.n_layers
     layers = list(range(L)) if layers is None else sorted(int(l) for l in layers)
-    W = w_out_matrix(model).cpu()  # [L * d_mlp, d_model]
-    idx = np.concatenate([np.arange(l * d_mlp, (l + 1) * d_mlp) for l in layers])
+    W = torch.cat([neuron_weights(model, l).w_out.detach().double().cpu() for l in layers])  # [neurons, d_model]
     t = pd.DataFrame({"layer": np.repeat(layers, d_mlp), "neuron": np.tile(np.arange(d_mlp), len(layers))})
     if signs is not None:
         t = t.merge(signs[["layer", "neuron", "act_sign"]], on=["layer", "neuron"], how="left")
     t["act_sign"] = (t.act_sign if "act_sign" in t else pd.Series(1.0, index=t.index)).fillna(1.0)
     t.loc[t.act_sign == 0, "act_sign"] = 1.0
-    w = W[idx] * torch.tensor(t.act_sign.to_numpy(dtype=np.float64))[:, None]
+    w = W * torch.tensor(t.act_sign.to_numpy(dtype=np.float64))[:, None]
     live = w @ fd.live  # coordinates in the live subspace
     cos = (live @ (fd.live.T @ fd.direction)) / live.norm(dim=1).clamp_min(1e-300)
     t["freq_cos"] = cos.numpy()
@@ -197,14 +197,16 @@ class FrequencyStudy:
 
 def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir: str | Path, log_q: np.ndarray,
           n_candidates: int = 2, n_random: int = 20, seed: int = 0, n_last: int = 2, batch_size: int = 4,
-          random_grid: Sequence[float] = (0.0, 6.0), verbose: bool = True) -> FrequencyStudy:
+          random_grid: Sequence[float] = (0.0, 6.0), random_modes: Sequence[str] = iv.MODES,
+          verbose: bool = True) -> FrequencyStudy:
     """Find the token-frequency candidates of `model` and sweep them (see the module's docstring).
 
     One activation pass over the last `n_last` layers on `rows` gives every late neuron's natural
     sign and range (`interventions.activation_ranges`, `candidates.natural_grid`). The `n_candidates`
     most aligned late neurons ("frequency", "candidate 2", ...) are swept over their whole grid, in
     both modes; `n_random` other late neurons ("random", seeded with `seed`) at `random_grid` (paper
-    units: 0 and the top, the two points the effect compares), in both modes. Cached by content."""
+    units: 0 and the top, the two points the effect compares), in `random_modes` (default both).
+    Cached by content."""
     import time
 
     t0 = time.time()
@@ -223,12 +225,13 @@ def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir: str | 
     chosen = pd.concat([cand.assign(role=["frequency"] + [f"candidate {i + 2}" for i in range(len(cand) - 1)]),
                         rand.assign(role="random")], ignore_index=True)
 
-    def target(r, g):
+    def target(r, g, modes):
         g = np.asarray(g, dtype=np.float64)
         return iv.Target(int(r.layer), int(r.neuron), g * (r.grid_scale / 6.0) * (1.0 if r.act_sign >= 0 else -1.0), g,
-                         r.role, iv.MODES)
+                         r.role, tuple(modes))
 
-    targets = [target(r, grid_points(r.other_ratio) if r.role != "random" else random_grid) for r in chosen.itertuples()]
+    targets = [target(r, grid_points(r.other_ratio), iv.MODES) if r.role != "random" else
+               target(r, random_grid, random_modes) for r in chosen.itertuples()]
     sweep = iv.cached_sweep(model, model_id, rows, targets, drop_ids, artifacts_dir, batch_size, verbose=verbose,
                             prefix=f"{name}-frequency", extra_metrics={KL_NAME: kl_metric(log_q)},
                             extra_identity={KL_NAME: log_probs_sha256(log_q)})
