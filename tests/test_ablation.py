@@ -328,3 +328,12 @@ def test_row_subsets_summarise_the_first_rows():
     assert subs[150].set_index(["scope", "metric"]).loc[("L0", "kl"), "ratio"] == pytest.approx(3 / 0.995)
     whole = set_row.sum() / base.sum()
     assert subs[300].set_index(["scope", "metric"]).loc[("L0", "kl"), "ratio"] == pytest.approx(whole / 0.995)
+
+
+def test_draw_effects_are_per_token_means():
+    base = np.linspace(1, 2, 10)
+    table, plan = _planted_table(lambda s: 3 * base, lambda s: np.array([base, 2 * base]), scopes=("L0", ab.WHOLE))
+    d = ab.draw_effects(table, plan).set_index(["scope", "kind", "draw"])
+    assert d.loc[("L0", "set", -1), "kl"] == pytest.approx(3 * base.sum() / 100)
+    assert d.loc[("L0", "random", 1), "dloss"] == pytest.approx(2 * base.sum() / 100)
+    assert len(d) == len(plan)

@@ -100,6 +100,7 @@ def test_persisting_and_reshuffled_sets_get_opposite_verdicts():
             for k, v in keep.items()}
     t3 = ps.persistence_table(ps.checkpoint_sets(_planted(half, n), share=20 / n, rule="top_share"), tokens)
     assert (t3.p_value.iloc[1:] < 0.01).all() and (t3.retained.iloc[1:] < 0.5).all() and not ps.verdicts(t3)["persists"]
+    assert paper.result_table(ps.comparisons(t3)).reason.iloc[0] == "the least kept share is 40% (needed: over 50%)"
     text = ps.conclusion(t, ps.share_of_final(sets, tokens))
     assert "step 10 → step 20: Jaccard 0.82" in text and "persists beyond chance" in text
 
@@ -110,7 +111,15 @@ def test_by_layer_and_empty_sets():
     by = ps.persistence_by_layer(sets).set_index("layer")
     assert by.loc[0, "jaccard"] == 1.0 and by.loc[1, "jaccard"] == 0.0
     assert by.loc[0, "p_value"] < by.loc[1, "p_value"]
-    empty = sets.assign(a=False, b=False)
-    t = ps.persistence_table(empty)
+    empty = sets.assign(a=False, b=False, c=False)
+    t = ps.persistence_table(empty, {"a": 0, "b": 1, "c": 2})
     assert np.isnan(t.jaccard.iloc[0]) and np.isnan(t.random_jaccard.iloc[0]) and np.isnan(t.retained.iloc[0])
-    assert paper.result_table(ps.comparisons(t.iloc[:0])).verdict.tolist() == ["not measured"]
+    assert paper.result_table(ps.comparisons(t)).verdict.tolist() == ["not measured"]
+    assert "nothing to persist" in ps.conclusion(t, ps.share_of_final(empty))
+
+
+def test_main_rule_falls_back_to_the_top_share_when_nothing_beats_the_control():
+    tables = _planted({"a": [0, 1], "b": [0, 1]})
+    assert ps.main_rule(tables, _table(np.zeros(200))) == "paper_sized"
+    assert ps.main_rule(tables, _table(np.full(200, 0.9))) == "top_share"
+    assert ps.main_rule(tables, None) == "top_share"

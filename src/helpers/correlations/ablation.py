@@ -375,6 +375,16 @@ def ablation_summary(table: pd.DataFrame, plan: pd.DataFrame, n_boot: int = 2000
     return res
 
 
+def draw_effects(table: pd.DataFrame, plan: pd.DataFrame) -> pd.DataFrame:
+    """Every ablation's mean effect per valid token: `scope`, `kind`, `draw`, `n_neurons`, `dloss`,
+    `kl` (one row per ablation of the plan; for the figure of the draws' spread)."""
+    g = table.groupby("ablation")[["n", *METRICS]].sum()
+    out = plan.set_index("ablation").join(g)
+    for m in METRICS:
+        out[m] = out[m] / out["n"]
+    return out.drop(columns="n").reset_index()
+
+
 def layer_of(scope: str) -> int | None:
     return int(scope[1:]) if scope.startswith("L") else None
 
@@ -411,7 +421,7 @@ def conclusion(summary: pd.DataFrame, metric: str = "kl") -> str:
                              "the largest ratio in {p:.0%} of the resamples: {verdict}.",
                              r=v["first_ratio"], p=v["first_largest_share"],
                              verdict=report.choose(v["first_stands_out"], "it stands out, as Nandan et al. report",
-                                                   "it does not stand out, unlike in Nandan et al."))
+                                                   "it does not stand out (Nandan et al. report that it does)"))
              if v["first_tested"] else "The set has no neuron in the first layer, so the first layer cannot be compared.")
     w = summary[summary.scope == WHOLE].set_index("metric")
     return report.sentence(
