@@ -129,7 +129,8 @@ def test_the_planted_neuron_matters_more_than_random_neurons():
     v = ab.verdicts(summ)
     assert v["layers_more"] == [0] and v["whole_more"] and v["first_stands_out"]
     # a random neuron of the same layer in the set's place does not matter more than the others
-    other = ab.ablation_plan(pd.DataFrame({"layer": [0], "neuron": [11]}), ARCH["n_layers"], ARCH["d_mlp"], 20, seed=0)
+    other = ab.ablation_plan(pd.DataFrame({"layer": [0], "neuron": [11]}), ARCH["n_layers"], ARCH["d_mlp"],
+                             20, seed=0)
     other = [a for a in other if PLANTED not in a.neurons]  # the draws that miss the planted neuron
     other_t = ab.run_ablations(model, rows, other, [0], batch_size=3, verbose=False)
     o = ab.ablation_summary(other_t, ab.plan_table(other), n_boot=500).set_index(["scope", "metric"])
@@ -139,7 +140,8 @@ def test_the_planted_neuron_matters_more_than_random_neurons():
 def test_every_ablation_sees_the_same_tokens():
     model = planted_group_model()
     rows = group_rows(5)
-    plan = ab.ablation_plan(pd.DataFrame({"layer": [0, 1], "neuron": [PLANTED[1], 2]}), 2, ARCH["d_mlp"], n_draws=3)
+    plan = ab.ablation_plan(pd.DataFrame({"layer": [0, 1], "neuron": [PLANTED[1], 2]}), 2, ARCH["d_mlp"],
+                            n_draws=3)
     table = ab.run_ablations(model, rows, plan, [0], batch_size=2, max_logit_elems=2 * ARCH["n_ctx"] * 97 * 2,
                              verbose=False)
     by = table.pivot(index="row", columns="ablation", values="n")
@@ -156,7 +158,8 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, monkeypatch):
     model = planted_group_model()
     rows = group_rows(6)
     plan = ab.ablation_plan(pd.DataFrame({"layer": [0], "neuron": [PLANTED[1]]}), 2, ARCH["d_mlp"], n_draws=2)
-    full, _ = ab.cached_ablations(model, "planted", rows, plan, [0], tmp_path / "a", batch_size=2, verbose=False)
+    full, _ = ab.cached_ablations(model, "planted", rows, plan, [0], tmp_path / "a", batch_size=2,
+                                  verbose=False)
     calls = {"n": 0}
     real = ab.batch_effects
 
@@ -171,11 +174,14 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, monkeypatch):
         ab.cached_ablations(model, "planted", rows, plan, [0], tmp_path / "b", batch_size=2, verbose=False)
     monkeypatch.setattr(ab, "batch_effects", real)
     calls["n"] = 0
-    monkeypatch.setattr(ab, "batch_effects", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1), real(*a, **k))[1])
-    resumed, _ = ab.cached_ablations(model, "planted", rows, plan, [0], tmp_path / "b", batch_size=2, verbose=False)
+    monkeypatch.setattr(ab, "batch_effects", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1),
+                                                              real(*a, **k))[1])
+    resumed, _ = ab.cached_ablations(model, "planted", rows, plan, [0], tmp_path / "b", batch_size=2,
+                                     verbose=False)
     assert calls["n"] == 2  # the first batch was not computed again
     pd.testing.assert_frame_equal(resumed, full)
-    again, _ = ab.cached_ablations(model, "planted", rows, plan, [0], tmp_path / "b", batch_size=2, verbose=False)
+    again, _ = ab.cached_ablations(model, "planted", rows, plan, [0], tmp_path / "b", batch_size=2,
+                                   verbose=False)
     assert calls["n"] == 2  # cached: nothing recomputed
 
 
@@ -185,7 +191,8 @@ def _planted_table(set_row, draws_row, scopes=("L0", "L1", ab.WHOLE)) -> tuple[p
     recs, plan = [], []
     for scope in scopes:
         plan.append({"scope": scope, "kind": "set", "draw": -1, "n_neurons": 2})
-        plan += [{"scope": scope, "kind": "random", "draw": d, "n_neurons": 2} for d in range(len(draws_row(scope)))]
+        plan += [{"scope": scope, "kind": "random", "draw": d,
+                  "n_neurons": 2} for d in range(len(draws_row(scope)))]
     plan = pd.DataFrame(plan).reset_index(names="ablation")
     for p in plan.itertuples():
         vals = set_row(p.scope) if p.kind == "set" else draws_row(p.scope)[p.draw]
@@ -203,11 +210,13 @@ def test_summary_on_planted_effects():
     s = ab.ablation_summary(table, plan, n_boot=400).set_index(["scope", "metric"])
     rmean = float(np.mean(noise["L0"]))
     assert s.loc[("L0", "kl"), "ratio"] == pytest.approx(3.0 / rmean)
-    assert s.loc[("L0", "kl"), "ratio_lo"] == pytest.approx(3.0 / rmean)  # proportional rows: no spread over text
+    assert s.loc[("L0", "kl"),
+                 "ratio_lo"] == pytest.approx(3.0 / rmean)  # proportional rows: no spread over text
     assert s.loc[("L0", "kl"), "set"] == pytest.approx(3.0 * base.sum() / 300)
     assert s.loc[("L0", "kl"), "matters_more"] and s.loc[(ab.WHOLE, "kl"), "matters_more"]
     assert not s.loc[("L1", "kl"), "matters_more"]  # ratio 1 and inside the draws
-    assert s.loc[("L0", "kl"), "first_largest_share"] == 1.0 and s.loc[("L1", "kl"), "first_largest_share"] == 0.0
+    assert s.loc[("L0", "kl"), "first_largest_share"] == 1.0 and s.loc[("L1", "kl"),
+                                                                       "first_largest_share"] == 0.0
     assert np.isnan(s.loc[(ab.WHOLE, "kl"), "first_largest_share"])
     v = ab.verdicts(s.reset_index())
     assert v["layers_more"] == [0] and v["first_stands_out"] and v["whole_more"]
@@ -235,7 +244,8 @@ def test_no_effect_gives_no_ratio():
     assert np.isnan(s.loc[("L0", "kl"), "ratio"]) and not s.loc[("L0", "kl"), "matters_more"]
     # random effects that rise on some rows and fall on others, barely positive on average: no ratio either
     signs = np.where(np.arange(10) % 2 == 0, 1.0, -0.98)
-    table, plan = _planted_table(lambda s: zeros + 1.0, lambda s: np.tile(signs, (20, 1)), scopes=("L0", ab.WHOLE))
+    table, plan = _planted_table(lambda s: zeros + 1.0, lambda s: np.tile(signs, (20, 1)),
+                                 scopes=("L0", ab.WHOLE))
     s = ab.ablation_summary(table, plan, n_boot=300).set_index(["scope", "metric"])
     assert s.loc[("L0", "kl"), "random_mean"] > 0 and np.isnan(s.loc[("L0", "kl"), "ratio"])
 
@@ -247,7 +257,8 @@ def test_convergence_puts_token_counts_side_by_side():
     large = ab.ablation_summary(*_planted_table(lambda s: 2 * base, draws), n_boot=50)
     c = ab.convergence({2048: large, 1024: small})
     assert list(c.columns) == ["ratio @ 1,024", "interval @ 1,024", "ratio @ 2,048", "interval @ 2,048"]
-    assert c.loc["L0", "ratio @ 1,024"] == pytest.approx(3 / 0.995) and c.loc["L0", "ratio @ 2,048"] == pytest.approx(2 / 0.995)
+    assert c.loc["L0", "ratio @ 1,024"] == pytest.approx(3 / 0.995)
+    assert c.loc["L0", "ratio @ 2,048"] == pytest.approx(2 / 0.995)
 
 
 def test_comparisons_follow_the_verdict_rule():
@@ -261,12 +272,14 @@ def test_comparisons_follow_the_verdict_rule():
     assert list(rows.verdict) == ["not informative", "not informative"]
     rows = paper.result_table(ab.comparisons(flat, flat))
     assert list(rows.verdict) == ["differs", "differs"]
-    no_l0 = ab.ablation_summary(*_planted_table(lambda s: 3 * base, draws, scopes=("L1", ab.WHOLE)), n_boot=200)
+    no_l0 = ab.ablation_summary(*_planted_table(lambda s: 3 * base, draws, scopes=("L1", ab.WHOLE)),
+                                n_boot=200)
     assert paper.result_table(ab.comparisons(no_l0)).verdict.tolist() == ["matched", "not measured"]
 
 
 def test_layer_matched_top_takes_the_controls_top_per_layer():
-    t = pd.DataFrame({"layer": [0, 0, 0, 1, 1, 1], "neuron": [0, 1, 2, 0, 1, 2], "excess_corr": [.1, .5, .3, .9, .2, .4]})
+    t = pd.DataFrame({"layer": [0, 0, 0, 1, 1, 1], "neuron": [0, 1, 2, 0, 1, 2], "excess_corr": [.1, .5, .3,
+                                                                                                 .9, .2, .4]})
     got = ab.layer_matched_top(t, {0: 2, 1: 1})
     assert sorted(zip(got.layer, got.neuron)) == [(0, 1), (0, 2), (1, 0)]
 
@@ -297,7 +310,8 @@ def test_effects_match_a_direct_computation_in_fp64():
         model.run_with_hooks(rows, fwd_hooks=[(lambda n: n.endswith("mlp.hook_post"), hook), (last, grab)])
         W, b = model.W_U.double(), model.b_U.double()
         clean, abl = ((model.ln_final(store[i]).double() @ W + b)[:, :-1].log_softmax(-1) for i in (0, 1))
-    assert torch.allclose(model.ln_final(store[0]) @ model.W_U + model.b_U, logits, atol=1e-4)  # the logits' recipe
+    assert torch.allclose(model.ln_final(store[0]) @ model.W_U + model.b_U, logits,
+                          atol=1e-4)  # the logits' recipe
     keep = (rows[:, :-1] != 0).double()
     kl = ((clean.exp() * (clean - abl)).sum(-1) * keep).sum(1)
     tgt = rows[:, 1:, None]
@@ -310,11 +324,13 @@ def test_effects_match_a_direct_computation_in_fp64():
 def test_log_mean_exp_small_large_and_zero_changes():
     g = torch.Generator().manual_seed(0)
     lp = torch.randn(3, 50, generator=g).log_softmax(-1)
-    delta = torch.stack([torch.zeros(3, 50), 1e-3 * torch.randn(3, 50, generator=g), 90 + torch.randn(3, 50, generator=g)])
+    delta = torch.stack([torch.zeros(3, 50), 1e-3 * torch.randn(3, 50, generator=g),
+                         90 + torch.randn(3, 50, generator=g)])
     want = torch.logsumexp(lp.double() + delta.double(), -1)
     got = ab._log_mean_exp(lp.exp(), delta.clone(), lp)
     assert (got[0] == 0).all()
-    assert torch.allclose(got[1].double(), want[1], atol=1e-7) and torch.allclose(got[2].double(), want[2], rtol=1e-6)
+    assert torch.allclose(got[1].double(), want[1], atol=1e-7) and torch.allclose(got[2].double(), want[2],
+                                                                                  rtol=1e-6)
 
 
 def test_row_subsets_summarise_the_first_rows():
@@ -332,7 +348,8 @@ def test_row_subsets_summarise_the_first_rows():
 
 def test_draw_effects_are_per_token_means():
     base = np.linspace(1, 2, 10)
-    table, plan = _planted_table(lambda s: 3 * base, lambda s: np.array([base, 2 * base]), scopes=("L0", ab.WHOLE))
+    table, plan = _planted_table(lambda s: 3 * base, lambda s: np.array([base, 2 * base]),
+                                 scopes=("L0", ab.WHOLE))
     d = ab.draw_effects(table, plan).set_index(["scope", "kind", "draw"])
     assert d.loc[("L0", "set", -1), "kl"] == pytest.approx(3 * base.sum() / 100)
     assert d.loc[("L0", "random", 1), "dloss"] == pytest.approx(2 * base.sum() / 100)

@@ -105,14 +105,16 @@ def test_planted_neuron_is_found_and_moves_the_output_towards_the_unigram_distri
     log_q = zipf_log_q()
     model = planted_frequency_model(log_q, anti=True)
     rows = _rows()
-    s = fq.study(model, "planted", "planted-frequency", rows, [0], tmp_path, log_q, n_candidates=2, n_random=10,
+    s = fq.study(model, "planted", "planted-frequency", rows, [0], tmp_path, log_q, n_candidates=2,
+                 n_random=10,
                  batch_size=4, verbose=False)
     t = s.table.set_index(["layer", "neuron"])
     assert s.direction.r2 > 0.9  # W_U reads the log-frequencies along one direction
     assert t.loc[PLANTED, "freq_cos"] == pytest.approx(1.0, abs=1e-6)  # the sign as well as the direction
     assert t.loc[ANTI, "freq_cos"] == pytest.approx(-1.0, abs=1e-6)
     assert t.loc[PLANTED, "act_sign"] == 1.0 and t.freq_cos.abs().drop(index=[PLANTED, ANTI]).max() < 0.9
-    assert set(zip(s.neurons[s.neurons.role != "random"].layer, s.neurons[s.neurons.role != "random"].neuron)) == {
+    assert set(zip(s.neurons[s.neurons.role != "random"].layer,
+                   s.neurons[s.neurons.role != "random"].neuron)) == {
         PLANTED, ANTI}
     e = fq.effects(s).set_index(["layer", "neuron", "mode"])
     d = f"d_{fq.KL_NAME}"
@@ -124,7 +126,8 @@ def test_planted_neuron_is_found_and_moves_the_output_towards_the_unigram_distri
         assert abs(e.loc[(*PLANTED, mode), d]) > 5 * rnd
     # KL falls along the grid: the more the planted neuron writes, the nearer the unigram distribution
     c = iv.curves(s.sweep)
-    c = c[(c.layer == PLANTED[0]) & (c.neuron == PLANTED[1]) & (c["mode"] == "direct") & (c.grid >= 0)].sort_values("grid")
+    mine = (c.layer == PLANTED[0]) & (c.neuron == PLANTED[1]) & (c["mode"] == "direct") & (c.grid >= 0)
+    c = c[mine].sort_values("grid")
     assert (np.diff(c[fq.KL_NAME]) < 0).all()
     summ = fq.summary({"planted": s}).iloc[0]
     assert summ.aligned and summ.effect_beyond_random and summ.sign_agrees and abs(summ.swept_cos) > 0.99
@@ -148,9 +151,12 @@ def test_a_direction_of_the_wrong_sign_or_another_direction_would_not_pass():
     # and the intervention tells the two apart: writing +d* lowers KL(output || q), writing -d* raises it
     rows = _rows(4)
     kl = {fq.KL_NAME: fq.kl_metric(log_q)}
-    up = iv.Target(*PLANTED, values=np.array([0.0, 3.0]), grid=np.array([0.0, 6.0]), role="frequency", modes=("direct",))
-    down = iv.Target(*PLANTED, values=np.array([0.0, -3.0]), grid=np.array([0.0, 6.0]), role="flipped", modes=("direct",))
-    eff = iv.effect_summary(iv.intervention_sweep(model, rows, [up, down], [0], 4, verbose=False, extra_metrics=kl))
+    up = iv.Target(*PLANTED, values=np.array([0.0, 3.0]), grid=np.array([0.0, 6.0]), role="frequency",
+                   modes=("direct",))
+    down = iv.Target(*PLANTED, values=np.array([0.0, -3.0]), grid=np.array([0.0, 6.0]), role="flipped",
+                     modes=("direct",))
+    eff = iv.effect_summary(iv.intervention_sweep(model, rows, [up, down], [0], 4, verbose=False,
+                                                  extra_metrics=kl))
     eff = eff.set_index("role")[f"d_{fq.KL_NAME}"]
     assert eff["frequency"] < 0 < eff["flipped"]
 
@@ -164,14 +170,17 @@ def test_kl_metric_and_extra_metric_bookkeeping():
     assert float(fq.kl_metric(log_q)(uniform)) == pytest.approx(want, rel=1e-5)
     model = planted_frequency_model(log_q)
     t = iv.Target(*PLANTED, values=np.array([0.0, 2.0]), grid=np.array([0.0, 6.0]), role="frequency")
-    table = iv.intervention_sweep(model, _rows(3), [t], [0], 2, verbose=False, extra_metrics={fq.KL_NAME: fq.kl_metric(log_q)})
+    table = iv.intervention_sweep(model, _rows(3), [t], [0], 2, verbose=False,
+                                  extra_metrics={fq.KL_NAME: fq.kl_metric(log_q)})
     assert iv.metric_columns(table) == [*iv.METRICS, fq.KL_NAME]
     assert fq.KL_NAME in iv.nominal(table) and f"d_{fq.KL_NAME}" in iv.effect_summary(table)
     assert set(iv.halves(table).metric) >= {fq.KL_NAME}
     with pytest.raises(ValueError, match="clash"):
-        iv.intervention_sweep(model, _rows(3), [t], [0], 2, verbose=False, extra_metrics={"loss": fq.kl_metric(log_q)})
+        iv.intervention_sweep(model, _rows(3), [t], [0], 2, verbose=False,
+                              extra_metrics={"loss": fq.kl_metric(log_q)})
     with pytest.raises(ValueError, match="extra_identity"):
-        iv.cached_sweep(model, "m", _rows(3), [t], [0], "unused", extra_metrics={fq.KL_NAME: fq.kl_metric(log_q)})
+        iv.cached_sweep(model, "m", _rows(3), [t], [0], "unused",
+                        extra_metrics={fq.KL_NAME: fq.kl_metric(log_q)})
 
 
 def _row(**kw):

@@ -40,7 +40,8 @@ import pandas as pd
 import torch
 
 from helpers.core import paper, report
-from helpers.core.cache import atomic_write_parquet, cached_result, config_hash, load_checkpoint, save_checkpoint
+from helpers.core.cache import (atomic_write_parquet, cached_result, config_hash, load_checkpoint,
+                                save_checkpoint)
 from helpers.data.tokens import TokenRows, valid_token_mask
 from helpers.streaming.activations import ActivationStream
 
@@ -111,7 +112,8 @@ def ablation_plan(selected: pd.DataFrame, n_layers: int, d_mlp: int, n_draws: in
 
 def plan_table(plan: Sequence[Ablation]) -> pd.DataFrame:
     """One row per ablation: `ablation` (its index in the plan), `scope`, `kind`, `draw`, `n_neurons`."""
-    return pd.DataFrame([{"ablation": i, "scope": a.scope, "kind": a.kind, "draw": a.draw, "n_neurons": len(a.neurons)}
+    return pd.DataFrame([{"ablation": i, "scope": a.scope, "kind": a.kind, "draw": a.draw,
+                          "n_neurons": len(a.neurons)}
                          for i, a in enumerate(plan)])
 
 
@@ -141,7 +143,8 @@ def neuron_means(model, rows: TokenRows, drop_ids: Sequence[int], batch_size: in
     names = [f"blocks.{l}.mlp.hook_post" for l in range(model.cfg.n_layers)]
     total = torch.zeros(model.cfg.n_layers, model.cfg.d_mlp, dtype=torch.float64)
     n = 0
-    stream = ActivationStream({"m": model}, rows, names, batch_size, drop_ids, dict, desc="neuron means", verbose=verbose)
+    stream = ActivationStream({"m": model}, rows, names, batch_size, drop_ids, dict, desc="neuron means",
+                              verbose=verbose)
     for batch in stream:
         for l, name in enumerate(names):
             total[l] += batch.acts["m"][name].double().sum(0).cpu()
@@ -163,7 +166,8 @@ def _ablation_hooks(plan: Sequence[Ablation], means: torch.Tensor, B: int, devic
     def fix(act, hook, mask, vals):
         return torch.where(mask, vals.to(act.dtype), act.view(R, -1, d_mlp)).view(act.shape)
 
-    return [(f"blocks.{l}.mlp.hook_post", lambda a, hook, m=m.to(device)[:, None, :], v=means[l].float().to(device):
+    return [(f"blocks.{l}.mlp.hook_post", lambda a, hook, m=m.to(device)[:, None, :],
+             v=means[l].float().to(device):
              fix(a, hook, m, v)) for l, m in masks.items()]
 
 
@@ -186,7 +190,8 @@ def _log_mean_exp(p: torch.Tensor, delta: torch.Tensor, lp: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def batch_effects(model, ids: torch.Tensor, plan: Sequence[Ablation], means: torch.Tensor, drop_ids: Sequence[int],
+def batch_effects(model, ids: torch.Tensor, plan: Sequence[Ablation], means: torch.Tensor,
+                  drop_ids: Sequence[int],
                   max_logit_elems: int = 1 << 25) -> dict[str, np.ndarray]:
     """The ablations of `plan` on one batch `ids` [batch, pos]: {"dloss", "kl", "n"}, each
     [len(plan), batch] float64, the per-row sums over the valid tokens (`n` their count).
@@ -216,7 +221,8 @@ def batch_effects(model, ids: torch.Tensor, plan: Sequence[Ablation], means: tor
     lp_c = (x_c @ W_U + model.b_U.float()).log_softmax(-1)  # [batch, pos-1, vocab]
     p_c = lp_c.exp()
     u_c = p_c @ W_U.T  # [batch, pos-1, d_model]: sum_v p_v delta_v = dx . u_c
-    W_target = W_U.T[ids[:, 1:]]  # [batch, pos-1, d_model]: delta at the true next token = dx . W_U[:, target]
+    # [batch, pos-1, d_model]: the change at the true next token is dx . W_U[:, target]
+    W_target = W_U.T[ids[:, 1:]]
     R_all = len(plan)
     out = {k: np.zeros((R_all, B)) for k in ("dloss", "kl", "n")}
     out["n"][:] = mask.sum(1).cpu().numpy()[None]
@@ -241,7 +247,8 @@ def batch_effects(model, ids: torch.Tensor, plan: Sequence[Ablation], means: tor
     return out
 
 
-def ablation_identity(model_id: str, rows: TokenRows, plan: Sequence[Ablation], drop_ids: Sequence[int]) -> dict:
+def ablation_identity(model_id: str, rows: TokenRows, plan: Sequence[Ablation],
+                      drop_ids: Sequence[int]) -> dict:
     return {"model": model_id, "rows": rows.sha256, "n_rows": len(rows), "n_ctx": rows.n_ctx,
             "drop_ids": sorted(int(d) for d in drop_ids), "plan": config_hash([a.key() for a in plan], 16),
             "n_ablations": len(plan), "version": VERSION}
@@ -278,8 +285,10 @@ def run_ablations(model, rows: TokenRows | torch.Tensor, plan: Sequence[Ablation
     frames = []
     for part in state["parts"]:
         R, B = part["kl"].shape
-        frames.append(pd.DataFrame({"ablation": np.repeat(np.arange(R), B), "row": np.tile(np.arange(B) + part["b0"], R),
-                                    "n": part["n"].ravel(), "dloss": part["dloss"].ravel(), "kl": part["kl"].ravel()}))
+        frames.append(pd.DataFrame({"ablation": np.repeat(np.arange(R), B),
+                                    "row": np.tile(np.arange(B) + part["b0"], R),
+                                    "n": part["n"].ravel(), "dloss": part["dloss"].ravel(),
+                                    "kl": part["kl"].ravel()}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -295,7 +304,8 @@ def cached_ablations(model, model_id: str, rows: TokenRows, plan: Sequence[Ablat
     def compute(folder: Path) -> dict:
         t0 = time.time()
         progress = folder / "progress.pt"
-        table = run_ablations(model, rows, plan, drop_ids, batch_size, max_logit_elems, verbose, progress, ident)
+        table = run_ablations(model, rows, plan, drop_ids, batch_size, max_logit_elems, verbose, progress,
+                              ident)
         atomic_write_parquet(table, folder / "ablation.parquet")
         atomic_write_parquet(plan_table(plan), folder / "plan.parquet")
         progress.unlink(missing_ok=True)
@@ -353,10 +363,13 @@ def ablation_summary(table: pd.DataFrame, plan: pd.DataFrame, n_boot: int = 2000
             ok = rnd > 0 and np.quantile(b_rnd, a) > 0  # random neurons have an effect to compare with
             ratio = set_mean / rnd if ok else np.nan
             b_ratio = np.where(b_rnd > 0, b_set / np.where(b_rnd > 0, b_rnd, 1.0), np.nan)
-            lo, hi = (np.nanquantile(b_ratio, [a, 1 - a]) if ok and np.isfinite(b_ratio).any() else (np.nan, np.nan))
+            finite = ok and np.isfinite(b_ratio).any()
+            lo, hi = np.nanquantile(b_ratio, [a, 1 - a]) if finite else (np.nan, np.nan)
             boots[(scope, metric)] = b_ratio
-            out.append({"scope": scope, "metric": metric, "n_neurons": int(g[g.kind == "set"].n_neurons.iloc[0]),
-                        "n_draws": len(r), "n_tokens": int(n.sum()), "n_rows": len(n), "set": set_mean, "random_mean": rnd,
+            out.append({"scope": scope, "metric": metric,
+                        "n_neurons": int(g[g.kind == "set"].n_neurons.iloc[0]),
+                        "n_draws": len(r), "n_tokens": int(n.sum()), "n_rows": len(n), "set": set_mean,
+                        "random_mean": rnd,
                         "random_min": float(per_draw.min()), "random_max": float(per_draw.max()),
                         "random_sd": float(per_draw.std(ddof=1)) if len(r) > 1 else np.nan, "ratio": ratio,
                         "ratio_lo": float(lo), "ratio_hi": float(hi), "level": level,
@@ -371,7 +384,8 @@ def ablation_summary(table: pd.DataFrame, plan: pd.DataFrame, n_boot: int = 2000
         stack = np.stack([np.nan_to_num(boots[(s, metric)], nan=-np.inf) for s in layers])  # [layers, n_boot]
         best = stack.argmax(0)
         for i, s in enumerate(layers):
-            res.loc[(res.scope == s) & (res.metric == metric), "first_largest_share"] = float((best == i).mean())
+            res.loc[(res.scope == s) & (res.metric == metric),
+                    "first_largest_share"] = float((best == i).mean())
     return res
 
 
@@ -404,11 +418,13 @@ def verdicts(summary: pd.DataFrame, metric: str = "kl", share: float = 0.95) -> 
     top = layers.loc[layers.ratio.idxmax()] if layers.ratio.notna().any() else None
     return {"metric": metric, "layers_more": more, "n_layers_tested": len(layers),
             "whole_more": bool(len(whole) == len(METRICS) and whole.matters_more.all()),
-            "whole_ratio_kl": float(whole.ratio.get("kl", np.nan)), "whole_ratio_loss": float(whole.ratio.get("dloss", np.nan)),
+            "whole_ratio_kl": float(whole.ratio.get("kl", np.nan)),
+            "whole_ratio_loss": float(whole.ratio.get("dloss", np.nan)),
             "first_tested": first is not None,
             "first_ratio": float(first.ratio) if first is not None else np.nan,
             "first_largest_share": float(first.first_largest_share) if first is not None else np.nan,
-            "first_stands_out": bool(first is not None and first.matters_more and first.first_largest_share >= share),
+            "first_stands_out": bool(first is not None and first.matters_more
+                                     and first.first_largest_share >= share),
             "largest_layer": layer_of(top.scope) if top is not None else None, "share": share}
 
 
@@ -417,28 +433,33 @@ def conclusion(summary: pd.DataFrame, metric: str = "kl") -> str:
     v = verdicts(summary, metric)
     s = summary[(summary.metric == metric)].set_index("scope")
     layers = ", ".join(f"L{l} ({s.loc[f'L{l}', 'ratio']:.2f}x)" for l in v["layers_more"]) or "none"
-    first = (report.sentence("The first layer's set moves the KL {r:.2f}x as much as random neurons of its layer and has "
-                             "the largest ratio in {p:.0%} of the resamples: {verdict}.",
-                             r=v["first_ratio"], p=v["first_largest_share"],
-                             verdict=report.choose(v["first_stands_out"], "it stands out, as Nandan et al. report",
-                                                   "it does not stand out (Nandan et al. report that it does)"))
-             if v["first_tested"] else "The set has no neuron in the first layer, so the first layer cannot be compared.")
+    verdict = report.choose(v["first_stands_out"], "it stands out, as Nandan et al. report",
+                            "it does not stand out (Nandan et al. report that it does)")
+    first = (report.sentence("The first layer's set moves the KL {r:.2f}x as much as random neurons of its "
+                             "layer and has the largest ratio in {p:.0%} of the resamples: {verdict}.",
+                             r=v["first_ratio"], p=v["first_largest_share"], verdict=verdict)
+             if v["first_tested"] else "The set has no neuron in the first layer: it cannot be compared.")
     w = summary[summary.scope == WHOLE].set_index("metric")
     return report.sentence(
-        "Layers whose set moves the {m} more than random neurons of the same layer (interval above 1 and above "
-        "every draw): {layers} of {n}. Ablating the whole set: KL ratio {rk:.2f} ({klo:.2f} to {khi:.2f}), loss "
-        "ratio {rl:.2f} ({llo:.2f} to {lhi:.2f}); the whole set {verb} more than random neurons. ",
+        "Layers whose set moves the {m} more than random neurons of the same layer (interval above 1 "
+        "and above every draw): {layers} of {n}. Ablating the whole set: KL ratio {rk:.2f} ({klo:.2f} to "
+        "{khi:.2f}), loss ratio {rl:.2f} ({llo:.2f} to {lhi:.2f}); the whole set {verb} more than random "
+        "neurons. ",
         m="KL" if metric == "kl" else "loss", layers=layers, n=v["n_layers_tested"], rk=w.ratio.get("kl"),
-        klo=w.ratio_lo.get("kl"), khi=w.ratio_hi.get("kl"), rl=w.ratio.get("dloss"), llo=w.ratio_lo.get("dloss"),
-        lhi=w.ratio_hi.get("dloss"), verb=report.choose(v["whole_more"], "matters", "does not matter")) + first
+        klo=w.ratio_lo.get("kl"), khi=w.ratio_hi.get("kl"), rl=w.ratio.get("dloss"),
+        llo=w.ratio_lo.get("dloss"),
+        lhi=w.ratio_hi.get("dloss"), verb=report.choose(v["whole_more"], "matters",
+                                                        "does not matter")) + first
 
 
 # ---------------------------------------------------------------------------------- one family
-def layer_matched_top(table: pd.DataFrame, counts: dict[int, int], column: str = "excess_corr") -> pd.DataFrame:
+def layer_matched_top(table: pd.DataFrame, counts: dict[int, int],
+                      column: str = "excess_corr") -> pd.DataFrame:
     """The control's counterpart of a set: in each layer, its `counts[layer]` neurons of largest
     `column` (`layer`, `neuron`). The untrained control has no set of its own (nothing beats its own
     maximum), so its top neurons by excess, as many per layer as the set, are ablated instead."""
-    parts = [g.nlargest(int(counts[l]), column)[["layer", "neuron"]] for l, g in table.groupby("layer") if counts.get(l)]
+    parts = [g.nlargest(int(counts[l]), column)[["layer", "neuron"]] for l,
+             g in table.groupby("layer") if counts.get(l)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["layer", "neuron"])
 
 
@@ -456,31 +477,37 @@ class AblationStudy:
 
 
 def study(model, name: str, model_id: str, selected: pd.DataFrame, rows: TokenRows, drop_ids: Sequence[int],
-          artifacts_dir: str | Path, set_name: str = "set", n_draws: int = N_DRAWS, seed: int = 0, batch_size: int = 8,
+          artifacts_dir: str | Path, set_name: str = "set", n_draws: int = N_DRAWS, seed: int = 0,
+          batch_size: int = 8,
           n_boot: int = 2000, verbose: bool = True) -> AblationStudy:
     """Mean-ablate `selected` (layer, neuron) in `model` against `n_draws` random sets per layer
     (`ablation_plan`) on `rows`; cached by content. Returns the plan, table and summary."""
     plan = ablation_plan(selected, model.cfg.n_layers, model.cfg.d_mlp, n_draws, seed)
-    table, plan_t = cached_ablations(model, model_id, rows, plan, drop_ids, artifacts_dir, batch_size, verbose=verbose,
+    table, plan_t = cached_ablations(model, model_id, rows, plan, drop_ids, artifacts_dir, batch_size,
+                                     verbose=verbose,
                                      prefix=name)
     return AblationStudy(name, set_name, plan_t, table, ablation_summary(table, plan_t, n_boot, seed),
                          table.attrs.get("seconds"))
 
 
-def family_study(nset, family, rows: TokenRows, artifacts_dir: str | Path, n_draws: int = N_DRAWS, seed: int = 0,
-                 batch_size: int = 8, device: str = "cpu", verbose: bool = True) -> dict[str, AblationStudy]:
+def family_study(nset, family, rows: TokenRows, artifacts_dir: str | Path, n_draws: int = N_DRAWS,
+                 seed: int = 0, batch_size: int = 8, verbose: bool = True) -> dict[str, AblationStudy]:
     """The section's ablations: the chosen set of `nset` in the family's reference member, and, where
     the family has an untrained control, the control's layer-matched top neurons (`layer_matched_top`)
     in the control's member of the same name. {"trained": ..., "control": ...} on the same rows."""
     sel = nset.neurons
-    out = {"trained": study(family.load(family.reference), family.name, family.identity[family.reference], sel, rows,
-                            family.codec.drop_ids, artifacts_dir, nset.chosen, n_draws, seed, batch_size, verbose=verbose)}
+    out = {"trained": study(family.load(family.reference), family.name, family.identity[family.reference],
+                            sel, rows,
+                            family.codec.drop_ids, artifacts_dir, nset.chosen, n_draws, seed, batch_size,
+                            verbose=verbose)}
     ctl = nset.control_family
     if ctl is not None and nset.control is not None:
         counts = sel.groupby("layer").size().to_dict()
         member = family.reference if family.reference in ctl.members else ctl.reference
-        out["control"] = study(ctl.load(member), ctl.name, ctl.identity[member], layer_matched_top(nset.control, counts),
-                               rows, ctl.codec.drop_ids, artifacts_dir, "layer-matched top excess", n_draws, seed,
+        out["control"] = study(ctl.load(member), ctl.name, ctl.identity[member],
+                               layer_matched_top(nset.control, counts),
+                               rows, ctl.codec.drop_ids, artifacts_dir, "layer-matched top excess", n_draws,
+                               seed,
                                batch_size, verbose=verbose)
     return out
 
@@ -495,7 +522,8 @@ def row_subsets(table: pd.DataFrame, plan: pd.DataFrame, fractions=(0.5, 1.0), n
     for f in fractions:
         keep = rows[: max(2, int(round(f * len(rows))))]
         sub = table[table.row.isin(keep)]
-        out[int(sub[sub.ablation == sub.ablation.iloc[0]].n.sum())] = ablation_summary(sub, plan, n_boot, seed)
+        out[int(sub[sub.ablation == sub.ablation.iloc[0]].n.sum())] = ablation_summary(sub, plan, n_boot,
+                                                                                       seed)
     return out
 
 
@@ -527,9 +555,9 @@ def comparisons(summary: pd.DataFrame, control: pd.DataFrame | None = None,
             report.sentence(fmt_whole, k=v["whole_ratio_kl"], l=v["whole_ratio_loss"]),
             control=report.sentence(fmt_whole, k=c["whole_ratio_kl"], l=c["whole_ratio_loss"]) if c else None,
             model=model, holds=v["whole_more"], control_holds=c["whole_more"] if c else None,
-            reason=report.sentence("the bootstrap interval of the KL or the loss ratio reaches 1, or a random draw moves "
-                                   "it as much (KL ratio {k:.2f}, loss ratio {l:.2f})", k=v["whole_ratio_kl"],
-                                   l=v["whole_ratio_loss"])),
+            reason=report.sentence("the bootstrap interval of the KL or the loss ratio reaches 1, or a random "
+                                   "draw moves it as much (KL ratio {k:.2f}, loss ratio {l:.2f})",
+                                   k=v["whole_ratio_kl"], l=v["whole_ratio_loss"])),
         paper.Comparison(
             "the first layer's set stands out", "nandan_first_layer",
             report.sentence(fmt_first, r=v["first_ratio"], p=v["first_largest_share"]),
@@ -537,7 +565,8 @@ def comparisons(summary: pd.DataFrame, control: pd.DataFrame | None = None,
             model=model, holds=v["first_stands_out"], control_holds=c["first_stands_out"] if c else None,
             measured=v["first_tested"],
             reason=report.choose(v["first_tested"], report.sentence(
-                "the largest ratio is layer {l}'s; L0's is the largest in {p:.0%} of the resamples (needed: {s:.0%})",
+                "the largest ratio is layer {l}'s; L0's is the largest in {p:.0%} of the resamples "
+                "(needed: {s:.0%})",
                 l=v["largest_layer"], p=v["first_largest_share"], s=v["share"]),
                 "the set has no neuron in layer 0")),
     ]

@@ -42,7 +42,8 @@ class CheckpointRun:
     control: pd.DataFrame | None
 
 
-def checkpoint_run(params, n_tokens: int, artifacts_dir: str | Path, device: str = "cpu", batch_size: int = 32,
+def checkpoint_run(params, n_tokens: int, artifacts_dir: str | Path, device: str = "cpu",
+                   batch_size: int = 32,
                    seed: int = 0, baseline: str = "rotation", threshold: float = 0.5,
                    control_family: str | None = "embedded-untrained") -> CheckpointRun:
     """The tables `universality.checkpoint_emergence` correlates (the same keys, so cached ones are
@@ -68,7 +69,8 @@ def checkpoint_run(params, n_tokens: int, artifacts_dir: str | Path, device: str
     return CheckpointRun(tables, tokens, control)
 
 
-def checkpoint_sets(tables: dict[str, pd.DataFrame], control: pd.DataFrame | None = None, share: float = SET_SHARE,
+def checkpoint_sets(tables: dict[str, pd.DataFrame], control: pd.DataFrame | None = None,
+                    share: float = SET_SHARE,
                     rule: str = "paper_sized") -> pd.DataFrame:
     """`layer`, `neuron` and one boolean column per checkpoint (the keys of `tables`, in order): the
     set at that checkpoint by `rule` ("paper_sized": `sized_set` with the control; "top_share": the
@@ -125,8 +127,10 @@ def chance(a_counts, b_counts, layer_sizes, observed: int) -> Chance:
     pmf = overlap_distribution(a_counts, b_counts, layer_sizes)
     k = np.arange(len(pmf))
     union = int(np.sum(a_counts)) + int(np.sum(b_counts)) - k
-    jac = float(np.sum(pmf * np.where(union > 0, k / np.where(union > 0, union, 1), 0))) if union.max() > 0 else np.nan
-    return Chance(float(np.sum(pmf * k)), jac, float(pmf[int(observed):].sum()) if observed < len(pmf) else 0.0)
+    jac = float(np.sum(pmf * np.where(union > 0, k / np.where(union > 0, union, 1),
+                                      0))) if union.max() > 0 else np.nan
+    return Chance(float(np.sum(pmf * k)), jac,
+                  float(pmf[int(observed):].sum()) if observed < len(pmf) else 0.0)
 
 
 def persistence_table(sets: pd.DataFrame, tokens: dict[str, int] | None = None) -> pd.DataFrame:
@@ -143,10 +147,13 @@ def persistence_table(sets: pd.DataFrame, tokens: dict[str, int] | None = None) 
         ca, cb = _layer_counts(sets, a, layers), _layer_counts(sets, b, layers)
         c = chance(ca, cb, sizes, inter)
         na = int(ca.sum())
-        rows.append({"from": a, "to": b, "tokens_from": (tokens or {}).get(a), "tokens_to": (tokens or {}).get(b),
-                     "n_from": na, "n_to": int(cb.sum()), "overlap": inter, "jaccard": jaccard(sets[a], sets[b]),
+        rows.append({"from": a, "to": b, "tokens_from": (tokens or {}).get(a),
+                     "tokens_to": (tokens or {}).get(b),
+                     "n_from": na, "n_to": int(cb.sum()), "overlap": inter,
+                     "jaccard": jaccard(sets[a], sets[b]),
                      "random_jaccard": c.jaccard, "random_overlap": c.overlap, "p_value": c.p_value,
-                     "retained": inter / na if na else np.nan, "random_retained": c.overlap / na if na else np.nan})
+                     "retained": inter / na if na else np.nan,
+                     "random_retained": c.overlap / na if na else np.nan})
     return pd.DataFrame(rows)
 
 
@@ -164,7 +171,8 @@ def share_of_final(sets: pd.DataFrame, tokens: dict[str, int] | None = None) -> 
     for a in labels:
         inter = int((sets[a] & sets[final]).sum())
         c = chance(_layer_counts(sets, a, layers), cf, sizes, inter)
-        rows.append({"checkpoint": a, "tokens": (tokens or {}).get(a), "n": int(sets[a].sum()), "in_final": inter,
+        rows.append({"checkpoint": a, "tokens": (tokens or {}).get(a), "n": int(sets[a].sum()),
+                     "in_final": inter,
                      "share": inter / nf if nf else np.nan, "chance": c.overlap / nf if nf else np.nan,
                      "p_value": c.p_value})
     return pd.DataFrame(rows)
@@ -179,7 +187,8 @@ def persistence_by_layer(sets: pd.DataFrame) -> pd.DataFrame:
         for a, b in zip(labels[:-1], labels[1:]):
             inter = int((g[a] & g[b]).sum())
             c = chance([g[a].sum()], [g[b].sum()], [len(g)], inter)
-            rows.append({"layer": int(l), "from": a, "to": b, "n_from": int(g[a].sum()), "n_to": int(g[b].sum()),
+            rows.append({"layer": int(l), "from": a, "to": b, "n_from": int(g[a].sum()),
+                         "n_to": int(g[b].sum()),
                          "jaccard": jaccard(g[a], g[b]), "random_jaccard": c.jaccard, "p_value": c.p_value})
     return pd.DataFrame(rows)
 
@@ -215,20 +224,22 @@ def verdicts(table: pd.DataFrame, alpha: float = 0.01, retained: float = 0.5) ->
 def conclusion(table: pd.DataFrame, final: pd.DataFrame) -> str:
     """The sentence the section prints, from `persistence_table` and `share_of_final`."""
     v = verdicts(table)
-    pairs = "; ".join(report.sentence("{a} → {b}: Jaccard {j:.2f} (random {r:.2f}), {k:.0%} of the earlier set kept",
+    pair = "{a} → {b}: Jaccard {j:.2f} (random {r:.2f}), {k:.0%} of the earlier set kept"
+    pairs = "; ".join(report.sentence(pair,
                                       a=r["from"], b=r["to"], j=r.jaccard, r=r.random_jaccard, k=r.retained)
                       for _, r in table.iterrows())
     early = final.iloc[:-1]
     if not final.n.iloc[-1]:
         return f"{pairs}. The final checkpoint's set is empty: there is nothing to persist."
-    shares = ", ".join(report.sentence("{c} {s:.0%} (chance {ch:.0%})", c=r.checkpoint, s=r.share, ch=r.chance)
+    shares = ", ".join(report.sentence("{c} {s:.0%} (chance {ch:.0%})", c=r.checkpoint, s=r.share,
+                                       ch=r.chance)
                        for _, r in early.iterrows())
     return (f"{pairs}. Share of the final set already in the set at each earlier checkpoint: {shares}. "
             + report.choose(not v["n_pairs"], "No two trained checkpoints both have a non-empty set.", "")
             + report.choose(not v["n_pairs"], "", report.choose(
                 v["persists"], "Between trained checkpoints the set persists beyond chance.",
-                            "Between trained checkpoints the set does not persist by this rule (more than half kept "
-                            "and an overlap beyond chance at every step).")))
+                "Between trained checkpoints the set does not persist by this rule (more than half kept and "
+                "an overlap beyond chance at every step).")))
 
 
 def comparisons(table: pd.DataFrame, model: str = paper.DEFAULT_MODEL) -> list[paper.Comparison]:
@@ -237,11 +248,13 @@ def comparisons(table: pd.DataFrame, model: str = paper.DEFAULT_MODEL) -> list[p
     v = verdicts(table)
     return [paper.Comparison(
         "universal neurons persist from one trained checkpoint to the next", "nandan_persistence",
-        report.sentence("at least {k:.0%} of the set kept, Jaccard >= {j:.2f} (random <= {r:.2f}), p <= {p:.1g}",
+        report.sentence("at least {k:.0%} of the set kept, Jaccard >= {j:.2f} (random <= {r:.2f}), "
+                        "p <= {p:.1g}",
                         k=v["min_retained"], j=v["min_jaccard"], r=v["max_random_jaccard"], p=v["max_p"]),
         model=model, holds=v["persists"], measured=v["n_pairs"] > 0,
         reason=report.choose(v["n_pairs"] > 0, "; ".join(
-            ([report.sentence("the least kept share is {k:.0%} (needed: over {need:.0%})", k=v["min_retained"],
+            ([report.sentence("the least kept share is {k:.0%} (needed: over {need:.0%})",
+                              k=v["min_retained"],
                               need=v["retained"])] if not v["min_retained"] > v["retained"] else [])
             + ([report.sentence("the largest p is {p:.2g} (needed: below {a})", p=v["max_p"], a=v["alpha"])]
                if not v["max_p"] < v["alpha"] else [])),

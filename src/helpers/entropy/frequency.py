@@ -109,7 +109,8 @@ def frequency_direction(model, log_q: np.ndarray, rtol: float = 1e-3) -> Frequen
     coef = U[:, keep] @ ((Vh[keep] @ f) / S[keep])
     fit = Wc.T @ coef
     r2 = float(1 - ((fit - f).square().sum() / f.square().sum()))
-    return FrequencyDirection(np.asarray(log_q, dtype=np.float64), f.numpy(), coef, coef / coef.norm(), U[:, keep], r2, Wc)
+    return FrequencyDirection(np.asarray(log_q, dtype=np.float64), f.numpy(), coef, coef / coef.norm(),
+                              U[:, keep], r2, Wc)
 
 
 # ---------------------------------------------------------------------------------- alignment
@@ -127,7 +128,8 @@ def random_cosines(fd: FrequencyDirection, n: int, seed: int = 0) -> np.ndarray:
     return ((x @ fd.direction) / x.norm(dim=1)).numpy()
 
 
-def frequency_table(model, fd: FrequencyDirection, signs: pd.DataFrame | None = None, layers: Sequence[int] | None = None,
+def frequency_table(model, fd: FrequencyDirection, signs: pd.DataFrame | None = None,
+                    layers: Sequence[int] | None = None,
                     n_last: int = 2) -> pd.DataFrame:
     """One row per neuron of `layers` (default all): `act_sign` (from `signs`: layer, neuron, act_sign;
     +1 without a row), `freq_cos` the cosine of s w_out (its live part) with the direction,
@@ -136,7 +138,8 @@ def frequency_table(model, fd: FrequencyDirection, signs: pd.DataFrame | None = 
     neurons) and `late` (in the last `n_last` layers)."""
     d_mlp, L = model.cfg.d_mlp, model.cfg.n_layers
     layers = list(range(L)) if layers is None else sorted(int(l) for l in layers)
-    W = torch.cat([neuron_weights(model, l).w_out.detach().double().cpu() for l in layers])  # [neurons, d_model]
+    # [neurons, d_model]
+    W = torch.cat([neuron_weights(model, l).w_out.detach().double().cpu() for l in layers])
     t = pd.DataFrame({"layer": np.repeat(layers, d_mlp), "neuron": np.tile(np.arange(d_mlp), len(layers))})
     if signs is not None:
         t = t.merge(signs[["layer", "neuron", "act_sign"]], on=["layer", "neuron"], how="left")
@@ -166,9 +169,11 @@ def alignment_test(table: pd.DataFrame, alpha: float = 0.01) -> dict:
     late = table[table.late]
     top = late.loc[late.freq_cos.abs().idxmax()]
     n = len(late)
-    return {"neuron": f"L{int(top.layer)}.{int(top.neuron)}", "cos": float(top.freq_cos), "p_random": float(top.p_random),
+    return {"neuron": f"L{int(top.layer)}.{int(top.neuron)}", "cos": float(top.freq_cos),
+            "p_random": float(top.p_random),
             "p_bonferroni": float(min(1.0, n * top.p_random)), "n_late": n,
-            "n_beyond": int((late.p_random * n < alpha).sum()), "holds": bool(n * top.p_random < alpha), "alpha": alpha}
+            "n_beyond": int((late.p_random * n < alpha).sum()), "holds": bool(n * top.p_random < alpha),
+            "alpha": alpha}
 
 
 # ---------------------------------------------------------------------------------- intervention
@@ -220,19 +225,23 @@ def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir: str | 
     cand = candidates(active, n_candidates)
     pool = active.drop(index=cand.index)
     if len(pool) < n_random:
-        raise ValueError(f"only {len(pool)} other late neurons with an activation range; asked for {n_random}")
+        raise ValueError(f"only {len(pool)} other late neurons with an activation range; "
+                         f"asked for {n_random}")
     rand = pool.sample(n=n_random, random_state=np.random.RandomState(seed)).sort_values(["layer", "neuron"])
-    chosen = pd.concat([cand.assign(role=["frequency"] + [f"candidate {i + 2}" for i in range(len(cand) - 1)]),
+    roles = ["frequency"] + [f"candidate {i + 2}" for i in range(len(cand) - 1)]
+    chosen = pd.concat([cand.assign(role=roles),
                         rand.assign(role="random")], ignore_index=True)
 
     def target(r, g, modes):
         g = np.asarray(g, dtype=np.float64)
-        return iv.Target(int(r.layer), int(r.neuron), g * (r.grid_scale / 6.0) * (1.0 if r.act_sign >= 0 else -1.0), g,
+        return iv.Target(int(r.layer), int(r.neuron),
+                         g * (r.grid_scale / 6.0) * (1.0 if r.act_sign >= 0 else -1.0), g,
                          r.role, tuple(modes))
 
     targets = [target(r, grid_points(r.other_ratio), iv.MODES) if r.role != "random" else
                target(r, random_grid, random_modes) for r in chosen.itertuples()]
-    sweep = iv.cached_sweep(model, model_id, rows, targets, drop_ids, artifacts_dir, batch_size, verbose=verbose,
+    sweep = iv.cached_sweep(model, model_id, rows, targets, drop_ids, artifacts_dir, batch_size,
+                            verbose=verbose,
                             prefix=f"{name}-frequency", extra_metrics={KL_NAME: kl_metric(log_q)},
                             extra_identity={KL_NAME: log_probs_sha256(log_q)})
     return FrequencyStudy(name, fd, table, chosen, sweep, time.time() - t0)
@@ -262,9 +271,12 @@ def summary(studies: dict[str, FrequencyStudy]) -> pd.DataFrame:
         rnd = e[e.role == "random"].groupby("mode")[d].apply(lambda x: float(x.abs().max()))
         tot, dire = float(mine.loc["total", d]), float(mine.loc["direct", d])
         out.append({"model": name, "r2": s.direction.r2, "k": s.direction.k, "top_aligned": a["neuron"],
-                    "cos": a["cos"], "p_bonferroni": a["p_bonferroni"], "n_late": a["n_late"], "n_beyond": a["n_beyond"],
-                    "aligned": a["holds"], "swept": f"L{int(top.layer)}.{int(top.neuron)}", "swept_cos": float(top.freq_cos),
-                    "d_kl_total": tot, "d_kl_direct": dire, "random_max_total": float(rnd.get("total", np.nan)),
+                    "cos": a["cos"], "p_bonferroni": a["p_bonferroni"], "n_late": a["n_late"],
+                    "n_beyond": a["n_beyond"],
+                    "aligned": a["holds"], "swept": f"L{int(top.layer)}.{int(top.neuron)}",
+                    "swept_cos": float(top.freq_cos),
+                    "d_kl_total": tot, "d_kl_direct": dire,
+                    "random_max_total": float(rnd.get("total", np.nan)),
                     "random_max_direct": float(rnd.get("direct", np.nan)), "towards": tot < 0,
                     "sign_agrees": bool((tot < 0) == (top.freq_cos > 0)),
                     "effect_beyond_random": bool(abs(tot) > rnd.get("total", np.inf))})
@@ -274,14 +286,17 @@ def summary(studies: dict[str, FrequencyStudy]) -> pd.DataFrame:
 def conclusion(row: pd.Series) -> str:
     """One model's sentence, from its `summary` row."""
     return report.sentence(
-        "{m}: the log-frequency direction explains {r2:.0%} of the centred log-frequencies through W_U. The most aligned "
-        "late neuron, {n}, has cos {c:+.2f} (Bonferroni p {p:.2g} over {nl:,} random directions; {nb} late neurons pass "
-        "p < 0.01). Fixing {s} at its typical activation moves KL(output || unigram) by {t:+.3f} nats in total and "
-        "{d:+.3f} directly (final scale frozen), {rel} the largest random neuron's {rm:.3f}: {way}.",
-        m=row.name, r2=row.r2, n=row.top_aligned, c=row.cos, p=row.p_bonferroni, nl=row.n_late, nb=row.n_beyond,
+        "{m}: the log-frequency direction explains {r2:.0%} of the centred log-frequencies through W_U. The "
+        "most aligned late neuron, {n}, has cos {c:+.2f} (Bonferroni p {p:.2g} over {nl:,} random directions; "
+        "{nb} late neurons pass p < 0.01). Fixing {s} at its typical activation moves KL(output || unigram) by "
+        "{t:+.3f} nats in total and {d:+.3f} directly (final scale frozen), {rel} the largest random "
+        "neuron's {rm:.3f}: {way}.",
+        m=row.name, r2=row.r2, n=row.top_aligned, c=row.cos, p=row.p_bonferroni, nl=row.n_late,
+        nb=row.n_beyond,
         s=row.swept, t=row.d_kl_total, d=row.d_kl_direct, rm=row.random_max_total,
         rel=report.choose(row.effect_beyond_random, "beyond", "not beyond"),
-        way=report.choose(row.towards, "towards the unigram distribution", "away from the unigram distribution"))
+        way=report.choose(row.towards, "towards the unigram distribution",
+                          "away from the unigram distribution"))
 
 
 def comparisons(row: pd.Series, control: pd.Series | None = None,
@@ -296,8 +311,10 @@ def comparisons(row: pd.Series, control: pd.Series | None = None,
             report.sentence(fmt_a, n=row.top_aligned, c=row.cos, p=row.p_bonferroni),
             control=report.sentence(fmt_a, n=control.top_aligned, c=control.cos, p=control.p_bonferroni)
             if control is not None else None,
-            model=model, holds=bool(row.aligned), control_holds=bool(control.aligned) if control is not None else None,
-            reason=report.sentence("the most aligned of {n:,} late neurons is within what as many random directions reach "
+            model=model, holds=bool(row.aligned),
+            control_holds=bool(control.aligned) if control is not None else None,
+            reason=report.sentence("the most aligned of {n:,} late neurons is within what as many random "
+                                   "directions reach "
                                    "(p {p:.2g})", n=row.n_late, p=row.p_bonferroni)),
         paper.Comparison(
             "fixing it moves the output's KL from the unigram distribution", "stolfo_frequency_effect",

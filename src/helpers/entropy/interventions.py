@@ -51,6 +51,8 @@ METRICS = ("scale", "entropy", "loss", "rr", "top1_same")
 MODES = ("total", "direct")
 # The columns of a sweep table that are not metrics (`metric_columns`).
 ID_COLUMNS = ("row", "layer", "neuron", "role", "mode", "grid", "value", "n")
+# An extra metric: log-probabilities [N, pos-1, d_vocab] -> one value per token [N, pos-1].
+MetricFn = Callable[[torch.Tensor], torch.Tensor]
 VERSION = 1
 
 
@@ -136,7 +138,7 @@ def intervened_logits(model, tokens: torch.Tensor, specs: Sequence[tuple[int, in
 
 @torch.no_grad()
 def token_metrics(logits: torch.Tensor, tokens: torch.Tensor, nominal_top1: torch.Tensor | None = None,
-                  extra: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+                  extra: Mapping[str, MetricFn] | None = None) -> dict[str, torch.Tensor]:
     """Per-token metrics of the next-token predictions: `logits` [N, pos, d_vocab], `tokens` [N, pos]
     (the true next token of position p is tokens[:, p+1]). Returns {name: [N, pos-1]}: `entropy`
     and `loss` in nats, `rr` the reciprocal rank of the true next token (ties counted in its
@@ -234,7 +236,7 @@ def _sums(metrics: dict[str, torch.Tensor], scale: torch.Tensor, mask: torch.Ten
 @torch.no_grad()
 def intervention_sweep(model, rows: TokenRows | torch.Tensor, targets: Sequence[Target], drop_ids: Sequence[int],
                        batch_size: int = 4, max_logit_elems: int = 1 << 26, verbose: bool = True,
-                       extra_metrics: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> pd.DataFrame:
+                       extra_metrics: Mapping[str, MetricFn] | None = None) -> pd.DataFrame:
     """Fix each target neuron at each of its values over all `rows` and record the metrics (Figs 7c-f).
 
     `rows` [rows, n_ctx]; valid tokens are those `valid_token_mask(ids, drop_ids)` keeps, at every
@@ -313,13 +315,14 @@ def sweep_identity(model_id: str, rows: TokenRows, targets: Sequence[Target], dr
     """What a sweep's result depends on; `extra` (the identity of the extra metrics: their names and
     what they are computed from) is added only when given, so sweeps without them keep their keys."""
     out = {"model": model_id, "rows": rows.sha256, "n_rows": len(rows), "n_ctx": rows.n_ctx,
-           "drop_ids": sorted(int(d) for d in drop_ids), "targets": [t.key() for t in targets], "version": VERSION}
+           "drop_ids": sorted(int(d) for d in drop_ids), "targets": [t.key() for t in targets],
+           "version": VERSION}
     return {**out, "extra": extra} if extra else out
 
 
 def cached_sweep(model, model_id: str, rows: TokenRows, targets: Sequence[Target], drop_ids: Sequence[int],
                  artifacts_dir: str | Path, batch_size: int = 4, max_logit_elems: int = 1 << 26, verbose: bool = True,
-                 prefix: str = "", extra_metrics: Mapping[str, Callable] | None = None,
+                 prefix: str = "", extra_metrics: Mapping[str, MetricFn] | None = None,
                  extra_identity: dict | None = None) -> pd.DataFrame:
     """`intervention_sweep`, cached under `<artifacts>/entropy_intervention/` keyed by the model's content
     id, the rows' sha256, the targets (neurons, values, modes) and the dropped ids; with
@@ -327,13 +330,15 @@ def cached_sweep(model, model_id: str, rows: TokenRows, targets: Sequence[Target
     they are computed from, e.g. the sha256 of a reference distribution)."""
     rows = TokenRows.of(rows)
     if extra_metrics and not extra_identity:
-        raise ValueError("extra metrics need an extra_identity (what they are computed from) for the cache key")
+        raise ValueError("extra metrics need an extra_identity (what they are computed from) for the cache "
+                         "key")
 
     def compute(folder: Path) -> dict:
         import time
 
         t0 = time.time()
-        table = intervention_sweep(model, rows, targets, drop_ids, batch_size, max_logit_elems, verbose, extra_metrics)
+        table = intervention_sweep(model, rows, targets, drop_ids, batch_size, max_logit_elems, verbose,
+                                   extra_metrics)
         atomic_write_parquet(table, folder / "sweep.parquet")
         return {"seconds": time.time() - t0, "n_tokens": int(table[table["mode"] == "nominal"].n.sum())}
 
