@@ -60,6 +60,9 @@ def _per_model(key: str, values: dict, source: str, tolerance: float | None = No
 
 
 _TABLE1 = "Table 1"
+# Follow-ups whose claims the book tests in its sections beyond the paper.
+NANDAN = "Nandan et al. 2025, arXiv 2508.00903"
+STOLFO = "Stolfo et al. 2024, arXiv 2406.16254"
 REGISTRY: tuple[PaperNumber, ...] = tuple([
     # --- §1, Table 1: the models -------------------------------------------------------------
     *_per_model("n_seeds", {SMALL: 5, MEDIUM: 5, PYTHIA: 4}, "§1 (Pythia: a and 3 seeds, per the reference code)", 0,
@@ -211,6 +214,36 @@ REGISTRY: tuple[PaperNumber, ...] = tuple([
     PaperNumber("entropy_null_space", MEDIUM, "the entropy neuron's output lies mostly in W_U's null space",
                 "§5.2 (mechanism); quantified in Stolfo et al. 2024", None,
                 "a claim, scored by the caller: null-space fraction far above random neurons'"),
+    # --- follow-ups (sections beyond the paper): their claims, under their own source -----------
+    PaperNumber("nandan_ablation_matters", SMALL,
+                "mean-ablating universal neurons raises the loss and the KL divergence more than ablating as "
+                "many random neurons", f"{NANDAN} (abstract; ablation experiments)", None,
+                "five GPT-2 small seeds, 5M tokens; a claim, scored by the caller: for the whole set, the "
+                "bootstrap interval (over token rows) of the ratio to random neurons of the same layers lies "
+                "above 1 for the KL and for the loss, and the set's effect exceeds every random draw's"),
+    PaperNumber("nandan_first_layer", SMALL,
+                "ablating the first layer's universal neurons raises the KL and the loss disproportionately",
+                f"{NANDAN} (layer-wise ablation)", None,
+                "a claim, scored by the caller: layer 0's set moves the KL more than random neurons of layer 0 "
+                "(as for the whole set) and its ratio is the largest of all layers in at least 95% of the "
+                "bootstrap resamples"),
+    PaperNumber("nandan_persistence", SMALL,
+                "the universal neurons of one checkpoint largely stay universal at the next",
+                f"{NANDAN} (persistence across checkpoints)", None,
+                "a claim, scored by the caller: for every consecutive pair of trained checkpoints, more than "
+                "half of the earlier set is in the later one, and the overlap is beyond what random sets of "
+                "the same per-layer sizes reach (p < 0.01)"),
+    PaperNumber("stolfo_frequency_direction", SMALL,
+                "token frequency neurons write along the log-frequency direction of the unigram distribution "
+                "in logit space", f"{STOLFO} (abstract; token frequency neurons)", None,
+                "GPT-2 small (OpenAI's release) and Pythia 410M in that paper; a claim, scored by the caller: "
+                "the top late-layer neuron's |cos| with the direction is beyond what as many random "
+                "directions reach (Bonferroni p < 0.01)"),
+    PaperNumber("stolfo_frequency_effect", SMALL,
+                "fixing a token frequency neuron's activation shifts the output towards or away from the "
+                "unigram distribution", f"{STOLFO} (abstract; token frequency neurons)", None,
+                "a claim, scored by the caller: the change of KL(output || unigram) from activation 0 to the "
+                "neuron's typical large activation (total effect) exceeds every random late neuron's"),
 ])
 
 _INDEX = {(e.key, e.model): e for e in REGISTRY}

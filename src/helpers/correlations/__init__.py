@@ -8,9 +8,11 @@
 - `checks`          build checks a broken analysis would fail
 - `sweep`           the recorded configuration sweep of the embedded family
 - `verdicts`        the chapter's "Result vs paper" rows
+- `ablation`        beyond the paper: mean ablation of the set against random neurons (Nandan et al. 2025)
+- `persistence`     beyond the paper: the set over the training checkpoints (Nandan et al. 2025)
 """
 
 # The chapter's notebook imports this package alone (`from helpers import correlations`) and reaches its
 # modules as attributes.
 from . import (pearson, correlate, universality, baselines, dimensionality, checks, sweep,  # noqa: E402,F401
-               verdicts)
+               verdicts, ablation, persistence)

@@ -10,7 +10,9 @@ token set, and the next-token distribution is measured token by token:
 - the entropy of softmax(logits), in nats;
 - the loss (cross-entropy of the true next token), in nats;
 - the reciprocal rank of the true next token (1 when it is the top prediction);
-- whether the top-1 token is the same as in the unintervened run.
+- whether the top-1 token is the same as in the unintervened run;
+- any extra metric of the next-token log-probabilities the caller names (`extra_metrics`), such as
+  the KL divergence from the unigram distribution (`helpers.entropy.frequency`).
 
 Two ways: the **total** effect (everything downstream of the neuron recomputed) and the **direct**
 effect, where the final scale is frozen at its unintervened value, token by token. The difference is
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -47,6 +49,10 @@ from helpers.streaming.accumulators import SignedLogHistogram
 SCALE_HOOK = "ln_final.hook_scale"
 METRICS = ("scale", "entropy", "loss", "rr", "top1_same")
 MODES = ("total", "direct")
+# The columns of a sweep table that are not metrics (`metric_columns`).
+ID_COLUMNS = ("row", "layer", "neuron", "role", "mode", "grid", "value", "n")
+# An extra metric: log-probabilities [N, pos-1, d_vocab] -> one value per token [N, pos-1].
+MetricFn = Callable[[torch.Tensor], torch.Tensor]
 VERSION = 1
 
 
@@ -131,11 +137,14 @@ def intervened_logits(model, tokens: torch.Tensor, specs: Sequence[tuple[int, in
 
 
 @torch.no_grad()
-def token_metrics(logits: torch.Tensor, tokens: torch.Tensor, nominal_top1: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def token_metrics(logits: torch.Tensor, tokens: torch.Tensor, nominal_top1: torch.Tensor | None = None,
+                  extra: Mapping[str, MetricFn] | None = None) -> dict[str, torch.Tensor]:
     """Per-token metrics of the next-token predictions: `logits` [N, pos, d_vocab], `tokens` [N, pos]
     (the true next token of position p is tokens[:, p+1]). Returns {name: [N, pos-1]}: `entropy`
     and `loss` in nats, `rr` the reciprocal rank of the true next token (ties counted in its
-    favour), `top1` the argmax token, and `top1_same` (1.0 where it equals `nominal_top1`)."""
+    favour), `top1` the argmax token, and `top1_same` (1.0 where it equals `nominal_top1`).
+    `extra` {name: fn}: fn(log-probabilities [N, pos-1, d_vocab] fp32) -> [N, pos-1], one more
+    metric each."""
     lg = logits[:, :-1].float()
     target = tokens[:, 1:].to(lg.device)
     logp = lg.log_softmax(-1)
@@ -146,6 +155,8 @@ def token_metrics(logits: torch.Tensor, tokens: torch.Tensor, nominal_top1: torc
     out = {"entropy": entropy, "loss": -logp.gather(-1, target[..., None])[..., 0], "rr": 1.0 / rank.float(), "top1": top1}
     if nominal_top1 is not None:
         out["top1_same"] = (top1 == nominal_top1.to(top1.device)).float()
+    for name, fn in (extra or {}).items():
+        out[name] = fn(logp)
     return out
 
 
@@ -211,10 +222,12 @@ def activation_ranges(model, rows: TokenRows, layers: Sequence[int], drop_ids: S
     return out
 
 
-def _sums(metrics: dict[str, torch.Tensor], scale: torch.Tensor, mask: torch.Tensor, R: int, B: int) -> dict[str, np.ndarray]:
+def _sums(metrics: dict[str, torch.Tensor], scale: torch.Tensor, mask: torch.Tensor, R: int, B: int,
+          extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Per-(replica, row) sums over the valid tokens: {metric: [R, B]} float64, with `n`."""
     m = mask.to(scale.device).repeat(R, 1).double()
-    vals = {"scale": scale[:, :-1, 0].double(), **{k: metrics[k].double() for k in ("entropy", "loss", "rr", "top1_same")}}
+    vals = {"scale": scale[:, :-1, 0].double(),
+            **{k: metrics[k].double() for k in ("entropy", "loss", "rr", "top1_same", *extra)}}
     out = {k: (v * m).sum(1).view(R, B).cpu().numpy() for k, v in vals.items()}
     out["n"] = m.sum(1).view(R, B).cpu().numpy()
     return out
@@ -222,7 +235,8 @@ def _sums(metrics: dict[str, torch.Tensor], scale: torch.Tensor, mask: torch.Ten
 
 @torch.no_grad()
 def intervention_sweep(model, rows: TokenRows | torch.Tensor, targets: Sequence[Target], drop_ids: Sequence[int],
-                       batch_size: int = 4, max_logit_elems: int = 1 << 26, verbose: bool = True) -> pd.DataFrame:
+                       batch_size: int = 4, max_logit_elems: int = 1 << 26, verbose: bool = True,
+                       extra_metrics: Mapping[str, MetricFn] | None = None) -> pd.DataFrame:
     """Fix each target neuron at each of its values over all `rows` and record the metrics (Figs 7c-f).
 
     `rows` [rows, n_ctx]; valid tokens are those `valid_token_mask(ids, drop_ids)` keeps, at every
@@ -234,8 +248,13 @@ def intervention_sweep(model, rows: TokenRows | torch.Tensor, targets: Sequence[
     Returns a long table with one row per (token row, target, mode, grid point): `row`, `layer`,
     `neuron`, `role`, `mode` ("nominal", "total", "direct"), `grid` (paper units; NaN for nominal),
     `value` (the fixed activation), `n` (valid tokens) and the per-row sums `scale`, `entropy`,
-    `loss`, `rr`, `top1_same` (means are sums / n)."""
+    `loss`, `rr`, `top1_same` (means are sums / n), and one column per `extra_metrics` name
+    (`token_metrics`)."""
     rows = TokenRows.of(rows)
+    extra = dict(extra_metrics or {})
+    clash = set(extra) & (set(METRICS) | set(ID_COLUMNS) | {"top1"})
+    if clash:
+        raise ValueError(f"extra metrics {sorted(clash)} clash with the sweep's own columns")
     if not targets:
         raise ValueError("no targets")
     for t in targets:
@@ -260,9 +279,9 @@ def intervention_sweep(model, rows: TokenRows | torch.Tensor, targets: Sequence[
         mask = valid_token_mask(ids, drop_ids)[:, :-1]
         logits, cache = model.run_with_cache(ids.to(model.cfg.device), names_filter=lambda n: n == scale_name or n in resid_names)
         nominal_scale = cache[scale_name]
-        nom = token_metrics(logits, ids)
+        nom = token_metrics(logits, ids, extra=extra)
         nom["top1_same"] = torch.ones_like(nom["entropy"])
-        s = _sums(nom, nominal_scale, mask, 1, B)
+        s = _sums(nom, nominal_scale, mask, 1, B, tuple(extra))
         for i in range(B):
             out.append({"row": b0 + i, "layer": -1, "neuron": -1, "role": "nominal", "mode": "nominal", "grid": np.nan,
                         "value": np.nan, **{k: float(v[0, i]) for k, v in s.items()}})
@@ -278,8 +297,8 @@ def intervention_sweep(model, rows: TokenRows | torch.Tensor, targets: Sequence[
                 start = min(l for l, _, _ in specs)
                 lg, sc = intervened_logits(model, ids, specs, nominal_scale if mode == "direct" else None, start,
                                            cache[f"blocks.{start}.hook_resid_pre"])
-                met = token_metrics(lg, ids.repeat(len(specs), 1), nom["top1"].repeat(len(specs), 1))
-                s = _sums(met, sc, mask, len(specs), B)
+                met = token_metrics(lg, ids.repeat(len(specs), 1), nom["top1"].repeat(len(specs), 1), extra)
+                s = _sums(met, sc, mask, len(specs), B, tuple(extra))
                 for r, (t, j) in enumerate(part):
                     for i in range(B):
                         out.append({"row": b0 + i, "layer": int(t.layer), "neuron": int(t.neuron), "role": t.role, "mode": mode,
@@ -291,40 +310,58 @@ def intervention_sweep(model, rows: TokenRows | torch.Tensor, targets: Sequence[
     return pd.DataFrame(out)
 
 
-def sweep_identity(model_id: str, rows: TokenRows, targets: Sequence[Target], drop_ids: Sequence[int]) -> dict:
-    return {"model": model_id, "rows": rows.sha256, "n_rows": len(rows), "n_ctx": rows.n_ctx,
-            "drop_ids": sorted(int(d) for d in drop_ids), "targets": [t.key() for t in targets], "version": VERSION}
+def sweep_identity(model_id: str, rows: TokenRows, targets: Sequence[Target], drop_ids: Sequence[int],
+                   extra: dict | None = None) -> dict:
+    """What a sweep's result depends on; `extra` (the identity of the extra metrics: their names and
+    what they are computed from) is added only when given, so sweeps without them keep their keys."""
+    out = {"model": model_id, "rows": rows.sha256, "n_rows": len(rows), "n_ctx": rows.n_ctx,
+           "drop_ids": sorted(int(d) for d in drop_ids), "targets": [t.key() for t in targets],
+           "version": VERSION}
+    return {**out, "extra": extra} if extra else out
 
 
 def cached_sweep(model, model_id: str, rows: TokenRows, targets: Sequence[Target], drop_ids: Sequence[int],
                  artifacts_dir: str | Path, batch_size: int = 4, max_logit_elems: int = 1 << 26, verbose: bool = True,
-                 prefix: str = "") -> pd.DataFrame:
+                 prefix: str = "", extra_metrics: Mapping[str, MetricFn] | None = None,
+                 extra_identity: dict | None = None) -> pd.DataFrame:
     """`intervention_sweep`, cached under `<artifacts>/entropy_intervention/` keyed by the model's content
-    id, the rows' sha256, the targets (neurons, values, modes) and the dropped ids."""
+    id, the rows' sha256, the targets (neurons, values, modes) and the dropped ids; with
+    `extra_metrics`, also by `extra_identity` (required then: the metrics' names and the content
+    they are computed from, e.g. the sha256 of a reference distribution)."""
     rows = TokenRows.of(rows)
+    if extra_metrics and not extra_identity:
+        raise ValueError("extra metrics need an extra_identity (what they are computed from) for the cache "
+                         "key")
 
     def compute(folder: Path) -> dict:
         import time
 
         t0 = time.time()
-        table = intervention_sweep(model, rows, targets, drop_ids, batch_size, max_logit_elems, verbose)
+        table = intervention_sweep(model, rows, targets, drop_ids, batch_size, max_logit_elems, verbose,
+                                   extra_metrics)
         atomic_write_parquet(table, folder / "sweep.parquet")
         return {"seconds": time.time() - t0, "n_tokens": int(table[table["mode"] == "nominal"].n.sum())}
 
-    res = cached_result("entropy_intervention", sweep_identity(model_id, rows, targets, drop_ids), compute,
-                        root=artifacts_dir, prefix=prefix)
+    ident = sweep_identity(model_id, rows, targets, drop_ids, extra_identity if extra_metrics else None)
+    res = cached_result("entropy_intervention", ident, compute, root=artifacts_dir, prefix=prefix)
     table = res.table("sweep")
     table.attrs["seconds"] = res.meta.get("seconds")
     return table
 
 
 # ---------------------------------------------------------------------------------- summaries
+def metric_columns(table: pd.DataFrame) -> list[str]:
+    """The metric columns of a sweep table: `METRICS`, then any extra metrics, in table order."""
+    return [*METRICS, *(c for c in table.columns if c not in ID_COLUMNS and c not in METRICS)]
+
+
 def curves(table: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
     """Token-weighted means of the metrics per (layer, neuron, role, mode, grid, value) (+ `by`):
     the curves of Figs 7c-f. Nominal rows are kept with grid NaN."""
     keys = ["layer", "neuron", "role", "mode", "grid", "value", *by]
-    g = table.groupby(keys, dropna=False)[["n", *METRICS]].sum().reset_index()
-    for k in METRICS:
+    metrics = [k for k in metric_columns(table) if k not in by]
+    g = table.groupby(keys, dropna=False)[["n", *metrics]].sum().reset_index()
+    for k in metrics:
         g[k] = g[k] / g["n"]
     return g
 
@@ -337,11 +374,12 @@ def aligned_curves(table: pd.DataFrame) -> pd.DataFrame:
     other = table[table["mode"] == "nominal (random rows)"]
     if len(other) == 0:
         return c
-    shift = nominal(table) - other[list(METRICS)].sum() / other["n"].sum()
+    metrics = metric_columns(table)
+    shift = nominal(table) - other[metrics].sum() / other["n"].sum()
     main_rows = set(table[table["mode"] == "nominal"].row)
     on_other = {(l, n) for l, n, r in zip(table.layer, table.neuron, table.row) if r not in main_rows and l >= 0}
     mask = [(l, n) in on_other for l, n in zip(c.layer, c.neuron)]
-    for k in METRICS:
+    for k in metrics:
         c.loc[mask, k] = c.loc[mask, k] + shift[k]
     return c
 
@@ -349,7 +387,11 @@ def aligned_curves(table: pd.DataFrame) -> pd.DataFrame:
 def nominal(table: pd.DataFrame) -> pd.Series:
     """The unintervened token-weighted means of the metrics."""
     t = table[table["mode"] == "nominal"]
-    return t[list(METRICS)].sum() / t["n"].sum()
+    return t[metric_columns(table)].sum() / t["n"].sum()
+
+
+def _extra(table: pd.DataFrame) -> list[str]:
+    return [k for k in metric_columns(table) if k not in METRICS]
 
 
 def halves(table: pd.DataFrame) -> pd.DataFrame:
@@ -362,7 +404,7 @@ def halves(table: pd.DataFrame) -> pd.DataFrame:
         rows = np.sort(g.row.unique())
         first = g.row.isin(rows[: len(rows) // 2])
         a, b, whole = (curves(x).set_index("grid").sort_index() for x in (g[first], g[~first], g))
-        for k in ("scale", "entropy", "loss", "rr"):
+        for k in ("scale", "entropy", "loss", "rr", *_extra(table)):
             ea, eb, ew = (x[k] - x[k].iloc[int(np.argmin(np.abs(x.index.to_numpy())))] for x in (a, b, whole))
             out.append({"layer": l, "neuron": n, "role": role, "mode": mode, "metric": k,
                         "max_half_diff": float((ea - eb).abs().max()), "effect_range": float(ew.max() - ew.min())})
@@ -382,7 +424,7 @@ def effect_summary(table: pd.DataFrame) -> pd.DataFrame:
     for (l, n, role, mode), g in c.groupby(["layer", "neuron", "role", "mode"]):
         top, zero = g.iloc[-1], g.iloc[(g.grid - 0).abs().argmin()]
         row = {"layer": l, "neuron": n, "role": role, "mode": mode, "value_top": top.value}
-        for k in ("scale", "entropy", "loss", "rr"):
+        for k in ("scale", "entropy", "loss", "rr", *_extra(table)):
             row[f"d_{k}"] = float(top[k] - zero[k])
         for k in ("scale", "entropy"):
             steps = np.diff(g[k].to_numpy())
