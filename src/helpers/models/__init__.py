@@ -1,6 +1,8 @@
 """Chapter 00: the models and the seed family.
 
 - `loading`   model configs, safetensors save/load, weight processing, the models loaded from PyPI
+- `gemma`     Gemma 3 270M from PyPI: the GGUF file assembled and checked, converted once, cached
+- `effective` what a neuron or head writes through the norms around it (Gemma's post-norms, the final norm)
 - `training`  training of the embedded seed family (`python -m helpers.models.training`)
-- `families`  families of seeds loaded by name (embedded, untrained control, GPT-2, Pythia, SmolLM2)
+- `families`  families of seeds loaded by name (embedded, untrained control, GPT-2, Pythia, SmolLM2, Gemma 3)
 """
