@@ -29,8 +29,9 @@ def tiny_hf(seed: int = 0):
 
     torch.manual_seed(seed)
     hc = Gemma3TextConfig(
-        vocab_size=D_VOCAB, hidden_size=D_MODEL, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=8, sliding_window=WINDOW, max_position_embeddings=64,
+        vocab_size=D_VOCAB, hidden_size=D_MODEL, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=WINDOW,
+        max_position_embeddings=64,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         query_pre_attn_scalar=12,  # attention scale sqrt(12), not sqrt(d_head) = sqrt(8)
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
@@ -47,7 +48,8 @@ def tiny_hf(seed: int = 0):
     return hf
 
 
-NO_PROCESSING = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False, "fold_value_biases": False}
+NO_PROCESSING = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False,
+                 "fold_value_biases": False}
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +96,11 @@ def test_tiny_gemma_converts_exactly_and_its_window_matters(hf, proc, raw):
     assert (raw(toks).log_softmax(-1) - ref).abs().max() < 1e-5
     cfg = proc.cfg
     assert [b.attn.attn_type for b in proc.blocks] == ["local", "local", "global"]
-    assert cfg.n_key_value_heads == 1 and cfg.n_heads == 4 and cfg.gated_mlp and cfg.act_fn == "gelu_pytorch_tanh"
-    assert cfg.use_qk_norm and cfg.use_normalization_before_and_after and cfg.attn_scale == pytest.approx(math.sqrt(12))
-    assert not torch.allclose(proc.blocks[0].attn.rotary_cos, proc.blocks[2].attn.rotary_cos)  # bases 1e4 and 1e6
+    assert cfg.n_key_value_heads == 1 and cfg.n_heads == 4 and cfg.gated_mlp
+    assert cfg.act_fn == "gelu_pytorch_tanh" and cfg.use_qk_norm and cfg.use_normalization_before_and_after
+    assert cfg.attn_scale == pytest.approx(math.sqrt(12))
+    # rotary bases 1e4 (local) and 1e6 (global)
+    assert not torch.allclose(proc.blocks[0].attn.rotary_cos, proc.blocks[2].attn.rotary_cos)
     # the sliding window is exercised by these 16-token rows: all-global attention gives other outputs
     kw = {**gemma.gemma_hooked_config(hf.config), "use_local_attn": False}
     glob = HookedTransformer(HookedTransformerConfig(**kw))
@@ -115,7 +119,8 @@ def test_weight_processing_is_what_the_record_says(proc, raw):
     # fold_ln: the final norm's weight is in W_U (which center_unembed centres over the vocabulary)
     folded = raw.ln_final.w[:, None] * raw.W_U
     assert torch.allclose(proc.W_U, folded - folded.mean(-1, keepdim=True), atol=1e-5)
-    assert torch.allclose(proc.blocks[1].mlp.W_gate, raw.blocks[1].ln2.w[:, None] * raw.blocks[1].mlp.W_gate, atol=1e-6)
+    gate = raw.blocks[1].ln2.w[:, None] * raw.blocks[1].mlp.W_gate
+    assert torch.allclose(proc.blocks[1].mlp.W_gate, gate, atol=1e-6)
     # the post-norms and the query/key norms keep their weights
     for l in range(3):
         b, r = proc.blocks[l], raw.blocks[l]
@@ -200,7 +205,7 @@ def test_makefile_and_colab_install_the_pinned_packages():
 # --------------------------------------------------------------------------------------------
 
 
-def bump_run(model, toks, layer, neuron, value=None, add=None, freeze=None, read="blocks.{l}.hook_resid_post"):
+def bump_run(model, toks, layer, neuron, value=None, add=None, freeze=None):
     """The residual stream after `layer` with neuron `neuron`'s activation set to `value` or moved by
     `add`, and the hooks in `freeze` ({hook name: tensor}) held at the given values."""
     def edit(post, hook):
@@ -208,8 +213,9 @@ def bump_run(model, toks, layer, neuron, value=None, add=None, freeze=None, read
         post[..., neuron] = value if value is not None else post[..., neuron] + add
         return post
 
-    hooks = [(f"blocks.{layer}.mlp.hook_post", edit)] + [(n, (lambda t, hook, v=v: v)) for n, v in (freeze or {}).items()]
-    name = read.format(l=layer)
+    hooks = [(f"blocks.{layer}.mlp.hook_post", edit)]
+    hooks += [(n, (lambda t, hook, v=v: v)) for n, v in (freeze or {}).items()]
+    name = f"blocks.{layer}.hook_resid_post"
     with model.hooks(fwd_hooks=hooks):
         _, cache = model.run_with_cache(toks, names_filter=lambda n: n == name, return_type=None)
     return cache[name]
@@ -219,7 +225,8 @@ def bump_run(model, toks, layer, neuron, value=None, add=None, freeze=None, read
 def test_output_direction_is_the_measured_write_through_the_post_mlp_norm(proc):
     toks, l = token_rows(2).ids, 1
     scale = f"blocks.{l}.ln2_post.hook_scale"
-    _, clean = proc.run_with_cache(toks, names_filter=lambda n: n in (scale, f"blocks.{l}.hook_resid_post", f"blocks.{l}.mlp.hook_post"))
+    names = (scale, f"blocks.{l}.hook_resid_post", f"blocks.{l}.mlp.hook_post")
+    _, clean = proc.run_with_cache(toks, names_filter=lambda n: n in names)
     s, base = clean[scale], clean[f"blocks.{l}.hook_resid_post"]
     w_out = proc.blocks[l].mlp.W_out
     for n in (0, 7, 30):
@@ -269,8 +276,10 @@ def test_norm_scales_are_the_hooks_means(proc):
 
     rows = token_rows(5)
     table = norm_scales(proc, rows, drop_ids=[BOS], batch_size=2)
-    assert list(table.norm[:2]) == ["ln1_post", "ln2_post"] and table.norm.iloc[-1] == "ln_final" and len(table) == 7
-    names = [f"blocks.{l}.{k}.hook_scale" for l, k in zip(table.layer, table.norm) if l >= 0] + ["ln_final.hook_scale"]
+    assert list(table.norm[:2]) == ["ln1_post", "ln2_post"] and table.norm.iloc[-1] == "ln_final"
+    assert len(table) == 7
+    names = [f"blocks.{l}.{k}.hook_scale" for l, k in zip(table.layer, table.norm) if l >= 0]
+    names.append("ln_final.hook_scale")
     _, c = proc.run_with_cache(rows.ids, names_filter=lambda n: n in names)
     for (_, row), name in zip(table.iterrows(), names):
         s = c[name][:, 1:, 0].double()  # BOS dropped
@@ -342,7 +351,8 @@ def test_bos_value_norms_match_transformers(hf, proc):
     _, c = proc.run_with_cache(torch.tensor([[BOS]]), names_filter=lambda n: n == "blocks.1.attn.hook_v")
     v = c["blocks.1.attn.hook_v"][0, 0]
     no_g = torch.einsum("hd,hdm->hm", v[[0, 0, 0, 0]], proc.blocks[1].attn.W_O).norm(dim=-1)
-    assert torch.allclose(attention.head_output_norms(proc, 1, v), bos[1], rtol=1e-4) and not torch.allclose(no_g, bos[1], rtol=1e-2)
+    assert torch.allclose(attention.head_output_norms(proc, 1, v), bos[1], rtol=1e-4)
+    assert not torch.allclose(no_g, bos[1], rtol=1e-2)
 
 
 def score_gradient(model, toks, layer, head, pos):
@@ -381,7 +391,8 @@ def test_heuristic_score_is_the_exact_logit_change_with_norm_scales_held(proc):
     for layer, positions in ((1, [1, 3]), (2, [3, 9, 15])):
         for p in positions:
             qd = attention.query_directions(proc, layer, kb[layer], [p])
-            sc = attention.heuristic_scores(proc, BOS, positions=[p], neuron_layers=[0], head_layers=[layer])["raw"]
+            sc = attention.heuristic_scores(proc, BOS, positions=[p], neuron_layers=[0],
+                                            head_layers=[layer])["raw"]
             units = attention.unit_rows(effective.output_directions(proc, 0))
             for h in range(4):
                 exact = score_gradient(proc, toks, layer, h, p)
@@ -392,8 +403,8 @@ def test_heuristic_score_is_the_exact_logit_change_with_norm_scales_held(proc):
     attn = proc.blocks[2].attn
     k = attention.unrotate(attn, kb[2, 1], 9)
     no_gq = attn.W_Q[1] @ k / attn.attn_scale
-    raw_k = attention.unrotate(attn, proc.run_with_cache(torch.tensor([[BOS]]), names_filter=lambda n: n.endswith(
-        "2.attn.hook_k"))[1]["blocks.2.attn.hook_k"][0, 0, 0], 9)
+    _, c = proc.run_with_cache(torch.tensor([[BOS]]), names_filter=lambda n: n == "blocks.2.attn.hook_k")
+    raw_k = attention.unrotate(attn, c["blocks.2.attn.hook_k"][0, 0, 0], 9)
     no_kn = effective.effective_W_Q(proc, 2)[1] @ raw_k / attn.attn_scale
     sqrt_dh = effective.effective_W_Q(proc, 2)[1] @ k / math.sqrt(proc.cfg.d_head)
     for wrong in (no_gq, no_kn, sqrt_dh):
@@ -407,7 +418,8 @@ def test_path_ablation_matches_a_direct_ablation(proc):
     """The records of `path_ablation` against a whole-model run in which only the head's query sees
     the residual stream without the neuron's write (its layer re-run with the neuron set to 0)."""
     rows = token_rows(3)
-    pairs = pd.DataFrame({"neuron_layer": [0, 1, 0], "neuron": [5, 11, 20], "head_layer": [2, 2, 1], "head": [1, 3, 2]})
+    pairs = pd.DataFrame({"neuron_layer": [0, 1, 0], "neuron": [5, 11, 20], "head_layer": [2, 2, 1],
+                          "head": [1, 3, 2]})
     rec = attention.path_ablation(proc, rows, pairs, drop_ids=[BOS], batch_size=2, first_pos=1)
     toks = rows.ids
     for pid, pr in pairs.iterrows():
@@ -467,17 +479,19 @@ def test_gemma_loads_offline_and_matches_transformers():
     params = load_preset("smoke")
     fam = families.load_family("gemma3-270m", params)
     model = fam.load("gemma3-270m")
-    assert model.processing == gemma.GEMMA_PROCESSING and fam.info["processing_notes"] == gemma.PROCESSING_NOTES
+    assert model.processing == gemma.GEMMA_PROCESSING
+    assert fam.info["processing_notes"] == gemma.PROCESSING_NOTES
     info = describe_model(model)
     assert (info["n_layers"], info["d_model"], info["d_mlp"], info["d_vocab"]) == (18, 640, 2048, 262144)
     # the config derived from the GGUF's agrees with TransformerLens's own for google/gemma-3-270m
     builtin = get_pretrained_model_config("google/gemma-3-270m", fold_ln=True).to_dict()
     ours = model.cfg.to_dict()
     for k in ("d_model", "d_head", "n_heads", "n_key_value_heads", "d_mlp", "n_layers", "d_vocab", "act_fn",
-              "normalization_type", "rotary_base", "rotary_base_local", "rotary_dim", "attn_scale", "gated_mlp",
-              "final_rms", "use_normalization_before_and_after", "use_qk_norm", "window_size", "use_local_attn",
-              "attn_types", "positional_embedding_type", "rotary_adjacent_pairs", "original_architecture"):
-        assert ours[k] == pytest.approx(builtin[k]) if isinstance(builtin[k], float) else ours[k] == builtin[k], k
+              "normalization_type", "rotary_base", "rotary_base_local", "rotary_dim", "attn_scale",
+              "gated_mlp", "final_rms", "use_normalization_before_and_after", "use_qk_norm", "window_size",
+              "use_local_attn", "attn_types", "positional_embedding_type", "rotary_adjacent_pairs", "original_architecture"):
+        want = pytest.approx(builtin[k]) if isinstance(builtin[k], float) else builtin[k]
+        assert ours[k] == want, k
     assert ours["eps"] == pytest.approx(builtin["eps"], rel=1e-6)
     # greedy continuation, and log-probabilities against transformers' own forward
     codec = fam.codec

@@ -46,12 +46,13 @@ def _norm_weight(norm) -> torch.Tensor | None:
 
 def post_mlp_norm(model, layer: int):
     """The norm applied to the MLP output of `layer` before the residual stream (`ln2_post`), or None."""
-    return getattr(model.blocks[layer], "ln2_post", None) if model.cfg.use_normalization_before_and_after else None
+    return model.blocks[layer].ln2_post if model.cfg.use_normalization_before_and_after else None
 
 
 def post_attn_norm(model, layer: int):
-    """The norm applied to the attention output of `layer` before the residual stream (`ln1_post`), or None."""
-    return getattr(model.blocks[layer], "ln1_post", None) if model.cfg.use_normalization_before_and_after else None
+    """The norm applied to the attention output of `layer` before the residual stream (`ln1_post`),
+    or None."""
+    return model.blocks[layer].ln1_post if model.cfg.use_normalization_before_and_after else None
 
 
 def apply_norm(norm, x: torch.Tensor) -> torch.Tensor:

