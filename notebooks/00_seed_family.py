@@ -33,7 +33,7 @@
 # With network access, `-f params/gpt2-small.yaml` runs this notebook on the paper's models; the
 # sections about the corpus and training then describe the hub models instead.
 
-# %%
+# %% tags=["hide-input"]
 import sys
 
 IN_COLAB = "google.colab" in sys.modules
@@ -84,21 +84,44 @@ print(f"family {fam.name!r}: members {fam.members}")
 # %%
 if is_embedded:
     summary = fam.corpus.summary()
-    display(summary.style.format({"share": "{:.1%}", "train_tokens": "{:,}", "val_tokens": "{:,}"}))
+    display(
+        summary.style.format({"share": "{:.1%}", "train_tokens": "{:,}", "val_tokens": "{:,}"})
+    )
     prov = fam.corpus.provenance
-    inputs = pd.DataFrame([{"source": k, "input": v.get("package", v.get("kind")), "version": v.get("version", v.get("python", "")),
-                            "documents used": v["n_documents"], "of available": v["n_documents_available"]}
-                           for k, v in prov["inputs"].items()]).set_index("source")
+    inputs = pd.DataFrame(
+        [
+            {
+                "source": k,
+                "input": v.get("package", v.get("kind")),
+                "version": v.get("version", v.get("python", "")),
+                "documents used": v["n_documents"],
+                "of available": v["n_documents_available"],
+            }
+            for k, v in prov["inputs"].items()
+        ]
+    ).set_index("source")
     display(inputs)
-    fig = px.bar(summary.reset_index(), x="label", y=["train_tokens", "val_tokens"], barmode="stack")
-    plots.style(fig, "Embedded corpus: GPT-2 tokens per source", x="source label", y="GPT-2 tokens", legend="split")
+    fig = px.bar(
+        summary.reset_index(), x="label", y=["train_tokens", "val_tokens"], barmode="stack"
+    )
+    plots.style(
+        fig,
+        "Embedded corpus: GPT-2 tokens per source",
+        x="source label",
+        y="GPT-2 tokens",
+        legend="split",
+    )
     fig.show()
     vocab = fam.codec.vocab
-    print(f"{prov['n_train_tokens']:,} training and {prov['n_val_tokens']:,} held-out GPT-2 tokens; "
-          f"the {vocab.d_vocab - 1:,} most frequent GPT-2 tokens (+1 unknown id) cover "
-          f"{fam.info['vocab_coverage']:.2%} of the training tokens")
+    print(
+        f"{prov['n_train_tokens']:,} training and {prov['n_val_tokens']:,} held-out GPT-2 tokens; "
+        f"the {vocab.d_vocab - 1:,} most frequent GPT-2 tokens (+1 unknown id) cover "
+        f"{fam.info['vocab_coverage']:.2%} of the training tokens"
+    )
 else:
-    print("hub family: the analyses use the Pile test split (see helpers.data.tokens.pile_token_rows)")
+    print(
+        "hub family: the analyses use the Pile test split (see helpers.data.tokens.pile_token_rows)"
+    )
 
 # %% [markdown]
 # ## 2. The models next to the paper's Table 1
@@ -155,23 +178,40 @@ if is_embedded:
     control = families.load_family("embedded-untrained", params, device=device)
     ctl_rows = fam.token_rows(min(n_tokens, 16_384), "val")
     ctl_loss = {m: models.row_losses(control.load(m), ctl_rows) for m in control.members}
-    ctl_table = pd.DataFrame({m: {"loss": l.mean(), "loss on the first half": l[: len(l) // 2].mean()}
-                              for m, l in ctl_loss.items()}).T
-    ctl_table["change from the first half"] = ctl_table["loss"] - ctl_table["loss on the first half"]
+    ctl_table = pd.DataFrame(
+        {
+            m: {"loss": l.mean(), "loss on the first half": l[: len(l) // 2].mean()}
+            for m, l in ctl_loss.items()
+        }
+    ).T
+    ctl_table["change from the first half"] = (
+        ctl_table["loss"] - ctl_table["loss on the first half"]
+    )
     table["untrained control loss"] = ctl_table["loss"]
     display(table)
-    print(f"untrained control on {ctl_rows.numel():,} held-out tokens ({len(ctl_rows)} rows of {ctl_rows.shape[1]}):")
+    print(
+        f"untrained control on {ctl_rows.numel():,} held-out tokens ({len(ctl_rows)} rows of "
+        f"{ctl_rows.shape[1]}):"
+    )
     display(ctl_table.style.format("{:.4f}"))
     val = table["val_loss"]
     spread = float(val.max() - val.min())
     gap = float((table["untrained control loss"] - table["val_loss"]).min())
     change = float(ctl_table["change from the first half"].abs().max())
-    print(f"smallest gap between a member and its control: {gap:.2f} nats; largest change of a control's loss from "
-          f"half its tokens: {change:.3f} nats")
-    print(f"validation loss: mean {val.mean():.4f}, std {val.std(ddof=1):.4f}, spread (max - min) {spread:.4f} nats; "
-          f"uniform guess over the vocabulary: {np.log(embedded['d_vocab']):.2f} nats")
+    print(
+        f"smallest gap between a member and its control: {gap:.2f} nats; largest change of a "
+        "control's loss from "
+        f"half its tokens: {change:.3f} nats"
+    )
+    print(
+        f"validation loss: mean {val.mean():.4f}, std {val.std(ddof=1):.4f}, spread (max - min) "
+        f"{spread:.4f} nats; "
+        f"uniform guess over the vocabulary: {np.log(embedded['d_vocab']):.2f} nats"
+    )
     # A broken training or a seed that diverged fails the build here.
-    assert (val < table["untrained control loss"] - 1.0).all(), "a seed is not clearly better than its untrained control"
+    assert (
+        val < table["untrained control loss"] - 1.0
+    ).all(), "a seed is not clearly better than its untrained control"
     assert spread < 0.25, f"seeds disagree by {spread:.3f} nats: training is not seed-stable"
 
 # %% [markdown]
@@ -195,9 +235,15 @@ display(samples)
 
 # %%
 paper_model = paper.model_for(fam.name)
-rows_rvp = verdicts.comparisons(fam.name, len(fam.members), ours, ref_model.processing,
-                                training=table if is_embedded else None, corpus=summary if is_embedded else None,
-                                info=fam.info)
+rows_rvp = verdicts.comparisons(
+    fam.name,
+    len(fam.members),
+    ours,
+    ref_model.processing,
+    training=table if is_embedded else None,
+    corpus=summary if is_embedded else None,
+    info=fam.info,
+)
 display(paper.result_table(rows_rvp))
 report.publish("00_seed_family", params, {"Result vs paper": paper.result_table(rows_rvp)})
 
@@ -206,17 +252,35 @@ report.publish("00_seed_family", params, {"Result vs paper": paper.result_table(
 
 # %%
 if is_embedded:
-    display(report.summary([
-        "{n} seeds of one GPT-2-style model ({layers} layers, d_mlp {d_mlp}, {params}) were trained on {tokens:,} tokens "
-        "each of the held-in corpus, with the GPT-2 tokenizer.",
-        "Their validation losses have mean {mean:.3f} nats and spread (max - min) {spread:.4f} nats; the untrained "
-        "control's mean is {control:.3f} nats and the uniform guess over the vocabulary {uniform:.2f} nats.",
-        "{n_differs} of the {n_rows} rows of the comparison with the paper differ: the family is {ratio:.0f} times smaller "
-        "than GPT2-small in neurons and trained for {steps:,} steps instead of {paper_steps:,}; later chapters compare "
-        "with the paper under that caveat.",
-    ], n=len(table), layers=ours["n_layers"], d_mlp=ours["d_mlp"], params=f"{ours['n_params'] / 1e6:.2f}M parameters",
-        tokens=int(table.train_tokens.iloc[0]), mean=float(val.mean()), spread=spread,
-        control=float(table["untrained control loss"].mean()), uniform=float(np.log(ours["d_vocab"])),
-        n_differs=int((paper.result_table(rows_rvp).verdict == "differs").sum()), n_rows=len(rows_rvp),
-        ratio=paper.value("n_neurons", paper_model) / ours["n_neurons"], steps=int(table.steps.iloc[0]),
-        paper_steps=paper.value("train_steps", paper_model)))
+    display(
+        report.summary(
+            [
+                "{n} seeds of one GPT-2-style model ({layers} layers, d_mlp {d_mlp}, {params}) "
+                "were trained on {tokens:,} tokens "
+                "each of the held-in corpus, with the GPT-2 tokenizer.",
+                "Their validation losses have mean {mean:.3f} nats and spread (max - min) "
+                "{spread:.4f} nats; the untrained "
+                "control's mean is {control:.3f} nats and the uniform guess over the vocabulary "
+                "{uniform:.2f} nats.",
+                "{n_differs} of the {n_rows} rows of the comparison with the paper differ: the "
+                "family is {ratio:.0f} times smaller "
+                "than GPT2-small in neurons and trained for {steps:,} steps instead of "
+                "{paper_steps:,}; later chapters compare "
+                "with the paper under that caveat.",
+            ],
+            n=len(table),
+            layers=ours["n_layers"],
+            d_mlp=ours["d_mlp"],
+            params=f"{ours['n_params'] / 1e6:.2f}M parameters",
+            tokens=int(table.train_tokens.iloc[0]),
+            mean=float(val.mean()),
+            spread=spread,
+            control=float(table["untrained control loss"].mean()),
+            uniform=float(np.log(ours["d_vocab"])),
+            n_differs=int((paper.result_table(rows_rvp).verdict == "differs").sum()),
+            n_rows=len(rows_rvp),
+            ratio=paper.value("n_neurons", paper_model) / ours["n_neurons"],
+            steps=int(table.steps.iloc[0]),
+            paper_steps=paper.value("train_steps", paper_model),
+        )
+    )

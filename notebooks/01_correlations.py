@@ -31,7 +31,7 @@
 # across seeds and the convergence with the number of tokens, and sets the trained family against
 # its **untrained control** and its own **training checkpoints**.
 
-# %%
+# %% tags=["hide-input"]
 import sys
 
 IN_COLAB = "google.colab" in sys.modules
@@ -67,9 +67,16 @@ baseline_seed = None
 
 # %%
 params = presets.notebook_preset(globals())
-device, n_tokens, n_tokens_aux, batch_size = params.device, params.n_tokens, params.n_tokens_aux, params.batch_size
+device, n_tokens, n_tokens_aux, batch_size = (
+    params.device,
+    params.n_tokens,
+    params.n_tokens_aux,
+    params.batch_size,
+)
 threshold, baseline, embedded = params.threshold, params.baseline, params.embedded
-seed = params.baseline_seed  # the rotation baseline's seed; the family was trained from params.train_seed
+seed = (
+    params.baseline_seed
+)  # the rotation baseline's seed; the family was trained from params.train_seed
 art = params.artifacts_path
 fam = families.load_family(params.family, params, device=device)
 reference = fam.reference
@@ -88,11 +95,21 @@ is_embedded = fam.name.startswith("embedded")
 # run resumes; the finished table is cached.
 
 # %%
-corr = correlations.universality.universality_table(fam, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
-                                                    baseline=baseline, threshold=threshold)
+corr = correlations.universality.universality_table(
+    fam,
+    n_tokens,
+    art,
+    device=device,
+    batch_size=batch_size,
+    seed=seed,
+    baseline=baseline,
+    threshold=threshold,
+)
 table, run = corr.table("universality"), corr.meta
-print(f"{run['n_valid_tokens']:,} tokens after dropping BOS/newline; baseline: {run['baseline']}; "
-      f"{run['n_dead']} dead reference neurons; {run['seconds']:.0f} s")
+print(
+    f"{run['n_valid_tokens']:,} tokens after dropping BOS/newline; baseline: {run['baseline']}; "
+    f"{run['n_dead']} dead reference neurons; {run['seconds']:.0f} s"
+)
 display(table.head())
 
 # %% [markdown]
@@ -114,8 +131,18 @@ display(table.head())
 # the control: how many of the control's neurons reach the set's smallest excess correlation.
 
 # %%
-nset = correlations.universality.neuron_set(fam, "auto", params, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
-                               baseline=baseline, threshold=threshold)
+nset = correlations.universality.neuron_set(
+    fam,
+    "auto",
+    params,
+    n_tokens,
+    art,
+    device=device,
+    batch_size=batch_size,
+    seed=seed,
+    baseline=baseline,
+    threshold=threshold,
+)
 table, control, chosen = nset.table, nset.control, nset.chosen
 summaries = {fam.name: correlations.universality.excess_summary(table)}
 if control is not None:
@@ -129,7 +156,7 @@ display(Markdown("**The set later chapters use.** " + nset.describe()))
 # maximum, in the top share by excess) at 1%, 4% and 10% of the neurons, and the chosen set. The
 # same-layer column is Fig 2c's diagonal over the set's neurons (section 5), against chance.
 
-# %%
+# %% tags=["hide-input"]
 display(correlations.universality.set_sensitivity(nset).style.format(precision=3, na_rep="n/a"))
 
 # %% [markdown]
@@ -140,20 +167,53 @@ display(correlations.universality.set_sensitivity(nset).style.format(precision=3
 # of every family computed here.
 
 # %%
-long = table.melt(value_vars=["mean_corr", "mean_baseline", "excess_corr"], var_name="quantity", value_name="correlation")
-fig = px.histogram(long, x="correlation", color="quantity", histnorm="probability density", barmode="overlay", nbins=120,
-                   opacity=0.6)
+long = table.melt(
+    value_vars=["mean_corr", "mean_baseline", "excess_corr"],
+    var_name="quantity",
+    value_name="correlation",
+)
+fig = px.histogram(
+    long,
+    x="correlation",
+    color="quantity",
+    histnorm="probability density",
+    barmode="overlay",
+    nbins=120,
+    opacity=0.6,
+)
 fig.add_vline(x=threshold, line_dash="dash", annotation_text=f"threshold {threshold}")
-plots.style(fig, f"Fig 2a · {fam.name}: max correlation across seeds, rotation baseline, excess",
-            x="correlation (Pearson)", y="density", legend="per neuron")
+plots.style(
+    fig,
+    f"Fig 2a · {fam.name}: max correlation across seeds, rotation baseline, excess",
+    x="correlation (Pearson)",
+    y="density",
+    legend="per neuron",
+)
 fig.show()
 
 # %%
-overlay = pd.concat([table.assign(family=fam.name)] + ([control.assign(family="untrained control")] if control is not None else []))
-fig = px.histogram(overlay, x="excess_corr", color="family", histnorm="probability density", barmode="overlay", nbins=200, opacity=0.6)
+overlay = pd.concat(
+    [table.assign(family=fam.name)]
+    + ([control.assign(family="untrained control")] if control is not None else [])
+)
+fig = px.histogram(
+    overlay,
+    x="excess_corr",
+    color="family",
+    histnorm="probability density",
+    barmode="overlay",
+    nbins=200,
+    opacity=0.6,
+)
 fig.update_traces(marker_line_width=0)
 fig.add_vline(x=threshold, line_dash="dash")
-plots.style(fig, "Fig 11 · excess correlation by family", x="excess correlation", y="density", legend="family")
+plots.style(
+    fig,
+    "Fig 11 · excess correlation by family",
+    x="excess correlation",
+    y="density",
+    legend="family",
+)
 fig.show()
 
 # %% [markdown]
@@ -163,16 +223,38 @@ fig.show()
 # universal neuron has a counterpart in *every* seed, so it sits high on both axes.
 
 # %%
-fig = px.scatter(table, x="max_corr", y="min_corr", color="excess_corr", color_continuous_scale="Viridis", opacity=0.6,
-                 hover_data=["layer", "neuron", "excess_corr"])
-fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="min = max", showlegend=True)
-plots.style(fig, "Fig 2b · max vs min over seeds of the max correlation", x="max over seeds of max correlation",
-            y="min over seeds of max correlation")
+fig = px.scatter(
+    table,
+    x="max_corr",
+    y="min_corr",
+    color="excess_corr",
+    color_continuous_scale="Viridis",
+    opacity=0.6,
+    hover_data=["layer", "neuron", "excess_corr"],
+)
+fig.add_scatter(
+    x=[0, 1],
+    y=[0, 1],
+    mode="lines",
+    line=dict(dash="dot", color="gray"),
+    name="min = max",
+    showlegend=True,
+)
+plots.style(
+    fig,
+    "Fig 2b · max vs min over seeds of the max correlation",
+    x="max over seeds of max correlation",
+    y="min over seeds of max correlation",
+)
 fig.show()
 spread = correlations.universality.seed_spread(table, "is_universal")
 spread_top = correlations.universality.seed_spread(table, "top_excess")
-print(f"mean spread (max - min over seeds): all neurons {spread['all']:.3f}; universal {spread['selected']:.3f} over "
-      f"{spread['n_selected']} neurons; top 1% by excess {spread_top['selected']:.3f} (the paper's values: Result vs paper)")
+print(
+    f"mean spread (max - min over seeds): all neurons {spread['all']:.3f}; universal "
+    f"{spread['selected']:.3f} over "
+    f"{spread['n_selected']} neurons; top 1% by excess {spread_top['selected']:.3f} (the paper's "
+    "values: Result vs paper)"
+)
 
 # %% [markdown]
 # ## 5. Fig 2c: depth specialisation
@@ -185,30 +267,64 @@ print(f"mean spread (max - min over seeds): all neurons {spread['all']:.3f}; uni
 # %%
 heat = correlations.universality.best_match_layers(table)
 spec = correlations.universality.depth_specialisation(heat)
-ctl_spec = correlations.universality.depth_specialisation(correlations.universality.best_match_layers(control)) if control is not None else None
-fig = px.imshow(heat, text_auto=".2f", color_continuous_scale="Blues", zmin=0, zmax=1, aspect="auto")
-plots.style(fig, f"Fig 2c · layer of the best match in the other seeds (chance per cell: {spec['chance']:.2f})",
-            x="layer of best match (other seed)", y="reference layer")
+ctl_spec = (
+    correlations.universality.depth_specialisation(
+        correlations.universality.best_match_layers(control)
+    )
+    if control is not None
+    else None
+)
+fig = px.imshow(
+    heat, text_auto=".2f", color_continuous_scale="Blues", zmin=0, zmax=1, aspect="auto"
+)
+plots.style(
+    fig,
+    f"Fig 2c · layer of the best match in the other seeds (chance per cell: {spec['chance']:.2f})",
+    x="layer of best match (other seed)",
+    y="reference layer",
+)
 fig.show()
-print(f"mean share of best matches in the same layer: {spec['diagonal']:.3f} (chance {spec['chance']:.3f}"
-      + (f"; untrained control {ctl_spec['diagonal']:.3f})" if ctl_spec else ")"))
+print(
+    f"mean share of best matches in the same layer: {spec['diagonal']:.3f} (chance "
+    f"{spec['chance']:.3f}"
+    + (f"; untrained control {ctl_spec['diagonal']:.3f})" if ctl_spec else ")")
+)
 
 # %% [markdown]
 # ## 6. Universal neurons by layer
 
 # %%
-by_layer = pd.DataFrame({f"excess > {threshold}": correlations.universality.share_by_layer(table, "is_universal"),
-                         "above control maximum": correlations.universality.share_by_layer(table, "above_control"),
-                         "paper-sized": correlations.universality.share_by_layer(table, "paper_sized"),
-                         "top 1% by excess": correlations.universality.share_by_layer(table, "top_excess")})
-fig = px.bar(by_layer.reset_index().melt(id_vars="layer", var_name="set", value_name="share"), x="layer", y="share",
-             color="set", barmode="group")
-plots.style(fig, f"Universal neurons per layer · {fam.name}", x="layer", y="share of the layer's neurons", legend="neuron set")
+by_layer = pd.DataFrame(
+    {
+        f"excess > {threshold}": correlations.universality.share_by_layer(table, "is_universal"),
+        "above control maximum": correlations.universality.share_by_layer(table, "above_control"),
+        "paper-sized": correlations.universality.share_by_layer(table, "paper_sized"),
+        "top 1% by excess": correlations.universality.share_by_layer(table, "top_excess"),
+    }
+)
+fig = px.bar(
+    by_layer.reset_index().melt(id_vars="layer", var_name="set", value_name="share"),
+    x="layer",
+    y="share",
+    color="set",
+    barmode="group",
+)
+plots.style(
+    fig,
+    f"Universal neurons per layer · {fam.name}",
+    x="layer",
+    y="share of the layer's neurons",
+    legend="neuron set",
+)
 fig.update_yaxes(tickformat=".1%")
 fig.show()
 paper_layers = pd.DataFrame({k: pd.Series(v) for k, v in paper.UNIVERSAL_PCT_BY_LAYER.items()})
 paper_layers.index.name = "layer"
-display((paper_layers / 100).T.style.format("{:.1%}", na_rep="").set_caption("Paper: universal neurons per layer (share)"))
+display(
+    (paper_layers / 100)
+    .T.style.format("{:.1%}", na_rep="")
+    .set_caption("Paper: universal neurons per layer (share)")
+)
 
 # %% [markdown]
 # ## 7. Convergence with the number of tokens
@@ -218,13 +334,31 @@ display((paper_layers / 100).T.style.format("{:.1%}", na_rep="").set_caption("Pa
 
 # %%
 conv = corr.table("convergence")
-conv_summary = conv.groupby("tokens").agg(median_excess=("excess_corr", "median"),
-                                          p99_excess=("excess_corr", lambda s: s.quantile(0.99)),
-                                          median_max_corr=("mean_corr", "median"),
-                                          share_universal=("is_universal", "mean")).reset_index()
-fig = px.line(conv_summary.melt(id_vars="tokens", var_name="statistic"), x="tokens", y="value", color="statistic", markers=True)
+conv_summary = (
+    conv.groupby("tokens")
+    .agg(
+        median_excess=("excess_corr", "median"),
+        p99_excess=("excess_corr", lambda s: s.quantile(0.99)),
+        median_max_corr=("mean_corr", "median"),
+        share_universal=("is_universal", "mean"),
+    )
+    .reset_index()
+)
+fig = px.line(
+    conv_summary.melt(id_vars="tokens", var_name="statistic"),
+    x="tokens",
+    y="value",
+    color="statistic",
+    markers=True,
+)
 fig.update_xaxes(type="log")
-plots.style(fig, "Convergence of the universality statistics", x="tokens (log scale)", y="value", legend="statistic")
+plots.style(
+    fig,
+    "Convergence of the universality statistics",
+    x="tokens (log scale)",
+    y="value",
+    legend="statistic",
+)
 fig.show()
 
 # %% [markdown]
@@ -240,20 +374,58 @@ fig.show()
 # %%
 emergence = None
 if is_embedded:
-    emergence = correlations.universality.checkpoint_emergence(params, n_tokens_aux, art, device=device, batch_size=batch_size, seed=seed,
-                                                  threshold=threshold, baseline=baseline)
-    display(emergence[["tokens_trained", "median", "p99", "max", "share>0.3", "share>0.5", "share_above_control", "control_p99",
-                       "control_max"]].style.format(precision=3))
-    fig = px.line(emergence.reset_index().melt(id_vars=["step", "tokens_trained"], value_vars=["median", "p90", "p99", "max", "control_p99"],
-                                               var_name="excess quantile"),
-                  x="tokens_trained", y="value", color="excess quantile", markers=True)
-    plots.style(fig, f"Emergence of universality during training ({n_tokens_aux:,} held-out tokens per point)",
-                x="training tokens per seed", y="excess correlation", legend="over neurons (control_p99: untrained control)")
+    emergence = correlations.universality.checkpoint_emergence(
+        params,
+        n_tokens_aux,
+        art,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        threshold=threshold,
+        baseline=baseline,
+    )
+    display(
+        emergence[
+            [
+                "tokens_trained",
+                "median",
+                "p99",
+                "max",
+                "share>0.3",
+                "share>0.5",
+                "share_above_control",
+                "control_p99",
+                "control_max",
+            ]
+        ].style.format(precision=3)
+    )
+    fig = px.line(
+        emergence.reset_index().melt(
+            id_vars=["step", "tokens_trained"],
+            value_vars=["median", "p90", "p99", "max", "control_p99"],
+            var_name="excess quantile",
+        ),
+        x="tokens_trained",
+        y="value",
+        color="excess quantile",
+        markers=True,
+    )
+    plots.style(
+        fig,
+        f"Emergence of universality during training ({n_tokens_aux:,} held-out tokens per point)",
+        x="training tokens per seed",
+        y="excess correlation",
+        legend="over neurons (control_p99: untrained control)",
+    )
     fig.show()
     flat = correlations.universality.plateau(emergence, "p99", tolerance=0.05)
-    print(f"The p99 excess rose by {flat['rise_from_init']:+.3f} from the initialisation; from {flat['tokens_trained']:,} "
-          f"training tokens on it stays within {flat['tolerance']} of its final value "
-          f"({', '.join(f'{v:.3f}' for v in flat['values_from_there'])}: {flat['rise_from_there']:+.3f} in all).")
+    print(
+        f"The p99 excess rose by {flat['rise_from_init']:+.3f} from the initialisation; from "
+        f"{flat['tokens_trained']:,} "
+        f"training tokens on it stays within {flat['tolerance']} of its final value "
+        f"({', '.join(f'{v:.3f}' for v in flat['values_from_there'])}: "
+        f"{flat['rise_from_there']:+.3f} in all)."
+    )
 
 # %% [markdown]
 # ## 9. Depth and training length: the two-layer family beside this one
@@ -272,21 +444,57 @@ families_rec = correlations.universality.recorded_families()
 if is_embedded and control is not None:
     this_row = correlations.universality.family_record(nset, fam, n_tokens, threshold)
     if families_rec is not None:
-        same = families_rec[(families_rec.preset == "two-layer") & (families_rec.n_tokens == n_tokens)]
+        same = families_rec[
+            (families_rec.preset == "two-layer") & (families_rec.n_tokens == n_tokens)
+        ]
         two_layer = same.iloc[-1].to_dict() if len(same) else None
 if two_layer is not None:
-    side = pd.DataFrame({f"two-layer ({two_layer['train_tokens'] / 1e6:.0f}M tokens)": two_layer,
-                         f"this family ({this_row['n_layers']} layers, {this_row['train_tokens'] / 1e6:.0f}M tokens)": this_row})
-    display(side.loc[["n_layers", "d_mlp", "neurons", "train_tokens", "n_tokens", "val_loss_mean", "baseline_median",
-                      "excess_median", "excess_p99", "excess_max", "control_p99", "n_above_threshold", "share_above_control_max",
-                      "same_layer_share", "same_layer_chance"]].astype(object))
+    side = pd.DataFrame(
+        {
+            f"two-layer ({two_layer['train_tokens'] / 1e6:.0f}M tokens)": two_layer,
+            f"this family ({this_row['n_layers']} layers, "
+            f"{this_row['train_tokens'] / 1e6:.0f}M tokens)": this_row,
+        }
+    )
+    display(
+        side.loc[
+            [
+                "n_layers",
+                "d_mlp",
+                "neurons",
+                "train_tokens",
+                "n_tokens",
+                "val_loss_mean",
+                "baseline_median",
+                "excess_median",
+                "excess_p99",
+                "excess_max",
+                "control_p99",
+                "n_above_threshold",
+                "share_above_control_max",
+                "same_layer_share",
+                "same_layer_chance",
+            ]
+        ].astype(object)
+    )
     depth_cmp = correlations.universality.compare_families(two_layer, this_row)
-    display(depth_cmp[["before", "after", "change", "smallest_change", "changed"]].style.format(precision=3))
-    print(correlations.universality.depth_conclusion(depth_cmp, "the two-layer family", f"this {this_row['n_layers']}-layer family"))
+    display(
+        depth_cmp[["before", "after", "change", "smallest_change", "changed"]].style.format(
+            precision=3
+        )
+    )
+    print(
+        correlations.universality.depth_conclusion(
+            depth_cmp, "the two-layer family", f"this {this_row['n_layers']}-layer family"
+        )
+    )
     print(f"recorded by: {two_layer['command']}")
 else:
-    print(f"no recorded two-layer row at {n_tokens:,} tokens in sweeps/families.csv (the default preset's token count "
-          "has one): run scripts/record_two_layer.sh " + str(n_tokens))
+    print(
+        f"no recorded two-layer row at {n_tokens:,} tokens in sweeps/families.csv (the default "
+        "preset's token count "
+        "has one): run scripts/record_two_layer.sh " + str(n_tokens)
+    )
 
 # %% [markdown]
 # ## 10. The most universal neurons
@@ -299,7 +507,11 @@ top = correlations.universality.top_neurons(table, k=8)
 display(top.style.format(precision=3))
 ref_model = fam.load(reference)
 held_out = fam.token_rows(min(n_tokens_aux, 200_000))
-plots.show_circuitsvis(correlations.universality.context_visualisation(ref_model, fam.codec, held_out, top.head(4), k=3))
+plots.show_circuitsvis(
+    correlations.universality.context_visualisation(
+        ref_model, fam.codec, held_out, top.head(4), k=3
+    )
+)
 
 # %% [markdown]
 # ## 11. How much the baseline depends on the draw
@@ -314,17 +526,49 @@ plots.show_circuitsvis(correlations.universality.context_visualisation(ref_model
 # %%
 variability = None
 if control is not None:
-    run_acc = correlations.baselines.load_run(fam, n_tokens, art, device=device, batch_size=batch_size, seed=seed, baseline=baseline,
-                                 threshold=threshold)
-    ctl_acc = correlations.baselines.load_run(nset.control_family, n_tokens, art, device=device, batch_size=batch_size, seed=seed, baseline=baseline, threshold=threshold)
-    variability = correlations.baselines.baseline_variability(table, run_acc, control, ctl_acc, seeds=tuple(range(seed + 1, seed + 6)),
-                                                 gaussian_seeds=(seed + 1,), threshold=threshold)
+    run_acc = correlations.baselines.load_run(
+        fam,
+        n_tokens,
+        art,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        baseline=baseline,
+        threshold=threshold,
+    )
+    ctl_acc = correlations.baselines.load_run(
+        nset.control_family,
+        n_tokens,
+        art,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        baseline=baseline,
+        threshold=threshold,
+    )
+    variability = correlations.baselines.baseline_variability(
+        table,
+        run_acc,
+        control,
+        ctl_acc,
+        seeds=tuple(range(seed + 1, seed + 6)),
+        gaussian_seeds=(seed + 1,),
+        threshold=threshold,
+    )
     display(variability["draws"].style.format(precision=3))
     display(variability["stability"].style.format(precision=3))
-    display(variability["per_neuron"][["baseline_std", "baseline_range"]].describe().T.style.format(precision=4))
+    display(
+        variability["per_neuron"][["baseline_std", "baseline_range"]]
+        .describe()
+        .T.style.format(precision=4)
+    )
     fig = px.histogram(variability["per_neuron"], x="baseline_range", nbins=80)
-    plots.style(fig, "Spread of each neuron's baseline across five rotations", x="max - min of the neuron's mean baseline",
-                y="neurons")
+    plots.style(
+        fig,
+        "Spread of each neuron's baseline across five rotations",
+        x="max - min of the neuron's mean baseline",
+        y="neurons",
+    )
     fig.show()
 
 # %% [markdown]
@@ -341,17 +585,36 @@ if control is not None:
 # %%
 dims = None
 if control is not None:
-    dim_fams = {fam.name: fam, "untrained control": nset.control_family, **correlations.universality.checkpoint_families(params, device=device)}
-    dims = correlations.dimensionality.families_dimensionality(dim_fams, {k: (n_tokens if k in (fam.name, "untrained control") else n_tokens_aux)
-                                                             for k in dim_fams}, art, device=device, batch_size=batch_size,
-                                                  seed=seed, baseline=baseline, threshold=threshold)
-    dim_summary = dims.groupby(["label", "layer"])[["d", "pr_cov", "pr_corr", "predicted_median", "measured_median", "textbook"]].median()
+    dim_fams = {
+        fam.name: fam,
+        "untrained control": nset.control_family,
+        **correlations.universality.checkpoint_families(params, device=device),
+    }
+    dims = correlations.dimensionality.families_dimensionality(
+        dim_fams,
+        {
+            k: (n_tokens if k in (fam.name, "untrained control") else n_tokens_aux)
+            for k in dim_fams
+        },
+        art,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        baseline=baseline,
+        threshold=threshold,
+    )
+    dim_summary = dims.groupby(["label", "layer"])[
+        ["d", "pr_cov", "pr_corr", "predicted_median", "measured_median", "textbook"]
+    ].median()
     display(dim_summary.style.format(precision=3))
     # the recorded sweep's configurations (sweeps/, 3 seeds each at the sweep's token budget): other
     # widths, depths and vocabularies give points of other dimensionality
     sweep_results, sweep_dims = correlations.sweep.recorded()
-    extra = (sweep_dims.assign(label="sweep: " + sweep_dims.label, member="median of 3 seeds")
-             if is_embedded and sweep_dims is not None else None)
+    extra = (
+        sweep_dims.assign(label="sweep: " + sweep_dims.label, member="median of 3 seeds")
+        if is_embedded and sweep_dims is not None
+        else None
+    )
     plots.baseline_vs_prediction(dims, extra=extra).show()
 
 # %% [markdown]
@@ -364,11 +627,26 @@ if control is not None:
 # recorded sweep found the gap at this family's training budget (the table says why).
 
 # %%
-check_table = correlations.checks.copy_checks(fam, min(n_tokens, 20_000), art, device=device, batch_size=batch_size, seed=seed,
-                                 baseline=baseline)
+check_table = correlations.checks.copy_checks(
+    fam,
+    min(n_tokens, 20_000),
+    art,
+    device=device,
+    batch_size=batch_size,
+    seed=seed,
+    baseline=baseline,
+)
 if control is not None:
-    check_table = pd.concat([check_table, correlations.checks.trained_exceeds_control(summaries[fam.name], summaries["untrained control"],
-                                                                         train_tokens=int(fam.info["recipe"]["train_tokens"]))])
+    check_table = pd.concat(
+        [
+            check_table,
+            correlations.checks.trained_exceeds_control(
+                summaries[fam.name],
+                summaries["untrained control"],
+                train_tokens=int(fam.info["recipe"]["train_tokens"]),
+            ),
+        ]
+    )
 display(check_table)
 failed = check_table[check_table.required & ~check_table.passed]
 assert failed.empty, f"failed checks:\n{failed}"
@@ -388,9 +666,18 @@ pm = paper.model_for(fam.name)
 rvp = paper.result_table(correlations.verdicts.comparisons(nset, pm, dims=dims, label=fam.name))
 display(rvp)
 report.publish("01_correlations", params, {"Result vs paper": rvp})
-report.publish_neurons("01_correlations", params, table, report.model_label(fam),
-                       {"excess_corr": "excess correlation", "mean_corr": "max correlation (mean over seeds)",
-                        "mean_baseline": "rotation baseline", chosen: f"universal ({chosen})"})
+report.publish_neurons(
+    "01_correlations",
+    params,
+    table,
+    report.model_label(fam),
+    {
+        "excess_corr": "excess correlation",
+        "mean_corr": "max correlation (mean over seeds)",
+        "mean_baseline": "rotation baseline",
+        chosen: f"universal ({chosen})",
+    },
+)
 
 # A broken computation fails the build: the table covers every neuron of the reference model.
 assert len(table) == ref_model.cfg.n_layers * ref_model.cfg.d_mlp
@@ -404,41 +691,113 @@ med = correlations.universality.like_for_like_medians(table, chosen)
 spectrum = correlations.verdicts.spectrum_summary(dims, fam.name)
 last = emergence.iloc[-1] if emergence is not None else None
 sweep_results, _ = correlations.sweep.recorded()
-sweep_base = correlations.sweep.default_config(sweep_results) if is_embedded and sweep_results is not None else None
-sweep_fx = correlations.sweep.one_change_effects(sweep_results, sweep_base) if sweep_base is not None else None
-display(report.summary([
-    "Of {n:,} reference neurons, {n_univ} ({share:.2%}) have excess correlation above {t} (paper, {pm}: {paper_share:.2%}); "
-    "the chosen set for later chapters is `{chosen}` with {n_set} neurons.",
-    "The 99th percentile of the excess correlation is {p99:.3f}, against {cp99:.3f} for the untrained control on the same "
-    "tokens; the median rotation baseline is {b:.3f} (control {cb:.3f}), so a typical neuron's excess cannot exceed "
-    "about {cap:.2f}.",
-    "Over the chosen set, the median mean_corr is {mc:.3f} and the median baseline {mb:.3f}; the paper's medians over its "
-    "universal neurons are {pmc} and {pmb}.",
-    "The layers' correlation matrices have a median participation ratio of {pr:.1f} (of {d} units), which predicts a "
-    "median baseline of {pred:.2f}; the measured per-layer median is {meas:.2f}.",
-    "Across {k} redrawn baselines, a neuron's baseline moves by {rng:.3f} (median of max - min), and the chosen set's mean "
-    "Jaccard index is {jac:.2f}.",
-    "Between the first and the last saved checkpoint the p99 excess went from {e0:.3f} to {e1:.3f} "
-    "(control at the same {aux:,} tokens: {ec:.3f}).",
-    *(["From {flat_tokens:,} training tokens on, the p99 excess stays within {flat_tol} of its final value "
-       "({flat_vals}): the curve is flat after that point."] if emergence is not None else []),
-    *(["{depth_sentence}"] if depth_cmp is not None else []),
-    *(["Which knob moves excess correlation, from the recorded sweep ({sweep_tokens:,} tokens per seed, one change at a "
-       "time from {sweep_base}): {sweep_effects}."] if sweep_fx is not None else []),
-], n=len(table), n_univ=int(table.is_universal.sum()), share=s["share>0.5"], t=threshold, pm=pm,
-    paper_share=paper.value("universal_share", pm), chosen=chosen, n_set=nset.size, p99=s["p99"], cp99=c["p99"] if c else None,
-    b=s["mean_baseline_median"], cb=c["mean_baseline_median"] if c else None, cap=1 - s["mean_baseline_median"],
-    mc=med["mean_corr"], mb=med["mean_baseline"], pmc=paper.value("median_mean_corr_universal", pm),
-    pmb=paper.value("median_baseline_universal", pm), pr=spectrum["pr_corr"], d=spectrum["d"], pred=spectrum["predicted"],
-    meas=spectrum["measured"],
-    k=len(variability["draws"]) if variability is not None else 0,
-    rng=float(variability["per_neuron"].baseline_range.median()) if variability is not None else None,
-    jac=float(variability["stability"].loc[chosen, "jaccard_all_draws"]) if variability is not None else None,
-    e0=float(emergence.p99.iloc[0]) if emergence is not None else None, e1=float(last.p99) if last is not None else None,
-    ec=float(last.control_p99) if last is not None else None, aux=n_tokens_aux,
-    flat_tokens=flat["tokens_trained"] if emergence is not None else None, flat_tol=flat["tolerance"] if emergence is not None else None,
-    flat_vals=", ".join(f"{v:.3f}" for v in flat["values_from_there"]) if emergence is not None else None,
-    depth_sentence=correlations.universality.depth_conclusion(depth_cmp, "the two-layer family", f"this {this_row['n_layers']}-layer family")
-    if depth_cmp is not None else None,
-    sweep_tokens=int(sweep_results.train_tokens.min()) if sweep_fx is not None else None,
-    sweep_base=sweep_base, sweep_effects=correlations.sweep.effects_sentence(sweep_fx) if sweep_fx is not None else None))
+sweep_base = (
+    correlations.sweep.default_config(sweep_results)
+    if is_embedded and sweep_results is not None
+    else None
+)
+sweep_fx = (
+    correlations.sweep.one_change_effects(sweep_results, sweep_base)
+    if sweep_base is not None
+    else None
+)
+display(
+    report.summary(
+        [
+            "Of {n:,} reference neurons, {n_univ} ({share:.2%}) have excess correlation above {t} "
+            "(paper, {pm}: {paper_share:.2%}); "
+            "the chosen set for later chapters is `{chosen}` with {n_set} neurons.",
+            "The 99th percentile of the excess correlation is {p99:.3f}, against {cp99:.3f} for "
+            "the untrained control on the same "
+            "tokens; the median rotation baseline is {b:.3f} (control {cb:.3f}), so a typical "
+            "neuron's excess cannot exceed "
+            "about {cap:.2f}.",
+            "Over the chosen set, the median mean_corr is {mc:.3f} and the median baseline "
+            "{mb:.3f}; the paper's medians over its "
+            "universal neurons are {pmc} and {pmb}.",
+            "The layers' correlation matrices have a median participation ratio of {pr:.1f} (of "
+            "{d} units), which predicts a "
+            "median baseline of {pred:.2f}; the measured per-layer median is {meas:.2f}.",
+            "Across {k} redrawn baselines, a neuron's baseline moves by {rng:.3f} (median of max - "
+            "min), and the chosen set's mean "
+            "Jaccard index is {jac:.2f}.",
+            "Between the first and the last saved checkpoint the p99 excess went from {e0:.3f} to "
+            "{e1:.3f} "
+            "(control at the same {aux:,} tokens: {ec:.3f}).",
+            *(
+                [
+                    "From {flat_tokens:,} training tokens on, the p99 excess stays within "
+                    "{flat_tol} of its final value "
+                    "({flat_vals}): the curve is flat after that point."
+                ]
+                if emergence is not None
+                else []
+            ),
+            *(["{depth_sentence}"] if depth_cmp is not None else []),
+            *(
+                [
+                    "Which knob moves excess correlation, from the recorded sweep "
+                    "({sweep_tokens:,} tokens per seed, one change at a "
+                    "time from {sweep_base}): {sweep_effects}."
+                ]
+                if sweep_fx is not None
+                else []
+            ),
+        ],
+        n=len(table),
+        n_univ=int(table.is_universal.sum()),
+        share=s["share>0.5"],
+        t=threshold,
+        pm=pm,
+        paper_share=paper.value("universal_share", pm),
+        chosen=chosen,
+        n_set=nset.size,
+        p99=s["p99"],
+        cp99=c["p99"] if c else None,
+        b=s["mean_baseline_median"],
+        cb=c["mean_baseline_median"] if c else None,
+        cap=1 - s["mean_baseline_median"],
+        mc=med["mean_corr"],
+        mb=med["mean_baseline"],
+        pmc=paper.value("median_mean_corr_universal", pm),
+        pmb=paper.value("median_baseline_universal", pm),
+        pr=spectrum["pr_corr"],
+        d=spectrum["d"],
+        pred=spectrum["predicted"],
+        meas=spectrum["measured"],
+        k=len(variability["draws"]) if variability is not None else 0,
+        rng=(
+            float(variability["per_neuron"].baseline_range.median())
+            if variability is not None
+            else None
+        ),
+        jac=(
+            float(variability["stability"].loc[chosen, "jaccard_all_draws"])
+            if variability is not None
+            else None
+        ),
+        e0=float(emergence.p99.iloc[0]) if emergence is not None else None,
+        e1=float(last.p99) if last is not None else None,
+        ec=float(last.control_p99) if last is not None else None,
+        aux=n_tokens_aux,
+        flat_tokens=flat["tokens_trained"] if emergence is not None else None,
+        flat_tol=flat["tolerance"] if emergence is not None else None,
+        flat_vals=(
+            ", ".join(f"{v:.3f}" for v in flat["values_from_there"])
+            if emergence is not None
+            else None
+        ),
+        depth_sentence=(
+            correlations.universality.depth_conclusion(
+                depth_cmp, "the two-layer family", f"this {this_row['n_layers']}-layer family"
+            )
+            if depth_cmp is not None
+            else None
+        ),
+        sweep_tokens=int(sweep_results.train_tokens.min()) if sweep_fx is not None else None,
+        sweep_base=sweep_base,
+        sweep_effects=(
+            correlations.sweep.effects_sentence(sweep_fx) if sweep_fx is not None else None
+        ),
+    )
+)

@@ -32,7 +32,7 @@
 # **top decile by excess correlation** with the rest, so every figure has content. The same table is
 # computed for a real pretrained language model that installs offline (SmolLM2-135M), universal or not.
 
-# %%
+# %% tags=["hide-input"]
 import sys
 
 IN_COLAB = "google.colab" in sys.modules
@@ -69,9 +69,16 @@ single_model = None
 
 # %%
 params = presets.notebook_preset(globals())
-device, n_tokens, n_tokens_single, batch_size = params.device, params.n_tokens, params.n_tokens_single, params.batch_size
+device, n_tokens, n_tokens_single, batch_size = (
+    params.device,
+    params.n_tokens,
+    params.n_tokens_single,
+    params.batch_size,
+)
 threshold, baseline, single_model = params.threshold, params.baseline, params.single_model
-seed = params.baseline_seed  # the rotation baseline's seed; the family was trained from params.train_seed
+seed = (
+    params.baseline_seed
+)  # the rotation baseline's seed; the family was trained from params.train_seed
 art = params.artifacts_path
 fam = families.load_family(params.family, params, device=device)
 reference = fam.reference
@@ -83,16 +90,29 @@ reference = fam.reference
 # statistics use the same held-out tokens and the same token filter.
 
 # %%
-nset = universality.neuron_set(fam, "auto", params, n_tokens, art, device=device, batch_size=batch_size, seed=seed,
-                               baseline=baseline, threshold=threshold)
+nset = universality.neuron_set(
+    fam,
+    "auto",
+    params,
+    n_tokens,
+    art,
+    device=device,
+    batch_size=batch_size,
+    seed=seed,
+    baseline=baseline,
+    threshold=threshold,
+)
 table, chosen = nset.table, nset.chosen
 table["top_decile"] = table.excess_corr >= table.excess_corr.quantile(0.9)
-stats = properties.neuron_stats.member_neuron_stats(fam, n_tokens, art, member=reference,
-                                         batch_size=batch_size).table("neuron_stats")
+stats = properties.neuron_stats.member_neuron_stats(
+    fam, n_tokens, art, member=reference, batch_size=batch_size
+).table("neuron_stats")
 df = stats.merge(table, on=["layer", "neuron"], validate="one_to_one")
 sets = list(dict.fromkeys([chosen, "top_decile"]))
-print(f"{len(df):,} neurons; set from chapter 01: {chosen} ({int(df[chosen].sum())} neurons); "
-      f"also compared: top decile by excess ({int(df.top_decile.sum())} neurons)")
+print(
+    f"{len(df):,} neurons; set from chapter 01: {chosen} ({int(df[chosen].sum())} neurons); "
+    f"also compared: top decile by excess ({int(df.top_decile.sum())} neurons)"
+)
 display(df.describe().T[["mean", "50%", "min", "max"]].style.format(precision=3))
 
 # %% [markdown]
@@ -108,9 +128,14 @@ display(df.describe().T[["mean", "50%", "min", "max"]].style.format(precision=3)
 #   not filter BOS or pad tokens.
 # - Moments are exact (streaming), not taken from the binned histogram.
 
-# %%
-display(Markdown(f"The paper's binned count treats a pre-activation as positive above "
-                 f"**{properties.significance.binned_positive_cutoff():.4f}**; this book's `act_freq` uses 0."))
+# %% tags=["hide-input"]
+display(
+    Markdown(
+        f"The paper's binned count treats a pre-activation as positive above "
+        f"**{properties.significance.binned_positive_cutoff():.4f}**; this book's `act_freq` uses "
+        "0."
+    )
+)
 
 # %% [markdown]
 # ## 2. Fig 3: within-layer percentiles of the selected neurons
@@ -121,12 +146,19 @@ display(Markdown(f"The paper's binned count treats a pre-activation as positive 
 # %%
 metrics = list(properties.compare.FIG3_METRICS)
 labels = {k: v[0] for k, v in properties.compare.FIG3_METRICS.items()}
-pct = pd.concat([properties.compare.within_layer_percentiles(df, metrics, s).assign(set=s) for s in sets])
+pct = pd.concat(
+    [properties.compare.within_layer_percentiles(df, metrics, s).assign(set=s) for s in sets]
+)
 pct["metric"] = pct.metric.map(labels)
 fig = px.box(pct, x="metric", y="percentile", color="set", points=False)
 fig.add_hline(y=50, line_dash="dot", line_color="gray")
-plots.style(fig, f"Fig 3 · within-layer percentile of selected neurons · {fam.name}-{reference}", x="metric",
-            y="percentile within the neuron's layer", legend="neuron set")
+plots.style(
+    fig,
+    f"Fig 3 · within-layer percentile of selected neurons · {fam.name}-{reference}",
+    x="metric",
+    y="percentile within the neuron's layer",
+    legend="neuron set",
+)
 fig.show()
 
 # %% [markdown]
@@ -136,13 +168,25 @@ fig.show()
 # 99.75th percentiles of each metric), so a box or whisker may run off the panel.
 
 # %%
-fig14_metrics = ["vocab_kurt", "vocab_skew", "in_out_sim", "l2_penalty", "act_freq", "pre_skew", "pre_kurt"]
+fig14_metrics = [
+    "vocab_kurt",
+    "vocab_skew",
+    "in_out_sim",
+    "l2_penalty",
+    "act_freq",
+    "pre_skew",
+    "pre_kurt",
+]
 long = properties.compare.per_layer_long(df, fig14_metrics, chosen)
 boxes = properties.compare.per_layer_boxes(long)
 fig = plots.faceted_boxes(boxes, properties.compare.axis_ranges(long), facet_order=fig14_metrics)
-plots.style(fig, f"Fig 14 · per-layer statistics, {chosen} vs rest (boxes: quartiles, whiskers: 1st-99th "
-            "percentile, of every neuron; y-axis clipped to the 0.25-99.75th percentiles)", legend="neuron set",
-            height=650)
+plots.style(
+    fig,
+    f"Fig 14 · per-layer statistics, {chosen} vs rest (boxes: quartiles, whiskers: 1st-99th "
+    "percentile, of every neuron; y-axis clipped to the 0.25-99.75th percentiles)",
+    legend="neuron set",
+    height=650,
+)
 fig.update_xaxes(title_text="layer")
 fig.show()
 
@@ -154,12 +198,23 @@ fig.show()
 
 # %%
 fit = properties.compare.linear_fit(df.in_out_sim, df.act_freq)
-fig = px.density_heatmap(df, x="in_out_sim", y="act_freq", nbinsx=100, nbinsy=100, color_continuous_scale="Viridis")
+fig = px.density_heatmap(
+    df, x="in_out_sim", y="act_freq", nbinsx=100, nbinsy=100, color_continuous_scale="Viridis"
+)
 xs = np.linspace(df.in_out_sim.min(), df.in_out_sim.max(), 50)
-fig.add_scatter(x=xs, y=fit["slope"] * xs + fit["intercept"], mode="lines", line=dict(color="red"),
-                name=f"fit: r = {fit['r']:.2f}")
-plots.style(fig, f"Fig 9 · activation frequency vs cos(w_in, w_out) · {fam.name}-{reference}", x="cos(w_in, w_out)",
-            y="activation frequency (share of tokens with pre-activation > 0)")
+fig.add_scatter(
+    x=xs,
+    y=fit["slope"] * xs + fit["intercept"],
+    mode="lines",
+    line=dict(color="red"),
+    name=f"fit: r = {fit['r']:.2f}",
+)
+plots.style(
+    fig,
+    f"Fig 9 · activation frequency vs cos(w_in, w_out) · {fam.name}-{reference}",
+    x="cos(w_in, w_out)",
+    y="activation frequency (share of tokens with pre-activation > 0)",
+)
 fig.show()
 print(f"Pearson r = {fit['r']:.3f} over {fit['n']} neurons")
 
@@ -171,10 +226,23 @@ print(f"Pearson r = {fit['r']:.3f} over {fit['n']} neurons")
 # other neuron than the rest.
 
 # %%
-dup = df.assign(set=np.where(df[chosen], chosen, "rest")).melt(id_vars=["set"], value_vars=["max_cos_w_in", "max_cos_w_out"],
-                                                               var_name="weights", value_name="max cosine")
-fig = px.histogram(dup, x="max cosine", color="set", facet_row="weights", histnorm="probability density", barmode="overlay",
-                   nbins=80, opacity=0.6, height=550)
+dup = df.assign(set=np.where(df[chosen], chosen, "rest")).melt(
+    id_vars=["set"],
+    value_vars=["max_cos_w_in", "max_cos_w_out"],
+    var_name="weights",
+    value_name="max cosine",
+)
+fig = px.histogram(
+    dup,
+    x="max cosine",
+    color="set",
+    facet_row="weights",
+    histnorm="probability density",
+    barmode="overlay",
+    nbins=80,
+    opacity=0.6,
+    height=550,
+)
 plots.style(fig, "Fig 10 · max cosine with any other neuron", legend="neuron set", height=550)
 fig.show()
 
@@ -210,32 +278,77 @@ fig.show()
 single = families.load_family(single_model, params, device=device)
 n_single = min(n_tokens_single, properties.neuron_stats.SINGLE_MAX_TOKENS)
 # the half-token table is written from the same forward pass (its rows are the first half)
-single_stats = properties.neuron_stats.member_neuron_stats(single, n_single, art, batch_size=8,
-                                                prefixes=[n_single // 2]).table("neuron_stats")
-half_stats = properties.neuron_stats.member_neuron_stats(single, n_single // 2, art, batch_size=8).table("neuron_stats")
+single_stats = properties.neuron_stats.member_neuron_stats(
+    single, n_single, art, batch_size=8, prefixes=[n_single // 2]
+).table("neuron_stats")
+half_stats = properties.neuron_stats.member_neuron_stats(
+    single, n_single // 2, art, batch_size=8
+).table("neuron_stats")
 conv_cols = ["pre_kurt", "pre_skew", "act_freq", "vocab_kurt"]
 med_full, med_half = (t.groupby("layer")[conv_cols].median() for t in (single_stats, half_stats))
-convergence = pd.DataFrame({"largest change of a per-layer median, half -> all tokens (relative)":
-                            ((med_full - med_half).abs() / med_full.abs().clip(lower=1e-9)).max(),
-                            "median over layers (relative)": ((med_full - med_half).abs() / med_full.abs().clip(lower=1e-9)).median()})
+convergence = pd.DataFrame(
+    {
+        "largest change of a per-layer median, half -> all tokens (relative)": (
+            (med_full - med_half).abs() / med_full.abs().clip(lower=1e-9)
+        ).max(),
+        "median over layers (relative)": (
+            (med_full - med_half).abs() / med_full.abs().clip(lower=1e-9)
+        ).median(),
+    }
+)
 print(f"SmolLM2 statistics on {n_single:,} tokens (convergence check: {n_single // 2:,})")
 display(convergence.style.format("{:.1%}"))
 single_stats["l2_penalty_full"] = properties.significance.full_l2_penalty(single_stats)
 print("weight processing of SmolLM2:", loading.SMOLLM2_PROCESSING)
-display(Markdown(properties.significance.medians_line({single_model: single_stats},
-                                             {"l2_penalty": "median l2_penalty (gate and output)",
-                                              "l2_penalty_full": "median penalty with the linear branch"})))
-compare = pd.concat([df.assign(model=f"{fam.name}-{reference}"), single_stats.assign(model=single_model)])
-fig = plots.quantile_boxes(compare.melt(id_vars=["model"], value_vars=["pre_kurt", "pre_skew", "act_freq", "vocab_kurt"],
-                                        var_name="metric"), x="metric", y="value", color="model")
-plots.style(fig, "Neuron statistics: embedded family vs a pretrained LM (boxes: quartiles; whiskers: 1st-99th percentile)",
-            x="statistic", y="value", legend="model")
+display(
+    Markdown(
+        properties.significance.medians_line(
+            {single_model: single_stats},
+            {
+                "l2_penalty": "median l2_penalty (gate and output)",
+                "l2_penalty_full": "median penalty with the linear branch",
+            },
+        )
+    )
+)
+compare = pd.concat(
+    [df.assign(model=f"{fam.name}-{reference}"), single_stats.assign(model=single_model)]
+)
+fig = plots.quantile_boxes(
+    compare.melt(
+        id_vars=["model"],
+        value_vars=["pre_kurt", "pre_skew", "act_freq", "vocab_kurt"],
+        var_name="metric",
+    ),
+    x="metric",
+    y="value",
+    color="model",
+)
+plots.style(
+    fig,
+    "Neuron statistics: embedded family vs a pretrained LM (boxes: quartiles; whiskers: 1st-99th "
+    "percentile)",
+    x="statistic",
+    y="value",
+    legend="model",
+)
 fig.show()
-by_layer = single_stats.groupby("layer")[["pre_kurt", "pre_skew", "act_freq", "vocab_kurt"]].median()
-fig = px.line(by_layer.reset_index().melt(id_vars="layer", var_name="statistic"), x="layer", y="value", color="statistic",
-              facet_row="statistic", height=700, markers=True)
+by_layer = single_stats.groupby("layer")[
+    ["pre_kurt", "pre_skew", "act_freq", "vocab_kurt"]
+].median()
+fig = px.line(
+    by_layer.reset_index().melt(id_vars="layer", var_name="statistic"),
+    x="layer",
+    y="value",
+    color="statistic",
+    facet_row="statistic",
+    height=700,
+    markers=True,
+)
 fig.update_yaxes(matches=None)
-plots.style(fig, f"{single_model}: median neuron statistics per layer", legend="statistic", height=700)
+plots.style(
+    fig, f"{single_model}: median neuron statistics per layer", legend="statistic", height=700
+)
 fig.show()
 
 # %% [markdown]
@@ -258,10 +371,19 @@ fig.show()
 directions = {k: v[1] for k, v in properties.compare.FIG3_METRICS.items()}
 tests = {s: properties.significance.property_tests(df, s, directions, seed=seed) for s in sets}
 pooled = properties.significance.permutation_test(df, list(directions), chosen, by=None, seed=seed)
-display(Markdown(f"**Unit of inference:** {properties.significance.UNIT_OF_INFERENCE} (here {fam.name}-{reference}, "
-                 f"{len(df):,} neurons in {df.layer.nunique()} layers)."))
-display(pd.concat({s: t.groups for s, t in tests.items()}, names=["set"]).style.format(precision=3))
-display(tests[chosen].metrics.assign(**{"p (pooled, Holm)": pooled.p_holm}).style.format(precision=3))
+display(
+    Markdown(
+        f"**Unit of inference:** {properties.significance.UNIT_OF_INFERENCE} (here "
+        f"{fam.name}-{reference}, "
+        f"{len(df):,} neurons in {df.layer.nunique()} layers)."
+    )
+)
+display(
+    pd.concat({s: t.groups for s, t in tests.items()}, names=["set"]).style.format(precision=3)
+)
+display(
+    tests[chosen].metrics.assign(**{"p (pooled, Holm)": pooled.p_holm}).style.format(precision=3)
+)
 
 # %% [markdown]
 # ## 8. The same comparison on the untrained control
@@ -278,29 +400,73 @@ display(tests[chosen].metrics.assign(**{"p (pooled, Holm)": pooled.p_holm}).styl
 has_control = fam.name.startswith("embedded")
 if has_control:
     control_fam = families.load_family("embedded-untrained", params, device=device)
-    control_table = universality.universality_table(control_fam, n_tokens, art, device=device, batch_size=batch_size,
-                                                    seed=seed, baseline=baseline,
-                                                    threshold=threshold).table("universality")
-    control_stats = properties.neuron_stats.member_neuron_stats(control_fam, n_tokens, art, member=reference,
-                                                     batch_size=batch_size).table("neuron_stats")
+    control_table = universality.universality_table(
+        control_fam,
+        n_tokens,
+        art,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        baseline=baseline,
+        threshold=threshold,
+    ).table("universality")
+    control_stats = properties.neuron_stats.member_neuron_stats(
+        control_fam, n_tokens, art, member=reference, batch_size=batch_size
+    ).table("neuron_stats")
     control_df = control_stats.merge(control_table, on=["layer", "neuron"], validate="one_to_one")
-    control_df = control_df.assign(**{s: properties.significance.top_k_set(control_df, int(df[s].sum())) for s in sets})
-    control_tests = {s: properties.significance.property_tests(control_df, s, directions, seed=seed) for s in sets}
-    side = pd.concat({s: properties.significance.side_by_side(tests[s], control_tests[s]) for s in sets}, names=["set"])
+    control_df = control_df.assign(
+        **{s: properties.significance.top_k_set(control_df, int(df[s].sum())) for s in sets}
+    )
+    control_tests = {
+        s: properties.significance.property_tests(control_df, s, directions, seed=seed)
+        for s in sets
+    }
+    side = pd.concat(
+        {s: properties.significance.side_by_side(tests[s], control_tests[s]) for s in sets},
+        names=["set"],
+    )
     display(side.style.format(precision=4))
-    effects = pd.concat([t.groups.assign(family=name) for name, t in
-                         {f"{fam.name}-{reference}": tests[chosen], f"untrained control-{reference}": control_tests[chosen]}.items()]).reset_index()
-    fig = px.scatter(effects, x="group", y="effect", color="family", error_y=effects.ci_high - effects.effect,
-                     error_y_minus=effects.effect - effects.ci_low)
+    effects = pd.concat(
+        [
+            t.groups.assign(family=name)
+            for name, t in {
+                f"{fam.name}-{reference}": tests[chosen],
+                f"untrained control-{reference}": control_tests[chosen],
+            }.items()
+        ]
+    ).reset_index()
+    fig = px.scatter(
+        effects,
+        x="group",
+        y="effect",
+        color="family",
+        error_y=effects.ci_high - effects.effect,
+        error_y_minus=effects.effect - effects.ci_low,
+    )
     fig.add_hline(y=50, line_dash="dot", line_color="gray")
-    plots.style(fig, f"Group effects, trained vs untrained control ({chosen}; bars: bootstrap 95% interval)",
-                x="group of properties", y="median within-layer percentile (above 50: the paper's direction)",
-                legend="family")
+    plots.style(
+        fig,
+        f"Group effects, trained vs untrained control ({chosen}; bars: bootstrap 95% interval)",
+        x="group of properties",
+        y="median within-layer percentile (above 50: the paper's direction)",
+        legend="family",
+    )
     fig.show()
-    display(Markdown("\n".join(f"- `{s}`: {properties.significance.control_sentence(tests[s], control_tests[s])}" for s in sets)))
+    display(
+        Markdown(
+            "\n".join(
+                f"- `{s}`: {properties.significance.control_sentence(tests[s], control_tests[s])}"
+                for s in sets
+            )
+        )
+    )
 else:
     control_tests = None
-    display(Markdown(f"Family {fam.name!r} has no untrained control here, so this check cannot run on it."))
+    display(
+        Markdown(
+            f"Family {fam.name!r} has no untrained control here, so this check cannot run on it."
+        )
+    )
 
 # %% [markdown]
 # ## 9. How the medians move with the size of the set
@@ -310,8 +476,12 @@ else:
 # property the paper reports over the set and over the rest of the neurons. A property that belongs
 # to universal neurons should separate the set from the rest at every size.
 
-# %%
-display(properties.compare.set_sensitivity(df, nset.sized_sets()).style.format(precision=3, na_rep="n/a"))
+# %% tags=["hide-input"]
+display(
+    properties.compare.set_sensitivity(df, nset.sized_sets()).style.format(
+        precision=3, na_rep="n/a"
+    )
+)
 
 # %% [markdown]
 # ## Result vs paper
@@ -324,15 +494,26 @@ display(properties.compare.set_sensitivity(df, nset.sized_sets()).style.format(p
 # (section 7).
 
 # %%
-rvp = paper.result_table(properties.verdicts.comparisons(df, chosen, paper.model_for(fam.name),
-                                                         control_df if has_control else None))
+rvp = paper.result_table(
+    properties.verdicts.comparisons(
+        df, chosen, paper.model_for(fam.name), control_df if has_control else None
+    )
+)
 display(rvp)
-verdicts = pd.DataFrame({"paper": tests[chosen].metrics.groupby("group").paper.agg(lambda p: ", ".join(sorted(set(p)))),
-                         "this book": tests[chosen].groups.verdict})
+verdicts = pd.DataFrame(
+    {
+        "paper": tests[chosen]
+        .metrics.groupby("group")
+        .paper.agg(lambda p: ", ".join(sorted(set(p)))),
+        "this book": tests[chosen].groups.verdict,
+    }
+)
 if has_control:
     verdicts["untrained control"] = control_tests[chosen].groups.verdict
 display(verdicts)
-report.publish("02_properties", params, {"Result vs paper": rvp, "Direction of each property group": verdicts})
+report.publish(
+    "02_properties", params, {"Result vs paper": rvp, "Direction of each property group": verdicts}
+)
 
 # Checks that fail on a broken analysis: the join covers every neuron exactly once; no mean
 # post-activation below the activation function's minimum (catches swapped pre/post hooks; every
@@ -340,17 +521,31 @@ report.publish("02_properties", params, {"Result vs paper": rvp, "Direction of e
 # finds nothing in a set of whole layers; almost every neuron varies.
 properties.significance.check_join(df, int(table.layer.max()) + 1, int(table.neuron.max()) + 1)
 properties.significance.check_activation_floor(df, "gelu")
-print("planted-set check:", properties.significance.check_detects_planted(df, "pre_kurt", seed=seed))
+print(
+    "planted-set check:", properties.significance.check_detects_planted(df, "pre_kurt", seed=seed)
+)
 assert df.pre_var.gt(0).mean() > 0.9
 
 # %% [markdown]
 # ## Summary
 
 # %%
-summary_lines = [properties.significance.agreement_sentence(tests[s], f"the set `{s}`") for s in sets]
-summary_lines += [f"Set `{s}` against the untrained control: {properties.significance.control_sentence(tests[s], control_tests[s])}"
-                  for s in sets] if has_control else []
-summary_lines += [properties.significance.medians_line({f"{fam.name}-{reference}": df, single_model: single_stats},
-                                              {"pre_kurt": "median pre-activation kurtosis",
-                                               "act_freq": "median activation frequency"})]
+summary_lines = [
+    properties.significance.agreement_sentence(tests[s], f"the set `{s}`") for s in sets
+]
+summary_lines += (
+    [
+        f"Set `{s}` against the untrained control: "
+        f"{properties.significance.control_sentence(tests[s], control_tests[s])}"
+        for s in sets
+    ]
+    if has_control
+    else []
+)
+summary_lines += [
+    properties.significance.medians_line(
+        {f"{fam.name}-{reference}": df, single_model: single_stats},
+        {"pre_kurt": "median pre-activation kurtosis", "act_freq": "median activation frequency"},
+    )
+]
 display(Markdown("\n".join(f"- {line}" for line in summary_lines)))

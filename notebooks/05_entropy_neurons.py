@@ -37,7 +37,7 @@
 # every seed of the family, and for a real 30-layer model, SmolLM2-135M, whose final normalisation is
 # an RMSNorm.
 
-# %%
+# %% tags=["hide-input"]
 import sys
 
 IN_COLAB = "google.colab" in sys.modules
@@ -87,18 +87,34 @@ t_start = time.time()
 # Token counts, sized to keep the chapter near 8 minutes on 2 CPU cores without bf16. An intervened
 # forward pass repeats the batch once per (neuron, value); measured on a shared 2-core machine (load
 # ~4): the embedded model ~0.02 s per 256-token row and replica, SmolLM2 ~1.4 s per 512-token row
-# and replica (it starts at layer 28: two blocks, the 49k-token unembedding and the metrics) and ~2 s
-# per row for its full pass. The paper used 24 rows of 512 tokens; section 7 shows how far the curves
+# and replica (it starts at layer 28: two blocks, the 49k-token unembedding and the metrics) and ~2
+# s
+# per row for its full pass. The paper used 24 rows of 512 tokens; section 7 shows how far the
+# curves
 # have converged at these sizes. SmolLM2's sizes are the preset's (the CI preset keeps them small).
 rows_all = fam.token_table(params.n_tokens)
 n_rows = max(2, min(len(rows_all), 2048 // rows_all.n_ctx))
 rows = TokenRows(rows_all.ids[:n_rows])
-ctx_single, n_rows_single, n_rows_single_random = params.entropy_single_ctx, params.entropy_single_rows, 2
-ctx_single_random = ctx_single // 2  # SmolLM2's random neurons: half-length rows (flat curves need fewer tokens)
+ctx_single, n_rows_single, n_rows_single_random = (
+    params.entropy_single_ctx,
+    params.entropy_single_rows,
+    2,
+)
+ctx_single_random = (
+    ctx_single // 2
+)  # SmolLM2's random neurons: half-length rows (flat curves need fewer tokens)
 n_random_single = params.entropy_single_random or n_random  # null in the preset: the paper's count
-random_grid_single = (0.0, 3.0, 6.0)  # SmolLM2's random neurons and the control's: 3 of the 8 grid points
-print(f"embedded: {n_rows} rows x {rows.n_ctx} tokens; {single_model}: {n_rows_single} rows x {ctx_single} tokens "
-      f"(random neurons: {n_rows_single_random} other rows x {ctx_single_random} tokens, grid points {random_grid_single})")
+random_grid_single = (
+    0.0,
+    3.0,
+    6.0,
+)  # SmolLM2's random neurons and the control's: 3 of the 8 grid points
+print(
+    f"embedded: {n_rows} rows x {rows.n_ctx} tokens; {single_model}: {n_rows_single} rows x "
+    f"{ctx_single} tokens "
+    f"(random neurons: {n_rows_single_random} other rows x {ctx_single_random} tokens, grid points "
+    f"{random_grid_single})"
+)
 
 # %% [markdown]
 # ## 1. The unembedding's spectrum and its null space
@@ -114,26 +130,69 @@ print(f"embedded: {n_rows} rows x {rows.n_ctx} tokens; {single_model}: {n_rows_s
 
 # %%
 model = fam.load(reference)
-control_fam = families.load_family("embedded-untrained", params, device=device) if fam.name == "embedded" else None
+control_fam = (
+    families.load_family("embedded-untrained", params, device=device)
+    if fam.name == "embedded"
+    else None
+)
 control = control_fam.load(reference) if control_fam else None
 single = families.load_family(single_model, params, device=device)
 sm_model = single.load(single.reference)
-spectra = {f"{fam.name}-{reference}": entropy.candidates.unembed_spectrum(model), single_model: entropy.candidates.unembed_spectrum(sm_model)}
+spectra = {
+    f"{fam.name}-{reference}": entropy.candidates.unembed_spectrum(model),
+    single_model: entropy.candidates.unembed_spectrum(sm_model),
+}
 if control is not None:
     spectra[f"untrained control-{reference}"] = entropy.candidates.unembed_spectrum(control)
-spec_long = pd.concat([s.table().assign(model=k, relative=s.values / np.median(s.values[: s.d - s.n_zero])) for k, s in spectra.items()])
-fig = px.scatter(spec_long, x="index", y="relative", color="part", facet_col="model", log_y=True, height=380,
-                 color_discrete_map={"rest": "#7f7f7f", "null space": "#d62728", "zero (weight processing)": "#000000"})
+spec_long = pd.concat(
+    [
+        s.table().assign(model=k, relative=s.values / np.median(s.values[: s.d - s.n_zero]))
+        for k, s in spectra.items()
+    ]
+)
+fig = px.scatter(
+    spec_long,
+    x="index",
+    y="relative",
+    color="part",
+    facet_col="model",
+    log_y=True,
+    height=380,
+    color_discrete_map={
+        "rest": "#7f7f7f",
+        "null space": "#d62728",
+        "zero (weight processing)": "#000000",
+    },
+)
 fig.update_xaxes(matches=None)
 fig.add_hline(y=0.5, line_dash="dot", line_color="gray")
-plots.style(fig, "W_U's singular values (relative to the median) and the null-space cut-off (dotted: 0.5)",
-            y="singular value / median (log)", legend="direction", height=380)
+plots.style(
+    fig,
+    "W_U's singular values (relative to the median) and the null-space cut-off (dotted: 0.5)",
+    y="singular value / median (log)",
+    legend="direction",
+    height=380,
+)
 fig.update_xaxes(title_text="singular direction (largest first)")
 fig.show()
-display(pd.DataFrame({k: {"d_model": s.d, "exact zeros left out": s.n_zero, "null-space directions k": s.k,
-                          "cut-off (singular value)": round(s.threshold, 3), "flat (no direction below it)": s.flat,
-                          "smallest / median": round(float(s.values[s.d - s.n_zero - 1] / np.median(s.values[: s.d - s.n_zero])), 3),
-                          "random direction's fraction": round(s.random_fraction, 4)} for k, s in spectra.items()}))
+display(
+    pd.DataFrame(
+        {
+            k: {
+                "d_model": s.d,
+                "exact zeros left out": s.n_zero,
+                "null-space directions k": s.k,
+                "cut-off (singular value)": round(s.threshold, 3),
+                "flat (no direction below it)": s.flat,
+                "smallest / median": round(
+                    float(s.values[s.d - s.n_zero - 1] / np.median(s.values[: s.d - s.n_zero])), 3
+                ),
+                "random direction's fraction": round(s.random_fraction, 4),
+            }
+            for k, s in spectra.items()
+        }
+    )
+)
 
 # %% [markdown]
 # ## 2. Candidates from the weights, and the random baseline
@@ -164,23 +223,86 @@ display(pd.DataFrame({k: {"d_model": s.d, "exact zeros left out": s.n_zero, "nul
 # %%
 studies = {}
 name_ref = f"{fam.name}-{reference}"
-studies[name_ref] = entropy.candidates.study(model, name_ref, fam.identity[reference], rows, fam.codec.drop_ids, art, n_candidates=2,
-                                  n_random=n_random, seed=seed, batch_size=8)
+studies[name_ref] = entropy.candidates.study(
+    model,
+    name_ref,
+    fam.identity[reference],
+    rows,
+    fam.codec.drop_ids,
+    art,
+    n_candidates=2,
+    n_random=n_random,
+    seed=seed,
+    batch_size=8,
+)
 if control is not None:
     name_ctl = f"untrained control-{reference}"
-    studies[name_ctl] = entropy.candidates.study(control, name_ctl, control_fam.identity[reference], rows, control_fam.codec.drop_ids, art,
-                                      n_candidates=1, n_random=n_random, seed=seed, random_grid=random_grid_single, batch_size=8)
+    studies[name_ctl] = entropy.candidates.study(
+        control,
+        name_ctl,
+        control_fam.identity[reference],
+        rows,
+        control_fam.codec.drop_ids,
+        art,
+        n_candidates=1,
+        n_random=n_random,
+        seed=seed,
+        random_grid=random_grid_single,
+        batch_size=8,
+    )
 sm_rows = TokenRows(single.token_table(params.n_tokens_single).ids[:, :ctx_single])
-studies[single_model] = entropy.candidates.study(sm_model, single_model, single.identity[single.reference], TokenRows(sm_rows.ids[:n_rows_single]),
-                                      single.codec.drop_ids, art, n_candidates=1, n_random=n_random_single, seed=seed,
-                                      rows_random=TokenRows(sm_rows.ids[n_rows_single:n_rows_single + n_rows_single_random, :ctx_single_random]),
-                                      random_grid=random_grid_single, late_only=True, partner_modes=("total",), batch_size=2)
-chosen = pd.concat({k: s.neurons.merge(s.table, on=["layer", "neuron"])[
-    ["layer", "neuron", "role", "l2_penalty", "l2_rank", "vocab_var", "vocab_var_rank", "w_out_norm", "null_frac", "null_ratio",
-     "act_min", "act_max", "act_q_lo", "act_q_hi", "act_sign", "grid_scale"]] for k, s in studies.items()}, names=["model", None]).droplevel(1)
+studies[single_model] = entropy.candidates.study(
+    sm_model,
+    single_model,
+    single.identity[single.reference],
+    TokenRows(sm_rows.ids[:n_rows_single]),
+    single.codec.drop_ids,
+    art,
+    n_candidates=1,
+    n_random=n_random_single,
+    seed=seed,
+    rows_random=TokenRows(
+        sm_rows.ids[n_rows_single : n_rows_single + n_rows_single_random, :ctx_single_random]
+    ),
+    random_grid=random_grid_single,
+    late_only=True,
+    partner_modes=("total",),
+    batch_size=2,
+)
+chosen = pd.concat(
+    {
+        k: s.neurons.merge(s.table, on=["layer", "neuron"])[
+            [
+                "layer",
+                "neuron",
+                "role",
+                "l2_penalty",
+                "l2_rank",
+                "vocab_var",
+                "vocab_var_rank",
+                "w_out_norm",
+                "null_frac",
+                "null_ratio",
+                "act_min",
+                "act_max",
+                "act_q_lo",
+                "act_q_hi",
+                "act_sign",
+                "grid_scale",
+            ]
+        ]
+        for k, s in studies.items()
+    },
+    names=["model", None],
+).droplevel(1)
 display(chosen[chosen.role != "random"].style.format(precision=4))
-display(chosen[chosen.role == "random"].groupby("model")[["l2_penalty", "vocab_var", "null_ratio", "act_max"]].median()
-        .rename(columns=lambda c: f"median {c} (random)").style.format(precision=4))
+display(
+    chosen[chosen.role == "random"]
+    .groupby("model")[["l2_penalty", "vocab_var", "null_ratio", "act_max"]]
+    .median()
+    .rename(columns=lambda c: f"median {c} (random)")
+    .style.format(precision=4)
+)
 
 # %% [markdown]
 # ## 3. Fig 7a-b: where the candidates sit in the weight statistics
@@ -191,14 +313,41 @@ display(chosen[chosen.role == "random"].groupby("model")[["l2_penalty", "vocab_v
 # token's unembedding.
 
 # %%
-plots.show_all(plots.l2_histogram(s.table[s.table.late], s.neurons[s.neurons.role != "random"].merge(s.table[["layer", "neuron", "l2_penalty"]]),
-                                  f"Fig 7a · L2 penalty of the last two layers' neurons · {k}") for k, s in studies.items())
-models_by_name = {name_ref: model, single_model: sm_model, **({name_ctl: control} if control is not None else {})}
-cos_long = pd.concat([entropy.candidates.unembed_cosines(models_by_name[k], list(zip(sel.layer, sel.neuron))).merge(sel[["layer", "neuron", "role"]]).assign(model=k)
-                      for k, sel in ((k, s.neurons[s.neurons.role.isin(["entropy", "anti-entropy", "random"])]) for k, s in studies.items())])
-fig = plots.density_histogram(cos_long, "cos", "role", facet_col="model", nbins=120, color_map=plots.ROLE_COLORS)
+plots.show_all(
+    plots.l2_histogram(
+        s.table[s.table.late],
+        s.neurons[s.neurons.role != "random"].merge(s.table[["layer", "neuron", "l2_penalty"]]),
+        f"Fig 7a · L2 penalty of the last two layers' neurons · {k}",
+    )
+    for k, s in studies.items()
+)
+models_by_name = {
+    name_ref: model,
+    single_model: sm_model,
+    **({name_ctl: control} if control is not None else {}),
+}
+cos_long = pd.concat(
+    [
+        entropy.candidates.unembed_cosines(models_by_name[k], list(zip(sel.layer, sel.neuron)))
+        .merge(sel[["layer", "neuron", "role"]])
+        .assign(model=k)
+        for k, sel in (
+            (k, s.neurons[s.neurons.role.isin(["entropy", "anti-entropy", "random"])])
+            for k, s in studies.items()
+        )
+    ]
+)
+fig = plots.density_histogram(
+    cos_long, "cos", "role", facet_col="model", nbins=120, color_map=plots.ROLE_COLORS
+)
 fig.update_xaxes(matches=None)
-plots.style(fig, "Fig 7b · cos(W_U[:, t], w_out) over the vocabulary", y="density", legend="neuron", height=380)
+plots.style(
+    fig,
+    "Fig 7b · cos(W_U[:, t], w_out) over the vocabulary",
+    y="density",
+    legend="neuron",
+    height=380,
+)
 fig.show()
 cos_sd = cos_long.groupby(["model", "role"]).cos.std().unstack()
 display(cos_sd.rename(columns=lambda c: f"sd of cos ({c})").style.format(precision=4))
@@ -212,18 +361,42 @@ display(cos_sd.rename(columns=lambda c: f"sd of cos ({c})").style.format(precisi
 # so the result does not hang on the chosen k. Models whose W_U has no null space are left out.
 
 # %%
-late_roles = {k: s.table[s.table.late].merge(s.neurons[["layer", "neuron", "role"]], on=["layer", "neuron"], how="left").fillna({"role": "other"})
-              for k, s in studies.items()}
+late_roles = {
+    k: s.table[s.table.late]
+    .merge(s.neurons[["layer", "neuron", "role"]], on=["layer", "neuron"], how="left")
+    .fillna({"role": "other"})
+    for k, s in studies.items()
+}
 with_null = {k: s for k, s in studies.items() if s.spectrum.has_null_space}
-print("no null space (flat W_U spectrum): " + (", ".join(k for k in studies if k not in with_null) or "none"))
-plots.show_all(plots.null_fraction_scatter(late_roles[k], s.spectrum.random_fraction,
-                                           f"Null-space fraction vs norm · {k} (k = {s.spectrum.k}; dotted: a random direction)")
-               for k, s in with_null.items())
+print(
+    "no null space (flat W_U spectrum): "
+    + (", ".join(k for k in studies if k not in with_null) or "none")
+)
+plots.show_all(
+    plots.null_fraction_scatter(
+        late_roles[k],
+        s.spectrum.random_fraction,
+        f"Null-space fraction vs norm · {k} (k = {s.spectrum.k}; dotted: a random direction)",
+    )
+    for k, s in with_null.items()
+)
 if with_null:
-    curve_k = pd.concat([entropy.candidates.null_fraction_curve(models_by_name[k], s.spectrum, list(zip(s.role("entropy").layer, s.role("entropy").neuron)),
-                                                     sorted({1, 2, 4, 8, 16, 32, s.spectrum.k})).assign(model=k)
-                         for k, s in with_null.items()])
-    display(curve_k.pivot_table(index="k", columns="model", values=["null_frac", "random"]).style.format(precision=4))
+    curve_k = pd.concat(
+        [
+            entropy.candidates.null_fraction_curve(
+                models_by_name[k],
+                s.spectrum,
+                list(zip(s.role("entropy").layer, s.role("entropy").neuron)),
+                sorted({1, 2, 4, 8, 16, 32, s.spectrum.k}),
+            ).assign(model=k)
+            for k, s in with_null.items()
+        ]
+    )
+    display(
+        curve_k.pivot_table(
+            index="k", columns="model", values=["null_frac", "random"]
+        ).style.format(precision=4)
+    )
 
 # %% [markdown]
 # ## 5. Fig 7c-f and Fig 1f: fixing the activation
@@ -239,14 +412,38 @@ if with_null:
 curves = {k: entropy.interventions.curves(s.sweep) for k, s in studies.items()}
 aligned = {k: entropy.interventions.aligned_curves(s.sweep) for k, s in studies.items()}
 noms = {k: entropy.interventions.nominal(s.sweep) for k, s in studies.items()}
-plots.show_all(plots.intervention_curves(aligned[k], noms[k], f"Fig 7c-f · fixed-activation interventions · {k}") for k in studies)
-plots.intervention_curves(aligned[single_model], noms[single_model], f"Fig 1f · next-token entropy against the fixed activation · {single_model}",
-                          metrics=("entropy",), letters="f", height=420).show()
-effects = pd.concat({k: entropy.interventions.effect_summary(s.sweep) for k, s in studies.items()}, names=["model", None]).droplevel(1)
-display(effects[effects["mode"] == "total"].groupby(["model", "role"]).agg(
-    neurons=("neuron", "size"), d_scale=("d_scale", "median"), d_entropy=("d_entropy", "median"), d_rr=("d_rr", "median"),
-    d_loss=("d_loss", "median"), max_abs_d_entropy=("d_entropy", lambda x: x.abs().max()),
-    top1_same_min=("top1_same_min", "min")).style.format(precision=4))
+plots.show_all(
+    plots.intervention_curves(
+        aligned[k], noms[k], f"Fig 7c-f · fixed-activation interventions · {k}"
+    )
+    for k in studies
+)
+plots.intervention_curves(
+    aligned[single_model],
+    noms[single_model],
+    f"Fig 1f · next-token entropy against the fixed activation · {single_model}",
+    metrics=("entropy",),
+    letters="f",
+    height=420,
+).show()
+effects = pd.concat(
+    {k: entropy.interventions.effect_summary(s.sweep) for k, s in studies.items()},
+    names=["model", None],
+).droplevel(1)
+display(
+    effects[effects["mode"] == "total"]
+    .groupby(["model", "role"])
+    .agg(
+        neurons=("neuron", "size"),
+        d_scale=("d_scale", "median"),
+        d_entropy=("d_entropy", "median"),
+        d_rr=("d_rr", "median"),
+        d_loss=("d_loss", "median"),
+        max_abs_d_entropy=("d_entropy", lambda x: x.abs().max()),
+        top1_same_min=("top1_same_min", "min"),
+    )
+    .style.format(precision=4)
+)
 
 # %% [markdown]
 # ## 6. Total vs direct effect
@@ -257,8 +454,13 @@ display(effects[effects["mode"] == "total"].groupby(["model", "role"]).agg(
 # effect that goes through the scale. The two can have opposite signs.
 
 # %%
-plots.show_all(plots.total_vs_direct(curves[k], noms[k], f"Total vs direct effect on the entropy · {k}") for k in studies)
-td = effects[effects.role != "random"].pivot_table(index=["model", "role", "layer", "neuron"], columns="mode", values="d_entropy")
+plots.show_all(
+    plots.total_vs_direct(curves[k], noms[k], f"Total vs direct effect on the entropy · {k}")
+    for k in studies
+)
+td = effects[effects.role != "random"].pivot_table(
+    index=["model", "role", "layer", "neuron"], columns="mode", values="d_entropy"
+)
 td["through the scale (total − direct)"] = td["total"] - td["direct"]
 display(td.style.format(precision=4))
 
@@ -270,9 +472,13 @@ display(td.style.format(precision=4))
 # difference is small against the range, the token count suffices for the shape of the curve.
 
 # %%
-conv = pd.concat({k: entropy.interventions.halves(s.sweep) for k, s in studies.items()}, names=["model", None]).droplevel(1)
+conv = pd.concat(
+    {k: entropy.interventions.halves(s.sweep) for k, s in studies.items()}, names=["model", None]
+).droplevel(1)
 conv["role_group"] = np.where(conv.role == "random", "random", "candidates")
-conv_summary = conv.groupby(["model", "role_group", "metric"])[["max_half_diff", "effect_range"]].max()
+conv_summary = conv.groupby(["model", "role_group", "metric"])[
+    ["max_half_diff", "effect_range"]
+].max()
 display(conv_summary.style.format(precision=4))
 
 # %% [markdown]
@@ -288,12 +494,29 @@ display(conv_summary.style.format(precision=4))
 # much.
 
 # %%
-seed_studies = {name_ref: studies[name_ref],
-                **{f"{fam.name}-{m}": entropy.candidates.study(fam.load(m), f"{fam.name}-{m}", fam.identity[m], rows, fam.codec.drop_ids, art,
-                                                    n_candidates=1, n_random=0, seed=seed, batch_size=8, candidate_modes=("total",),
-                                                    partner_modes=None, verbose=False)
-                   for m in fam.members if m != reference},
-                **({name_ctl: studies[name_ctl]} if control is not None else {})}
+seed_studies = {
+    name_ref: studies[name_ref],
+    **{
+        f"{fam.name}-{m}": entropy.candidates.study(
+            fam.load(m),
+            f"{fam.name}-{m}",
+            fam.identity[m],
+            rows,
+            fam.codec.drop_ids,
+            art,
+            n_candidates=1,
+            n_random=0,
+            seed=seed,
+            batch_size=8,
+            candidate_modes=("total",),
+            partner_modes=None,
+            verbose=False,
+        )
+        for m in fam.members
+        if m != reference
+    },
+    **({name_ctl: studies[name_ctl]} if control is not None else {}),
+}
 seeds = entropy.candidates.seed_summary(seed_studies)
 chance = float(seeds.loc[name_ref, "random_max_abs_d_entropy"])
 seeds = entropy.verdicts.flag_candidates(seeds, chance)
@@ -310,13 +533,31 @@ display(sm_summary.style.format(precision=4))
 # its percentile, and whether each is in the set at 1%, 4% and 10% of the neurons (`NeuronSet.at_share`).
 
 # %%
-nset = universality.neuron_set(fam, "auto", params, params.n_tokens, art, device=device, batch_size=params.batch_size,
-                               seed=seed, baseline=params.baseline, threshold=params.threshold)
-in_set = entropy.verdicts.set_membership(studies[name_ref].neurons[lambda d: d.role != "random"], nset,
-                                         universality.SENSITIVITY_SHARES)
+nset = universality.neuron_set(
+    fam,
+    "auto",
+    params,
+    params.n_tokens,
+    art,
+    device=device,
+    batch_size=params.batch_size,
+    seed=seed,
+    baseline=params.baseline,
+    threshold=params.threshold,
+)
+in_set = entropy.verdicts.set_membership(
+    studies[name_ref].neurons[lambda d: d.role != "random"], nset, universality.SENSITIVITY_SHARES
+)
 display(in_set.style.format(precision=3))
-display(Markdown(report.sentence("Chapter 01's set: {rule} {where}", rule=nset.describe(),
-                                 where=entropy.verdicts.membership_sentence(in_set))))
+display(
+    Markdown(
+        report.sentence(
+            "Chapter 01's set: {rule} {where}",
+            rule=nset.describe(),
+            where=entropy.verdicts.membership_sentence(in_set),
+        )
+    )
+)
 
 # %% [markdown]
 # ## Result vs paper
@@ -327,29 +568,54 @@ display(Markdown(report.sentence("Chapter 01's set: {rule} {where}", rule=nset.d
 
 # %%
 cfg = model.cfg
-print(f"{name_ref}: {cfg.n_layers} layers, d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, {cfg.d_vocab:,}-token vocabulary")
+print(
+    f"{name_ref}: {cfg.n_layers} layers, d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, "
+    f"{cfg.d_vocab:,}-token vocabulary"
+)
 n_trained_members = len(fam.members)
 n_has = int(seeds.loc[[f"{fam.name}-{m}" for m in fam.members], "has entropy neuron"].sum())
 ctl_row = seeds.loc[name_ctl] if control is not None else None
 ref_row, sm_row = seeds.loc[name_ref], sm_summary.loc[single_model]
 ctl_study = studies[name_ctl] if control is not None else None
-rows_rvp = (entropy.verdicts.comparisons(name_ref, studies[name_ref], ref_row, ctl_study, ctl_row)
-            + entropy.verdicts.comparisons(single_model, studies[single_model], sm_row))
+rows_rvp = entropy.verdicts.comparisons(
+    name_ref, studies[name_ref], ref_row, ctl_study, ctl_row
+) + entropy.verdicts.comparisons(single_model, studies[single_model], sm_row)
 rvp = paper.result_table(rows_rvp)
 display(rvp)
 report.publish("05_entropy_neurons", params, {"Result vs paper": rvp})
-cols05 = {"null_frac": "null-space share of ‖w_out‖²", "null_ratio": "null-space share / random direction's"}
-report.publish_neurons("05_entropy_neurons", params, studies[name_ref].table, report.model_label(fam), cols05)
-report.publish_neurons("05_entropy_neurons", params, studies[single_model].table, report.model_label(single), cols05)
+cols05 = {
+    "null_frac": "null-space share of ‖w_out‖²",
+    "null_ratio": "null-space share / random direction's",
+}
+report.publish_neurons(
+    "05_entropy_neurons", params, studies[name_ref].table, report.model_label(fam), cols05
+)
+report.publish_neurons(
+    "05_entropy_neurons", params, studies[single_model].table, report.model_label(single), cols05
+)
 
 # Checks that fail on a broken analysis, not on a negative result: finite unintervened metrics, a
-# reciprocal rank in (0, 1], null-space fractions that are shares, a direct run whose top-1 agreement
+# reciprocal rank in (0, 1], null-space fractions that are shares, a direct run whose top-1
+# agreement
 # is never far below the total run's (it freezes the one path that rescales every logit).
-assert all(np.isfinite(noms[k][list(entropy.interventions.METRICS)]).all() and 0 < noms[k].rr <= 1 and noms[k].entropy > 0 for k in studies)
-assert all((s.spectrum.k >= 1 and s.table.null_frac.between(-1e-9, 1 + 1e-9).all()) if s.spectrum.has_null_space
-           else (s.spectrum.flat and s.table.null_frac.isna().all()) for s in studies.values())
-assert (effects[effects["mode"] == "direct"].groupby("model").top1_same_min.min()
-        >= effects[effects["mode"] == "total"].groupby("model").top1_same_min.min() - 0.5).all()
+assert all(
+    np.isfinite(noms[k][list(entropy.interventions.METRICS)]).all()
+    and 0 < noms[k].rr <= 1
+    and noms[k].entropy > 0
+    for k in studies
+)
+assert all(
+    (
+        (s.spectrum.k >= 1 and s.table.null_frac.between(-1e-9, 1 + 1e-9).all())
+        if s.spectrum.has_null_space
+        else (s.spectrum.flat and s.table.null_frac.isna().all())
+    )
+    for s in studies.values()
+)
+assert (
+    effects[effects["mode"] == "direct"].groupby("model").top1_same_min.min()
+    >= effects[effects["mode"] == "total"].groupby("model").top1_same_min.min() - 0.5
+).all()
 assert len(seeds) == len(seed_studies) and seeds.d_entropy.notna().all()
 minutes = (time.time() - t_start) / 60
 print(f"chapter compute: {minutes:.1f} min (cached results reused where present)")
@@ -364,57 +630,130 @@ sm_values = _sw[(_sw.layer == sm_ent.layer) & (_sw.neuron == sm_ent.neuron)].val
 
 
 def null_words(r):
-    return f"{r.null_ratio:.2f}x a random direction's null-space share" if r.null_space else "W_U has no null space"
+    return (
+        f"{r.null_ratio:.2f}x a random direction's null-space share"
+        if r.null_space
+        else "W_U has no null space"
+    )
 
 
-display(report.summary([
-    "Reference model {ref}: the top weight candidate {ref_n} (L2 rank {ref_l2}, vocab-variance rank {ref_vv}; {ref_null}); acting in "
-    "its natural direction (s = {ref_s:+d}), from 0 to the grid's top, it moves the final scale by {ref_ds:+.3f} "
-    "and the entropy by {ref_de:+.3f} nats (random neurons: up to {chance:.3f}); {ref_verdict}.",
-    "W_U's spectrum of the embedded model is {flat_text} (smallest / median singular value {ref_ratio:.2f}): with {d_model} dimensions "
-    "and a {d_vocab:,}-token vocabulary {spectrum_words}.",
-    "The untrained control's top candidate {ctl_n} moves the entropy by {ctl_de:+.3f} nats ({ctl_null}).",
-    "{n_has} of {n_members} seeds of the family have an entropy neuron by section 8's criterion ({n_anti} a monotone anti-entropy top candidate).",
-    "SmolLM2-135M: its top candidate {sm_n} (L2 rank {sm_l2} of the last two layers' {sm_total}, vocab-variance rank {sm_vv}; "
-    "{sm_null}, k = {sm_k}) has natural sign s = {sm_s:+d}; fixed from 0 to {sm_scale:+.4f} (the grid's 6) it moves the scale "
-    "by {sm_ds:+.3f} and the entropy by {sm_de:+.3f} nats, the reciprocal rank by {sm_drr:+.4f} (random neurons: entropy up to "
-    "{sm_chance:.3f}); with the scale frozen the entropy moves by {sm_direct:+.3f}, so {sm_via:+.3f} nats go through the final scale. "
-    "{sm_kind}",
-    "SmolLM2's most nearly opposite late neuron has cos {sm_cos:+.3f} with it (paper's pair: {paper_cos}).",
-    "On this text {sm_n} itself stays within [{sm_lo:+.4f}, {sm_hi:+.4f}]; its sweep spans [{sm_vlo:+.4f}, {sm_vhi:+.4f}], its own "
-    "range on both signs.",
-    "Token counts are small ({n_rows} rows of {ctx} tokens embedded, {n_sm} rows of {ctx_sm} for SmolLM2); the halves of the token set "
-    "differ by at most {conv_sm:.3f} nats on SmolLM2's candidate entropy curves against an effect range of {range_sm:.3f}.",
-], ref=name_ref, ref_n=ref_row.neuron, ref_l2=int(ref_row.l2_rank), ref_vv=int(ref_row.vocab_var_rank), ref_null=null_words(ref_row),
-    ref_s=int(ref_row.act_sign),
-    ref_ds=ref_row.d_scale, ref_de=ref_row.d_entropy, chance=chance,
-    ref_verdict=report.choose(bool(ref_row["has entropy neuron"]), "it behaves as an entropy neuron",
-                              "it does not behave as an entropy neuron beyond chance"),
-    flat_text=report.choose(spectra[name_ref].flat, "flat (no direction below half the median)", "not flat"),
-    d_model=cfg.d_model, d_vocab=cfg.d_vocab,
-    spectrum_words=report.choose(spectra[name_ref].flat,
-                                 "the unembedding reads almost every direction, so there is little null space for a neuron to write into",
-                                 f"the unembedding reads {spectra[name_ref].k} of its directions at less than half the median gain: a "
-                                 "null space a neuron can write into"),
-    ref_ratio=float(spectra[name_ref].values[spectra[name_ref].d - spectra[name_ref].n_zero - 1]
-                    / np.median(spectra[name_ref].values[: spectra[name_ref].d - spectra[name_ref].n_zero])),
-    ctl_n=ctl_row.neuron if ctl_row is not None else None, ctl_de=ctl_row.d_entropy if ctl_row is not None else None,
-    ctl_null=null_words(ctl_row) if ctl_row is not None else None, n_has=n_has, n_members=n_trained_members,
-    n_anti=int(seeds.loc[[f"{fam.name}-{m}" for m in fam.members], "top candidate is anti-entropy"].sum()),
-    sm_n=sm_row.neuron, sm_l2=int(sm_row.l2_rank), sm_total=len(studies[single_model].table), sm_vv=int(sm_row.vocab_var_rank),
-    sm_null=null_words(sm_row), sm_k=spectra[single_model].k, sm_s=int(sm_row.act_sign), sm_ds=sm_row.d_scale, sm_de=sm_row.d_entropy, sm_drr=sm_row.d_rr,
-    sm_direct=float(td.loc[(single_model, "entropy")]["direct"].iloc[0]),
-    sm_via=float(td.loc[(single_model, "entropy")]["through the scale (total − direct)"].iloc[0]), sm_cos=sm_row.partner_cos,
-    sm_chance=float(sm_row.random_max_abs_d_entropy), sm_lo=float(sm_ent.act_min), sm_hi=float(sm_ent.act_max),
-    sm_vlo=float(sm_values.min()), sm_vhi=float(sm_values.max()), sm_scale=float(sm_ent.grid_scale * np.sign(sm_ent.act_sign)),
-    sm_kind=report.choose(bool(sm_row["top candidate is anti-entropy"]),
-                          "It is a weight-space entropy candidate that acts as an ANTI-entropy neuron: acting naturally, it shrinks the "
-                          "residual norm and sharpens the distribution.",
-                          report.choose(bool(sm_row["has entropy neuron"]), "It acts as an entropy neuron.",
-                                        "Its effect is not a clean temperature change beyond chance.")),
-    paper_cos=paper.value("entropy_anti_cos", paper.MEDIUM), n_rows=n_rows, ctx=rows.n_ctx, n_sm=n_rows_single, ctx_sm=ctx_single,
-    conv_sm=float(conv_summary.loc[(single_model, "candidates", "entropy"), "max_half_diff"]),
-    range_sm=float(conv_summary.loc[(single_model, "candidates", "entropy"), "effect_range"])))
+display(
+    report.summary(
+        [
+            "Reference model {ref}: the top weight candidate {ref_n} (L2 rank {ref_l2}, "
+            "vocab-variance rank {ref_vv}; {ref_null}); acting in "
+            "its natural direction (s = {ref_s:+d}), from 0 to the grid's top, it moves the final "
+            "scale by {ref_ds:+.3f} "
+            "and the entropy by {ref_de:+.3f} nats (random neurons: up to {chance:.3f}); "
+            "{ref_verdict}.",
+            "W_U's spectrum of the embedded model is {flat_text} (smallest / median singular value "
+            "{ref_ratio:.2f}): with {d_model} dimensions "
+            "and a {d_vocab:,}-token vocabulary {spectrum_words}.",
+            "The untrained control's top candidate {ctl_n} moves the entropy by {ctl_de:+.3f} nats "
+            "({ctl_null}).",
+            "{n_has} of {n_members} seeds of the family have an entropy neuron by section 8's "
+            "criterion ({n_anti} a monotone anti-entropy top candidate).",
+            "SmolLM2-135M: its top candidate {sm_n} (L2 rank {sm_l2} of the last two layers' "
+            "{sm_total}, vocab-variance rank {sm_vv}; "
+            "{sm_null}, k = {sm_k}) has natural sign s = {sm_s:+d}; fixed from 0 to "
+            "{sm_scale:+.4f} (the grid's 6) it moves the scale "
+            "by {sm_ds:+.3f} and the entropy by {sm_de:+.3f} nats, the reciprocal rank by "
+            "{sm_drr:+.4f} (random neurons: entropy up to "
+            "{sm_chance:.3f}); with the scale frozen the entropy moves by {sm_direct:+.3f}, so "
+            "{sm_via:+.3f} nats go through the final scale. "
+            "{sm_kind}",
+            "SmolLM2's most nearly opposite late neuron has cos {sm_cos:+.3f} with it (paper's "
+            "pair: {paper_cos}).",
+            "On this text {sm_n} itself stays within [{sm_lo:+.4f}, {sm_hi:+.4f}]; its sweep spans "
+            "[{sm_vlo:+.4f}, {sm_vhi:+.4f}], its own "
+            "range on both signs.",
+            "Token counts are small ({n_rows} rows of {ctx} tokens embedded, {n_sm} rows of "
+            "{ctx_sm} for SmolLM2); the halves of the token set "
+            "differ by at most {conv_sm:.3f} nats on SmolLM2's candidate entropy curves against an "
+            "effect range of {range_sm:.3f}.",
+        ],
+        ref=name_ref,
+        ref_n=ref_row.neuron,
+        ref_l2=int(ref_row.l2_rank),
+        ref_vv=int(ref_row.vocab_var_rank),
+        ref_null=null_words(ref_row),
+        ref_s=int(ref_row.act_sign),
+        ref_ds=ref_row.d_scale,
+        ref_de=ref_row.d_entropy,
+        chance=chance,
+        ref_verdict=report.choose(
+            bool(ref_row["has entropy neuron"]),
+            "it behaves as an entropy neuron",
+            "it does not behave as an entropy neuron beyond chance",
+        ),
+        flat_text=report.choose(
+            spectra[name_ref].flat, "flat (no direction below half the median)", "not flat"
+        ),
+        d_model=cfg.d_model,
+        d_vocab=cfg.d_vocab,
+        spectrum_words=report.choose(
+            spectra[name_ref].flat,
+            "the unembedding reads almost every direction, so there is little null space for a "
+            "neuron to write into",
+            f"the unembedding reads {spectra[name_ref].k} of its directions at less than half the "
+            "median gain: a "
+            "null space a neuron can write into",
+        ),
+        ref_ratio=float(
+            spectra[name_ref].values[spectra[name_ref].d - spectra[name_ref].n_zero - 1]
+            / np.median(spectra[name_ref].values[: spectra[name_ref].d - spectra[name_ref].n_zero])
+        ),
+        ctl_n=ctl_row.neuron if ctl_row is not None else None,
+        ctl_de=ctl_row.d_entropy if ctl_row is not None else None,
+        ctl_null=null_words(ctl_row) if ctl_row is not None else None,
+        n_has=n_has,
+        n_members=n_trained_members,
+        n_anti=int(
+            seeds.loc[
+                [f"{fam.name}-{m}" for m in fam.members], "top candidate is anti-entropy"
+            ].sum()
+        ),
+        sm_n=sm_row.neuron,
+        sm_l2=int(sm_row.l2_rank),
+        sm_total=len(studies[single_model].table),
+        sm_vv=int(sm_row.vocab_var_rank),
+        sm_null=null_words(sm_row),
+        sm_k=spectra[single_model].k,
+        sm_s=int(sm_row.act_sign),
+        sm_ds=sm_row.d_scale,
+        sm_de=sm_row.d_entropy,
+        sm_drr=sm_row.d_rr,
+        sm_direct=float(td.loc[(single_model, "entropy")]["direct"].iloc[0]),
+        sm_via=float(
+            td.loc[(single_model, "entropy")]["through the scale (total − direct)"].iloc[0]
+        ),
+        sm_cos=sm_row.partner_cos,
+        sm_chance=float(sm_row.random_max_abs_d_entropy),
+        sm_lo=float(sm_ent.act_min),
+        sm_hi=float(sm_ent.act_max),
+        sm_vlo=float(sm_values.min()),
+        sm_vhi=float(sm_values.max()),
+        sm_scale=float(sm_ent.grid_scale * np.sign(sm_ent.act_sign)),
+        sm_kind=report.choose(
+            bool(sm_row["top candidate is anti-entropy"]),
+            "It is a weight-space entropy candidate that acts as an ANTI-entropy neuron: acting "
+            "naturally, it shrinks the "
+            "residual norm and sharpens the distribution.",
+            report.choose(
+                bool(sm_row["has entropy neuron"]),
+                "It acts as an entropy neuron.",
+                "Its effect is not a clean temperature change beyond chance.",
+            ),
+        ),
+        paper_cos=paper.value("entropy_anti_cos", paper.MEDIUM),
+        n_rows=n_rows,
+        ctx=rows.n_ctx,
+        n_sm=n_rows_single,
+        ctx_sm=ctx_single,
+        conv_sm=float(conv_summary.loc[(single_model, "candidates", "entropy"), "max_half_diff"]),
+        range_sm=float(conv_summary.loc[(single_model, "candidates", "entropy"), "effect_range"]),
+    )
+)
 
 # %% [markdown]
 # Why results can differ from the paper: the family's models are smaller and trained for less than
@@ -428,32 +767,68 @@ display(report.summary([
 # %%
 n_late = min(2, cfg.n_layers)  # the paper's "last two layers"
 paper_layers = paper.value("n_layers", paper.MEDIUM)
-display(report.summary([
-    "The {fam} models have {n_layers} layers, so the last two layers are {late:.0%} of the model{late_words}.",
-    "Their unembedding is {d_model} × {d_vocab:,}, with {spec_words}.",
-    "They were trained on {tokens:,} tokens; the paper's models took {steps:,} steps.",
-], fam=fam.name, n_layers=cfg.n_layers, late=n_late / cfg.n_layers,
-    late_words=report.choose(n_late == cfg.n_layers, ": the paper's late-layer prior carries no information",
-                             f" (2 of {paper_layers} in GPT2-medium): a late-layer prior "
-                             f"{n_late / cfg.n_layers / (2 / paper_layers):.0f} times as coarse"),
-    d_model=cfg.d_model, d_vocab=cfg.d_vocab,
-    spec_words=report.choose(spectra[name_ref].flat, "a flat spectrum, which leaves little room for a null space",
-                             f"{spectra[name_ref].k} directions read at less than half the median gain"),
-    tokens=fam.info.get("recipe", {}).get("train_tokens"), steps=paper.value("train_steps", paper.MEDIUM)))
+display(
+    report.summary(
+        [
+            "The {fam} models have {n_layers} layers, so the last two layers are {late:.0%} of the "
+            "model{late_words}.",
+            "Their unembedding is {d_model} × {d_vocab:,}, with {spec_words}.",
+            "They were trained on {tokens:,} tokens; the paper's models took {steps:,} steps.",
+        ],
+        fam=fam.name,
+        n_layers=cfg.n_layers,
+        late=n_late / cfg.n_layers,
+        late_words=report.choose(
+            n_late == cfg.n_layers,
+            ": the paper's late-layer prior carries no information",
+            f" (2 of {paper_layers} in GPT2-medium): a late-layer prior "
+            f"{n_late / cfg.n_layers / (2 / paper_layers):.0f} times as coarse",
+        ),
+        d_model=cfg.d_model,
+        d_vocab=cfg.d_vocab,
+        spec_words=report.choose(
+            spectra[name_ref].flat,
+            "a flat spectrum, which leaves little room for a null space",
+            f"{spectra[name_ref].k} directions read at less than half the median gain",
+        ),
+        tokens=fam.info.get("recipe", {}).get("train_tokens"),
+        steps=paper.value("train_steps", paper.MEDIUM),
+    )
+)
 
 # %% [markdown]
 # ## Summary
 
-# %%
-display(report.summary([
-    "Candidates come from the weights by a shown rule (bottom-decile vocabulary variance, largest L2 penalty, last two layers); "
-    "the null space is W_U's directions below half the median singular value, with the zero direction of weight processing left out.",
-    "{ref}: entropy effect {ref_de:+.3f} nats vs random up to {chance:.3f}; control {ctl_de:+.3f}. {n_has} of {n_members} seeds pass.",
-    "{sm}: {sm_n} acting in its natural direction (s = {sm_s:+d}) moves the entropy by {sm_de:+.3f} nats with the top-1 token "
-    "unchanged for at least {sm_top1:.0%} of tokens; "
-    "{sm_via:+.3f} nats of it go through the final RMSNorm scale.",
-    "Chapter compute on this machine: {minutes:.1f} min.",
-], ref=name_ref, ref_de=ref_row.d_entropy, chance=chance, ctl_de=ctl_row.d_entropy if ctl_row is not None else None, n_has=n_has,
-    n_members=n_trained_members, sm=single_model, sm_n=sm_row.neuron, sm_s=int(sm_row.act_sign), sm_de=sm_row.d_entropy,
-    sm_top1=sm_row.top1_same_min,
-    sm_via=float(td.loc[(single_model, "entropy")]["through the scale (total − direct)"].iloc[0]), minutes=minutes))
+# %% tags=["hide-input"]
+display(
+    report.summary(
+        [
+            "Candidates come from the weights by a shown rule (bottom-decile vocabulary variance, "
+            "largest L2 penalty, last two layers); "
+            "the null space is W_U's directions below half the median singular value, with the "
+            "zero direction of weight processing left out.",
+            "{ref}: entropy effect {ref_de:+.3f} nats vs random up to {chance:.3f}; control "
+            "{ctl_de:+.3f}. {n_has} of {n_members} seeds pass.",
+            "{sm}: {sm_n} acting in its natural direction (s = {sm_s:+d}) moves the entropy by "
+            "{sm_de:+.3f} nats with the top-1 token "
+            "unchanged for at least {sm_top1:.0%} of tokens; "
+            "{sm_via:+.3f} nats of it go through the final RMSNorm scale.",
+            "Chapter compute on this machine: {minutes:.1f} min.",
+        ],
+        ref=name_ref,
+        ref_de=ref_row.d_entropy,
+        chance=chance,
+        ctl_de=ctl_row.d_entropy if ctl_row is not None else None,
+        n_has=n_has,
+        n_members=n_trained_members,
+        sm=single_model,
+        sm_n=sm_row.neuron,
+        sm_s=int(sm_row.act_sign),
+        sm_de=sm_row.d_entropy,
+        sm_top1=sm_row.top1_same_min,
+        sm_via=float(
+            td.loc[(single_model, "entropy")]["through the scale (total − direct)"].iloc[0]
+        ),
+        minutes=minutes,
+    )
+)
