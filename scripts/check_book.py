@@ -99,6 +99,8 @@ FIND_OVERFLOW = r"""() => {
   // 1. the chapters' code cells: every line is visible without scrolling
   for (const pre of article.querySelectorAll('div.cell_input pre, div.highlight pre')) {
     if (pre.closest('div.cell_output')) continue;
+    // a collapsed cell (hide-input) is not on the page until the reader opens it
+    if (pre.getClientRects().length === 0 || (pre.checkVisibility && !pre.checkVisibility())) continue;
     if (pre.scrollWidth > pre.clientWidth + 2) {
       const longest = pre.textContent.split('\n').reduce((a, b) => (b.length > a.length ? b : a), '');
       out.push(`code cell wider than the page (${pre.scrollWidth}px in ${pre.clientWidth}px): ${longest.trim().slice(0, 70)}`);
