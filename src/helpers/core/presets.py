@@ -264,6 +264,7 @@ class Preset(Mapping):
     entropy_single_ctx: int            # tokens per row of its entropy interventions, chapter 05
     entropy_single_rows: int           # rows of its entropy interventions, chapter 05
     entropy_single_random: int | None  # random neurons of its entropy baseline (null: the paper's count)
+    pretrained_model: str | None = None  # a pretrained base model beside single_model (chapter 06); null: none
     preset: str | None = None  # the preset's name (the file's stem unless the file says otherwise)
     n_seeds: int | None = None  # members of the embedded family (2-5; default all five)
     corpus: Mapping | None = None    # the embedded corpus (CORPUS_KEYS)
@@ -358,6 +359,8 @@ TOP_KEYS: dict[str, _Key] = {
     "entropy_single_rows": _Key(_positive_int, True, "rows of the single model's entropy interventions"),
     "entropy_single_random": _Key(_optional(_positive_int), True,
                                   "random neurons of the single model's entropy baseline (null: the paper's)"),
+    "pretrained_model": _Key(_optional(_str), False,
+                             "a pretrained base model beside the single model, chapter 06 (null: none)"),
     "preset": _Key(_str, False, "the preset's name"),
     "n_seeds": _Key(_optional(_int), False, "members of the embedded family"),
     "corpus": _Key(None, False, "the embedded corpus block (CORPUS_KEYS)"),

@@ -56,6 +56,11 @@ def results_folder(params: Preset) -> Path:
     return params.artifacts_path / "results" / str(params.preset)
 
 
+# The title of a chapter's table of rows scored against the paper's follow-ups (sections beyond the
+# paper): published beside "Result vs paper", counted apart from it on the front page.
+BEYOND_TITLE = "Beyond the paper: result vs follow-up"
+
+
 def publish(chapter: str, params: Preset, tables: dict) -> Path:
     """Save a chapter's computed "Result vs paper" tables ({title: DataFrame}) for the book's front
     page (`helpers.book` gathers them into `book/_generated/headline.md`). Values are stored as

@@ -57,7 +57,7 @@ def checkpoint_run(params, n_tokens: int, artifacts_dir: str | Path, device: str
     tables, tokens = {}, {}
     for label, fam in fams.items():
         tables[label] = universality_table(fam, n_tokens, artifacts_dir, device, batch_size, seed, baseline,
-                                           threshold=threshold, verbose=False)
+                                           threshold=threshold, verbose=False).table("universality")
         step = int(label.split()[-1])
         tokens[label] = step * int(fam.info["recipe"]["batch_size"]) * int(fam.info["arch"]["n_ctx"])
     control = None
@@ -65,7 +65,7 @@ def checkpoint_run(params, n_tokens: int, artifacts_dir: str | Path, device: str
         members = next(iter(fams.values())).members
         ctl = load_family(control_family, params, device=device, members=members)
         control = universality_table(ctl, n_tokens, artifacts_dir, device, batch_size, seed, baseline,
-                                     threshold=threshold, verbose=False)
+                                     threshold=threshold, verbose=False).table("universality")
     return CheckpointRun(tables, tokens, control)
 
 

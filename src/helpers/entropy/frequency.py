@@ -64,6 +64,13 @@ def unigram_log_probs(counts: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     return np.log(c / c.sum())
 
 
+def family_log_q(family, n_tokens: int, d_vocab: int, alpha: float = 1.0) -> np.ndarray:
+    """[d_vocab] smoothed unigram log-probabilities of a family's tokens, counted over the first
+    `n_tokens` tokens of its **training** split (`Family.token_table(n, "train")`): the unigram
+    distribution the model was trained towards, not the held-out rows the interventions run on."""
+    return unigram_log_probs(unigram_counts(family.token_table(int(n_tokens), "train"), d_vocab), alpha)
+
+
 def log_probs_sha256(log_q: np.ndarray) -> str:
     """The content id of a reference distribution (for cache keys)."""
     return hashlib.sha256(np.ascontiguousarray(np.asarray(log_q, dtype=np.float64)).tobytes()).hexdigest()
@@ -301,13 +308,13 @@ def conclusion(row: pd.Series) -> str:
 
 def comparisons(row: pd.Series, control: pd.Series | None = None,
                 model: str = paper.DEFAULT_MODEL) -> list[paper.Comparison]:
-    """The section's rows against Stolfo et al. 2024 for one model (`summary` row), the untrained
-    control's row scored by the same rules."""
+    """The section's rows against Stolfo et al. 2024 for one model (`summary` row, whose name labels
+    the rows), the untrained control's row scored by the same rules."""
     fmt_a = "{n} cos {c:+.2f}, Bonferroni p {p:.2g}"
     fmt_e = "ΔKL {t:+.3f} (random ≤ {r:.3f})"
     return [
         paper.Comparison(
-            "a late neuron writes along the log-frequency direction", "stolfo_frequency_direction",
+            f"a late neuron writes along the log-frequency direction ({row.name})", "stolfo_frequency_direction",
             report.sentence(fmt_a, n=row.top_aligned, c=row.cos, p=row.p_bonferroni),
             control=report.sentence(fmt_a, n=control.top_aligned, c=control.cos, p=control.p_bonferroni)
             if control is not None else None,
@@ -317,7 +324,8 @@ def comparisons(row: pd.Series, control: pd.Series | None = None,
                                    "directions reach "
                                    "(p {p:.2g})", n=row.n_late, p=row.p_bonferroni)),
         paper.Comparison(
-            "fixing it moves the output's KL from the unigram distribution", "stolfo_frequency_effect",
+            f"fixing it moves the output's KL from the unigram distribution ({row.name})",
+            "stolfo_frequency_effect",
             report.sentence(fmt_e, t=row.d_kl_total, r=row.random_max_total),
             control=report.sentence(fmt_e, t=control.d_kl_total, r=control.random_max_total)
             if control is not None else None,
