@@ -97,6 +97,17 @@ def test_variability_reports_spread_sizes_and_jaccard():
     assert res["per_neuron"].baseline_range.max() > 0  # different rotations give different baselines
     st = res["stability"]
     assert 0 <= st.loc["top_excess", "jaccard_rotations"] <= 1
+    # every set the chapters can choose has its row (chapter 01's summary reads the chosen one's)
+    from helpers.correlations.universality import SET_COLUMNS
+
+    assert set(SET_COLUMNS) <= set(st.index)
+    # without a control the paper-sized set is the top share alone: at the same share as top_excess,
+    # the same neurons
+    same = baselines.baseline_variability(table, run, seeds=(1, 2), gaussian_seeds=(), threshold=0.1,
+                                          top_fraction=0.25, share=0.25)
+    assert (same["draws"].n_paper_sized == same["draws"].n_top_excess).all()
+    assert same["stability"].loc["paper_sized", "jaccard_rotations"] == \
+        same["stability"].loc["top_excess", "jaccard_rotations"]
     assert baselines.jaccard(np.array([1, 1, 0], bool), np.array([0, 1, 1], bool)) == pytest.approx(1 / 3)
     assert baselines.mean_pairwise_jaccard([np.array([1, 0], bool)] * 3) == 1.0
 

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from helpers.core import paper
 from helpers.correlations.correlate import baseline_matrices, correlate_family
 from helpers.correlations.pearson import max_correlation, mixed_correlation
 from helpers.models.families import short_name
@@ -143,7 +144,8 @@ def mean_pairwise_jaccard(masks: list[np.ndarray]) -> float:
 
 def baseline_variability(table: pd.DataFrame, run: RunAccumulators, control_table: pd.DataFrame | None = None,
                          control_run: RunAccumulators | None = None, seeds=(1, 2, 3, 4, 5), gaussian_seeds=(1,),
-                         threshold: float = 0.5, top_fraction: float = 0.01) -> dict:
+                         threshold: float = 0.5, top_fraction: float = 0.01,
+                         share: float = paper.UNIVERSAL_SHARE[paper.SMALL]) -> dict:
     """Redraw the baseline (orthogonal rotations from `seeds`, Gaussian matrices from `gaussian_seeds`)
     for the family's run and, if given, its control's run over the same tokens; recompute the excess
     correlation and the neuron sets of every draw.
@@ -151,12 +153,14 @@ def baseline_variability(table: pd.DataFrame, run: RunAccumulators, control_tabl
     Returns a dict of tables:
     - `per_neuron`: each neuron's baseline over the draws (mean, std, max - min), rotation draws only;
     - `draws`: per draw, the baseline median, the sizes of the sets `is_universal` (excess >
-      `threshold`), `above_control` (above the control's maximum excess **of the same draw**) and
-      `top_excess` (top `top_fraction`);
+      `threshold`), `above_control` (above the control's maximum excess **of the same draw**),
+      `paper_sized` (above it and in the top `share`, the rule of `universality.sized_set`; the top
+      `share` alone without a control) and `top_excess` (top `top_fraction`): every set
+      `universality.choose_set` can choose;
     - `stability`: per set, the mean pairwise Jaccard index across the rotation draws, and across
       all draws including the Gaussian ones."""
     plan = draws(list(seeds), list(gaussian_seeds))
-    rows, base, sets = [], [], {c: [] for c in ("is_universal", "above_control", "top_excess")}
+    rows, base, sets = [], [], {c: [] for c in ("is_universal", "above_control", "paper_sized", "top_excess")}
     for kind, s in plan:
         b = baseline_table(run, s, kind)
         excess = table.mean_corr.to_numpy() - b.mean_baseline.to_numpy()
@@ -165,7 +169,10 @@ def baseline_variability(table: pd.DataFrame, run: RunAccumulators, control_tabl
             cb = baseline_table(control_run, s, kind)
             ctl_max = float(np.nanmax(control_table.mean_corr.to_numpy() - cb.mean_baseline.to_numpy()))
         e = np.nan_to_num(excess, nan=-np.inf)
-        masks = {"is_universal": e > threshold, "above_control": e > ctl_max if np.isfinite(ctl_max) else np.zeros(len(e), bool),
+        above = e > ctl_max if np.isfinite(ctl_max) else np.zeros(len(e), bool)
+        top_share = e >= np.nanquantile(excess, 1 - share)
+        masks = {"is_universal": e > threshold, "above_control": above,
+                 "paper_sized": (above & top_share) if np.isfinite(ctl_max) else top_share,
                  "top_excess": e >= np.nanquantile(excess, 1 - top_fraction)}
         for c, mk in masks.items():
             sets[c].append((kind, mk))
