@@ -153,9 +153,14 @@ def tiny_model(seed=0):
 
 
 def direct_weight_stats(model, w_in_of, w_out_of):
-    """Per-neuron loops in float64 numpy."""
+    """Per-neuron loops in float64 numpy. The unembedding is the one the model applies: W_U times the
+    final norm's weight, centred over d_model under a LayerNorm (which removes the mean; these
+    models are unfolded), formed in float32 as the model does."""
     L, D = model.cfg.n_layers, model.cfg.d_mlp
-    W_U = model.W_U.detach().double().numpy()
+    W_U = model.ln_final.w.detach()[:, None] * model.W_U.detach()
+    if model.cfg.normalization_type == "LN":
+        W_U = W_U - W_U.mean(0)
+    W_U = W_U.double().numpy()
     W_U = W_U / np.linalg.norm(W_U, axis=0, keepdims=True)
     ins = [w_in_of(l, i) for l in range(L) for i in range(D)]
     outs = [w_out_of(l, i) for l in range(L) for i in range(D)]

@@ -88,8 +88,10 @@ def test_planted_prediction_neuron_is_found_classified_and_explained(planted):
     assert ex.best_class.iloc[0] == "is_year" and ex.direction.iloc[0] == "predicts"
     assert ex.best_vr.iloc[0] > 0.3 and ex.best_vr.iloc[0] > ex.runner_up_vr.iloc[0]
     assert vocab.describe_class("is_year").startswith("years")
-    # the raw effect is the product itself
-    np.testing.assert_allclose(effect[0].numpy(), (model.blocks[1].mlp.W_out[PRED] @ model.W_U)[1:].detach().numpy(), rtol=1e-5)
+    # the raw effect is the product itself, through W_U centred over d_model: the final LayerNorm
+    # (unfolded here) removes the residual stream's mean
+    wu = model.W_U - model.W_U.mean(0)
+    np.testing.assert_allclose(effect[0].numpy(), (model.blocks[1].mlp.W_out[PRED] @ wu)[1:].detach().numpy(), rtol=1e-5)
 
 
 def test_negated_neuron_is_a_suppression_neuron(planted):

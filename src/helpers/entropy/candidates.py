@@ -6,6 +6,13 @@ the span of W_U's smallest singular directions, its "null space". It changes the
 norm, hence the final normalisation's scale, and so the temperature of the next-token distribution,
 without changing which token is predicted. An anti-entropy partner writes nearly the opposite vector.
 
+**What the neuron does to the logits.** W_U and w_out stand here for the effective unembedding and
+direction of `helpers.models.effective`: `effective_unembed` (diag(g_f) W_U when the final norm keeps
+its weight g_f) and the row of `output_directions` (w_out times the weight of a norm after the MLP,
+as in Gemma). Without those norms (GPT-2, the embedded family, SmolLM2 with `fold_ln`) they are W_U
+and w_out themselves. The L2 penalty is a property of the weights (the paper's weight-decay
+quantity) and stays ||w_in||^2 + ||w_out||^2 of the raw weights.
+
 Everything here is computed from the processed weights the families load. The exact zero direction
 that weight processing creates is left out of the spectrum: folding a LayerNorm with centring makes
 every column of W_U orthogonal to the all-ones direction of the residual stream, which the
@@ -30,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.models.loading import neuron_weights
+from helpers.models.effective import effective_unembed, output_directions
 from helpers.properties.neuron_stats import sign_tensor, weight_statistics
 
 EXTEND = 1.5  # the grid reaches this multiple of the neuron's quantile on each side (interventions.RANGE_QUANTILES)
@@ -50,27 +57,34 @@ class _LayerView:
         self.cfg.n_layers = len(layers)
         self.blocks = [model.blocks[l] for l in layers]
         self.W_U = model.W_U
+        if hasattr(model, "ln_final"):
+            self.ln_final = model.ln_final
 
 
 def vocab_statistics(model, layers=None) -> pd.DataFrame:
-    """Per-neuron `layer`, `neuron`, `l2_penalty`, `vocab_var` (variance over the vocabulary of
-    cos(W_U[:, t], w_out)), `w_out_norm` of the `layers` given (default all): the one place this
-    chapter reads the vocabulary effect (`neuron_stats.weight_statistics`). Restricting the layers
-    matters for SmolLM2, where the all-pairs max cosines of 46k neurons take minutes."""
+    """Per-neuron `layer`, `neuron`, `l2_penalty` (of the raw weights), `vocab_var` (variance over
+    the vocabulary of cos(W_U[:, t], w_out), of the effective direction and unembedding),
+    `w_out_norm` (the norm of the effective direction: ||w_out|| without a post-MLP norm) of the
+    `layers` given (default all): the one place this chapter reads the vocabulary effect
+    (`neuron_stats.weight_statistics`). Restricting the layers matters for SmolLM2, where the
+    all-pairs max cosines of 46k neurons take minutes."""
     layers = list(range(model.cfg.n_layers)) if layers is None else sorted(int(l) for l in layers)
     t = weight_statistics(_LayerView(model, layers))[VOCAB_COLUMNS].copy()
     t["layer"] = np.asarray(layers)[t.layer.to_numpy()]
+    t["w_out_norm"] = torch.cat([output_directions(model, l).double().norm(dim=1) for l in layers]).cpu().numpy()
     return t
 
 
 def w_out_matrix(model) -> torch.Tensor:
-    """Every neuron's output weights, layers in order: [n_layers * d_mlp, d_model] float64."""
-    return torch.cat([neuron_weights(model, l).w_out.detach().double() for l in range(model.cfg.n_layers)])
+    """Every neuron's effective output direction (`output_directions`: w_out times the post-MLP
+    norm's weight, w_out without one), layers in order: [n_layers * d_mlp, d_model] float64."""
+    return torch.cat([output_directions(model, l).double() for l in range(model.cfg.n_layers)])
 
 
 @dataclass
 class Spectrum:
-    """W_U's singular values `values` [d_model] (descending) and left singular vectors `directions`
+    """The effective unembedding's singular values `values` [d_model] (descending) and left singular
+    vectors `directions`
     [d_model, d_model] (columns); `n_zero` exact zero directions (from weight processing, left out);
     `k` the number of smallest non-zero directions taken as the null space: those below `threshold`
     (`rel` x the median non-zero singular value); `flat` when none is: then k = 0, there is no null
@@ -114,13 +128,14 @@ class Spectrum:
 
 
 def unembed_spectrum(model, zero_rtol: float = 1e-3, rel: float = 0.5, k: int | None = None) -> Spectrum:
-    """The spectrum of W_U [d_model, d_vocab] and its null-space cut-off.
+    """The spectrum of the effective unembedding [d_model, d_vocab] (`effective_unembed`: diag(g_f)
+    W_U when the final norm keeps its weight g_f, W_U when it is folded) and its null-space cut-off.
 
     Singular values below `zero_rtol` x the largest are exact zeros of weight processing and left out.
     The null space (unless `k` is given) is the directions whose singular value is below `rel` x the
     median of the remaining ones: directions the unembedding reads at less than half its typical
     gain. A spectrum with no such direction is `flat` and has no null space (k = 0), unless `k` is given."""
-    W = model.W_U.detach().double().cpu()
+    W = effective_unembed(model).double().cpu()
     U, S, _ = torch.linalg.svd(W, full_matrices=False)
     s = S.numpy()
     n_zero = int((s < zero_rtol * s.max()).sum())
@@ -138,7 +153,8 @@ def unembed_spectrum(model, zero_rtol: float = 1e-3, rel: float = 0.5, k: int | 
 def null_space_fraction(model, spectrum: Spectrum, k: int | None = None) -> np.ndarray:
     """[n_layers * d_mlp] share of ||w_out||^2 in the null space (the `k` smallest non-zero
     directions; default the spectrum's cut-off), out of ||w_out||^2 less its part in the zero
-    directions. A random direction has k / (d_model - n_zero) on average. NaN for every neuron
+    directions, w_out the effective direction (`w_out_matrix`) and the spectrum that of the
+    effective unembedding. A random direction has k / (d_model - n_zero) on average. NaN for every neuron
     when there is no null space (a flat spectrum and no `k` given)."""
     W = w_out_matrix(model)
     d, z = spectrum.d, spectrum.n_zero
@@ -197,7 +213,8 @@ def random_baseline(table: pd.DataFrame, n: int = 20, seed: int = 0, decile: flo
 
 
 def w_out_cosines(model, layer: int, neuron: int, late_only: int | None = 2, signs: pd.DataFrame | None = None) -> pd.DataFrame:
-    """cos(s w_out of `layer.neuron`, s w_out of every other neuron) (of the last `late_only` layers, or all):
+    """cos(s w_out of `layer.neuron`, s w_out of every other neuron), w_out the effective directions
+    (`w_out_matrix`) (of the last `late_only` layers, or all):
     `layer`, `neuron`, `cos`, sorted most negative first. `signs` (layer, neuron, act_sign): each
     neuron's natural sign s (the effective directions; +1 for a neuron without a row, and for all
     when None)."""
@@ -221,13 +238,13 @@ def anti_partner(model, layer: int, neuron: int, late_only: int | None = 2, sign
 
 
 def unembed_cosines(model, neurons) -> pd.DataFrame:
-    """cos(W_U[:, t], w_out) for every token t and each (layer, neuron) in `neurons` (Fig 7b):
-    long table `layer`, `neuron`, `cos`."""
-    U = model.W_U.detach().double()
+    """cos(W_U[:, t], w_out) for every token t and each (layer, neuron) in `neurons` (Fig 7b), of the
+    effective direction and the effective unembedding: long table `layer`, `neuron`, `cos`."""
+    U = effective_unembed(model).double()
     U = U / U.norm(dim=0, keepdim=True).clamp_min(1e-300)
     out = []
     for l, n in neurons:
-        w = neuron_weights(model, int(l)).w_out[int(n)].detach().double()
+        w = output_directions(model, int(l))[int(n)].double()
         out.append(pd.DataFrame({"layer": int(l), "neuron": int(n), "cos": ((w / w.norm()) @ U).numpy()}))
     return pd.concat(out, ignore_index=True)
 

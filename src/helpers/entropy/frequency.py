@@ -10,8 +10,12 @@ vocabulary (a constant logit shift changes nothing; after `center_unembed` this 
 pseudo-inverse drops W_U's exact zero directions (the all-ones direction that a folded, centring
 LayerNorm removes), so d* lies in the residual subspace the unembedding reads: the **live
 subspace**, of dimension k. `r2` says how much of f any residual direction can produce at all.
+W_U here is the effective unembedding (`effective.effective_unembed`: diag(g_f) W_U when the final
+norm keeps its weight g_f; W_U itself when it is folded in).
 
-**Alignment.** A neuron writes s * w_out when it acts (s = `act_sign`, `neuron_stats.SIGN_RULE`).
+**Alignment.** A neuron writes s * w_out when it acts (s = `act_sign`, `neuron_stats.SIGN_RULE`;
+w_out its effective direction, `effective.output_directions`: times the weight of a norm after the
+MLP where the model has one).
 Its alignment is the cosine of s * w_out (its part in the live subspace) with d* (`freq_cos`);
 positive means its typical activation raises frequent tokens' logits, i.e. pulls the output towards
 the unigram distribution. A random direction of the k-dimensional live subspace has cos^2 ~
@@ -41,7 +45,7 @@ from helpers.core import paper, report
 from helpers.data.tokens import TokenRows
 from helpers.entropy import interventions as iv
 from helpers.entropy.candidates import grid_points, natural_grid
-from helpers.models.loading import neuron_weights
+from helpers.models.effective import effective_unembed, output_directions
 
 KL_NAME = "kl_unigram"
 
@@ -81,7 +85,8 @@ class FrequencyDirection:
     """The log-frequency direction of one model: `log_q` [V] and the centred target f [V]; `coef`
     [d_model] the least-squares d* (W_U^T d* ~ f); `direction` its unit vector; `live` [d_model, k]
     an orthonormal basis of the subspace W_U reads (the pseudo-inverse's kept directions); `r2` the
-    share of f's variance that W_U^T d* explains; `unembed` the centred W_U [d_model, V] (float64)."""
+    share of f's variance that W_U^T d* explains; `unembed` the centred W_U [d_model, V] (float64);
+    W_U the effective unembedding."""
 
     log_q: np.ndarray
     target: np.ndarray
@@ -102,10 +107,11 @@ class FrequencyDirection:
 
 
 def frequency_direction(model, log_q: np.ndarray, rtol: float = 1e-3) -> FrequencyDirection:
-    """The least-squares residual direction of the centred log-frequencies through W_U (see the
-    module's docstring). Singular values of the centred W_U below `rtol` x the largest are exact
-    zeros of weight processing and left out (as `candidates.unembed_spectrum` does)."""
-    W = model.W_U.detach().double().cpu()
+    """The least-squares residual direction of the centred log-frequencies through the effective
+    unembedding (see the module's docstring). Singular values of the centred W_U below `rtol` x the
+    largest are exact zeros of weight processing and left out (as `candidates.unembed_spectrum`
+    does)."""
+    W = effective_unembed(model).double().cpu()
     if W.shape[1] != len(log_q):
         raise ValueError(f"log_q has {len(log_q)} tokens, W_U {W.shape[1]}")
     Wc = W - W.mean(1, keepdim=True)
@@ -139,14 +145,15 @@ def frequency_table(model, fd: FrequencyDirection, signs: pd.DataFrame | None = 
                     layers: Sequence[int] | None = None,
                     n_last: int = 2) -> pd.DataFrame:
     """One row per neuron of `layers` (default all): `act_sign` (from `signs`: layer, neuron, act_sign;
-    +1 without a row), `freq_cos` the cosine of s w_out (its live part) with the direction,
+    +1 without a row), `freq_cos` the cosine of s w_out (its live part; w_out the effective direction,
+    `output_directions`) with the direction,
     `freq_share` its square (the share of the effective direction along it), `p_random` the chance
     probability of so large an |cos| (`chance_p`), `freq_rank` (1 = largest |cos| among these
     neurons) and `late` (in the last `n_last` layers)."""
     d_mlp, L = model.cfg.d_mlp, model.cfg.n_layers
     layers = list(range(L)) if layers is None else sorted(int(l) for l in layers)
     # [neurons, d_model]
-    W = torch.cat([neuron_weights(model, l).w_out.detach().double().cpu() for l in layers])
+    W = torch.cat([output_directions(model, l).double().cpu() for l in layers])
     t = pd.DataFrame({"layer": np.repeat(layers, d_mlp), "neuron": np.tile(np.arange(d_mlp), len(layers))})
     if signs is not None:
         t = t.merge(signs[["layer", "neuron", "act_sign"]], on=["layer", "neuron"], how="left")

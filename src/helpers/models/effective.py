@@ -107,13 +107,17 @@ def effective_unembed(model) -> torch.Tensor:
     (exact with s_f held fixed: the direct effect).
 
     diag(g_f) W_U when the final norm still has its weight g_f; W_U when `fold_ln` has folded it in.
-    Under a LayerNorm (LN, LNPre) the mean over d_model is removed first, as the norm does."""
+    Under a LayerNorm (LN, LNPre) the mean over d_model is removed first, as the norm does; a W_U
+    that `fold_ln` has already centred (to float32 rounding) is returned as it is, so that a folded
+    model's numbers are exactly those of its W_U."""
     wu = model.W_U.detach().float()
     g = _norm_weight(model.ln_final) if hasattr(model, "ln_final") else None
     if g is not None:
         wu = g.float()[:, None] * wu
     if model.cfg.normalization_type in ("LN", "LNPre"):
-        wu = wu - wu.mean(0, keepdim=True)
+        mean = wu.mean(0, keepdim=True)
+        if mean.abs().max() > 1e-5 * wu.abs().max():
+            wu = wu - mean
     return wu
 
 

@@ -5,9 +5,14 @@ A neuron's **vocabulary effect** is W_U w_out, one number per token: how much on
 activation raises that token's logit (the direct path through the unembedding, ignoring the final
 normalisation's scale). The paper's histograms (Fig 5) show the raw product; its moment statistics
 (Fig 6) use the cosine cos(W_U[:, t], w_out), whose distribution over tokens does not depend on the
-norms. This module gives both, over the **real next tokens** only (`real_token_mask`): columns that
-can never be a next token, or that stand for no string (the reduced vocabulary's `<unk>`, BOS/EOS,
-chat special tokens, padding columns), are left out and listed.
+norms. Both are taken of what the neuron does to the logits: its direction is the row of
+`effective.output_directions` (w_out times the weight of a norm after the MLP, as in Gemma) and the
+unembedding is `effective.effective_unembed` (diag(g_f) W_U when the final norm keeps its weight
+g_f). Without a post-MLP norm and with the final norm folded into W_U (GPT-2, the embedded family,
+SmolLM2) these are w_out and W_U themselves; W_U w_out below stands for the effective product.
+This module gives both, over the **real next tokens** only (`real_token_mask`): columns that can
+never be a next token, or that stand for no string (the reduced vocabulary's `<unk>`, BOS/EOS, chat
+special tokens, padding columns), are left out and listed.
 
 The API, in the order a chapter uses it:
 
@@ -36,7 +41,7 @@ negative writes -w_out: W_U w_out alone would call a neuron that lowers a class 
 prediction neuron. Every statistic here is therefore taken of s * w_out, where s is the sign of
 the neuron's typical large activation (`EFFECTIVE_RULE`; `neuron_stats.act_sign`, from chapter 02's
 streaming pass). For GELU models s is +1 for almost every neuron, and where it is +1 nothing
-changes.
+changes. (Under a norm after the MLP, w_out in all of this is the row of `output_directions`.)
 
 Precision: the products W_U w_out are taken in float32 (the weights are float32; one product has
 d_model terms) and the moments over tokens in float64 (fourth powers of ~1e-1 cosines over 50k
@@ -59,7 +64,7 @@ from helpers.streaming.activations import ActivationStream
 from helpers.core.cache import atomic_write_parquet, cached_result, config_hash
 from helpers.streaming.accumulators import GroupedMoments
 from helpers.taxonomy.features import PRONOUNS, SYMBOLS, WORD_GROUPS, token_feature_table, vocab_strings_gpt2
-from helpers.models.loading import neuron_weights
+from helpers.models.effective import effective_unembed, output_directions
 
 CODE_VERSION = 4
 MODEL = "model"
@@ -172,8 +177,9 @@ def _layers(model, layer: int | None) -> list[int]:
 
 
 def _w_out(model, layer: int | None, neurons: Sequence[int] | None) -> torch.Tensor:
-    """[neurons, d_model] float32 output weights of `neurons` of `layer` (all layers when None)."""
-    ws = [neuron_weights(model, l).w_out for l in _layers(model, layer)]
+    """[neurons, d_model] float32 output directions of `neurons` of `layer` (all layers when None):
+    `output_directions`, w_out times the post-MLP norm's weight (w_out without one)."""
+    ws = [output_directions(model, l) for l in _layers(model, layer)]
     w = torch.cat(ws).float()
     if neurons is not None:
         w = w[torch.as_tensor(np.asarray(neurons), dtype=torch.long, device=w.device)]
@@ -183,21 +189,25 @@ def _w_out(model, layer: int | None, neurons: Sequence[int] | None) -> torch.Ten
 def vocab_effect(model, layer: int | None = None, real_tokens: RealTokens | None = None,
                  neurons: Sequence[int] | None = None, signs: Sequence[float] | None = None) -> torch.Tensor:
     """Raw vocabulary effect W_U w_out (Fig 5): `[neurons, kept tokens]` float32, logit units per
-    unit of activation. `layer` None takes every layer (rows ordered layer-major: row l * d_mlp + i;
-    mind the size on a large model); `neurons` selects rows within that order; `real_tokens` keeps
-    its columns (all columns when None). `signs` [rows] (+1/-1): the effect of the effective
+    unit of activation, of the effective direction through the effective unembedding (see the
+    module's docstring). Under norms that keep their weights, the units are per unit of the
+    post-MLP and final norms' scales: with both scales held fixed, a change da of the activation
+    changes the logits by da * effect / (s_mlp * s_f). `layer` None takes every layer (rows ordered
+    layer-major: row l * d_mlp + i; mind the size on a large model); `neurons` selects rows within
+    that order; `real_tokens` keeps its columns (all columns when None). `signs` [rows] (+1/-1): the effect of the effective
     direction s * w_out instead (`EFFECTIVE_RULE`), in logit units per unit of |activation|."""
     w = _w_out(model, layer, neurons)
     if signs is not None:
         w = w * torch.as_tensor(np.asarray(signs, dtype=np.float32), device=w.device)[:, None]
-    wu = model.W_U.detach().float()
+    wu = effective_unembed(model)
     if real_tokens is not None:
         wu = wu[:, torch.from_numpy(real_tokens.ids).to(wu.device)]
     return w @ wu
 
 
 def _unit_unembed(model, real_tokens: RealTokens | None) -> torch.Tensor:
-    wu = model.W_U.detach().float()
+    """[d_model, kept tokens] float32: the effective unembedding's columns scaled to unit norm."""
+    wu = effective_unembed(model)
     if real_tokens is not None:
         wu = wu[:, torch.from_numpy(real_tokens.ids).to(wu.device)]
     return wu / wu.norm(dim=0, keepdim=True).clamp_min(1e-30)
@@ -205,7 +215,8 @@ def _unit_unembed(model, real_tokens: RealTokens | None) -> torch.Tensor:
 
 def vocab_cosines(model, layer: int | None = None, real_tokens: RealTokens | None = None,
                   neurons: Sequence[int] | None = None) -> torch.Tensor:
-    """cos(W_U[:, t], w_out) `[neurons, kept tokens]` float32 (the statistic of Fig 6, chapter 02)."""
+    """cos(W_U[:, t], w_out) `[neurons, kept tokens]` float32 (the statistic of Fig 6, chapter 02), of
+    the effective direction and the effective unembedding."""
     w = _w_out(model, layer, neurons)
     w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
     return w @ _unit_unembed(model, real_tokens)
@@ -229,8 +240,8 @@ def row_moments(c: torch.Tensor) -> dict[str, np.ndarray]:
 
 def random_direction_variance(model, real_tokens: RealTokens | None = None, n: int = 512, seed: int = 0) -> float:
     """The median over `n` random unit directions of the residual stream of the variance (over the
-    kept tokens) of their cosine with W_U: the variance a neuron with no vocabulary structure would
-    show, given this unembedding's anisotropy. The partition rule compares with it."""
+    kept tokens) of their cosine with the effective unembedding: the variance a neuron with no
+    vocabulary structure would show, given this unembedding's anisotropy. The partition rule compares with it."""
     g = torch.Generator().manual_seed(seed)
     d = torch.randn(n, model.cfg.d_model, generator=g).to(model.W_U.device)
     d = d / d.norm(dim=1, keepdim=True)
@@ -240,10 +251,11 @@ def random_direction_variance(model, real_tokens: RealTokens | None = None, n: i
 @torch.no_grad()
 def vocab_moments(model, real_tokens: RealTokens | None = None, block: int = 512, null_seed: int = 0,
                   neurons_per_layer: int | None = None, verbose: bool = False) -> pd.DataFrame:
-    """Moments of cos(W_U, w_out) over the kept tokens for every neuron (Fig 6a,b): DataFrame with
-    layer, neuron, vocab_mean, vocab_var, vocab_skew, vocab_kurt, var_ratio (vocab_var over
-    `random_direction_variance`), w_out_norm. Streamed in blocks of `block` neurons, so a
-    30-layer model never holds its [neurons, vocab] matrix. `neurons_per_layer`: only the first
+    """Moments of cos(W_U, w_out) over the kept tokens for every neuron (Fig 6a,b), of the effective
+    direction and the effective unembedding: DataFrame with layer, neuron, vocab_mean, vocab_var,
+    vocab_skew, vocab_kurt, var_ratio (vocab_var over `random_direction_variance`), w_out_norm (the
+    effective direction's norm: ||w_out|| without a post-MLP norm). Streamed in blocks of `block`
+    neurons, so a 30-layer model never holds its [neurons, vocab] matrix. `neurons_per_layer`: only the first
     that many neurons of each layer (a cheaper slice for CI; neuron indices carry no meaning)."""
     from tqdm.auto import tqdm
 
@@ -251,7 +263,7 @@ def vocab_moments(model, real_tokens: RealTokens | None = None, block: int = 512
     null = random_direction_variance(model, real_tokens, seed=null_seed)
     parts = []
     for layer in tqdm(range(model.cfg.n_layers), desc="W_U moments", disable=not verbose):
-        w = neuron_weights(model, layer).w_out.float()
+        w = output_directions(model, layer)
         if neurons_per_layer is not None:
             w = w[: int(neurons_per_layer)]
         norm = w.norm(dim=1)
@@ -526,14 +538,21 @@ def ensembles(table: pd.DataFrame, w_out_cos=None, min_vr: float = 0.0, antipoda
 
 
 def w_out_cosine_fn(model, table: pd.DataFrame):
-    """A `w_out_cos(rows)` for `ensembles`: cosines of the w_out of the table rows (layer, neuron)."""
+    """A `w_out_cos(rows)` for `ensembles`: cosines of the effective directions (`output_directions`,
+    times `act_sign` where the table has one) of the table rows (layer, neuron)."""
     def fn(rows: np.ndarray) -> np.ndarray:
         sub = table.loc[rows]
-        w = torch.stack([neuron_weights(model, int(l)).w_out[int(n)].float() for l, n in zip(sub.layer, sub.neuron)])
+        w = _directions(model, sub)
         w = w * _row_signs(sub).to(w.device)[:, None]
         w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
         return (w @ w.T).cpu().numpy()
     return fn
+
+
+def _directions(model, table: pd.DataFrame) -> torch.Tensor:
+    """[len(table), d_model] float32: the `output_directions` rows of the table's (layer, neuron)."""
+    layers = {int(l): output_directions(model, int(l)) for l in set(table.layer)}
+    return torch.stack([layers[int(l)][int(n)] for l, n in zip(table.layer, table.neuron)])
 
 
 def _row_signs(table: pd.DataFrame) -> torch.Tensor:
@@ -545,13 +564,13 @@ def _row_signs(table: pd.DataFrame) -> torch.Tensor:
 
 def vocab_effect_rows(model, table: pd.DataFrame, real_tokens: RealTokens | None = None) -> torch.Tensor:
     """W_U w_out of the neurons in the rows of `table` (columns layer, neuron), in row order:
-    `[len(table), kept tokens]` float32; of the effective direction s * w_out where the table has
-    an `act_sign` column (`apply_signs`)."""
+    `[len(table), kept tokens]` float32, as `vocab_effect` (effective direction and unembedding);
+    of s * w_out where the table has an `act_sign` column (`apply_signs`)."""
     if len(table) == 0:
         return torch.zeros(0, real_tokens.n_kept if real_tokens is not None else model.cfg.d_vocab)
-    w = torch.stack([neuron_weights(model, int(l)).w_out[int(n)].float() for l, n in zip(table.layer, table.neuron)])
+    w = _directions(model, table)
     w = w * _row_signs(table).to(w.device)[:, None]
-    wu = model.W_U.detach().float()
+    wu = effective_unembed(model)
     if real_tokens is not None:
         wu = wu[:, torch.from_numpy(real_tokens.ids).to(wu.device)]
     return w @ wu

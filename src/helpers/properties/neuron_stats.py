@@ -6,8 +6,10 @@ One row per neuron `(layer, neuron)` of one model:
 - weight statistics (`weight_statistics`), on the model's processed weights (App. A.1):
   `w_in_norm`, `w_out_norm` (+ `w_lin_norm` for gated MLPs), `input_bias`, `in_out_sim`
   cos(w_in, w_out), `l2_penalty` ||w_in||^2 + ||w_out||^2, the vocabulary moments
-  `vocab_mean/var/skew/kurt` of cos(W_U[:, t], w_out) over tokens t, and the largest cosine of
-  w_in (`max_cos_w_in`) and of w_out (`max_cos_w_out`) with any other neuron of the model;
+  `vocab_mean/var/skew/kurt` of cos(W_U[:, t], w_out) over tokens t (of what the neuron does to
+  the logits: the effective direction and unembedding of `helpers.models.effective`), and the
+  largest cosine of w_in (`max_cos_w_in`) and of w_out (`max_cos_w_out`) with any other neuron of
+  the model;
 - activation statistics (`activation_statistics`), one streaming pass over held-out token rows
   with the same token filter as the correlations (BOS/pad and newline dropped): mean, variance,
   skew and kurtosis of the pre-activation (`mlp.hook_pre`) and of the post-activation
@@ -36,6 +38,7 @@ from helpers.core.cache import (Result, atomic_write_csv, atomic_write_parquet, 
                                 result_dir, run_cli, write_json)
 from helpers.core.cli import preset_from_args, preset_parser
 from helpers.data.tokens import TokenRows
+from helpers.models.effective import effective_unembed, output_directions
 from helpers.models.families import load_family, short_name
 from helpers.models.loading import neuron_weights, state_sha256
 from helpers.streaming.accumulators import SignedLogHistogram, StreamingMoments
@@ -104,7 +107,11 @@ def weight_statistics(model, dtype: torch.dtype = torch.float32, block_elems: in
     `w_in` is the gate, whose non-linearity makes the neuron fire, and `w_lin` the linear
     branch), `input_bias` b_in, `in_out_sim` cos(w_in, w_out), `l2_penalty` ||w_in||^2 +
     ||w_out||^2; `vocab_mean`, `vocab_var`, `vocab_skew`, `vocab_kurt`: population moments over
-    the d_vocab tokens t of c_t = cos(W_U[:, t], w_out) (kurtosis raw, Gaussian = 3);
+    the d_vocab tokens t of c_t = cos(W_U[:, t], w_out) (kurtosis raw, Gaussian = 3), of the
+    effective direction (`output_directions`: w_out times the weight of a norm after the MLP) and
+    the effective unembedding (`effective_unembed`: diag(g_f) W_U when the final norm keeps its
+    weight g_f); without those norms, of w_out and W_U. The other columns describe the weights
+    themselves;
     `max_cos_w_in`, `max_cos_w_out`: the largest cosine of w_in (resp. w_out) with that of any
     OTHER neuron of any layer.
 
@@ -115,7 +122,7 @@ def weight_statistics(model, dtype: torch.dtype = torch.float32, block_elems: in
     cfg = model.cfg
     n_layers, d_mlp = cfg.n_layers, cfg.d_mlp
     gated = bool(getattr(cfg, "gated_mlp", False))
-    unembed = model.W_U.detach().double()  # [d_model, d_vocab]
+    unembed = effective_unembed(model).double()  # [d_model, d_vocab]
     unembed = unembed / unembed.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("w_in_norm", "w_out_norm", "w_lin_norm", "input_bias",
                                                          "in_out_sim", "l2_penalty", "vocab_mean", "vocab_var",
@@ -134,11 +141,13 @@ def weight_statistics(model, dtype: torch.dtype = torch.float32, block_elems: in
         cols["in_out_sim"].append((w_in * w_out).sum(1) / (in_norm * out_norm))
         cols["l2_penalty"].append(in_norm.square() + out_norm.square())
         out_unit = _unit_rows(w_out)
+        direction = output_directions(model, layer).double()  # w_out without a post-MLP norm
+        dir_unit = _unit_rows(direction)
         rows = max(1, block_elems // unembed.shape[1])
-        parts = [_row_moments(out_unit[s : s + rows] @ unembed.to(out_unit.device)) for s in range(0, d_mlp, rows)]
+        parts = [_row_moments(dir_unit[s : s + rows] @ unembed.to(dir_unit.device)) for s in range(0, d_mlp, rows)]
         for k, name in enumerate(("vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt")):
             v = torch.cat([p[k] for p in parts])
-            cols[name].append(v.masked_fill(out_norm == 0, float("nan")))
+            cols[name].append(v.masked_fill(direction.norm(dim=1) == 0, float("nan")))
         units_in.append(_unit_rows(w_in).to(dtype))
         units_out.append(out_unit.to(dtype))
     df = pd.DataFrame({"layer": np.repeat(np.arange(n_layers), d_mlp), "neuron": np.tile(np.arange(d_mlp), n_layers)})
