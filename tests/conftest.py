@@ -34,13 +34,14 @@ def smoke_params(tmp_path):
 
 
 def write_preset_file(folder, **overrides):
-    """A preset file in `folder` (named `custom.yaml`): the smoke preset with `overrides` applied,
-    for command-line tests that pass `--preset <file>`."""
+    """A preset file in `folder` (named `custom.yaml`): the smoke preset with `overrides` applied
+    (a lowered `n_tokens` lowers the sizes read from it), for command-line tests that pass
+    `--preset <file>`."""
     import yaml
 
     from helpers.core.presets import load_preset
 
-    data = {k: v for k, v in load_preset("smoke").to_dict().items() if k != "preset"}
+    data = {k: v for k, v in load_preset("smoke", **overrides).to_dict().items() if k != "preset"}
     path = folder / "custom.yaml"
-    path.write_text(yaml.safe_dump({**data, **overrides}))
+    path.write_text(yaml.safe_dump(data))
     return path

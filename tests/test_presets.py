@@ -12,6 +12,7 @@ from helpers.core.presets import PresetError, available_presets, load_preset, no
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ["smoke", "default", "gpt2-small", "gpt2-medium"]
+EVERY_FILE = sorted(p.stem for p in (ROOT / "params").glob("*.yaml"))
 
 
 def smoke_data() -> dict:
@@ -25,7 +26,7 @@ def write_preset(tmp_path, data: dict, name: str = "mine") -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", EVERY_FILE)
 def test_every_shipped_preset_loads_with_its_own_name(name):
     params = load_preset(name)
     assert params.preset == params["preset"] == name
@@ -234,6 +235,63 @@ def test_the_artifacts_path_is_resolved_against_the_repository_root(tmp_path):
     p = load_preset("smoke")
     assert p.artifacts_path == ROOT / p.artifacts_dir and p.artifacts_path.is_dir()
     assert p.replace(artifacts_dir=str(tmp_path / "elsewhere")).artifacts_path == tmp_path / "elsewhere"
+
+
+@pytest.mark.parametrize("name", EVERY_FILE)
+def test_preset_files_keep_their_lines_short(name):
+    long = [l for l in (ROOT / "params" / f"{name}.yaml").read_text().splitlines() if len(l) > 96]
+    assert not long, f"params/{name}.yaml: lines over 96 characters: {long}"
+
+
+@pytest.mark.parametrize("name", EVERY_FILE)
+def test_every_size_fits_in_what_it_is_a_part_of(name):
+    p = load_preset(name)
+    for key, bound in presets.SUBSAMPLES.items():
+        assert key in presets.TOP_KEYS and bound in presets.TOP_KEYS
+        assert 0 < p[key] <= p[bound], (key, bound)
+
+
+@pytest.mark.parametrize("key,bound", list(presets.SUBSAMPLES.items()))
+def test_a_size_larger_than_what_it_is_a_part_of_is_an_error_naming_both(tmp_path, key, bound):
+    data = smoke_data()
+    data[key] = data[bound] + 1
+    with pytest.raises(PresetError) as e:
+        load_preset(write_preset(tmp_path, data))
+    msg = str(e.value)
+    assert "mine.yaml" in msg
+    assert f"`{key}` ({data[bound] + 1}) is larger than `{bound}` ({data[bound]})" in msg
+    assert f"set `{key}` to at most {data[bound]}, or raise `{bound}`" in msg
+
+
+def test_an_override_that_lowers_a_bound_lowers_the_sizes_it_leaves_unchanged():
+    base = load_preset("default")
+    small = load_preset("default", n_tokens=5000, bos_rows=8)
+    assert small.explain_tokens == small.conditioning_tokens == small.attention_tokens == 5000
+    assert small.control_loss_tokens == small.check_tokens == 5000
+    assert small.pretrained_bos_rows == 8
+    assert small.explain_single_tokens == base.explain_single_tokens  # its bound is n_tokens_single
+    assert small.context_tokens == base.context_tokens  # its bound is n_tokens_aux
+    # raising a bound raises nothing; a size set with it is kept as set
+    assert load_preset("default", n_tokens=10**6).explain_tokens == base.explain_tokens
+    assert load_preset("default", n_tokens=5000, explain_tokens=3000).explain_tokens == 3000
+    # papermill -f injects every key of the file: the file's own values count as unchanged
+    raw = {k: v for k, v in yaml.safe_load((ROOT / "params" / "default.yaml").read_text()).items() if k != "preset"}
+    assert load_preset("default", **{**raw, "n_tokens": 5000}) == small.replace(bos_rows=base.bos_rows,
+                                                                                 pretrained_bos_rows=16)
+
+
+def test_an_override_that_sets_a_size_too_large_is_an_error():
+    with pytest.raises(PresetError, match="`explain_tokens` \\(30000\\) is larger than `n_tokens` \\(20000\\)"):
+        load_preset("smoke", explain_tokens=30000)
+    with pytest.raises(PresetError, match="`explain_tokens` \\(6000\\) is larger than `n_tokens` \\(5000\\)"):
+        load_preset("smoke", n_tokens=5000, explain_tokens=6000)
+
+
+def test_the_random_grid_is_a_non_empty_list_of_numbers(tmp_path):
+    assert load_preset("default").entropy_random_grid == [0.0, 3.0, 6.0]
+    for bad in ([], "0 3 6", [0.0, "x"]):
+        with pytest.raises(PresetError, match="`entropy_random_grid` must be a non-empty list of numbers"):
+            load_preset(write_preset(tmp_path, {**smoke_data(), "entropy_random_grid": bad}))
 
 
 def test_nullable_sizing_keys_are_present_as_null():

@@ -13,6 +13,12 @@ block is parsed once, here, into two frozen objects the trainer and the loaders 
 `params.arch` (an `Architecture`) and `params.recipe` (a `Recipe`, defaults filled in). The cache
 folder is `params.artifacts_path`, resolved against the repository root.
 
+Every size a chapter uses is a key of its own, grouped by chapter (`explain_tokens`,
+`attention_single_tokens`, ...), so that no notebook derives one from another with arithmetic. A
+size that is a part of another key's (a prefix of the token table `n_tokens` sizes, say) must not
+exceed it (`SUBSAMPLES`): a file that says otherwise is an error naming both keys; an override that
+lowers the bound (`-p n_tokens 5000`) lowers with it the sizes it leaves unchanged.
+
 The three seeds are separate, so that changing one never changes what the others determine:
 `train_seed` (the embedded family's training: member `a` uses it, `b` it + 1, ...),
 `baseline_seed` (the correlation's random rotation baseline) and `sample_seed` (text samples).
@@ -118,6 +124,15 @@ def _list_of(check: Callable, length: int | None = None) -> Callable:
         return FrozenList(check(x) for x in v)
 
     return list_of
+
+
+def _grid(v):
+    if not isinstance(v, (list, tuple)) or not v:
+        raise _Bad("a non-empty list of numbers")
+    try:
+        return FrozenList(_float(x) for x in v)
+    except _Bad:
+        raise _Bad("a non-empty list of numbers") from None
 
 
 @dataclass(frozen=True)
@@ -249,9 +264,7 @@ class Preset(Mapping):
     artifacts_dir: str        # cache folder; relative paths are relative to the repository root
     n_tokens: int             # held-out tokens of the main correlation and statistics passes
     n_tokens_aux: int         # tokens of the auxiliary passes (training checkpoints, examples)
-    n_tokens_single: int      # tokens of the single-model statistics (chapter 02)
-    bos_rows: int             # token rows of the single model's BOS value norms (chapter 06)
-    bos_ctx: int              # tokens of each of those rows (their first bos_ctx tokens)
+    n_tokens_single: int      # tokens of the single model's token table (chapters 02-06 read prefixes)
     batch_size: int           # rows per forward pass of the analyses
     threshold: float          # excess correlation above which a neuron counts as universal
     baseline: str             # the correlation baseline: rotation (seeded orthogonal) or gaussian
@@ -259,11 +272,42 @@ class Preset(Mapping):
     baseline_seed: int        # seed of the correlation's random baseline
     sample_seed: int          # seed of the text samples (chapter 00)
     single_model: str         # the pretrained model of the single-model comparisons (chapter 02)
-    # Sizes of the single model's runs, set per preset (a CI preset keeps them small):
-    vocab_single_neurons: int | None   # neurons per layer of its W_U moments, chapter 04 (null: all)
-    entropy_single_ctx: int            # tokens per row of its entropy interventions, chapter 05
-    entropy_single_rows: int           # rows of its entropy interventions, chapter 05
+    # Sizes, by chapter, set per preset (a CI preset keeps them small). A `*_tokens` key is a prefix
+    # of the token table its bound sizes (SUBSAMPLES), never more than it.
+    # chapter 00
+    control_loss_tokens: int           # held-out tokens of the untrained control's loss
+    # chapter 01
+    context_tokens: int                # held-out tokens searched for the top neurons' contexts
+    check_tokens: int                  # tokens of the copy checks
+    # chapter 02
+    properties_single_tokens: int      # tokens of the single model's statistics (half: convergence)
+    # chapter 03
+    explain_tokens: int                # tokens of the reference model's variance reduction
+    explain_single_tokens: int         # tokens of the single model's variance reduction
+    explain_min_positive: int          # positive (and negative) tokens a label needs to be tested
+    # chapter 04
+    conditioning_tokens: int           # tokens of the next-token conditioning (Fig 24)
+    conditioning_single_tokens: int    # the single model's tokens of the same
+    vocab_single_neurons: int | None   # neurons per layer of the single model's W_U moments (null: all)
+    # chapter 05
+    entropy_rows: int                  # token rows (of the family's n_ctx) of the entropy interventions
+    entropy_single_ctx: int            # tokens per row of the single model's entropy interventions
+    entropy_single_rows: int           # rows of the single model's entropy interventions
     entropy_single_random: int | None  # random neurons of its entropy baseline (null: the paper's count)
+    entropy_single_random_rows: int    # other rows of its random neurons (and its frequency study)
+    entropy_single_random_ctx: int     # tokens per row of those rows
+    entropy_random_grid: list[float]   # grid points of the single model's and the control's random neurons
+    # chapter 06
+    attention_tokens: int              # tokens of the path ablation
+    attention_top_pairs: int           # pairs ablated at each end of h_n
+    attention_random_pairs: int        # random pairs ablated
+    attention_single_tokens: int       # the single model's tokens of the path ablation
+    attention_single_top_pairs: int    # its pairs ablated at each end of h_n (and the pretrained model's)
+    attention_single_random_pairs: int  # its random pairs ablated (and the pretrained model's)
+    bos_rows: int                      # token rows of the single model's BOS value norms
+    bos_ctx: int                       # tokens of each of those rows (their first bos_ctx tokens)
+    pretrained_tokens: int             # the pretrained model's tokens of its signs and path ablation
+    pretrained_bos_rows: int           # the first rows of bos_rows that its BOS value norms use
     pretrained_model: str | None = None  # a pretrained base model beside single_model (chapter 06); null: none
     preset: str | None = None  # the preset's name (the file's stem unless the file says otherwise)
     n_seeds: int | None = None  # members of the embedded family (2-5; default all five)
@@ -275,7 +319,7 @@ class Preset(Mapping):
     recipe: Recipe | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        problems = []
+        problems, bad = [], set()
         for name, key in TOP_KEYS.items():
             value = getattr(self, name)
             if value is None and not key.required:
@@ -288,8 +332,11 @@ class Preset(Mapping):
                     value = key.check(value)
                 except _Bad as e:
                     problems.append(f"`{name}` must be {e}, got {value!r}")
+                    bad.add(name)
                     continue
             object.__setattr__(self, name, value)
+        problems += [_too_large(k, getattr(self, k), b, getattr(self, b)) for k, b in SUBSAMPLES.items()
+                     if not {k, b} & bad and getattr(self, k) > getattr(self, b)]
         if isinstance(self.family, str) and self.family.startswith("embedded") and self.embedded is None:
             problems.append(f"family {self.family!r} needs an `embedded` block (the architecture and recipe of its models)")
         if problems:
@@ -343,9 +390,7 @@ TOP_KEYS: dict[str, _Key] = {
     "artifacts_dir": _Key(_str, True, "cache folder"),
     "n_tokens": _Key(_positive_int, True, "tokens of the main passes"),
     "n_tokens_aux": _Key(_positive_int, True, "tokens of the auxiliary passes"),
-    "n_tokens_single": _Key(_positive_int, True, "tokens of the single-model statistics"),
-    "bos_rows": _Key(_positive_int, True, "token rows of the single model's BOS value norms"),
-    "bos_ctx": _Key(_positive_int, True, "tokens of each row of the single model's BOS value norms"),
+    "n_tokens_single": _Key(_positive_int, True, "tokens of the single model's token table"),
     "batch_size": _Key(_positive_int, True, "rows per forward pass"),
     "threshold": _Key(_float, True, "universality threshold on the excess correlation"),
     "baseline": _Key(_one_of(*BASELINES), True, "correlation baseline"),
@@ -353,12 +398,41 @@ TOP_KEYS: dict[str, _Key] = {
     "baseline_seed": _Key(_seed, True, "seed of the correlation's random baseline"),
     "sample_seed": _Key(_seed, True, "seed of the text samples"),
     "single_model": _Key(_str, True, "the single pretrained model of chapter 02"),
+    # sizes, by chapter (SUBSAMPLES: the keys that must not exceed another)
+    "control_loss_tokens": _Key(_positive_int, True, "held-out tokens of the untrained control's loss (chapter 00)"),
+    "context_tokens": _Key(_positive_int, True, "held-out tokens searched for the top neurons' contexts (chapter 01)"),
+    "check_tokens": _Key(_positive_int, True, "tokens of the copy checks (chapter 01)"),
+    "properties_single_tokens": _Key(_positive_int, True, "tokens of the single model's statistics (chapter 02)"),
+    "explain_tokens": _Key(_positive_int, True, "tokens of the reference model's variance reduction (chapter 03)"),
+    "explain_single_tokens": _Key(_positive_int, True, "tokens of the single model's variance reduction (chapter 03)"),
+    "explain_min_positive": _Key(_positive_int, True, "positive (and negative) tokens a label needs (chapter 03)"),
+    "conditioning_tokens": _Key(_positive_int, True, "tokens of the next-token conditioning (chapter 04)"),
+    "conditioning_single_tokens": _Key(_positive_int, True, "the single model's tokens of the same (chapter 04)"),
     "vocab_single_neurons": _Key(_optional(_positive_int), True,
-                                 "neurons per layer of the single model's W_U moments (null: all)"),
-    "entropy_single_ctx": _Key(_positive_int, True, "tokens per row of the single model's entropy runs"),
-    "entropy_single_rows": _Key(_positive_int, True, "rows of the single model's entropy interventions"),
+                                 "neurons per layer of the single model's W_U moments (chapter 04; null: all)"),
+    "entropy_rows": _Key(_positive_int, True, "token rows of the entropy interventions (chapter 05)"),
+    "entropy_single_ctx": _Key(_positive_int, True, "tokens per row of the single model's entropy runs (chapter 05)"),
+    "entropy_single_rows": _Key(_positive_int, True, "rows of the single model's entropy interventions (chapter 05)"),
     "entropy_single_random": _Key(_optional(_positive_int), True,
-                                  "random neurons of the single model's entropy baseline (null: the paper's)"),
+                                  "random neurons of its entropy baseline (chapter 05; null: the paper's)"),
+    "entropy_single_random_rows": _Key(_positive_int, True,
+                                       "other rows of the single model's random neurons (chapter 05)"),
+    "entropy_single_random_ctx": _Key(_positive_int, True, "tokens per row of those rows (chapter 05)"),
+    "entropy_random_grid": _Key(_grid, True,
+                                "grid points of the single model's and the control's random neurons (chapter 05)"),
+    "attention_tokens": _Key(_positive_int, True, "tokens of the path ablation (chapter 06)"),
+    "attention_top_pairs": _Key(_positive_int, True, "pairs ablated at each end of h_n (chapter 06)"),
+    "attention_random_pairs": _Key(_positive_int, True, "random pairs ablated (chapter 06)"),
+    "attention_single_tokens": _Key(_positive_int, True, "the single model's tokens of the path ablation (chapter 06)"),
+    "attention_single_top_pairs": _Key(_positive_int, True,
+                                       "the single and pretrained models' pairs at each end (chapter 06)"),
+    "attention_single_random_pairs": _Key(_positive_int, True,
+                                          "the single and pretrained models' random pairs (chapter 06)"),
+    "bos_rows": _Key(_positive_int, True, "token rows of the single model's BOS value norms (chapter 06)"),
+    "bos_ctx": _Key(_positive_int, True, "tokens of each row of the BOS value norms (chapter 06)"),
+    "pretrained_tokens": _Key(_positive_int, True,
+                              "the pretrained model's tokens of its signs and path ablation (chapter 06)"),
+    "pretrained_bos_rows": _Key(_positive_int, True, "the first of the bos_rows its BOS value norms use (chapter 06)"),
     "pretrained_model": _Key(_optional(_str), False,
                              "a pretrained base model beside the single model, chapter 06 (null: none)"),
     "preset": _Key(_str, False, "the preset's name"),
@@ -368,6 +442,26 @@ TOP_KEYS: dict[str, _Key] = {
 }
 BLOCKS: dict[str, dict[str, _Key]] = {"corpus": CORPUS_KEYS, "embedded": EMBEDDED_KEYS}
 KEYS: tuple[str, ...] = tuple(TOP_KEYS)
+
+# Sizes that must not exceed another key: {key: its bound}. A token count is a prefix of the token
+# table its bound sizes; the other two are parts of rows (`entropy_single_random_ctx`) and of the
+# BOS rows (`pretrained_bos_rows`). A file that breaks one is an error; an override that lowers a
+# bound lowers with it the keys it leaves as they were (`_apply_overrides`).
+SUBSAMPLES: dict[str, str] = {
+    "control_loss_tokens": "n_tokens",
+    "context_tokens": "n_tokens_aux",
+    "check_tokens": "n_tokens",
+    "properties_single_tokens": "n_tokens_single",
+    "explain_tokens": "n_tokens",
+    "explain_single_tokens": "n_tokens_single",
+    "conditioning_tokens": "n_tokens",
+    "conditioning_single_tokens": "n_tokens_single",
+    "entropy_single_random_ctx": "entropy_single_ctx",
+    "attention_tokens": "n_tokens",
+    "attention_single_tokens": "n_tokens_single",
+    "pretrained_tokens": "n_tokens_single",
+    "pretrained_bos_rows": "bos_rows",
+}
 
 
 # ---- read-only containers (subclasses of dict and list, so json and equality work unchanged) ----
@@ -446,11 +540,20 @@ def _check_block(value: Any, name: str, schema: Mapping[str, _Key]) -> tuple[Any
     return FrozenDict(out), problems
 
 
+def _too_large(key: str, value: int, bound: str, limit: int) -> str:
+    return (f"`{key}` ({value}) is larger than `{bound}` ({limit}), the size it is a part of: "
+            f"set `{key}` to at most {limit}, or raise `{bound}`")
+
+
 def _build(data: Mapping, path: Path | None, where: str | None = None) -> Preset:
     problems = _key_problems(data, TOP_KEYS, None)
     if problems:
         raise PresetError(f"{where or _where(path)}: " + "; ".join(problems))
     return Preset(**data, path=path)
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _apply_overrides(base: Preset, overrides: Mapping[str, Any]) -> Preset:
@@ -464,6 +567,13 @@ def _apply_overrides(base: Preset, overrides: Mapping[str, Any]) -> Preset:
         raise PresetError(f"{_where(base.path)}: " + "; ".join(unknown))
     data = {k: getattr(base, k) for k in base}
     data.update(given)  # an override replaces the whole value, blocks included
+    # a size the overrides leave as it was follows a bound they lower below it (`-p n_tokens 5000`
+    # shortens every pass that reads a prefix of the n_tokens table); one they set is checked as given
+    changed = {k for k, v in given.items() if v != getattr(base, k)}
+    for key, bound in SUBSAMPLES.items():
+        limit = data[bound]
+        if key not in changed and bound in changed and _is_count(limit) and limit > 0 and data[key] > limit:
+            data[key] = limit
     return _build(data, base.path, f"{_where(base.path)} with overrides {sorted(given)}")
 
 
