@@ -71,12 +71,7 @@ single_model = None
 
 # %%
 params = presets.notebook_preset(globals())
-device, n_tokens, n_tokens_single, batch_size = (
-    params.device,
-    params.n_tokens,
-    params.n_tokens_single,
-    params.batch_size,
-)
+device, n_tokens, batch_size = params.device, params.n_tokens, params.batch_size
 threshold, baseline, single_model = params.threshold, params.baseline, params.single_model
 seed = (
     params.baseline_seed
@@ -272,13 +267,14 @@ fig.show()
 #
 # SmolLM2's forward pass is the costly part of this chapter (about 3 s per 512-token row on a CPU
 # without bf16), and this section reports medians over neurons, which settle long before the
-# paper's token counts: the statistics are computed on at most 32,768 tokens, and on the first half
-# of them as a convergence check (the per-layer medians of the two are compared below). Both come
-# from one forward pass: the half's table is written when the pass has consumed its rows.
+# paper's token counts: the statistics are computed on the preset's `properties_single_tokens`
+# (32,768 on the default preset), and on the first half of them as a convergence check (the
+# per-layer medians of the two are compared below). Both come from one forward pass: the half's
+# table is written when the pass has consumed its rows.
 
 # %%
 single = families.load_family(single_model, params, device=device)
-n_single = min(n_tokens_single, properties.neuron_stats.SINGLE_MAX_TOKENS)
+n_single = params.properties_single_tokens
 # the half-token table is written from the same forward pass (its rows are the first half)
 single_stats = properties.neuron_stats.member_neuron_stats(
     single, n_single, art, batch_size=8, prefixes=[n_single // 2]

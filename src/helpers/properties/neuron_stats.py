@@ -373,16 +373,13 @@ def member_neuron_stats(family, n_tokens: int, artifacts_dir: str | Path, member
     return cached_result("neuron_stats", identity, compute, folder=out)
 
 
-SINGLE_MAX_TOKENS = 32_768  # the statistics of a large single model (SmolLM2) use at most this many tokens
-
-
 def sign_tokens(family, params) -> int:
     """The token count of the statistics table a family's `act_sign` is read from in chapters 04-06:
-    for the single real model (SmolLM2) chapter 02's own table (`n_tokens_single` capped at
-    `SINGLE_MAX_TOKENS`: no pass of its own); for the embedded families the preset's
+    for the single real model (SmolLM2) chapter 02's own table (the preset's
+    `properties_single_tokens`: no pass of its own); for the embedded families the preset's
     `n_tokens_aux` (a short pass per member: chapter 02 streams only the reference)."""
     if family.name == params.single_model:
-        return min(int(params.n_tokens_single), SINGLE_MAX_TOKENS)
+        return int(params.properties_single_tokens)
     return int(params.n_tokens_aux)
 
 
