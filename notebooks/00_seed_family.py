@@ -67,7 +67,7 @@ sample_seed = None
 
 # %%
 params = presets.notebook_preset(globals())
-device, n_tokens, embedded = params.device, params.n_tokens, params.embedded
+device, embedded = params.device, params.embedded
 seed = params.sample_seed  # the samples' seed; the family was trained from params.train_seed
 fam = families.load_family(params.family, params, device=device)
 reference = fam.reference
@@ -174,11 +174,12 @@ if is_embedded:
 if is_embedded:
     table = weights.training_table(fam.info["family_folder"])
     # An untrained model's loss sits near the uniform guess, far above a trained member's: the
-    # control is measured on the first 16,384 held-out tokens, not on the 200,000 of the trained
-    # members' validation loss, and its change from the first half of those tokens, printed next to
-    # the gap between each member and its control, shows that this precision is enough.
+    # control is measured on the first `control_loss_tokens` held-out tokens (16,384 on the default
+    # preset), not on the 200,000 of the trained members' validation loss, and its change from the
+    # first half of those tokens, printed next to the gap between each member and its control,
+    # shows that this precision is enough.
     control = families.load_family("embedded-untrained", params, device=device)
-    ctl_rows = fam.token_rows(min(n_tokens, 16_384), "val")
+    ctl_rows = fam.token_rows(params.control_loss_tokens, "val")
     ctl_loss = {m: models.row_losses(control.load(m), ctl_rows) for m in control.members}
     ctl_table = pd.DataFrame(
         {

@@ -502,13 +502,14 @@ else:
 # ## 10. The most universal neurons
 #
 # The neurons with the highest excess correlation, and the held-out contexts where they fire most
-# (circuitsvis: pick a neuron to colour the tokens by its activation).
+# among the preset's first `context_tokens` held-out tokens (circuitsvis: pick a neuron to colour
+# the tokens by its activation).
 
 # %%
 top = correlations.universality.top_neurons(table, k=8)
 display(top.style.format(precision=3))
 ref_model = fam.load(reference)
-held_out = fam.token_rows(min(n_tokens_aux, 200_000))
+held_out = fam.token_rows(params.context_tokens)
 plots.show_circuitsvis(
     correlations.universality.context_visualisation(
         ref_model, fam.codec, held_out, top.head(4), k=3
@@ -622,16 +623,17 @@ if control is not None:
 # %% [markdown]
 # ## 13. Checks that a broken analysis would fail
 #
-# The reference model correlated with an exact copy of itself must find every live neuron at
-# correlation 1; the rotated copy's derived baseline must equal the one computed directly from
-# explicitly rotated activations; and the trained family's 99th-percentile excess must exceed the
-# untrained control's. The build stops if a required check fails; the last one is required where the
-# recorded sweep found the gap at this family's training budget (the table says why).
+# The reference model correlated with an exact copy of itself (on the preset's `check_tokens`
+# tokens) must find every live neuron at correlation 1; the rotated copy's derived baseline must
+# equal the one computed directly from explicitly rotated activations; and the trained family's
+# 99th-percentile excess must exceed the untrained control's. The build stops if a required check
+# fails; the last one is required where the recorded sweep found the gap at this family's training
+# budget (the table says why).
 
 # %%
 check_table = correlations.checks.copy_checks(
     fam,
-    min(n_tokens, 20_000),
+    params.check_tokens,
     art,
     device=device,
     batch_size=batch_size,

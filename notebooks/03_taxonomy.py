@@ -79,22 +79,23 @@ seed = params.baseline_seed
 art = params.artifacts_path
 fam = families.load_family(params.family, params, device=device)
 reference = fam.reference
-# Token counts of this chapter, sized to keep it under about 8 minutes on 2 CPU cores on the default
-# preset. Estimate: one batch's grouped sums at the default size (8,192 tokens x 2,048 neurons x
-# ~1,000 labels) take about 1 s on one core, so 100,000 tokens cost ~15 s per embedded model plus
-# the spaCy parse (~20 s, cached and shared with the control); SmolLM2's forward pass takes about
-# 3 s per 512-token row, so 16,384 tokens cost ~1.5 min, plus ~0.5 min to load it.
-n_explain = min(params.n_tokens, 100_000)
-n_single = min(params.n_tokens_single, 16_384)
-min_positive = 20  # a label needs this many positive (and negative) tokens to be tested
+# Token counts of this chapter (the preset's `explain_tokens` and `explain_single_tokens`), sized
+# to keep it under about 8 minutes on 2 CPU cores on the default preset. Estimate: one batch's
+# grouped sums at the default size (8,192 tokens x 2,048 neurons x ~1,000 labels) take about 1 s on
+# one core, so 100,000 tokens cost ~15 s per embedded model plus the spaCy parse (~20 s, cached and
+# shared with the control); SmolLM2's forward pass takes about 3 s per 512-token row, so 16,384
+# tokens cost ~1.5 min, plus ~0.5 min to load it.
+n_explain, n_single = params.explain_tokens, params.explain_single_tokens
+min_positive = params.explain_min_positive  # positive (and negative) tokens a label needs
 
 # %% [markdown]
 # ## 1. The labels and the variance reduction of every neuron
 #
-# The reference model's neurons on `n_explain` held-out tokens (the tokens chapter 01 held out of
-# training). Unigram features follow the paper's rule, scaled: a normalised form needs more than
-# 3 vocabulary entries and at least `3000 × n / 10M` occurrences in the `n` analysed tokens (the
-# paper: more than 3,000 in 10M), and never fewer than `min_positive`.
+# The reference model's neurons on `n_explain` (the preset's `explain_tokens`) held-out tokens (the
+# tokens chapter 01 held out of training). Unigram features follow the paper's rule, scaled: a
+# normalised form needs more than 3 vocabulary entries and at least `3000 × n / 10M` occurrences in
+# the `n` analysed tokens (the paper: more than 3,000 in 10M), and never fewer than `min_positive`
+# (the preset's `explain_min_positive`).
 
 # %%
 ex = taxonomy.explain.explain_reference(

@@ -89,13 +89,12 @@ reference = fam.reference
 K = paper.value(
     "wu_kurtosis_threshold", paper.MEDIUM
 )  # the reference code's W_U kurtosis threshold
-# Token counts of the one streamed analysis (Fig 24), sized for about 8 minutes for the whole
-# chapter on 2 CPU cores without bf16: the embedded models cost well under 1 ms per token;
-# SmolLM2's forward pass about 3 s per 512-token row, so 8,192 tokens (16 rows) cost ~50 s there.
-# Everything else is weight-only: W_U moments of SmolLM2's 46,080 neurons take ~1-2 min once,
-# then are cached.
-n_cond = min(params.n_tokens, 100_000)
-n_cond_single = min(params.n_tokens_single, 8_192)
+# Token counts of the one streamed analysis (Fig 24: the preset's `conditioning_tokens` and
+# `conditioning_single_tokens`), sized for about 8 minutes for the whole chapter on 2 CPU cores
+# without bf16: the embedded models cost well under 1 ms per token; SmolLM2's forward pass about
+# 3 s per 512-token row, so 8,192 tokens (16 rows) cost ~50 s there. Everything else is
+# weight-only: W_U moments of SmolLM2's 46,080 neurons take ~1-2 min once, then are cached.
+n_cond, n_cond_single = params.conditioning_tokens, params.conditioning_single_tokens
 # The preset sizes SmolLM2's W_U moments: all 1,536 neurons of each of its 30 layers, or on the CI
 # preset a slice of the first 256 of each (a sixth of the cost; indices carry no meaning).
 sm_neurons = params.vocab_single_neurons

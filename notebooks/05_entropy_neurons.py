@@ -86,30 +86,22 @@ fam = families.load_family(params.family, params, device=device)
 reference = fam.reference
 n_random = paper.value("entropy_n_random", paper.MEDIUM)  # the paper's baseline size
 t_start = time.time()
-# Token counts, sized to keep the chapter near 8 minutes on 2 CPU cores without bf16. An
-# intervened forward pass repeats the batch once per (neuron, value); measured on a shared 2-core
-# machine (load ~4): the embedded model ~0.02 s per 256-token row and replica, SmolLM2 ~1.4 s per
-# 512-token row and replica (it starts at layer 28: two blocks, the 49k-token unembedding and the
-# metrics) and ~2 s per row for its full pass. The paper used 24 rows of 512 tokens; section 7
-# shows how far the curves have converged at these sizes. SmolLM2's sizes are the preset's (the
-# CI preset keeps them small).
-rows_all = fam.token_table(params.n_tokens)
-n_rows = max(2, min(len(rows_all), 2048 // rows_all.n_ctx))
-rows = TokenRows(rows_all.ids[:n_rows])
-ctx_single, n_rows_single, n_rows_single_random = (
-    params.entropy_single_ctx,
-    params.entropy_single_rows,
-    2,
-)
-ctx_single_random = (
-    ctx_single // 2
-)  # SmolLM2's random neurons: half-length rows (flat curves need fewer tokens)
+# Token counts (the preset's `entropy_*` keys), sized to keep the chapter near 8 minutes on 2 CPU
+# cores without bf16. An intervened forward pass repeats the batch once per (neuron, value);
+# measured on a shared 2-core machine (load ~4): the embedded model ~0.02 s per 256-token row and
+# replica, SmolLM2 ~1.4 s per 512-token row and replica (it starts at layer 28: two blocks, the
+# 49k-token unembedding and the metrics) and ~2 s per row for its full pass. The paper used 24 rows
+# of 512 tokens; section 7 shows how far the curves have converged at these sizes. The embedded
+# rows are the first `entropy_rows` of the held-out table (2,048 tokens: 8 rows of 256 on the
+# default preset); SmolLM2's random neurons run on other, half-length rows (flat curves need fewer
+# tokens), at 3 of the 8 grid points (`entropy_random_grid`, the control's random neurons too).
+rows = TokenRows(fam.token_table(params.n_tokens).ids[: params.entropy_rows])
+n_rows = len(rows)
+ctx_single, n_rows_single = params.entropy_single_ctx, params.entropy_single_rows
+ctx_single_random = params.entropy_single_random_ctx
+n_rows_single_random = params.entropy_single_random_rows
 n_random_single = params.entropy_single_random or n_random  # null in the preset: the paper's count
-random_grid_single = (
-    0.0,
-    3.0,
-    6.0,
-)  # SmolLM2's random neurons and the control's: 3 of the 8 grid points
+random_grid_single = tuple(params.entropy_random_grid)
 print(
     f"embedded: {n_rows} rows x {rows.n_ctx} tokens; {single_model}: {n_rows_single} rows x "
     f"{ctx_single} tokens "
@@ -573,7 +565,8 @@ display(
 # neuron's chance probability is Bonferroni-corrected over all late neurons). The two most aligned
 # neurons are then fixed along their natural grid, as the entropy candidates were, against random
 # late neurons; the measure is KL(output || unigram), in the total mode and the direct one (final
-# scale frozen). SmolLM2 runs on two short rows, its random neurons in the total mode only.
+# scale frozen). SmolLM2 runs on its random neurons' short rows (`entropy_single_random_rows`), its
+# random neurons in the total mode only.
 
 # %%
 n_unigram = params.n_tokens  # training tokens counted for each unigram distribution
@@ -605,7 +598,9 @@ freq_studies[single_model] = entropy.frequency.study(
     sm_model,
     single_model,
     single.identity[single.reference],
-    TokenRows(sm_rows.ids[n_rows_single : n_rows_single + 2, :ctx_single_random]),
+    TokenRows(
+        sm_rows.ids[n_rows_single : n_rows_single + n_rows_single_random, :ctx_single_random]
+    ),
     single.codec.drop_ids,
     art,
     entropy.frequency.family_log_q(single, n_unigram, sm_model.cfg.d_vocab),

@@ -101,22 +101,24 @@ control = (
     else None
 )
 reference = fam.reference
-# Sizes, chosen to keep the chapter within about 8 minutes on 2 AVX2-only CPU cores on the default
-# preset. The scores are weight-only (seconds). The path ablation needs one forward pass per row and
-# one re-run of the head's block per pair: about 0.3 s per pair on 24 rows of 256 tokens for the
-# embedded model, and for SmolLM2 about 3 s per 512-token row, so 8 rows and 36 pairs cost ~1 min
-# there, plus ~30 s to load it. Every result is cached (helpers.attention.heads, keyed by weights
-# and rows).
-n_ablate = min(params.n_tokens, 6_144)  # embedded tokens for the BOS norms and the ablation
-n_single = min(
-    params.n_tokens_single, 4_096
-)  # SmolLM2 tokens (8 rows of 512 on the default preset)
-n_top, n_random = 20, 80  # embedded pairs ablated: top/bottom h_n, and random ones
-n_top_single, n_random_single = 12, 12  # SmolLM2 pairs ablated (and Gemma's)
+# Sizes (the preset's `attention_*` and `pretrained_*` keys), chosen to keep the chapter within
+# about 8 minutes on 2 AVX2-only CPU cores on the default preset. The scores are weight-only
+# (seconds). The path ablation needs one forward pass per row and one re-run of the head's block per
+# pair: about 0.3 s per pair on 24 rows of 256 tokens for the embedded model, and for SmolLM2 about
+# 3 s per 512-token row, so 8 rows and 36 pairs cost ~1 min there, plus ~30 s to load it. Every
+# result is cached (helpers.attention.heads, keyed by weights and rows).
+n_ablate = params.attention_tokens  # embedded tokens for the BOS norms and the ablation
+n_single = params.attention_single_tokens  # SmolLM2 tokens (8 rows of 512 on the default preset)
+# embedded pairs ablated: top/bottom h_n, and random ones; SmolLM2's (and Gemma's)
+n_top, n_random = params.attention_top_pairs, params.attention_random_pairs
+n_top_single, n_random_single = (
+    params.attention_single_top_pairs,
+    params.attention_single_random_pairs,
+)
 # Gemma 3 270M (the preset's pretrained_model) costs about 5x SmolLM2 per token in the BOS and
 # ablation passes on these CPUs: 4 rows of 512 tokens for its signs and ablation, and the first 16
-# of the BOS rows
-n_pretrained, bos_rows_pretrained = min(params.n_tokens_single, 2_048), min(params.bos_rows, 16)
+# of the BOS rows (on the default preset)
+n_pretrained, bos_rows_pretrained = params.pretrained_tokens, params.pretrained_bos_rows
 timings = {}
 
 # %% [markdown]
@@ -492,7 +494,9 @@ fig.show()
 best = attention.heads.neuron_best(
     attention.heads.score_only(fam, reference, rows.n_ctx, art, seed)["table"]
 )
-ex = taxonomy.explain.explain_reference(fam, min(params.n_tokens, 100_000), art, batch_size, 20)
+ex = taxonomy.explain.explain_reference(
+    fam, params.explain_tokens, art, batch_size, params.explain_min_positive
+)
 nset = universality.neuron_set(
     fam,
     "auto",

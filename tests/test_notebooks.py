@@ -185,6 +185,32 @@ def test_notebooks_size_nothing_by_comparing_a_preset_value(py):
                     f"{py.stem}: a size decided in the notebook from a preset value:\n{ast.unparse(node)}"
 
 
+def _reads_a_size(node) -> bool:
+    """`params.<key>`, or a variable named after a preset key (`n_tokens`), the batch size aside."""
+    from helpers.core.presets import KEYS
+
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "params":
+        return node.attr != "batch_size"
+    return isinstance(node, ast.Name) and node.id in KEYS and node.id != "batch_size"
+
+
+@pytest.mark.parametrize("py", SOURCES, ids=lambda p: p.stem)
+def test_notebooks_derive_no_size_from_a_preset_value(py):
+    """A size a chapter caps or divides from a preset value (`min(params.n_tokens, 100_000)`) is a
+    preset key of its own (`explain_tokens`), set per preset in params/*.yaml."""
+    for c in _code_cells(jupytext.read(py)):
+        src = "\n".join(l for l in c.source.splitlines() if not l.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("min", "max"):
+                operands = node.args
+            elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.FloorDiv):
+                operands = [node.left, node.right]
+            else:
+                continue
+            assert not any(_reads_a_size(o) for o in operands), \
+                f"{py.stem}: a size derived in the notebook from a preset value:\n{ast.unparse(node)}"
+
+
 def test_every_notebook_is_in_the_table_of_contents():
     toc = (ROOT / "_toc.yml").read_text()
     for py in SOURCES:
