@@ -125,3 +125,10 @@ def test_long_figure_titles_are_wrapped_to_the_column_and_short_ones_kept():
     assert max(map(len, out["layout"]["xaxis"]["title"]["text"].split("<br>"))) <= plots.AXIS_CHARS
     assert out["layout"]["yaxis"]["title"]["text"] == "short"
     assert fig.layout.title.text == long  # the figure itself is not changed
+    # a subplot's x-axis title wraps to its own share of the width
+    from plotly.subplots import make_subplots
+
+    two = make_subplots(rows=1, cols=2).update_xaxes(title_text="x " * 60, row=1, col=2)
+    axis = plots.wrap_titles(two.to_dict())["layout"]["xaxis2"]
+    share = axis["domain"][1] - axis["domain"][0]
+    assert max(map(len, axis["title"]["text"].split("<br>"))) <= max(20, int(plots.AXIS_CHARS * share))

@@ -67,7 +67,9 @@ def wrap_titles(fig_dict: dict) -> dict:
     fix(layout, TITLE_CHARS)
     for key, axis in layout.items():
         if isinstance(axis, dict) and re.fullmatch(r"[xy]axis\d*", key):
-            fix(axis, AXIS_CHARS if key.startswith("x") else max(20, int(height / 8)))
+            # a subplot's x-axis spans only its share (`domain`) of the figure's width
+            lo, hi = axis.get("domain") or (0.0, 1.0)
+            fix(axis, max(20, int(AXIS_CHARS * (hi - lo))) if key.startswith("x") else max(20, int(height / 8)))
     for ann in layout.get("annotations", ()):  # subplot titles are annotations
         if isinstance(ann.get("text"), str) and ann.get("yref") == "paper" and ann.get("showarrow") is False:
             ann["text"] = _wrap(ann["text"], TITLE_CHARS // 2)
@@ -330,7 +332,8 @@ def intervention_curves(curves, nominal, title: str, metrics=("scale", "rr", "en
                                      hovertemplate=f"L{int(layer)}.{int(neuron)} ({role})<br>grid %{{x}}<br>{m} %{{y:.4f}}"),
                           row=r, col=col)
         fig.add_hline(y=float(nominal[m]), line_dash="dash", line_color="black", row=r, col=col)
-        fig.update_xaxes(title_text="fixed activation (grid units: 6 = 1.5 × its percentile in its natural direction; < 0 = the other sign)", row=r, col=col)
+        fig.update_xaxes(title_text="fixed activation (grid units: 6 = 1.5 × its natural-side percentile; "
+                                    "< 0: the other sign)", row=r, col=col)
         fig.update_yaxes(title_text=INTERVENTION_METRICS[m], row=r, col=col)
     return style(fig, title, height=height, legend="neuron (dashed: unintervened)")
 
