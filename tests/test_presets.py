@@ -277,7 +277,7 @@ def test_an_override_that_lowers_a_bound_lowers_the_sizes_it_leaves_unchanged():
     # papermill -f injects every key of the file: the file's own values count as unchanged
     raw = {k: v for k, v in yaml.safe_load((ROOT / "params" / "default.yaml").read_text()).items() if k != "preset"}
     assert load_preset("default", **{**raw, "n_tokens": 5000}) == small.replace(bos_rows=base.bos_rows,
-                                                                                 pretrained_bos_rows=16)
+                                                                                 pretrained_bos_rows=base.pretrained_bos_rows)
 
 
 def test_an_override_that_sets_a_size_too_large_is_an_error():
