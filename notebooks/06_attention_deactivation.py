@@ -404,6 +404,16 @@ if glabel:
         f"Fig 8a · h_n over all (neuron, later head) pairs · {glabel}",
     ).show()
     display(pd.DataFrame({glabel: grun.meta["tails"]}).T)
+    # the neuron browser lists the neurons of Gemma's 400 strongest pairs (200 at each end of h_n)
+    report.publish_neurons(
+        "06_attention_deactivation",
+        params,
+        attention.heads.neuron_best(grun.table("top_scores"))
+        .rename(columns={"neuron_layer": "layer"})
+        .assign(head_name=lambda t: [f"L{l}.H{h}" for l, h in zip(t.head_layer, t["head"])]),
+        report.model_label(gfam),
+        {"best": "attention score h_n (strongest later head)", "head_name": "that head"},
+    )
 
 # %% [markdown]
 # ## 3. Does the heuristic predict the measured effect?

@@ -86,3 +86,12 @@ def test_the_page_lists_the_reference_model_and_the_single_models_analysed_neuro
                       "vocabulary class": [None, None, None, "prediction", "none", None]})
     out = browser._browsable(t, "ref")
     assert list(zip(out.model, out.layer)) == [("ref", 0), ("ref", 1), ("sm", 0), ("sm", 1)]
+
+
+def test_the_page_lists_the_pretrained_models_published_attention_neurons_only():
+    col = browser.ATTENTION_COLUMN
+    t = pd.DataFrame({"model": ["ref", "sm", "gemma", "gemma"], "layer": [0, 0, 0, 1], "neuron": 0,
+                      "family": [None, None, None, None], col: [0.5, None, 3.0, None]})
+    assert list(browser._browsable(t, "ref").model) == ["ref"]  # no pretrained model: as before
+    out = browser._browsable(t, "ref", "gemma")
+    assert list(zip(out.model, out.layer)) == [("ref", 0), ("gemma", 0)]

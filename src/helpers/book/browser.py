@@ -1,7 +1,8 @@
 """The neuron browser: one page of the book, searchable in the browser without a server.
 
-A row per analysed neuron of the embedded reference model and of SmolLM2-135M (its per-layer
-sample), with the numbers the chapters published (`report.publish_neurons`: universality, family and
+A row per analysed neuron of the embedded reference model, of SmolLM2-135M (its per-layer
+sample) and of the preset's pretrained model (Gemma 3 270M: the neurons of its strongest attention
+pairs, chapter 06), with the numbers the chapters published (`report.publish_neurons`: universality, family and
 best feature, vocabulary-effect class, entropy and attention scores), and a card per neuron: its top
 activating contexts (circuitsvis, from one shared copy of the circuitsvis bundle), the tokens its
 output promotes and suppresses most (W_U w_out), and its activation split by its best feature.
@@ -214,38 +215,47 @@ def page_html(static_prefix: str = "../_static") -> str:
 """
 
 
-def _browsable(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+ATTENTION_COLUMN = "attention score h_n (strongest later head)"  # chapter 06's published column
+
+
+def _browsable(table: pd.DataFrame, reference: str, pretrained: str | None = None) -> pd.DataFrame:
     """The rows the page lists: every neuron of the reference model; of any other model, the neurons
     chapter 03 analysed (a `family`) and those with a vocabulary class, not every neuron a
-    weight-only pass scored (SmolLM2 has 46k)."""
+    weight-only pass scored (SmolLM2 has 46k); of the `pretrained` model (chapter 06's), the neurons
+    chapter 06 published (those of its strongest pairs)."""
     keep = table.model == reference
     if "family" in table:
         keep |= table["family"].notna()
     if "vocabulary class" in table:
         keep |= table["vocabulary class"].notna() & (table["vocabulary class"] != "none")
+    if pretrained is not None and ATTENTION_COLUMN in table:
+        keep |= (table.model == pretrained) & table[ATTENTION_COLUMN].notna()
     return table[keep].reset_index(drop=True)
 
 
 def build_browser(site: Path, params: Preset, n_tokens: int = 8192, device: str = "cpu") -> dict:
     """Write the neuron browser of a built preset into `site`: the page's markup
     (`book/_generated/neurons.html`) and its data under `book/_static/`. Every published neuron gets
-    a row; cards (cached) are computed for every neuron of the reference model and for the single
-    model's neurons that chapter 03 analysed."""
+    a row; cards (cached) are computed for every neuron of the reference model, for the single
+    model's neurons that chapter 03 analysed and for the pretrained model's listed neurons."""
     from helpers.models.families import load_family
 
     artifacts_dir = params.artifacts_path
     table = published_neurons(results_folder(params) / "neurons")
     fam = load_family(params["family"], params, device=device)
-    table = _browsable(table, model_label(fam))
+    pretrained = load_family(params.pretrained_model, params, device=device) if params.pretrained_model else None
+    table = _browsable(table, model_label(fam), model_label(pretrained) if pretrained else None)
     cards: dict[str, dict] = {}
     ref = fam.reference
     sources = {model_label(fam, ref): (fam, fam.member(ref))}
     if params.get("single_model"):
         single = load_family(params["single_model"], params, device=device)
         sources[model_label(single)] = (single, single.reference)
+    if pretrained is not None:
+        sources[model_label(pretrained)] = (pretrained, pretrained.reference)
     for model_name, (family, member) in sources.items():
         rows = table[table.model == model_name]
-        if family is not fam and "family" in rows:
+        if family is not fam and family is not pretrained and "family" in rows:
             # the single model's cards: chapter 03's per-layer sample (the neurons with a family),
             # not every neuron some chapter scored (that would put ~10 MB of cards into the book)
             rows = rows[rows["family"].notna()]
