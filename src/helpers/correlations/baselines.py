@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.core import paper
 from helpers.correlations.correlate import baseline_matrices, correlate_family
 from helpers.correlations.pearson import max_correlation, mixed_correlation
+from helpers.correlations.universality import SET_SHARE, sized_mask
 from helpers.models.families import short_name
 from helpers.streaming.accumulators import StreamingPearson
 
@@ -145,7 +145,7 @@ def mean_pairwise_jaccard(masks: list[np.ndarray]) -> float:
 def baseline_variability(table: pd.DataFrame, run: RunAccumulators, control_table: pd.DataFrame | None = None,
                          control_run: RunAccumulators | None = None, seeds=(1, 2, 3, 4, 5), gaussian_seeds=(1,),
                          threshold: float = 0.5, top_fraction: float = 0.01,
-                         share: float = paper.UNIVERSAL_SHARE[paper.SMALL]) -> dict:
+                         share: float = SET_SHARE) -> dict:
     """Redraw the baseline (orthogonal rotations from `seeds`, Gaussian matrices from `gaussian_seeds`)
     for the family's run and, if given, its control's run over the same tokens; recompute the excess
     correlation and the neuron sets of every draw.
@@ -169,10 +169,9 @@ def baseline_variability(table: pd.DataFrame, run: RunAccumulators, control_tabl
             cb = baseline_table(control_run, s, kind)
             ctl_max = float(np.nanmax(control_table.mean_corr.to_numpy() - cb.mean_baseline.to_numpy()))
         e = np.nan_to_num(excess, nan=-np.inf)
-        above = e > ctl_max if np.isfinite(ctl_max) else np.zeros(len(e), bool)
-        top_share = e >= np.nanquantile(excess, 1 - share)
-        masks = {"is_universal": e > threshold, "above_control": above,
-                 "paper_sized": (above & top_share) if np.isfinite(ctl_max) else top_share,
+        masks = {"is_universal": e > threshold,
+                 "above_control": e > ctl_max if np.isfinite(ctl_max) else np.zeros(len(e), bool),
+                 "paper_sized": sized_mask(excess, ctl_max if np.isfinite(ctl_max) else None, share),
                  "top_excess": e >= np.nanquantile(excess, 1 - top_fraction)}
         for c, mk in masks.items():
             sets[c].append((kind, mk))

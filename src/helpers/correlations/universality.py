@@ -101,14 +101,24 @@ SET_SHARE = paper.UNIVERSAL_SHARE[paper.SMALL]
 SENSITIVITY_SHARES = (0.01, 0.04, 0.10)  # each chapter shows how its headline moves with the set's size
 
 
+def sized_mask(excess: np.ndarray, control_max: float | None, share: float) -> np.ndarray:
+    """[neurons] bool: above `control_max` (the untrained control's maximum excess correlation)
+    **and** in the top `share` by `excess` (the top `share` alone when `control_max` is None). NaN
+    excess is never in the set. Ties at the cut are kept, so the set can be a few neurons larger than
+    `share`; it is smaller where fewer neurons than that beat the control."""
+    e = np.asarray(excess, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        mask = e >= np.nanquantile(e, 1 - share)
+        if control_max is not None:
+            mask &= e > control_max
+    return mask
+
+
 def sized_set(table: pd.DataFrame, control: pd.DataFrame | None, share: float) -> pd.Series:
-    """The neurons above the untrained control's maximum excess correlation **and** in the top
-    `share` of the family by excess correlation (the top `share` alone without a control). Ties at
-    the cut are kept, so the set can be a few neurons larger than `share`; it is smaller where fewer
-    neurons than that beat the control."""
-    excess = table.excess_corr
-    above = excess > control.excess_corr.max() if control is not None else pd.Series(True, index=table.index)
-    return (above & (excess >= excess.quantile(1 - share))).fillna(False).astype(bool)
+    """The paper-sized set of a family's table (`sized_mask` of its excess correlation, against the
+    maximum of the `control` table's), as a boolean Series on the table's index."""
+    cmax = float(control.excess_corr.max()) if control is not None else None
+    return pd.Series(sized_mask(table.excess_corr.to_numpy(), cmax, share), index=table.index)
 
 
 def add_calibrated_sets(table: pd.DataFrame, control: pd.DataFrame | None, top_fraction: float = 0.01,
