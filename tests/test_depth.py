@@ -333,3 +333,29 @@ def test_seed_family_description_losses_and_samples_on_four_layers():
     fam_s = Family("deep4", ["a", "b"], fam.load, lambda: codec, "cpu", {}, lambda n, split: rows)
     samples = families.sample_family(fam_s, ["x", "y"], max_new_tokens=4, seed=0)
     assert samples.shape == (2, 2) and samples.notna().all().all()
+
+
+# ---- beyond the paper: ablation (chapter 01), persistence (chapter 01), token frequency (chapter 05)
+
+def test_ablation_persistence_and_frequency_cover_every_layer(dense_family, tmp_path):
+    from helpers.correlations import ablation, persistence
+    from helpers.entropy import frequency
+
+    model = dense_family.load("a")
+    rows = TokenRows(_rows(8))
+    chosen = pd.DataFrame({"layer": [0, 0, L - 1], "neuron": [1, 2, 5]})
+    s = ablation.study(model, "dense4-a", "dense4-a", chosen, rows, [BOS], tmp_path, n_draws=3, verbose=False)
+    assert set(s.summary.scope) == {"L0", f"L{L - 1}", ablation.WHOLE}  # the set's layers, first and last
+    assert s.plan[s.plan.scope == ablation.WHOLE].n_neurons.eq(3).all()
+    # persistence: sets over the neurons of all four layers, one checkpoint to the next
+    table = pd.DataFrame({"layer": np.repeat(np.arange(L), D), "neuron": np.tile(np.arange(D), L)})
+    ex = np.linspace(0, 1, L * D)
+    tabs = {"step 0": table.assign(excess_corr=ex[::-1]), "step 1": table.assign(excess_corr=ex)}
+    sets = persistence.checkpoint_sets(tabs, rule="top_share", share=0.1)
+    assert set(sets[sets["step 1"]].layer) == {L - 1} and set(sets[sets["step 0"]].layer) == {0}
+    assert set(persistence.persistence_by_layer(sets).layer) == set(range(L))
+    # token frequency: the late neurons are the last two of four layers
+    log_q = frequency.unigram_log_probs(frequency.unigram_counts(rows, ARCH["d_vocab"]))
+    f = frequency.study(model, "dense4-a", "dense4-a", rows, [BOS], tmp_path, log_q, n_candidates=1, n_random=4,
+                        verbose=False)
+    assert set(f.table.layer) == {L - 2, L - 1} and f.neurons.layer.isin([L - 2, L - 1]).all()
