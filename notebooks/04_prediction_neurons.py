@@ -144,7 +144,7 @@ mom_ctl = (
 )
 mom_sm = prediction.vocab.member_vocab_moments(
     single, single.reference, art, neurons_per_layer=sm_neurons, verbose=True
-)
+).table("moments")
 mom = prediction.vocab.apply_signs(
     mom, properties.neuron_stats.family_signs(fam, params, art, batch_size)
 )
@@ -644,7 +644,7 @@ split_sm = (
         art,
         batch_size=min(batch_size, 8),
         verbose=True,
-    )
+    ).table("split")
     if len(sel_sm)
     else None
 )
@@ -660,7 +660,7 @@ split_emb = prediction.vocab.next_token_conditioning(
     art,
     batch_size=batch_size,
     verbose=True,
-)
+).table("split")
 
 
 def show_fig24(sel, split, model, real_tokens, cls_table, name):

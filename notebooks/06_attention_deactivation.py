@@ -502,7 +502,7 @@ fig.show()
 
 # %%
 best = attention.heads.neuron_best(
-    attention.heads.score_only(fam, reference, rows.n_ctx, art, seed)["table"]
+    attention.heads.score_only(fam, reference, rows.n_ctx, art, seed).table("scores")
 )
 ex = taxonomy.explain.explain_reference(
     fam, params.explain_tokens, art, batch_size, params.explain_min_positive
@@ -585,9 +585,13 @@ members_ctl = (
 )
 seed_tails = pd.concat(
     {
-        "trained": pd.DataFrame({m: r["tails"] for m, r in members.items()}).T,
+        "trained": pd.DataFrame({m: r.meta["tails"] for m, r in members.items()}).T,
         **(
-            {"untrained control": pd.DataFrame({m: r["tails"] for m, r in members_ctl.items()}).T}
+            {
+                "untrained control": pd.DataFrame(
+                    {m: r.meta["tails"] for m, r in members_ctl.items()}
+                ).T
+            }
             if control
             else {}
         ),
@@ -606,11 +610,11 @@ display(
         ]
     ]
 )
-bests = {m: attention.heads.neuron_best(r["table"]) for m, r in members.items()}
+bests = {m: attention.heads.neuron_best(r.table("scores")) for m, r in members.items()}
 rec = attention.heads.matched_recurrence(
     bests[reference], {m: b for m, b in bests.items() if m != reference}, nset.table, k=20
 )
-bests_ctl = {m: attention.heads.neuron_best(r["table"]) for m, r in members_ctl.items()}
+bests_ctl = {m: attention.heads.neuron_best(r.table("scores")) for m, r in members_ctl.items()}
 rec_ctl = (
     attention.heads.matched_recurrence(
         bests_ctl[reference],

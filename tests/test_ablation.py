@@ -158,8 +158,10 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, monkeypatch):
     model = planted_group_model()
     rows = group_rows(6)
     plan = ab.ablation_plan(pd.DataFrame({"layer": [0], "neuron": [PLANTED[1]]}), 2, ARCH["d_mlp"], n_draws=2)
-    full, _ = ab.cached_ablations(model, "planted", rows, plan, [0], tmp_path / "a", batch_size=2,
-                                  verbose=False)
+    first = ab.cached_ablations(model, "planted", rows, plan, [0], tmp_path / "a", batch_size=2,
+                                verbose=False)
+    full = first.table("ablation")
+    pd.testing.assert_frame_equal(first.table("plan"), ab.plan_table(plan))
     calls = {"n": 0}
     real = ab.batch_effects
 
@@ -176,12 +178,12 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, monkeypatch):
     calls["n"] = 0
     monkeypatch.setattr(ab, "batch_effects", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1),
                                                               real(*a, **k))[1])
-    resumed, _ = ab.cached_ablations(model, "planted", rows, plan, [0], tmp_path / "b", batch_size=2,
-                                     verbose=False)
+    resumed = ab.cached_ablations(model, "planted", rows, plan, [0], tmp_path / "b", batch_size=2,
+                                  verbose=False).table("ablation")
     assert calls["n"] == 2  # the first batch was not computed again
     pd.testing.assert_frame_equal(resumed, full)
-    again, _ = ab.cached_ablations(model, "planted", rows, plan, [0], tmp_path / "b", batch_size=2,
-                                   verbose=False)
+    again = ab.cached_ablations(model, "planted", rows, plan, [0], tmp_path / "b", batch_size=2,
+                                verbose=False).table("ablation")
     assert calls["n"] == 2  # cached: nothing recomputed
 
 

@@ -265,7 +265,7 @@ def test_vocabulary_moments_and_the_depth_pattern(dense_family, tmp_path):
     assert vocab.class_shares_by_layer(mom).index.tolist() == list(range(L))
     late = vocab.depth_pattern(mom[mom.member == "a"], L)
     assert late["rise_depth"] == 1.0 and late["late_pattern"] is True and late["last_prediction"] >= 1
-    early_mom = vocab.member_vocab_moments(fam, "early", tmp_path)
+    early_mom = vocab.member_vocab_moments(fam, "early", tmp_path).table("moments")
     early = vocab.depth_pattern(early_mom, L)
     assert early["rise_depth"] == 0.0 and early["late_pattern"] is False and early["last_prediction"] == 0
     cons = vocab.seed_consistency(mom, L)
@@ -298,7 +298,7 @@ def test_attention_pairs_cover_every_later_layer(dense_family, tmp_path):
     run = attention.attention_deactivation(fam, "a", rows, tmp_path, n_top=2, n_random=4, seed=0, batch_size=4)
     tails = run.meta["tails"]
     assert tails["n_pairs"] == D * ARCH["n_heads"] * L * (L - 1) // 2
-    scores = attention.score_only(fam, "a", rows.n_ctx, tmp_path)["table"]
+    scores = attention.score_only(fam, "a", rows.n_ctx, tmp_path).table("scores")
     assert len(scores) == tails["n_pairs"] and (scores.head_layer > scores.neuron_layer).all()
     pairs_of_layers = set(zip(scores.neuron_layer, scores.head_layer))
     assert pairs_of_layers == {(l, h) for l in range(L) for h in range(l + 1, L)}

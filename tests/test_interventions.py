@@ -126,9 +126,11 @@ def test_sweep_batches_replicas_and_caches(tmp_path):
     assert np.allclose(a[list(iv.METRICS)], b[list(iv.METRICS)], atol=1e-4)
     assert len(one) == 5 * (1 + 8 * 2 + 8)  # nominal + entropy (total, direct) + random (total)
     assert (one[one["mode"] == "nominal"].n == 14).all()  # 15 positions with a next token, less the BOS
-    first = iv.cached_sweep(model, "planted", iv.TokenRows.of(rows), targets, [0], tmp_path, batch_size=2, verbose=False)
-    second = iv.cached_sweep(model, "planted", iv.TokenRows.of(rows), targets, [0], tmp_path, batch_size=2, verbose=False)
-    pd.testing.assert_frame_equal(first, second)
+    run = iv.cached_sweep(model, "planted", iv.TokenRows.of(rows), targets, [0], tmp_path, batch_size=2, verbose=False)
+    again = iv.cached_sweep(model, "planted", iv.TokenRows.of(rows), targets, [0], tmp_path, batch_size=2, verbose=False)
+    first = run.table("sweep")
+    pd.testing.assert_frame_equal(first, again.table("sweep"))
+    assert again.path == run.path and run.meta["n_tokens"] == 5 * 14 and run.meta["seconds"] >= 0
     assert len(list((tmp_path / "entropy_intervention").iterdir())) == 1
     h = iv.halves(first)
     assert set(h.metric) == {"scale", "entropy", "loss", "rr"} and len(h) == 3 * 4  # (entropy: total, direct; random: total)

@@ -346,3 +346,34 @@ def test_neuron_stats_resume_with_another_batch_size(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(resumed, clean, rtol=1e-5, atol=1e-6)
     assert read_json(tmp_path / "run" / "run.json")["n_valid_tokens"] == \
         read_json(tmp_path / "clean" / "run.json")["n_valid_tokens"]
+
+
+# Functions that call cached_result but hand back what they load, not the Result: data and weights
+# the analyses read (token rows, syntax labels), and the internals of the statistics pass (its
+# per-prefix writer, its table computation, and `neuron_stats_table`, the explicit-folder form of
+# `member_neuron_stats`). `explain_sampled` returns `Explanations`, which carries its Result.
+LOADERS = {"cached_token_rows", "cached_syntax_labels", "_compute_table", "writer", "neuron_stats_table",
+           "explain_sampled"}
+
+
+def test_every_cached_analysis_returns_its_result():
+    """A cached job returns the Result (tables, metadata, files), so no caller re-finds a cache path:
+    every function under src/helpers that calls cached_result is annotated `-> Result`, or is one
+    of the listed loaders."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "helpers"
+    found, wrong = set(), []
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef) or node.name == "cached_result":
+                continue
+            if any(isinstance(n, ast.Call) and getattr(n.func, "id", None) == "cached_result" for n in ast.walk(node)):
+                found.add(node.name)
+                returns = ast.unparse(node.returns) if node.returns else None
+                if node.name not in LOADERS and returns != "Result":
+                    wrong.append(f"{path.relative_to(src)}:{node.lineno} {node.name} -> {returns}")
+    assert not wrong, "cached jobs that do not return their Result: " + "; ".join(wrong)
+    assert {"correlate_family", "next_token_conditioning", "member_vocab_moments", "cached_sweep", "explain_model",
+            "score_only", "cached_ablations", "attention_deactivation", "member_neuron_stats"} <= found
+    assert LOADERS <= found, f"listed loaders that no longer call cached_result: {sorted(LOADERS - found)}"

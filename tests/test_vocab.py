@@ -145,7 +145,9 @@ def test_next_token_conditioning_recovers_a_planted_dependence(tmp_path):
     neurons = pd.DataFrame({"layer": [0], "neuron": [TRIGGER]})
     out = vocab.stream_next_token_split(model, rows, neurons, masks, drop_ids=[0], batch_size=7)
     fam = SimpleNamespace(identity={"m": "planted"}, codec=codec, load=lambda m: model, name="planted")
-    parts = vocab.next_token_conditioning(fam, "m", rows, neurons, masks, tmp_path, batch_size=5)
+    run = vocab.next_token_conditioning(fam, "m", rows, neurons, masks, tmp_path, batch_size=5)
+    parts = run.table("split")
+    assert run.meta == {"n_neurons": 1, "n_parts": 2}
     merged = parts[parts.part == "all"].drop(columns="part").reset_index(drop=True)
     pd.testing.assert_frame_equal(merged, out, check_dtype=False)
     assert set(parts.part) == {"1 of 2", "2 of 2", "all"}

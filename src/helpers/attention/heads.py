@@ -58,7 +58,7 @@ import pandas as pd
 import torch
 
 from helpers.streaming.activations import ActivationStream
-from helpers.core.cache import atomic_write_parquet, cached_result, config_hash
+from helpers.core.cache import Result, atomic_write_parquet, cached_result, config_hash
 from helpers.data.tokens import TokenRows, valid_token_mask
 from helpers.models.effective import (apply_norm, effective_W_O, effective_W_Q, key_norm, neuron_write,
                                       output_directions)
@@ -473,7 +473,7 @@ def attention_deactivation(family, member: str, rows: TokenRows, artifacts_dir: 
                            n_random: int = 40, seed: int = 0, batch_size: int = 8, bos_rows: int | None = None,
                            head_layers: Sequence[int] | None = None, verbose: bool = False, model=None,
                            signs: torch.Tensor | None = None, bos_source: TokenRows | None = None,
-                           bos_ctx: int | None = None):
+                           bos_ctx: int | None = None) -> Result:
     """The chapter's measurements on one model, cached under `<artifacts>/attention/` keyed by the
     weights, the rows, the pair selection and this code's version.
 
@@ -529,9 +529,11 @@ def _signs_key(signs) -> str | None:
 
 
 def score_only(family, member: str, rows_n_ctx: int, artifacts_dir: str | Path, seed: int = 0,
-               signs: torch.Tensor | None = None) -> dict:
-    """Scores of one member without the ablation (for the seed comparison): tail summary, the top
-    and bottom scores, cached. Positions averaged as in `attention_deactivation`; `signs` as there."""
+               signs: torch.Tensor | None = None) -> Result:
+    """Scores of one member without the ablation (for the seed comparison), cached under
+    `<artifacts>/attention_scores/`: the result's table `scores` (every pair's score) and its
+    `meta["tails"]` (the tail summary). Positions averaged as in `attention_deactivation`; `signs`
+    as there."""
     first = rows_n_ctx // 2
     ident = {"code_version": CODE_VERSION, "weights": family.identity[member], "seed": int(seed), "n_ctx": int(rows_n_ctx),
              "bos_id": int(family.codec.bos_id), "signs": _signs_key(signs)}
@@ -543,8 +545,7 @@ def score_only(family, member: str, rows_n_ctx: int, artifacts_dir: str | Path, 
         atomic_write_parquet(table, folder / "scores.parquet")
         return {"tails": tail_summary(sc["score"], sc["baseline"])}
 
-    res = cached_result("attention_scores", ident, compute, root=artifacts_dir, prefix=f"{family.name}-{member}")
-    return {"tails": res.meta["tails"], "table": res.table("scores")}
+    return cached_result("attention_scores", ident, compute, root=artifacts_dir, prefix=f"{family.name}-{member}")
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from helpers.streaming.activations import hook_activations
-from helpers.core.cache import cached_result, read_json, write_json
+from helpers.core.cache import Result, cached_result, read_json, write_json
 from helpers.core.presets import Preset
 from helpers.core.report import model_label, results_folder
 
@@ -119,8 +119,9 @@ def neuron_cards(model, rows: torch.Tensor, neurons: pd.DataFrame, strings: Sequ
     return cards
 
 
-def cached_cards(family, member: str, neurons: pd.DataFrame, n_tokens: int, artifacts_dir: Path, batch_size: int = 8) -> dict:
-    """`neuron_cards` of one member over about `n_tokens` held-out tokens, cached by what made them."""
+def cached_cards(family, member: str, neurons: pd.DataFrame, n_tokens: int, artifacts_dir: Path, batch_size: int = 8) -> Result:
+    """`neuron_cards` of one member over about `n_tokens` held-out tokens, cached by what made them:
+    the Result, whose file `cards.json` holds the cards."""
     from helpers.taxonomy.features import vocab_strings_gpt2
 
     rows = family.token_table(n_tokens)
@@ -139,8 +140,7 @@ def cached_cards(family, member: str, neurons: pd.DataFrame, n_tokens: int, arti
         write_json(folder / "cards.json", cards)
         return {"n_neurons": len(cards)}
 
-    res = cached_result("neuron_cards", ident, compute, root=artifacts_dir, prefix=f"{family.name}-{member}")
-    return read_json(res.file("cards.json"))
+    return cached_result("neuron_cards", ident, compute, root=artifacts_dir, prefix=f"{family.name}-{member}")
 
 
 def write_assets(static_dir: Path, table: pd.DataFrame, cards: dict[str, dict]) -> dict[str, int]:
@@ -263,7 +263,8 @@ def build_browser(site: Path, params: Preset, n_tokens: int = 8192, device: str 
         if neurons.empty:
             continue
         n = n_tokens if family is fam else min(n_tokens, 4096)
-        cards[model_name] = cached_cards(family, member, neurons, n, artifacts_dir, batch_size=int(params.get("batch_size", 8)))
+        res = cached_cards(family, member, neurons, n, artifacts_dir, batch_size=int(params.get("batch_size", 8)))
+        cards[model_name] = read_json(res.file("cards.json"))
     sizes = write_assets(site / "book" / "_static", table, cards)
     page = site / "book" / "_generated" / "neurons.html"
     page.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from helpers.core import paper, report
-from helpers.core.cache import (atomic_write_parquet, cached_result, config_hash, load_checkpoint,
+from helpers.core.cache import (Result, atomic_write_parquet, cached_result, config_hash, load_checkpoint,
                                 save_checkpoint)
 from helpers.data.tokens import TokenRows, valid_token_mask
 from helpers.streaming.activations import ActivationStream
@@ -294,10 +294,11 @@ def run_ablations(model, rows: TokenRows | torch.Tensor, plan: Sequence[Ablation
 
 def cached_ablations(model, model_id: str, rows: TokenRows, plan: Sequence[Ablation], drop_ids: Sequence[int],
                      artifacts_dir: str | Path, batch_size: int = 8, max_logit_elems: int = 1 << 25,
-                     verbose: bool = True, prefix: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+                     verbose: bool = True, prefix: str = "") -> Result:
     """`run_ablations`, cached under `<artifacts>/ablation/` by the model's content id, the rows'
     sha256, the plan and the dropped ids, and resumable (a progress file in the result's folder).
-    Returns (the long table, `plan_table(plan)`); `.attrs["seconds"]` holds the computing time."""
+    Returns the Result: its tables `ablation` (the long table) and `plan` (`plan_table(plan)`),
+    and `meta` with the computing time (`seconds`) and the unablated tokens (`n_tokens`)."""
     rows = TokenRows.of(rows)
     ident = ablation_identity(model_id, rows, plan, drop_ids)
 
@@ -311,10 +312,7 @@ def cached_ablations(model, model_id: str, rows: TokenRows, plan: Sequence[Ablat
         progress.unlink(missing_ok=True)
         return {"seconds": time.time() - t0, "n_tokens": int(table[table.ablation == 0].n.sum())}
 
-    res = cached_result("ablation", ident, compute, root=artifacts_dir, prefix=prefix)
-    table, plan_t = res.table("ablation"), res.table("plan")
-    table.attrs["seconds"] = res.meta.get("seconds")
-    return table, plan_t
+    return cached_result("ablation", ident, compute, root=artifacts_dir, prefix=prefix)
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -483,11 +481,11 @@ def study(model, name: str, model_id: str, selected: pd.DataFrame, rows: TokenRo
     """Mean-ablate `selected` (layer, neuron) in `model` against `n_draws` random sets per layer
     (`ablation_plan`) on `rows`; cached by content. Returns the plan, table and summary."""
     plan = ablation_plan(selected, model.cfg.n_layers, model.cfg.d_mlp, n_draws, seed)
-    table, plan_t = cached_ablations(model, model_id, rows, plan, drop_ids, artifacts_dir, batch_size,
-                                     verbose=verbose,
-                                     prefix=name)
+    res = cached_ablations(model, model_id, rows, plan, drop_ids, artifacts_dir, batch_size, verbose=verbose,
+                           prefix=name)
+    table, plan_t = res.table("ablation"), res.table("plan")
     return AblationStudy(name, set_name, plan_t, table, ablation_summary(table, plan_t, n_boot, seed),
-                         table.attrs.get("seconds"))
+                         res.meta.get("seconds"))
 
 
 def family_study(nset, family, rows: TokenRows, artifacts_dir: str | Path, n_draws: int = N_DRAWS,

@@ -356,9 +356,11 @@ def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir, n_cand
             if r.role != "random" and modes.get(r.role, partner_modes)]
     base = [target(r, grid_points(r.other_ratio) if random_grid is None else random_grid, tuple(random_modes))
             for r in chosen.itertuples() if r.role == "random"]
-    sweeps = [iv.cached_sweep(model, model_id, rows, main, drop_ids, artifacts_dir, batch_size, verbose=verbose, prefix=name)]
+    sweeps = [iv.cached_sweep(model, model_id, rows, main, drop_ids, artifacts_dir, batch_size, verbose=verbose,
+                              prefix=name).table("sweep")]
     if base:
-        s = iv.cached_sweep(model, model_id, rows_random, base, drop_ids, artifacts_dir, batch_size, verbose=verbose, prefix=name)
+        s = iv.cached_sweep(model, model_id, rows_random, base, drop_ids, artifacts_dir, batch_size, verbose=verbose,
+                            prefix=name).table("sweep")
         if rows_random is not rows:  # another token set: its rows and its unintervened run kept apart
             s = s.assign(row=s.row + 10**6, mode=s["mode"].replace("nominal", "nominal (random rows)"))
         sweeps.append(s)

@@ -257,7 +257,7 @@ def study(model, name: str, model_id: str, rows, drop_ids, artifacts_dir: str | 
     sweep = iv.cached_sweep(model, model_id, rows, targets, drop_ids, artifacts_dir, batch_size,
                             verbose=verbose,
                             prefix=f"{name}-frequency", extra_metrics={KL_NAME: kl_metric(log_q)},
-                            extra_identity={KL_NAME: log_probs_sha256(log_q)})
+                            extra_identity={KL_NAME: log_probs_sha256(log_q)}).table("sweep")
     return FrequencyStudy(name, fd, table, chosen, sweep, time.time() - t0)
 
 

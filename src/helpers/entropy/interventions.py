@@ -42,7 +42,7 @@ import torch
 
 from helpers.core import paper
 from helpers.streaming.activations import ActivationStream
-from helpers.core.cache import atomic_write_parquet, cached_result
+from helpers.core.cache import Result, atomic_write_parquet, cached_result
 from helpers.data.tokens import TokenRows, valid_token_mask
 from helpers.streaming.accumulators import SignedLogHistogram
 
@@ -323,11 +323,12 @@ def sweep_identity(model_id: str, rows: TokenRows, targets: Sequence[Target], dr
 def cached_sweep(model, model_id: str, rows: TokenRows, targets: Sequence[Target], drop_ids: Sequence[int],
                  artifacts_dir: str | Path, batch_size: int = 4, max_logit_elems: int = 1 << 26, verbose: bool = True,
                  prefix: str = "", extra_metrics: Mapping[str, MetricFn] | None = None,
-                 extra_identity: dict | None = None) -> pd.DataFrame:
+                 extra_identity: dict | None = None) -> Result:
     """`intervention_sweep`, cached under `<artifacts>/entropy_intervention/` keyed by the model's content
     id, the rows' sha256, the targets (neurons, values, modes) and the dropped ids; with
     `extra_metrics`, also by `extra_identity` (required then: the metrics' names and the content
-    they are computed from, e.g. the sha256 of a reference distribution)."""
+    they are computed from, e.g. the sha256 of a reference distribution). Returns the Result: its
+    table `sweep`, and `meta` with the computing time (`seconds`) and the unintervened tokens."""
     rows = TokenRows.of(rows)
     if extra_metrics and not extra_identity:
         raise ValueError("extra metrics need an extra_identity (what they are computed from) for the cache "
@@ -343,10 +344,7 @@ def cached_sweep(model, model_id: str, rows: TokenRows, targets: Sequence[Target
         return {"seconds": time.time() - t0, "n_tokens": int(table[table["mode"] == "nominal"].n.sum())}
 
     ident = sweep_identity(model_id, rows, targets, drop_ids, extra_identity if extra_metrics else None)
-    res = cached_result("entropy_intervention", ident, compute, root=artifacts_dir, prefix=prefix)
-    table = res.table("sweep")
-    table.attrs["seconds"] = res.meta.get("seconds")
-    return table
+    return cached_result("entropy_intervention", ident, compute, root=artifacts_dir, prefix=prefix)
 
 
 # ---------------------------------------------------------------------------------- summaries

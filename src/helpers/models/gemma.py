@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from helpers.core.cache import DamagedFile, cached_result, notice, sha256_file, write_json
+from helpers.core.cache import DamagedFile, Result, cached_result, notice, sha256_file, write_json
 
 GEMMA_NAME = "gemma3-270m"
 GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -303,7 +303,7 @@ def converted_identity() -> dict:
             "code_version": CODE_VERSION}
 
 
-def gemma_converted(artifacts_dir: str | os.PathLike, verbose: bool = True):
+def gemma_converted(artifacts_dir: str | os.PathLike, verbose: bool = True) -> Result:
     """The cached conversion (a `helpers.core.cache.Result`: `model.safetensors`, `hooked_config.json`
     and the tokenizer's files), made once from the verified GGUF file. Every file is checked against
     its recorded size and sha256 when the result is opened (a few seconds for the 1.8 GB of weights)."""

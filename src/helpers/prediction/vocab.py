@@ -61,7 +61,7 @@ import pandas as pd
 import torch
 
 from helpers.streaming.activations import ActivationStream
-from helpers.core.cache import atomic_write_parquet, cached_result, config_hash
+from helpers.core.cache import Result, atomic_write_parquet, cached_result, config_hash
 from helpers.streaming.accumulators import GroupedMoments
 from helpers.taxonomy.features import PRONOUNS, SYMBOLS, WORD_GROUPS, token_feature_table, vocab_strings_gpt2
 from helpers.models.effective import effective_unembed, output_directions
@@ -719,13 +719,13 @@ def _join(neurons: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def next_token_conditioning(family, member: str, rows, neurons: pd.DataFrame, class_masks: np.ndarray,
-                            artifacts_dir: str | Path, batch_size: int = 8, n_parts: int = 2, verbose: bool = False) -> pd.DataFrame:
+                            artifacts_dir: str | Path, batch_size: int = 8, n_parts: int = 2, verbose: bool = False) -> Result:
     """`stream_next_token_split` (activation `mlp.hook_post` times the neurons' `act_sign`, if
     given) over `n_parts` consecutive parts of `rows`, cached under
     `<artifacts>/next_token_split/` (keyed by the member's weights, the rows' sha256, the neurons and
-    their class masks). Returns one summary per part (`part` = "1 of 2", ...) and for all rows
-    (`part` = "all", the exact merge of the parts' histograms): the parts show how far the result
-    has converged at the token count used."""
+    their class masks). Returns the Result, whose table `split` holds one summary per part (`part`
+    = "1 of 2", ...) and for all rows (`part` = "all", the exact merge of the parts' histograms):
+    the parts show how far the result has converged at the token count used."""
     neurons = _check_split_args(neurons, class_masks)
     ident = {"code_version": CODE_VERSION, "weights": family.identity[member], "rows_sha256": rows.sha256,
              "rows_shape": list(rows.ids.shape), "neurons": neurons[["layer", "neuron"]].astype(int).values.tolist(),
@@ -752,7 +752,7 @@ def next_token_conditioning(family, member: str, rows, neurons: pd.DataFrame, cl
         atomic_write_parquet(pd.concat(out, ignore_index=True), folder / "split.parquet")
         return {"n_neurons": len(neurons), "n_parts": int(n_parts)}
 
-    return cached_result("next_token_split", ident, compute, root=artifacts_dir, prefix=f"{family.name}-{member}").table("split")
+    return cached_result("next_token_split", ident, compute, root=artifacts_dir, prefix=f"{family.name}-{member}")
 
 
 def conditioning_effect(split: pd.DataFrame) -> pd.DataFrame:
@@ -796,9 +796,11 @@ def direction_test(effects: pd.DataFrame, direction: str = "suppresses", n_tests
 
 
 def member_vocab_moments(family, member: str, artifacts_dir: str | Path, neurons_per_layer: int | None = None,
-                         verbose: bool = False) -> pd.DataFrame:
+                         verbose: bool = False) -> Result:
     """`vocab_moments` of one member over its real next tokens, cached under
-    `<artifacts>/vocab_moments/`, keyed by the member's weights, the excluded columns and the slice."""
+    `<artifacts>/vocab_moments/`, keyed by the member's weights, the excluded columns and the slice.
+    Returns the Result: its table `moments`, and `meta` with `null_var` (the median vocabulary
+    variance, `vocab_moments`' null) and `n_kept` (the real tokens kept)."""
     model = family.load(member)
     real = real_token_mask(family, model)
     ident = {"code_version": CODE_VERSION, "weights": family.identity[member], "real_tokens": real.key(),
@@ -809,10 +811,7 @@ def member_vocab_moments(family, member: str, artifacts_dir: str | Path, neurons
         atomic_write_parquet(t, folder / "moments.parquet")
         return {"null_var": t.attrs["null_var"], "n_kept": real.n_kept}
 
-    res = cached_result("vocab_moments", ident, compute, root=artifacts_dir, prefix=f"{family.name}-{member}")
-    t = res.table("moments")
-    t.attrs["null_var"] = res.meta["null_var"]
-    return t
+    return cached_result("vocab_moments", ident, compute, root=artifacts_dir, prefix=f"{family.name}-{member}")
 
 
 def family_vocab_moments(family, artifacts_dir: str | Path, members: Sequence[str] | None = None,
@@ -821,5 +820,5 @@ def family_vocab_moments(family, artifacts_dir: str | Path, members: Sequence[st
     from tqdm.auto import tqdm
 
     ms = list(members or family.members)
-    return pd.concat([member_vocab_moments(family, m, artifacts_dir).assign(member=m)
+    return pd.concat([member_vocab_moments(family, m, artifacts_dir).table("moments").assign(member=m)
                       for m in tqdm(ms, desc=f"{family.name} W_U moments", disable=not verbose)], ignore_index=True)

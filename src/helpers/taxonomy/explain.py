@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.core.cache import atomic_write_parquet, cached_result, run_cli
+from helpers.core.cache import Result, atomic_write_parquet, cached_result, run_cli
 from helpers.core.cli import preset_from_args, preset_parser
 from helpers.data.tokens import TokenRows
 from helpers.models.families import load_family
@@ -247,8 +247,9 @@ def explanation_tables(res: dict, fs: FeatureSet, min_positive: int, cutoffs: di
 
 @dataclass
 class Explanations:
-    """A cached explanation run: the per-neuron `table`, the profiles (`positions`, `sources`,
-    `letters`), the label list with positive counts and whether kept (`features`), and `meta`."""
+    """A cached explanation run read from its Result (`of`): the per-neuron `table`, the profiles
+    (`positions`, `sources`, `letters`), the label list with positive counts and whether kept
+    (`features`), `meta`, and the `result` itself (its folder and checked files)."""
 
     table: pd.DataFrame
     positions: pd.DataFrame
@@ -256,6 +257,11 @@ class Explanations:
     letters: pd.DataFrame
     features: pd.DataFrame
     meta: dict
+    result: Result | None = None
+
+    @classmethod
+    def of(cls, result: Result) -> "Explanations":
+        return cls(*(result.table(k) for k in TABLES), result.meta, result)
 
     @property
     def n_dropped(self) -> int:
@@ -267,10 +273,11 @@ TABLES = ("table", "positions", "sources", "letters", "features")
 
 def explain_model(family, member: str, rows: TokenRows, artifacts_dir: str | Path, neurons: pd.DataFrame | None = None,
                   batch_size: int = 32, min_positive: int = 20, cutoffs: dict | None = None, syntax: bool = True,
-                  sample: dict | None = None, verbose: bool = False) -> Explanations:
+                  sample: dict | None = None, verbose: bool = False) -> Result:
     """Variance reduction of `neurons` (all by default) of `family`'s `member` against every label
     of the token set `rows`, cached under `<artifacts>/explanations/` keyed by the member's weights,
-    the rows' sha256, the labels, the neuron list and the cut-offs."""
+    the rows' sha256, the labels, the neuron list and the cut-offs. Returns the Result (tables
+    `TABLES`; `Explanations.of` reads them)."""
     use_gpt2 = rows.gpt2_ids is not None
     strings = vocab_strings_gpt2() if use_gpt2 else family.codec.token_strings()
     strings_id = "gpt2" if use_gpt2 else f"{family.name}:{family.identity[member]}"
@@ -292,8 +299,7 @@ def explain_model(family, member: str, rows: TokenRows, artifacts_dir: str | Pat
                 "n_features": fs.n_features, "n_dropped": int((~tabs["features"].kept).sum()),
                 "family": family.name, "member": member, "position_width": res["position_width"]}
 
-    res = cached_result("explanations", ident, compute, root=artifacts_dir, prefix=f"{family.name}-{member}")
-    return Explanations(*(res.table(k) for k in TABLES), res.meta)
+    return cached_result("explanations", ident, compute, root=artifacts_dir, prefix=f"{family.name}-{member}")
 
 
 def sample_neurons(stats: pd.DataFrame, n_top: int = 64, n_random: int = 64, seed: int = 0, column: str = "act_kurt") -> pd.DataFrame:
@@ -330,9 +336,9 @@ def explain_sampled(family, member: str, rows: TokenRows, artifacts_dir: str | P
 
     stats = cached_result("selection_stats", ident, compute, root=artifacts_dir, prefix=family.name).table("stats")
     sample = sample_neurons(stats.rename(columns={"post_kurt": "act_kurt"}), n_top, n_random, seed)
-    ex = explain_model(family, member, rest, artifacts_dir, sample, batch_size, min_positive, cutoffs,
-                       sample={"n_select_rows": n_select_rows, "n_top": n_top, "n_random": n_random, "seed": seed},
-                       verbose=verbose)
+    ex = Explanations.of(explain_model(
+        family, member, rest, artifacts_dir, sample, batch_size, min_positive, cutoffs,
+        sample={"n_select_rows": n_select_rows, "n_top": n_top, "n_random": n_random, "seed": seed}, verbose=verbose))
     ex.table = ex.table.merge(sample, on=["layer", "neuron"], how="left")
     return ex
 
@@ -479,8 +485,8 @@ def depth_summary(table: pd.DataFrame, n_layers: int) -> pd.DataFrame:
 def explain_reference(family, n_tokens: int, artifacts_dir: str | Path, batch_size: int = 32, min_positive: int = 20,
                       verbose: bool = False) -> Explanations:
     """Every neuron of `family`'s reference model on `n_tokens` held-out tokens."""
-    return explain_model(family, family.reference, family.token_table(n_tokens), artifacts_dir, batch_size=batch_size,
-                         min_positive=min_positive, verbose=verbose)
+    return Explanations.of(explain_model(family, family.reference, family.token_table(n_tokens), artifacts_dir,
+                                         batch_size=batch_size, min_positive=min_positive, verbose=verbose))
 
 
 def main(argv: list[str] | None = None) -> None:
