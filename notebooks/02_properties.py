@@ -276,12 +276,10 @@ fig.show()
 single = families.load_family(single_model, params, device=device)
 n_single = params.properties_single_tokens
 # the half-token table is written from the same forward pass (its rows are the first half)
-single_stats = properties.neuron_stats.member_neuron_stats(
-    single, n_single, art, batch_size=8, prefixes=[n_single // 2]
-).table("neuron_stats")
-half_stats = properties.neuron_stats.member_neuron_stats(
-    single, n_single // 2, art, batch_size=8
-).table("neuron_stats")
+single_run, half_run = properties.neuron_stats.stats_and_half(
+    single, n_single, art, batch_size=params.single_batch_size
+)
+single_stats, half_stats = (r.table("neuron_stats") for r in (single_run, half_run))
 conv_cols = ["pre_kurt", "pre_skew", "act_freq", "vocab_kurt"]
 med_full, med_half = (t.groupby("layer")[conv_cols].median() for t in (single_stats, half_stats))
 convergence = pd.DataFrame(
@@ -294,7 +292,10 @@ convergence = pd.DataFrame(
         ).median(),
     }
 )
-print(f"SmolLM2 statistics on {n_single:,} tokens (convergence check: {n_single // 2:,})")
+print(
+    f"SmolLM2 statistics on {single_run.identity['n_tokens']:,} tokens "
+    f"(convergence check: {half_run.identity['n_tokens']:,})"
+)
 display(convergence.style.format("{:.1%}"))
 single_stats["l2_penalty_full"] = properties.significance.full_l2_penalty(single_stats)
 print("weight processing of SmolLM2:", loading.SMOLLM2_PROCESSING)

@@ -325,7 +325,7 @@ sm = taxonomy.explain.explain_sampled(
     art,
     n_select_rows=1,
     seed=seed,
-    batch_size=min(batch_size, 8),
+    batch_size=params.single_batch_size,
     min_positive=min_positive,
     verbose=True,
 )

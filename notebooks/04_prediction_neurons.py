@@ -642,7 +642,7 @@ split_sm = (
         sel_sm[["layer", "neuron", "act_sign"]],
         prediction.vocab.class_masks(sel_sm, classes_sm, len(real_sm.mask)),
         art,
-        batch_size=min(batch_size, 8),
+        batch_size=params.single_batch_size,
         verbose=True,
     ).table("split")
     if len(sel_sm)

@@ -185,29 +185,47 @@ def test_notebooks_size_nothing_by_comparing_a_preset_value(py):
                     f"{py.stem}: a size decided in the notebook from a preset value:\n{ast.unparse(node)}"
 
 
-def _reads_a_size(node) -> bool:
-    """`params.<key>`, or a variable named after a preset key (`n_tokens`), the batch size aside."""
+def _names_from_params(tree) -> set[str]:
+    """Names a notebook binds to a preset value: `n = params.x` and `a, b = params.x, params.y`."""
+    out = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Assign):
+            continue
+        for target in node.targets:
+            pairs = (zip(target.elts, node.value.elts) if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple)
+                     else [(target, node.value)])
+            out |= {t.id for t, v in pairs if isinstance(t, ast.Name) and isinstance(v, ast.Attribute)
+                    and isinstance(v.value, ast.Name) and v.value.id == "params"}
+    return out
+
+
+def _reads_a_size(node, bound: set[str]) -> bool:
+    """`params.<key>`, a variable named after a preset key (`n_tokens`), or a name the notebook bound
+    to a preset value (`bound`)."""
     from helpers.core.presets import KEYS
 
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "params":
-        return node.attr != "batch_size"
-    return isinstance(node, ast.Name) and node.id in KEYS and node.id != "batch_size"
+        return True
+    return isinstance(node, ast.Name) and (node.id in KEYS or node.id in bound)
 
 
 @pytest.mark.parametrize("py", SOURCES, ids=lambda p: p.stem)
 def test_notebooks_derive_no_size_from_a_preset_value(py):
-    """A size a chapter caps or divides from a preset value (`min(params.n_tokens, 100_000)`) is a
-    preset key of its own (`explain_tokens`), set per preset in params/*.yaml."""
-    for c in _code_cells(jupytext.read(py)):
-        src = "\n".join(l for l in c.source.splitlines() if not l.lstrip().startswith(("%", "!")))
-        for node in ast.walk(ast.parse(src)):
+    """A size a chapter caps or divides from a preset value (`min(params.n_tokens, 100_000)`,
+    `min(batch_size, 8)`, `n // 2` with `n = params.x`) is a preset key of its own
+    (`explain_tokens`, `single_batch_size`) or a helper's rule (`stats_and_half`)."""
+    cells = _code_cells(jupytext.read(py))
+    strip = lambda c: "\n".join(l for l in c.source.splitlines() if not l.lstrip().startswith(("%", "!")))  # noqa: E731
+    bound = set().union(*(_names_from_params(ast.parse(strip(c))) for c in cells))
+    for c in cells:
+        for node in ast.walk(ast.parse(strip(c))):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("min", "max"):
                 operands = node.args
             elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.FloorDiv):
                 operands = [node.left, node.right]
             else:
                 continue
-            assert not any(_reads_a_size(o) for o in operands), \
+            assert not any(_reads_a_size(o, bound) for o in operands), \
                 f"{py.stem}: a size derived in the notebook from a preset value:\n{ast.unparse(node)}"
 
 

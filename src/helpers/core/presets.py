@@ -266,6 +266,7 @@ class Preset(Mapping):
     n_tokens_aux: int         # tokens of the auxiliary passes (training checkpoints, examples)
     n_tokens_single: int      # tokens of the single model's token table (chapters 02-06 read prefixes)
     batch_size: int           # rows per forward pass of the analyses
+    single_batch_size: int    # rows per forward pass of single_model (its rows are longer)
     threshold: float          # excess correlation above which a neuron counts as universal
     baseline: str             # the correlation baseline: rotation (seeded orthogonal) or gaussian
     train_seed: int           # base seed of the embedded family's training (member a: +0, b: +1, ...)
@@ -392,6 +393,7 @@ TOP_KEYS: dict[str, _Key] = {
     "n_tokens_aux": _Key(_positive_int, True, "tokens of the auxiliary passes"),
     "n_tokens_single": _Key(_positive_int, True, "tokens of the single model's token table"),
     "batch_size": _Key(_positive_int, True, "rows per forward pass"),
+    "single_batch_size": _Key(_positive_int, True, "rows per forward pass of single_model"),
     "threshold": _Key(_float, True, "universality threshold on the excess correlation"),
     "baseline": _Key(_one_of(*BASELINES), True, "correlation baseline"),
     "train_seed": _Key(_seed, True, "base seed of the embedded family's training"),

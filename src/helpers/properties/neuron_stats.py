@@ -373,6 +373,16 @@ def member_neuron_stats(family, n_tokens: int, artifacts_dir: str | Path, member
     return cached_result("neuron_stats", identity, compute, folder=out)
 
 
+def stats_and_half(family, n_tokens: int, artifacts_dir: str | Path, batch_size: int = 32,
+                   verbose: bool = True) -> tuple[Result, Result]:
+    """The reference's statistics over `n_tokens` and over their first half (`n_tokens // 2`, the
+    convergence check), both from one forward pass (`member_neuron_stats` with `prefixes`). The
+    half's token count is its Result's `identity["n_tokens"]`."""
+    half = int(n_tokens) // 2
+    full = member_neuron_stats(family, n_tokens, artifacts_dir, batch_size=batch_size, verbose=verbose, prefixes=[half])
+    return full, member_neuron_stats(family, half, artifacts_dir, batch_size=batch_size, verbose=verbose)
+
+
 def sign_tokens(family, params) -> int:
     """The token count of the statistics table a family's `act_sign` is read from in chapters 04-06:
     for the single real model (SmolLM2) chapter 02's own table (the preset's
