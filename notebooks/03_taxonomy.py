@@ -33,7 +33,8 @@
 # per batch), and assigns each neuron a family with the cut-offs shown below. It does so for every
 # neuron of the reference model, for the **untrained control** (where layer-0 neurons are functions of
 # the current token and position by construction, so the difference from the trained model is the
-# result, not the raw counts), and for a per-layer sample of a real 30-layer model, SmolLM2-135M.
+# result, not the raw counts), and for a per-layer sample of a real pretrained model (the preset's
+# `single_model`: Gemma 3 270M, 18 layers, on the default preset).
 
 # %% tags=["hide-input"]
 import sys
@@ -50,6 +51,8 @@ if IN_COLAB:
     import os
 
     os.environ["UNIVERSAL_NEURONS_ROOT"] = "/content/universal-neurons-book"
+
+import time
 
 import numpy as np
 import pandas as pd
@@ -83,8 +86,9 @@ reference = fam.reference
 # to keep it under about 8 minutes on 2 CPU cores on the default preset. Estimate: one batch's
 # grouped sums at the default size (8,192 tokens x 2,048 neurons x ~1,000 labels) take about 1 s on
 # one core, so 100,000 tokens cost ~15 s per embedded model plus the spaCy parse (~20 s, cached and
-# shared with the control); SmolLM2's forward pass takes about 3 s per 512-token row, so 16,384
-# tokens cost ~1.5 min, plus ~0.5 min to load it.
+# shared with the control); the real model's forward pass (to its last layer: no unembedding)
+# takes about 1 s per 512-token row for Gemma 3 270M on 2 cores without bf16, so 16,384 tokens cost
+# ~0.5 min plus the grouped sums of its sample; the time it took is printed below.
 n_explain, n_single = params.explain_tokens, params.explain_single_tokens
 min_positive = params.explain_min_positive  # positive (and negative) tokens a label needs
 
@@ -310,14 +314,15 @@ plots.style(
 fig.show()
 
 # %% [markdown]
-# ## 4. Families with depth in a real model: SmolLM2-135M
+# ## 4. Families with depth in a real model
 #
-# One model of 30 layers. Per layer, a sample: the 64 neurons with the highest post-activation
+# One model, the preset's `single_model` (described below). Per layer, a sample: the 64 neurons with the highest post-activation
 # kurtosis (measured on a first, separate row of tokens) and 64 others drawn at random. Its token
 # features come from its own token strings.
 
 # %%
 single = families.load_family(single_model, params, device=device)
+t0 = time.time()
 sm = taxonomy.explain.explain_sampled(
     single,
     single.reference,
@@ -353,8 +358,9 @@ plots.style(
 fig.show()
 print(
     f"{len(sm.table):,} sampled neurons on {sm.meta['n_tokens']:,} tokens; {sm.n_dropped} of "
-    f"{sm.meta['n_features']} labels dropped"
+    f"{sm.meta['n_features']} labels dropped ({time.time() - t0:.0f} s in this run)"
 )
+display(Markdown(families.describe_model(single_model, single.load(single.reference).cfg)))
 
 # %% [markdown]
 # ## 5. Fig 1a: alphabet neurons
@@ -531,7 +537,7 @@ display(
 # here they are ranges of relative depth, and layer l of an n-layer model stands for the slice
 # [l / n, (l + 1) / n] of the depth, so a claim holds when the slice of the family's median layer
 # overlaps its range (`explain.DEPTH_CLAIMS`). A model of few layers can only place a family
-# coarsely; the claims are most informative on the 30-layer SmolLM2. `taxonomy.verdicts` builds the
+# coarsely; the claims are most informative on the real model, which has more layers. `taxonomy.verdicts` builds the
 # rows and judges the untrained control by the same rule.
 
 # %%
@@ -596,7 +602,7 @@ display(
             "{rest_expl:.0%} of the rest.",
             "{letters} of 26 letters have a universal alphabet neuron with VR ≥ {alpha_cut} "
             "(paper: {paper_letters} in GPT2-medium).",
-            "SmolLM2-135M: {sm_n} sampled neurons; unigram neurons at median relative depth "
+            "{sm_model}: {sm_n} sampled neurons; unigram neurons at median relative depth "
             "{sm_uni:.2f}, previous-token {sm_prev:.2f}, "
             "syntax {sm_syn:.2f} (0: first layer, 1: last).",
             "{dropped} labels were dropped for having fewer than {minp} positive or negative "
@@ -633,6 +639,7 @@ display(
         letters=n_letters,
         alpha_cut=alpha_cut,
         paper_letters=paper.value("alphabet_letters", paper.MEDIUM),
+        sm_model=single_model,
         sm_n=len(sm.table),
         sm_uni=depth_sm.loc["unigram", "median depth"],
         sm_prev=depth_sm.loc["previous-token", "median depth"],

@@ -28,8 +28,9 @@
 # fire more when the next token *is* in their class.
 #
 # It is a depth pattern, so it needs a deep model. This chapter measures it on the two kinds of
-# model this book has offline: **SmolLM2-135M** (30 layers, tied embeddings; a Q4_1-quantised,
-# instruct-tuned model) and the **embedded family** (several seeds of one small model, whose depth
+# model this book has offline: a **real pretrained model**, the preset's `single_model` (Gemma 3
+# 270M on the default preset: 18 layers, tied embeddings, a 262,144-token vocabulary; section 2
+# describes it) and the **embedded family** (several seeds of one small model, whose depth
 # and width section 2 prints; untied embeddings, a reduced vocabulary), each beside the same
 # measurement on the embedded family's **untrained control**.
 # Everything here is a function of the weights (`helpers.prediction.vocab`) except Fig 24, which streams
@@ -91,12 +92,14 @@ K = paper.value(
 )  # the reference code's W_U kurtosis threshold
 # Token counts of the one streamed analysis (Fig 24: the preset's `conditioning_tokens` and
 # `conditioning_single_tokens`), sized for about 8 minutes for the whole chapter on 2 CPU cores
-# without bf16: the embedded models cost well under 1 ms per token; SmolLM2's forward pass about
-# 3 s per 512-token row, so 8,192 tokens (16 rows) cost ~50 s there. Everything else is
-# weight-only: W_U moments of SmolLM2's 46,080 neurons take ~1-2 min once, then are cached.
+# without bf16: the embedded models cost well under 1 ms per token; the real model's forward pass
+# (to the last layer it needs: no unembedding) about 1 s per 512-token row, so 8,192 tokens (16
+# rows) cost ~20 s there. Everything else is weight-only; its cost is the W_U moments, a product of
+# each neuron's direction with the whole unembedding: a 262,144-token vocabulary makes each neuron
+# about 5x as costly as a 49,152-token one.
 n_cond, n_cond_single = params.conditioning_tokens, params.conditioning_single_tokens
-# The preset sizes SmolLM2's W_U moments: all 1,536 neurons of each of its 30 layers, or on the CI
-# preset a slice of the first 256 of each (a sixth of the cost; indices carry no meaning).
+# The preset sizes the real model's W_U moments: the first `vocab_single_neurons` of each layer (a
+# sample: indices carry no meaning), or every neuron when it is null.
 sm_neurons = params.vocab_single_neurons
 
 # %% [markdown]
@@ -104,10 +107,11 @@ sm_neurons = params.vocab_single_neurons
 #
 # Moments over the vocabulary only make sense over tokens a model can predict as text. Left out:
 # the reduced vocabulary's `<unk>` (it stands for every rare token at once), the BOS/EOS token,
-# SmolLM2's special chat and metadata tokens, and any padding column of the unembedding.
+# a real model's special, control and unused tokens, and any padding column of the unembedding.
 
 # %%
 ref_model, sm_model = fam.load(reference), single.load(single.reference)
+display(Markdown(families.describe_model(single_model, sm_model.cfg)))
 real = prediction.vocab.real_token_mask(fam, ref_model)
 real_sm = prediction.vocab.real_token_mask(single, sm_model)
 excluded = pd.concat(
@@ -129,8 +133,8 @@ print(
 # cos(W_U[:, t], s·w_out) (as in chapter 02), where s·w_out is the neuron's **effective output
 # direction**: s is the sign of its mean activation over the tokens in the top 1% of
 # |activation| (`neuron_stats.SIGN_RULE`, streamed with the activation statistics: chapter 02's
-# pass for SmolLM2, a short pass of `n_tokens_aux` tokens per embedded member). SmolLM2's gated
-# activation silu(gate)·up takes both signs; a neuron that fires negatively writes −w_out, so
+# pass for the real model, a short pass of `n_tokens_aux` tokens per embedded member). A gated
+# activation (act(gate)·up) takes both signs; a neuron that fires negatively writes −w_out, so
 # W_U w_out alone would call a neuron that lowers a class a prediction neuron. For GELU neurons
 # s = +1 almost always, and where it is +1 nothing changes. The classes and their rule are below; the partition rule
 # is this book's (the paper gives none): not heavy-tailed, and a variance of the cosines at least
@@ -150,7 +154,9 @@ mom = prediction.vocab.apply_signs(
 )
 mom_sm = prediction.vocab.apply_signs(
     mom_sm,
-    properties.neuron_stats.family_signs(single, params, art, 8, members=[single.reference]).drop(
+    properties.neuron_stats.family_signs(
+        single, params, art, params.single_batch_size, members=[single.reference]
+    ).drop(
         columns="member"
     ),
 )
@@ -238,8 +244,8 @@ display(
 # %% [markdown]
 # ## 3. Fig 6a,b: W_U kurtosis and skew by depth
 #
-# Per layer, the 5/10/50/90/95th percentiles of the W_U kurtosis and skew. SmolLM2 (one model, no
-# seeds) against its layer, the relative depth layer / 29 under it; the embedded family as the mean
+# Per layer, the 5/10/50/90/95th percentiles of the W_U kurtosis and skew. The real model (one
+# model, no seeds) against its layer, the relative depth layer / (n_layers − 1) under it; the embedded family as the mean
 # over seeds a-e with the min-max band, its untrained control dotted. The kurtosis axis is
 # logarithmic, as in Fig 22.
 
@@ -422,12 +428,12 @@ display(Markdown(prediction.verdicts.sensitivity_sentence(set_sizes)))
 # ## 6. What the heavy-tailed neurons act on: token classes (Figs 5, 23)
 #
 # Chapter 03's token features applied to the vocabulary strings (GPT-2's string for each entry of
-# the embedded family's reduced vocabulary, SmolLM2's own otherwise). For each neuron, each class's
+# the embedded family's reduced vocabulary, the real model's own otherwise). For each neuron, each class's
 # variance reduction of W_U w_out over the kept tokens, and the mean difference in-class minus
 # out-of-class (positive: the neuron raises the class). A prediction neuron's best class is the one
 # of highest VR among those it raises, a suppression neuron's among those it lowers (the tail that
 # makes it heavy-tailed); other neurons take any class. Explained: every neuron of the embedded
-# reference member, and every classified neuron of SmolLM2.
+# reference member, and every classified neuron of the real model.
 
 # %%
 classes = prediction.vocab.token_classes(real)
@@ -558,7 +564,7 @@ fig5(
 )
 
 # %% [markdown]
-# Fig 23 analogue: the 12 heavy-tailed SmolLM2 neurons with the highest VR, each split by its best
+# Fig 23 analogue: the 12 heavy-tailed neurons of the real model with the highest VR, each split by its best
 # class (mean ± std of W_U w_out on the class and on the rest).
 
 # %%
@@ -608,9 +614,9 @@ print(
 # %% [markdown]
 # ## 8. Fig 24: activation split by whether the next token is in the class
 #
-# For the five classes with the most heavy-tailed SmolLM2 neurons, up to three neurons that predict
-# and three that suppress each (highest VR), the activation (`mlp.hook_post`, the coefficient of
-# w_out: silu(gate)·up for SmolLM2's gated MLP, not the gate's input `mlp.hook_pre`) times s, so
+# For the five classes with the most heavy-tailed neurons of the real model, up to three neurons
+# that predict and three that suppress each (highest VR), the activation (`mlp.hook_post`, the
+# coefficient of w_out: act(gate)·up for a gated MLP, not the gate's input `mlp.hook_pre`) times s, so
 # larger always means more of the effective direction, on held-out tokens, split by whether the
 # **next** token is in the class. Left: the neuron's W_U s·w_out on the class and the rest; right:
 # the split activation. Streamed

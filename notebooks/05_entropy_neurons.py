@@ -34,7 +34,8 @@
 # separates the **total** effect from the **direct** effect, in which the final scale is frozen at its
 # unintervened value: for an entropy neuron almost all of the effect should go through the scale. It
 # does this for the reference member of the embedded family beside its **untrained control**, for
-# every seed of the family, and for a real 30-layer model, SmolLM2-135M, whose final normalisation is
+# every seed of the family, and for a real pretrained model, the preset's `single_model` (Gemma 3
+# 270M on the default preset: 18 layers, a 262,144-token vocabulary), whose final normalisation is
 # an RMSNorm.
 
 # %% tags=["hide-input"]
@@ -86,15 +87,16 @@ fam = families.load_family(params.family, params, device=device)
 reference = fam.reference
 n_random = paper.value("entropy_n_random", paper.MEDIUM)  # the paper's baseline size
 t_start = time.time()
-# Token counts (the preset's `entropy_*` keys), sized to keep the chapter near 8 minutes on 2 CPU
-# cores without bf16. An intervened forward pass repeats the batch once per (neuron, value);
-# measured on a shared 2-core machine (load ~4): the embedded model ~0.02 s per 256-token row and
-# replica, SmolLM2 ~1.4 s per 512-token row and replica (it starts at layer 28: two blocks, the
-# 49k-token unembedding and the metrics) and ~2 s per row for its full pass. The paper used 24 rows
-# of 512 tokens; section 7 shows how far the curves have converged at these sizes. The embedded
-# rows are the first `entropy_rows` of the held-out table (2,048 tokens: 8 rows of 256 on the
-# default preset); SmolLM2's random neurons run on other, half-length rows (flat curves need fewer
-# tokens), at 3 of the 8 grid points (`entropy_random_grid`, the control's random neurons too).
+# Token counts (the preset's `entropy_*` keys), sized to keep the chapter near 5 minutes on 2 CPU
+# cores without bf16. An intervened forward pass repeats the batch once per (neuron, value). The
+# real model's intervened pass starts at its second-to-last layer (two blocks, the unembedding and
+# the metrics), so its cost per token grows with its vocabulary: Gemma 3's 262,144-token
+# unembedding makes a token about 2 ms on such a CPU, 25 times the embedded model's (the section
+# timings are printed below). The paper used 24 rows of 512 tokens; section 7 shows how far the
+# curves have converged at these sizes. The embedded rows are the first `entropy_rows` of the
+# held-out table (2,048 tokens: 8 rows of 256 on the default preset); the real model's random
+# neurons run on other, shorter rows (flat curves need fewer tokens), at 3 of the 8 grid points
+# (`entropy_random_grid`, the control's random neurons too).
 rows = TokenRows(fam.token_table(params.n_tokens).ids[: params.entropy_rows])
 n_rows = len(rows)
 ctx_single, n_rows_single = params.entropy_single_ctx, params.entropy_single_rows
@@ -131,6 +133,7 @@ control_fam = (
 control = control_fam.load(reference) if control_fam else None
 single = families.load_family(single_model, params, device=device)
 sm_model = single.load(single.reference)
+display(Markdown(families.describe_model(single_model, sm_model.cfg)))
 spectra = {
     f"{fam.name}-{reference}": entropy.candidates.unembed_spectrum(model),
     single_model: entropy.candidates.unembed_spectrum(sm_model),
@@ -205,13 +208,13 @@ display(
 # (`entropy.candidates.natural_grid`, `entropy.candidates.grid_points`) runs in units where 6 is
 # `entropy.candidates.EXTEND` = 1.5 times its percentile on its natural side, in the direction s;
 # its negative points (−r·6 and −r·3) reach 1.5 times its percentile on the other side, at least the
-# paper's −0.17 against 6; 0 is on the grid. A gated SmolLM2 neuron can act with either sign, so
+# paper's −0.17 against 6; 0 is on the grid. A gated neuron of the real model can act with either sign, so
 # "driving it up" may be the opposite of what it does: the effect at the grid's top is the effect of
 # its typical large activation, and a neuron is called an entropy or anti-entropy neuron by that
 # effect, whatever its weight-space role. The anti-entropy partner is the late neuron whose
 # effective direction s·w_out is most nearly opposite. Plots use these grid units on the x-axis; the
-# table gives each neuron's sign, percentiles and scale. For SmolLM2 the ranks are among its last
-# two layers' neurons (the weight statistics of all 46k neurons cost minutes for nothing used here).
+# table gives each neuron's sign, percentiles and scale. For the real model the ranks are among its
+# last two layers' neurons (the W_U moments of all its neurons cost minutes for nothing used here).
 
 # %%
 studies = {}
@@ -397,7 +400,7 @@ if with_null:
 # Token means over the token set of the final normalisation scale (c), the reciprocal rank of the
 # true next token (d), the entropy (e) and the loss (f), against the fixed activation, for the
 # candidates (coloured) and the 20 random neurons (grey); dashed: the unintervened run. Total effect.
-# SmolLM2's random neurons run on other rows (sizes printed at the top); their curves are shifted by the
+# The real model's random neurons run on other rows (sizes printed at the top); their curves are shifted by the
 # difference of the two token sets' unintervened means so all start from the same level (the effect
 # tables use the unshifted values).
 
@@ -565,7 +568,7 @@ display(
 # neuron's chance probability is Bonferroni-corrected over all late neurons). The two most aligned
 # neurons are then fixed along their natural grid, as the entropy candidates were, against random
 # late neurons; the measure is KL(output || unigram), in the total mode and the direct one (final
-# scale frozen). SmolLM2 runs on its random neurons' short rows (`entropy_single_random_rows`), its
+# scale frozen). The real model runs on its random neurons' short rows (`entropy_single_random_rows`), its
 # random neurons in the total mode only.
 
 # %%
@@ -670,8 +673,8 @@ display(beyond)
 # ## Result vs paper
 #
 # The paper's numbers are for GPT2-medium-a (24 layers, 1024 dimensions, 50k tokens); ours for the
-# embedded family's reference model (its size is printed below) and for SmolLM2-135M (quantised to 4
-# bits and instruction-tuned). The untrained control is measured the same way.
+# embedded family's reference model (its size is printed below) and for the real model (described
+# below). The untrained control is measured the same way.
 
 # %%
 cfg = model.cfg
@@ -762,7 +765,7 @@ display(
             "({ctl_null}).",
             "{n_has} of {n_members} seeds of the family have an entropy neuron by section 8's "
             "criterion ({n_anti} a monotone anti-entropy top candidate).",
-            "SmolLM2-135M: its top candidate {sm_n} (L2 rank {sm_l2} of the last two layers' "
+            "{sm}: its top candidate {sm_n} (L2 rank {sm_l2} of the last two layers' "
             "{sm_total}, vocab-variance rank {sm_vv}; "
             "{sm_null}, k = {sm_k}) has natural sign s = {sm_s:+d}; fixed from 0 to "
             "{sm_scale:+.4f} (the grid's 6) it moves the scale "
@@ -771,17 +774,18 @@ display(
             "{sm_chance:.3f}); with the scale frozen the entropy moves by {sm_direct:+.3f}, so "
             "{sm_via:+.3f} nats go through the final scale. "
             "{sm_kind}",
-            "SmolLM2's most nearly opposite late neuron has cos {sm_cos:+.3f} with it (paper's "
+            "{sm}'s most nearly opposite late neuron has cos {sm_cos:+.3f} with it (paper's "
             "pair: {paper_cos}).",
             "On this text {sm_n} itself stays within [{sm_lo:+.4f}, {sm_hi:+.4f}]; its sweep spans "
             "[{sm_vlo:+.4f}, {sm_vhi:+.4f}], its own "
             "range on both signs.",
             "Token counts are small ({n_rows} rows of {ctx} tokens embedded, {n_sm} rows of "
-            "{ctx_sm} for SmolLM2); the halves of the token set "
-            "differ by at most {conv_sm:.3f} nats on SmolLM2's candidate entropy curves against an "
+            "{ctx_sm} for {sm}); the halves of the token set "
+            "differ by at most {conv_sm:.3f} nats on {sm}'s candidate entropy curves against an "
             "effect range of {range_sm:.3f}.",
         ],
         ref=name_ref,
+        sm=single_model,
         ref_n=ref_row.neuron,
         ref_l2=int(ref_row.l2_rank),
         ref_vv=int(ref_row.vocab_var_rank),
@@ -866,11 +870,11 @@ display(
 
 # %% [markdown]
 # Why results can differ from the paper: the family's models are smaller and trained for less than
-# the paper's (their numbers are below). SmolLM2 is a different architecture (RMSNorm, gated SiLU
-# MLP, tied embeddings), quantised to 4 bits and instruction-tuned; its gated neurons act with
+# the paper's (their numbers are below). The real model is a different architecture (RMSNorm, a
+# gated MLP, tied embeddings; described above), quantised to 4 bits; its gated neurons act with
 # either sign, so each is swept over its own range on both signs, its natural direction positive.
 # The grid is scaled per neuron (6 = 1.5 × its 99.5th-percentile magnitude on its natural side), so
-# the paper's absolute Δ entropy (2.61 → 3.44 nats at 5 vs 0) is shown, not scored. Fixed-value interventions show what a neuron *can* do,
+# the paper's absolute Δ entropy (its value and source are in the table below) is shown, not scored. Fixed-value interventions show what a neuron *can* do,
 # not that the model uses it that way (the paper's own caveat).
 
 # %%

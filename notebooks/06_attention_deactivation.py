@@ -32,9 +32,9 @@
 # 2. h_n for **every** neuron and every head of a later layer, against random unit vectors (Fig 8a),
 #    on the neuron's **effective** output direction s·w_out: s is the sign of its mean activation
 #    over the tokens in the top decile of |activation| (`neuron_stats.SIGN_RULE`; chapter 02's pass
-#    for SmolLM2, a short pass per embedded member). SmolLM2's gated activation silu(gate)·up takes
-#    both signs, and a neuron that fires negatively writes −w_out; for GELU neurons s = +1 almost
-#    always and nothing changes. **Sign convention**: h_n > 0 means the neuron's typical large
+#    for the real model, a short pass per embedded member and for the second real model). A gated
+#    activation (gelu(gate)·up in Gemma, silu(gate)·up in SmolLM2) takes both signs, and a neuron
+#    that fires negatively writes −w_out; for GELU neurons s = +1 almost always and nothing changes. **Sign convention**: h_n > 0 means the neuron's typical large
 #    activation raises the head's attention to BOS (a deactivation neuron), h_n < 0 lowers it (an
 #    activation neuron);
 # 3. a path ablation that removes act_n · w_out from **one head's query input only** (TransformerLens's
@@ -44,10 +44,15 @@
 #    measured mean effect (rank correlation with a bootstrap interval, the pair being the unit).
 #
 # Models: the embedded family (every neuron against every head of a later layer; reference seed,
-# the other seeds and the untrained control) and SmolLM2-135M (all 30 layers). SmolLM2 uses rotary
-# positions: the query at position p is rotated relative to the BOS key at position 0, so its score
-# is **averaged over the query positions the ablation measures** (the second half of each row); it
-# uses grouped-query attention, so each query head reads the key of its own key/value head.
+# the other seeds and the untrained control), the preset's real model `single_model` (Gemma 3 270M
+# on the default preset, a pretrained base model: all 18 layers) and, where the preset names one, a
+# second real model `second_model` (SmolLM2-135M on the default preset). Both real models use rotary
+# positions: the query at position p is rotated relative to the BOS key at position 0, so a score is
+# **averaged over the query positions the ablation measures** (the second half of each row); both
+# use grouped-query attention, so each query head reads the key of its own key/value head. Gemma
+# also normalises each head's output and each MLP's output before the residual stream
+# (`helpers.models.effective`): the scores read a neuron's write and a head's value through those
+# norms.
 
 # %% tags=["hide-input"]
 import sys
@@ -101,24 +106,23 @@ control = (
     else None
 )
 reference = fam.reference
-# Sizes (the preset's `attention_*` and `pretrained_*` keys), chosen to keep the chapter within
+# Sizes (the preset's `attention_*` and `second_*` keys), chosen to keep the chapter within
 # about 8 minutes on 2 AVX2-only CPU cores on the default preset. The scores are weight-only
 # (seconds). The path ablation needs one forward pass per row and one re-run of the head's block per
-# pair: about 0.3 s per pair on 24 rows of 256 tokens for the embedded model, and for SmolLM2 about
-# 3 s per 512-token row, so 8 rows and 36 pairs cost ~1 min there, plus ~30 s to load it. Every
-# result is cached (helpers.attention.heads, keyed by weights and rows).
+# pair: about 0.3 s per pair on 24 rows of 256 tokens for the embedded model, and for a real model
+# a few seconds per 512-token row, so 8 rows and 36 pairs cost about a minute, plus the load
+# (10-30 s). Every result is cached (helpers.attention.heads, keyed by weights and rows).
 n_ablate = params.attention_tokens  # embedded tokens for the BOS norms and the ablation
-n_single = params.attention_single_tokens  # SmolLM2 tokens (8 rows of 512 on the default preset)
-# embedded pairs ablated: top/bottom h_n, and random ones; SmolLM2's (and Gemma's)
+n_single = params.attention_single_tokens  # real-model tokens (8 rows of 512 on the default preset)
+# embedded pairs ablated: top/bottom h_n, and random ones; the real models'
 n_top, n_random = params.attention_top_pairs, params.attention_random_pairs
 n_top_single, n_random_single = (
     params.attention_single_top_pairs,
     params.attention_single_random_pairs,
 )
-# Gemma 3 270M (the preset's pretrained_model), measured on 2 idle cores without bf16: BOS value
-# norms ~450 tokens/s, path ablation ~220 tokens/s, its conversion ~30 s once; on the default
-# preset it gets SmolLM2's sizes (8 rows of 512 tokens, 64 BOS rows)
-n_pretrained, bos_rows_pretrained = params.pretrained_tokens, params.pretrained_bos_rows
+# the second real model (the preset's second_model; SmolLM2-135M on the default preset) gets the
+# same sizes on the default preset (8 rows of 512 tokens, 64 BOS rows)
+n_second, bos_rows_second = params.second_tokens, params.second_bos_rows
 timings = {}
 
 # %% [markdown]
@@ -245,12 +249,14 @@ plots.ablation_scatter(
 ).show()
 
 # %% [markdown]
-# ## 2. SmolLM2-135M: all layers
+# ## 2. The real model: all layers
 #
-# Every neuron of layer l against every head of layers > l (about six million pairs). The BOS value
-# norms are measured on the first `bos_ctx` tokens of the first `bos_rows` rows (preset keys) of
-# chapter 02's held-out SmolLM2 rows, separately from the ablation's rows; the count is printed below from the computed table. The
-# path ablation runs on the pairs stated below.
+# The preset's `single_model` (Gemma 3 270M on the default preset; its description is printed
+# below). Every neuron of layer l against every head of layers > l (millions of pairs, counted
+# below). The BOS value norms are measured on the first `bos_ctx` tokens of the first `bos_rows`
+# rows (preset keys) of chapter 02's held-out rows of this model, separately from the ablation's
+# rows; the count is printed below from the computed table. The path ablation runs on the pairs
+# stated below. The natural signs come from chapter 02's statistics table of this model.
 
 # %%
 single = families.load_family(single_model, params, device=device)
@@ -259,7 +265,8 @@ t0 = time.time()
 smodel = single.load(
     single.reference
 )  # once: for the run (if not cached) and the circuitsvis view
-ssigns = signs_of(single, [single.reference], 8, smodel.cfg)[
+display(Markdown(families.describe_model(single_model, smodel.cfg)))
+ssigns = signs_of(single, [single.reference], params.single_batch_size, smodel.cfg)[
     single.reference
 ]  # chapter 02's table: no pass of its own
 srun = attention.heads.attention_deactivation(
@@ -279,11 +286,11 @@ srun = attention.heads.attention_deactivation(
     signs=ssigns,
 )
 print(f"{single_model}: {int((ssigns < 0).sum()):,} of {ssigns.numel():,} neurons have s = −1")
-timings["SmolLM2-135M"] = time.time() - t0
+timings[single_model] = time.time() - t0
 slabel = single_model
 spairs, srecords = srun.table("pairs"), srun.table("records")
 print(
-    f"SmolLM2: {len(srows)} rows of {srows.n_ctx} tokens; {len(spairs)} pairs ablated "
+    f"{slabel}: {len(srows)} rows of {srows.n_ctx} tokens; {len(spairs)} pairs ablated "
     f"({n_top_single} highest h_n, {n_top_single} lowest, {n_random_single} random); "
     f"{int(spairs.n_tokens.iloc[0]):,} sampled tokens per pair"
 )
@@ -312,6 +319,16 @@ plots.score_histograms(
     {slabel: srun.table("hist")}, f"Fig 8a · h_n over all (neuron, later head) pairs · {slabel}"
 ).show()
 display(pd.DataFrame({slabel: srun.meta["tails"]}).T)
+# the neuron browser lists the neurons of the real model's strongest pairs (both ends of h_n)
+report.publish_neurons(
+    "06_attention_deactivation",
+    params,
+    attention.heads.neuron_best(srun.table("top_scores"))
+    .rename(columns={"neuron_layer": "layer"})
+    .assign(head_name=lambda t: [f"L{l}.H{h}" for l, h in zip(t.head_layer, t["head"])]),
+    report.model_label(single),
+    {"best": "attention score h_n (strongest later head)", "head_name": "that head"},
+)
 
 # %%
 stop_ids = pd.concat(
@@ -325,27 +342,24 @@ plots.ablation_scatter(
 ).show()
 
 # %% [markdown]
-# ## 2b. Gemma 3 270M: a pretrained base model
+# ## 2b. A second real model
 #
-# SmolLM2 is instruction-tuned and quantised; the paper's models are pretrained base models. The
-# preset's `pretrained_model` (Gemma 3 270M on the default preset: 18 layers, 4 query heads sharing
-# one key-value head, sliding-window and global layers; none on the CI preset, which downloads no
-# Gemma) goes through the same run as SmolLM2, on the same corpus retokenised with its own
-# tokenizer: h_n for every (neuron, later head) pair, the BOS value norms and the path ablation of
-# as many pairs (the token counts are printed below). Gemma normalises each head's output and each MLP's output
-# before the residual stream (`helpers.models.effective`); the scores read a neuron's write and a
-# head's value through those norms. Its natural signs (the sign of its mean activation over the top
-# decile of |activation|) come from one activation pass over the ablation's rows
-# (`entropy.interventions.activation_ranges`): no chapter computes Gemma's full statistics, whose
-# vocabulary moments over its 262k-token unembedding cost minutes.
+# The preset's `second_model` (SmolLM2-135M on the default preset: 30 layers, instruction-tuned and
+# 4-bit quantised; none on the CI preset) goes through the same run as the real model, on the same
+# corpus retokenised with its own tokenizer: h_n for every (neuron, later head) pair, the BOS value
+# norms and the path ablation of as many pairs (the token counts are printed below). It shows
+# whether what the real model shows is particular to it. Its natural signs come from one activation
+# pass over the ablation's rows (`entropy.interventions.activation_ranges`): only the real model
+# gets chapter 02's full statistics, which the time budget allows once.
 
 # %%
-grun, glabel = None, params.pretrained_model
+grun, glabel = None, params.second_model
 if glabel:
     gfam = families.load_family(glabel, params, device=device)
     t0 = time.time()
     gmodel = gfam.load(gfam.reference)
-    grows = gfam.token_table(n_pretrained)
+    display(Markdown(families.describe_model(glabel, gmodel.cfg)))
+    grows = gfam.token_table(n_second)
     gsigns = properties.neuron_stats.sign_tensor(
         entropy.interventions.activation_ranges(
             gmodel, grows, range(gmodel.cfg.n_layers), gfam.codec.drop_ids, batch_size=2
@@ -362,7 +376,7 @@ if glabel:
         n_random_single,
         seed,
         batch_size=4,
-        bos_rows=bos_rows_pretrained,
+        bos_rows=bos_rows_second,
         bos_ctx=params.bos_ctx,
         bos_source=gfam.token_table(params.n_tokens_single),
         verbose=True,
@@ -404,7 +418,6 @@ if glabel:
         f"Fig 8a · h_n over all (neuron, later head) pairs · {glabel}",
     ).show()
     display(pd.DataFrame({glabel: grun.meta["tails"]}).T)
-    # the neuron browser lists the neurons of Gemma's 400 strongest pairs (200 at each end of h_n)
     report.publish_neurons(
         "06_attention_deactivation",
         params,
@@ -668,7 +681,7 @@ fig.show()
 # %% [markdown]
 # ## 6. One head with and without the ablation (circuitsvis)
 #
-# The SmolLM2 pair with the largest measured mean effect among its top pairs, at the sampled token
+# The real model's pair with the largest measured mean effect among its top pairs, at the sampled token
 # where removing the neuron's write changed the head's BOS attention most. The view keeps BOS and
 # the last `n_show` positions up to that token (a block of the full pattern, so rows need not sum to
 # 1): the head's attention clean, and with the neuron's write removed from its query.
@@ -719,8 +732,8 @@ plots.show_circuitsvis(
 # ## Result vs paper
 #
 # The paper's numbers are for GPT2-medium-a. The embedded model is smaller (its depth and pair count
-# are printed below); SmolLM2-135M is a different, quantised and instruct-tuned model, and Gemma 3
-# 270M (where the preset names it) a pretrained base model of another family.
+# are printed below); the real models are of other families (their descriptions are printed in
+# sections 2 and 2b).
 
 # %%
 cfg = fam.load(reference).cfg
@@ -757,7 +770,7 @@ display(
 
 # Checks that fail on a broken analysis: the scores cover exactly the valid pairs; probabilities
 # stay probabilities; the ablation measured every pair on the same tokens; the score's sign
-# predicts the direction of the per-token effect for most top pairs of the real model (SmolLM2).
+# predicts the direction of the per-token effect for most top pairs of the real model.
 # every neuron pairs with every head of each strictly later layer: sum over l of (n_layers - 1 - l)
 assert tails_t["n_pairs"] == cfg.d_mlp * cfg.n_heads * cfg.n_layers * (cfg.n_layers - 1) // 2
 assert records.p_bos.between(0, 1).all() and records.p_bos_ablated.between(0, 1).all()
@@ -770,10 +783,10 @@ assert tails_s["max"] > tails_s["baseline_max"] and tails_s["min"] < tails_s["ba
 #
 # Where this book's models differ from the paper's: the embedded model is shallow (its depth is
 # printed with the Result-vs-paper table), so a neuron has few later layers of heads to steer, and
-# it was trained on a small corpus; SmolLM2-135M is a real 30-layer model but quantised,
-# instruct-tuned, with rotary positions and grouped-query attention; Gemma 3 270M (where the preset
-# names it) is pretrained, not tuned, but has norms after its attention and MLP outputs, one key-value
-# head per layer and sliding-window layers. GPT2-medium, where the paper's
+# it was trained on a small corpus; the real models differ in family and structure (sections 2 and
+# 2b describe them: Gemma 3 270M, the default's real model, is pretrained and not tuned, but has
+# norms after its attention and MLP outputs, one key-value head per layer and sliding-window layers;
+# SmolLM2-135M is quantised and instruction-tuned). GPT2-medium, where the paper's
 # numbers come from, cannot be loaded offline. The sentences below say, from the computed tables,
 # which of the paper's findings hold in each.
 
@@ -784,22 +797,22 @@ display(
         [
             "BOS values: the median head's mean ‖W_O v‖ over other tokens is {rt:.2f}× its BOS "
             "value in {model} ({rc:.2f}× in the "
-            "untrained control) and {rs:.2f}× in SmolLM2-135M; the paper reports {rp}× for "
+            "untrained control) and {rs:.2f}× in {sm}; the paper reports {rp}× for "
             "GPT2-medium-a.",
             "Attention on BOS at the sampled tokens (the ablated heads' mean): {pb_t:.4f} in "
-            "{model}, {pb_s:.3f} in SmolLM2. {sink}",
+            "{model}, {pb_s:.3f} in {sm}. {sink}",
             "Scores: {model}'s h_n span [{tmin:.2f}, {tmax:.2f}] against [{bmin:.2f}, {bmax:.2f}] "
             "for random unit vectors "
-            "({tn} of {tN:,} pairs beyond the random maximum: {tails_t_txt}); SmolLM2's span "
+            "({tn} of {tN:,} pairs beyond the random maximum: {tails_t_txt}); {sm}'s span "
             "[{smin:.2f}, {smax:.2f}] against "
             "[{sbmin:.2f}, {sbmax:.2f}] ({sn} of {sN:,} beyond: {tails_s_txt}); the paper's "
             "minimum is {pmin}.",
             "Path ablation: the fitted slope of Δp(BOS) on the activation has the sign the score "
             "predicts for {sok_t:.0%} of "
-            "{model}'s top pairs and {sok_s:.0%} of SmolLM2's.",
+            "{model}'s top pairs and {sok_s:.0%} of {sm}'s.",
             "Across pairs, the w_out score × mean activation ranks the measured mean effect with "
             "Spearman ρ {rho_t:.2f} [{lo_t:.2f}, {hi_t:.2f}] "
-            "in {model} ({pred_t}) and {rho_s:.2f} [{lo_s:.2f}, {hi_s:.2f}] in SmolLM2 ({pred_s}; "
+            "in {model} ({pred_t}) and {rho_s:.2f} [{lo_s:.2f}, {hi_s:.2f}] in {sm} ({pred_s}; "
             "95% bootstrap over pairs). "
             "In the untrained control it is {rho_c:.2f} [{lo_c:.2f}, {hi_c:.2f}]: {ctl_txt}",
             "Across seeds of {model}: the neurons matched to the reference's 20 strongest rank at "
@@ -807,7 +820,7 @@ display(
             "of their own seed's |h_n| (control: {rec_c:.0f}; chance: 50).",
             *(
                 [
-                    "{gm}, a pretrained base model: the median head's BOS value ratio is "
+                    "{gm}, the second real model: the median head's BOS value ratio is "
                     "{rg:.2f}× (paper {rp}×); attention on BOS at the sampled tokens {pb_g:.3f}; "
                     "h_n span [{gmin:.2f}, {gmax:.2f}] against [{gbmin:.2f}, {gbmax:.2f}] for "
                     "random vectors ({gn} of {gN:,} pairs beyond: {tails_g_txt}); the heuristic "
@@ -819,6 +832,7 @@ display(
             ),
         ],
         model=label,
+        sm=slabel,
         rt=ratio_t,
         rc=ratio_c,
         rs=ratio_s,

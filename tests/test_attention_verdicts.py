@@ -99,6 +99,9 @@ def test_the_wrong_picture_differs_and_the_natural_sign_is_read():
     # a neuron that fires negatively (s = -1): slopes per unit of signed activation flip
     flipped = verdicts.comparisons(measured("m", pairs(top_slopes=(0.02, -3.0), sign=-1.0)))
     assert verdict_of(flipped, "top-h_n pair is a deactivation pair") == "matched"
+    # and the page shows them per unit of natural activation, the signs the verdict read
+    label = next(c.quantity for c in flipped if c.quantity.startswith("top-h_n pair"))
+    assert "natural slopes -0.02, +3%" in label, label
 
 
 def test_reasons_are_computed_from_the_model():

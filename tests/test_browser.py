@@ -52,7 +52,10 @@ def test_cards_match_a_direct_computation(tiny_arch):
         assert [c["values"][-1] for c in card["contexts"]] == pytest.approx(best.tolist(), abs=2e-2)  # fp16 storage
         r, p = divmod(int(acts.flatten().argmax()), rows.shape[1])
         assert card["contexts"][0]["tokens"] == [strings[t] for t in rows[r, max(1, p - 3):p + 1].tolist()]
-        effect = model.W_out[l][n] @ model.W_U
+        # the direct effect through the final LayerNorm: W_U with its mean over d_model removed (the
+        # norm removes the mean of a write), which is W_U itself for a model processed with fold_ln
+        w_u = model.W_U - model.W_U.mean(0, keepdim=True)
+        effect = model.W_out[l][n] @ w_u
         assert [t for t, _ in card["promoted"]] == [strings[i] for i in effect.topk(4).indices.tolist()]
         assert [t for t, _ in card["suppressed"]] == [strings[i] for i in (-effect).topk(4).indices.tolist()]
 
@@ -88,10 +91,20 @@ def test_the_page_lists_the_reference_model_and_the_single_models_analysed_neuro
     assert list(zip(out.model, out.layer)) == [("ref", 0), ("ref", 1), ("sm", 0), ("sm", 1)]
 
 
-def test_the_page_lists_the_pretrained_models_published_attention_neurons_only():
+def test_the_page_lists_the_real_models_published_attention_neurons_only():
     col = browser.ATTENTION_COLUMN
     t = pd.DataFrame({"model": ["ref", "sm", "gemma", "gemma"], "layer": [0, 0, 0, 1], "neuron": 0,
                       "family": [None, None, None, None], col: [0.5, None, 3.0, None]})
-    assert list(browser._browsable(t, "ref").model) == ["ref"]  # no pretrained model: as before
-    out = browser._browsable(t, "ref", "gemma")
+    assert list(browser._browsable(t, "ref").model) == ["ref"]  # no real model of chapter 06
+    out = browser._browsable(t, "ref", ("gemma",))
     assert list(zip(out.model, out.layer)) == [("ref", 0), ("gemma", 0)]
+    both = browser._browsable(t, "ref", ("gemma", "sm"))
+    assert list(zip(both.model, both.layer)) == [("ref", 0), ("gemma", 0)]  # sm has no score
+
+
+def test_a_real_models_cards_cover_its_analysed_and_its_attention_neurons_only():
+    col = browser.ATTENTION_COLUMN
+    rows = pd.DataFrame({"family": ["unigram", None, None], col: [None, 2.0, None],
+                         "vocabulary class": [None, None, "prediction"]})
+    assert list(browser._carded(rows)) == [True, True, False]
+    assert list(browser._carded(rows.drop(columns=[col]))) == [True, False, False]

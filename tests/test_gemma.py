@@ -512,3 +512,46 @@ def test_gemma_loads_offline_and_matches_transformers():
     probe = codec.encode("The capital of France is Paris. def f(x): return x + 1\nEinstein was born in")
     assert gemma.max_logprob_diff(model, hf, probe) < 1e-4
     assert codec.bos_id == 2 and codec.newline_id in codec.drop_ids and codec.bos_id in codec.drop_ids
+
+
+def test_the_page_description_of_each_real_model_states_its_true_shape():
+    """`families.describe_model` prints a real model's shape on the chapters' pages: Gemma's agrees
+    with TransformerLens's own config of google/gemma-3-270m; a loaded config that differs, or a
+    name that is no real model, is an error rather than a wrong description."""
+    from types import SimpleNamespace
+
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+    from helpers.models import families
+
+    builtin = get_pretrained_model_config("google/gemma-3-270m")
+    text = families.describe_model(gemma.GEMMA_NAME, builtin)
+    assert "18 layers" in text and "2,048 neurons per layer" in text and "262,144-token" in text
+    wrong = SimpleNamespace(**{**families.REAL_MODELS[gemma.GEMMA_NAME]["shape"], "d_mlp": 1536})
+    with pytest.raises(ValueError, match="d_mlp"):
+        families.describe_model(gemma.GEMMA_NAME, wrong)
+    with pytest.raises(ValueError, match="smollm2-135m"):
+        families.describe_model("gpt2-small")
+    assert "30 layers" in families.describe_model("smollm2-135m")
+
+
+@torch.no_grad()
+def test_a_neuron_card_ranks_tokens_by_the_direct_effect_through_the_norms(raw):
+    """The browser card's promoted tokens of a Gemma-structured neuron are those of its write through
+    the norm after its MLP and the final norm's weights, not those of raw W_U w_out."""
+    import pandas as pd
+
+    from helpers.book import browser
+
+    rows = token_rows(2).ids
+    neurons = pd.DataFrame({"layer": [0, 0, 1, 1], "neuron": [0, 1, 2, 3]})
+    strings = [str(i) for i in range(D_VOCAB)]
+    cards = browser.neuron_cards(raw, rows, neurons, strings, strings, drop_ids=[], n_vocab=3, k=2)
+    wu = effective.effective_unembed(raw)
+    differs = 0
+    for l, n in zip(neurons.layer, neurons.neuron):
+        want = (effective.output_directions(raw, l)[n] @ wu).topk(3).indices.tolist()
+        got = [int(t) for t, _ in cards[f"L{l}.{n}"]["promoted"]]
+        assert got == want
+        differs += got != (raw.W_out[l][n] @ raw.W_U).topk(3).indices.tolist()
+    assert differs > 0  # the norms change which tokens a neuron promotes

@@ -322,3 +322,28 @@ def test_flat_unembedding_has_no_null_space():
     table = entropy.entropy_table(model, sp)
     assert table.null_frac.isna().all() and table.null_ratio.isna().all()
     assert entropy.null_space_fraction(model, sp, k=2).max() <= 1  # an explicit cut-off is still a share
+
+
+def test_token_metrics_have_known_values_across_chunk_boundaries():
+    """Hand-built logits: a uniform row has entropy log V and loss log V; a row that puts logit 30 on
+    one token has entropy ~0, loss ~0 on it and ~30 elsewhere; ties count in the true token's favour.
+    Chunks of 1, 3 and 100 positions give the same numbers."""
+    V, P = 11, 7
+    logits = torch.zeros(2, P, V)
+    tokens = torch.zeros(2, P, dtype=torch.long)
+    tokens[0, 1:] = torch.arange(P - 1) % V  # row 0: uniform logits, every target ties with all tokens
+    logits[1, :, 4] = 30.0  # row 1: token 4 dominates
+    tokens[1, 1:] = torch.tensor([4, 5, 4, 6, 4, 7])
+    logits[1, 2, 9] = 30.0  # position 2: tokens 4 and 9 tie, the target (4) gets rank 1, entropy log 2
+    want_entropy = torch.tensor([[np.log(V)] * (P - 1), [0.0, 0.0, np.log(2.0), 0.0, 0.0, 0.0]], dtype=torch.float32)
+    want_loss = torch.tensor([[np.log(V)] * (P - 1), [0.0, 30.0, np.log(2.0), 30.0, 0.0, 30.0]], dtype=torch.float32)
+    want_rr = torch.tensor([[1.0] * (P - 1), [1.0, 0.5, 1.0, 0.5, 1.0, 0.5]])
+    kl_uniform = {"neg_h": lambda lp: (lp.exp() * lp).sum(-1)}
+    for chunk in (1, 3, 100):
+        m = iv.token_metrics(logits, tokens, nominal_top1=torch.full((2, P - 1), 4), extra=kl_uniform, chunk=chunk)
+        assert torch.allclose(m["entropy"], want_entropy, atol=1e-4), chunk
+        assert torch.allclose(m["loss"], want_loss, atol=1e-4), chunk
+        assert torch.allclose(m["rr"], want_rr), chunk
+        assert torch.allclose(m["neg_h"], -want_entropy, atol=1e-4), chunk
+        assert m["top1"][1].tolist() == [4] * (P - 1)
+        assert m["top1_same"][1].tolist() == [1.0] * (P - 1) and m["top1_same"][0].sum() < P - 1

@@ -198,6 +198,22 @@ def test_weight_statistics_match_direct_computation():
     np.testing.assert_allclose(exact.max_cos_w_in, direct_weight_stats(model, w_in, w_out).max_cos_w_in, rtol=1e-12)
 
 
+def test_vocab_moments_of_a_per_layer_sample():
+    """`vocab_neurons=k`: the vocab columns of the first k neurons of each layer are the full
+    computation's, NaN for the others; every other column is unchanged."""
+    model = tiny_model()
+    full = weight_statistics(model)
+    part = weight_statistics(model, vocab_neurons=5, block_elems=100)  # also: blocks cut inside the sample
+    vocab = ["vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt"]
+    sampled = part.neuron < 5
+    assert sampled.sum() == 5 * ARCH["n_layers"]
+    np.testing.assert_allclose(part.loc[sampled, vocab].to_numpy(), full.loc[sampled, vocab].to_numpy(), rtol=1e-12)
+    assert part.loc[~sampled, vocab].isna().all().all()
+    others = [c for c in full.columns if c not in vocab]
+    pd.testing.assert_frame_equal(part[others], full[others])
+    assert weight_statistics(model, vocab_neurons=10 * ARCH["d_mlp"])[vocab].notna().all().all()  # more than d_mlp: all
+
+
 def test_planted_duplicate_input_direction_has_max_cos_one():
     model = tiny_model()
     with torch.no_grad():  # a scaled copy, in another layer: same direction
@@ -342,6 +358,34 @@ def test_cli_on_a_tiny_family(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ns, "_compute_table", lambda *a, **k: {})  # the other folders, without computing them
     assert len({out, ns.member_neuron_stats(fam, 100, tmp_path, "x-a").path,
                 ns.member_neuron_stats(fam, 200, tmp_path, "x-b").path}) == 3
+
+
+def test_the_vocab_sample_is_part_of_the_cache_key(tmp_path):
+    """A table whose W_U moments cover a sample of each layer is cached apart from the full one, and
+    the signs of chapters 04-06 (`family_signs`) read the single model's table with chapter 02's
+    sample: the same folder, no second pass."""
+    from types import SimpleNamespace
+
+    from conftest import write_preset_file
+    from helpers.core.presets import load_preset
+    from helpers.data.tokens import TokenRows
+
+    model, rows = tiny_model(), token_rows(n_rows=8)
+    fam = Family("tiny", ["a"], lambda m: model, lambda: SimpleNamespace(drop_ids=[BOS, NEWLINE]), "cpu", {},
+                 lambda n, split: TokenRows(rows[: n // ARCH["n_ctx"]]), identity_factory=lambda m: "tiny-a")
+    n = 8 * ARCH["n_ctx"]
+    full = ns.member_neuron_stats(fam, n, tmp_path, verbose=False)
+    part = ns.member_neuron_stats(fam, n, tmp_path, verbose=False, vocab_neurons=3)
+    assert full.path != part.path and part.identity["vocab_neurons_per_layer"] == 3
+    assert "vocab_neurons_per_layer" not in full.identity  # the full table keeps its key
+    assert part.table("neuron_stats").vocab_kurt.notna().sum() == 3 * ARCH["n_layers"]
+    params = load_preset(write_preset_file(tmp_path, single_model="tiny", properties_single_tokens=n,
+                                           n_tokens_single=n, properties_single_vocab_neurons=3))
+    assert ns.sign_source(fam, params) == (n, 3)
+    before = sorted((tmp_path / "neuron_stats").iterdir())
+    signs = ns.family_signs(fam, params, tmp_path)
+    assert sorted((tmp_path / "neuron_stats").iterdir()) == before  # read, not recomputed
+    np.testing.assert_array_equal(signs.act_sign.to_numpy(), part.table("neuron_stats").act_sign.to_numpy())
 
 
 def test_prefix_statistics_come_from_the_same_pass(tmp_path, monkeypatch):

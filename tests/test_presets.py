@@ -268,7 +268,7 @@ def test_an_override_that_lowers_a_bound_lowers_the_sizes_it_leaves_unchanged():
     small = load_preset("default", n_tokens=5000, bos_rows=8)
     assert small.explain_tokens == small.conditioning_tokens == small.attention_tokens == 5000
     assert small.control_loss_tokens == small.check_tokens == 5000
-    assert small.pretrained_bos_rows == 8
+    assert small.second_bos_rows == 8
     assert small.explain_single_tokens == base.explain_single_tokens  # its bound is n_tokens_single
     assert small.context_tokens == base.context_tokens  # its bound is n_tokens_aux
     # raising a bound raises nothing; a size set with it is kept as set
@@ -277,7 +277,7 @@ def test_an_override_that_lowers_a_bound_lowers_the_sizes_it_leaves_unchanged():
     # papermill -f injects every key of the file: the file's own values count as unchanged
     raw = {k: v for k, v in yaml.safe_load((ROOT / "params" / "default.yaml").read_text()).items() if k != "preset"}
     assert load_preset("default", **{**raw, "n_tokens": 5000}) == small.replace(bos_rows=base.bos_rows,
-                                                                                 pretrained_bos_rows=base.pretrained_bos_rows)
+                                                                                 second_bos_rows=base.second_bos_rows)
 
 
 def test_an_override_that_sets_a_size_too_large_is_an_error():
@@ -295,8 +295,9 @@ def test_the_random_grid_is_a_non_empty_list_of_numbers(tmp_path):
 
 
 def test_nullable_sizing_keys_are_present_as_null():
-    p = load_preset("default")
+    p = load_preset("gpt2-small")
     assert p["vocab_single_neurons"] is None and "vocab_single_neurons" in p
+    assert p["properties_single_vocab_neurons"] is None and "properties_single_vocab_neurons" in p
     assert load_preset("smoke").vocab_single_neurons == 256
 
 

@@ -312,3 +312,29 @@ def test_chapter00_a_planted_gpt2_small_family_matches_and_a_small_one_differs()
     # a hub family: no training rows; a missing description entry is not measured
     hub = paper.result_table(v00.comparisons(paper.PYTHIA, 4, {**description, "act_fn": None}, processing))
     assert len(hub) == 6 and hub.loc["activation function", "verdict"] == "not measured"
+
+
+def _fig9(n=1000, coupled=True, seed=0):
+    """Neurons whose activation frequency falls as cos(w_in, w_out) falls (the paper's Fig 9) or not."""
+    rng = np.random.default_rng(seed)
+    cos = rng.uniform(-0.8, 0.8, n)
+    freq = (0.5 - 0.6 * cos + 0.05 * rng.standard_normal(n)) if coupled else rng.uniform(0, 1, n)
+    return pd.DataFrame({"act_freq": np.clip(freq, 0, 1), "in_out_sim": cos})
+
+
+def test_chapter02_fig9_relation_is_scored_over_every_neuron_against_the_control():
+    row = v02.frequency_alignment(_fig9(), "m", paper.MEDIUM, control=_fig9(coupled=False))
+    t = paper.result_table([row])
+    assert t.verdict.iloc[0] == "matched" and row.ours < -0.9
+    s = v02.frequency_alignment_stats(_fig9())
+    assert s["n_top"] == 10 and s["cos_top"] < -0.6
+    # no relation: differs, and says by how much; a control with the relation makes it uninformative
+    flat = paper.result_table([v02.frequency_alignment(_fig9(coupled=False), "m", paper.MEDIUM, gated=True)])
+    assert flat.verdict.iloc[0] == "differs" and "w_in is the gate" in flat.reason.iloc[0]
+    both = paper.result_table([v02.frequency_alignment(_fig9(), "m", paper.MEDIUM, control=_fig9(seed=1))])
+    assert both.verdict.iloc[0] == "not informative"
+    # a strong correlation alone is not enough: the most frequent neurons must point w_out against w_in
+    shifted = _fig9().assign(in_out_sim=lambda d: d.in_out_sim + 1.0)
+    assert not v02.frequency_alignment_stats(shifted)["holds"]
+    with pytest.raises(ValueError, match="at least 3 neurons"):
+        v02.frequency_alignment_stats(_fig9().head(2))

@@ -64,9 +64,17 @@ def example(pairs: pd.DataFrame) -> tuple[pd.Series | None, bool | None]:
     top = top.iloc[0]
     if not (np.isfinite(top.slope_bos) and np.isfinite(top.slope_norm)):
         return top, None
-    raw = top.score_raw if "score_raw" in top.index else top.score
-    s = np.sign(top.score * raw)  # the neuron's natural sign: the slopes are per unit of signed activation
-    return top, bool(s * top.slope_bos < 0 and s * top.slope_norm > 0)
+    b, n = natural_slopes(top)
+    return top, bool(b < 0 and n > 0)
+
+
+def natural_slopes(e: pd.Series) -> tuple[float, float]:
+    """The slopes of Δp(BOS) and of the norm change (%) of an ablated pair per unit of the neuron's
+    natural activation (the fitted slopes are per unit of signed activation; a gated neuron whose
+    natural direction is negative has them flipped)."""
+    raw = e.score_raw if "score_raw" in e.index else e.score
+    s = float(np.sign(e.score * raw))
+    return s * float(e.slope_bos), s * float(e.slope_norm)
 
 
 def _pair_name(e: pd.Series) -> str:
@@ -86,8 +94,9 @@ def _why_tails(t: dict) -> str:
 def _why_slopes(e: pd.Series | None) -> str:
     if e is None:
         return "no pair of positive h_n was ablated"
-    return report.sentence("slope of Δp(BOS) {b:+.2g} (predicted < 0), of the norm change {n:+.2g}% (predicted "
-                           "> 0), over {t:,} tokens", b=e.slope_bos, n=e.slope_norm, t=int(e.n_tokens))
+    b, n = natural_slopes(e)
+    return report.sentence("per unit of natural activation, slope of Δp(BOS) {b:+.2g} (predicted < 0), of the "
+                           "norm change {n:+.2g}% (predicted > 0), over {t:,} tokens", b=b, n=n, t=int(e.n_tokens))
 
 
 def _why_rank(r: dict) -> str:
@@ -113,7 +122,7 @@ def _model_rows(m: Measured, c: Measured | None) -> dict[str, paper.Comparison]:
     ex, ok = example(m.pairs)
     ex_c, ok_c = example(c.pairs) if has_ctl else (None, None)
     ctl_ex, ctl_rank = ok_c is not None, has_ctl and _rank_ok(c.rank)
-    slopes = f": slopes {ex.slope_bos:+.2g}, {ex.slope_norm:+.2g}%" if ex is not None else ""
+    slopes = ": natural slopes {:+.2g}, {:+.2g}%".format(*natural_slopes(ex)) if ex is not None else ""
     pairs_text = lambda t: f"{n_beyond(t)} of {t['n_pairs']:,}"  # noqa: E731
     return {
         "bos": paper.Comparison(f"median head: mean ‖W_O v‖ / ‖W_O v_BOS‖ ({m.label})",
@@ -129,8 +138,8 @@ def _model_rows(m: Measured, c: Measured | None) -> dict[str, paper.Comparison]:
                                   control_holds=heavy(c.tails) if has_ctl else None, reason=_why_tails(m.tails)),
         "example": paper.Comparison(f"top-h_n pair is a deactivation pair ({m.label}{slopes})",
                                     "attn_example_deactivation", _pair_name(ex) if ex is not None else None,
-                                    control=(f"{_pair_name(ex_c)}: slopes {ex_c.slope_bos:+.2g}, "
-                                             f"{ex_c.slope_norm:+.2g}%") if ctl_ex else None,
+                                    control=(_pair_name(ex_c) + ": natural slopes {:+.2g}, {:+.2g}%".format(
+                                        *natural_slopes(ex_c))) if ctl_ex else None,
                                     model=M, holds=ok, control_holds=ok_c if ctl_ex else None,
                                     measured=ok is not None, reason=_why_slopes(ex)),
         "points": paper.Comparison(f"tokens in the example scatter ({m.label})", "attn_example_points",

@@ -1,11 +1,13 @@
 """The neuron browser: one page of the book, searchable in the browser without a server.
 
-A row per analysed neuron of the embedded reference model, of SmolLM2-135M (its per-layer
-sample) and of the preset's pretrained model (Gemma 3 270M: the neurons of its strongest attention
-pairs, chapter 06), with the numbers the chapters published (`report.publish_neurons`: universality, family and
+A row per analysed neuron of the embedded reference model, of the preset's real model
+(`single_model`, Gemma 3 270M on the default preset: its per-layer sample, its vocabulary classes
+and the neurons of its strongest attention pairs) and of the second real model (`second_model`,
+SmolLM2-135M: the neurons of its strongest attention pairs, chapter 06), with the numbers the chapters published (`report.publish_neurons`: universality, family and
 best feature, vocabulary-effect class, entropy and attention scores), and a card per neuron: its top
 activating contexts (circuitsvis, from one shared copy of the circuitsvis bundle), the tokens its
-output promotes and suppresses most (W_U w_out), and its activation split by its best feature.
+output promotes and suppresses most (its direct logit effect: W_U w_out, through the
+norms where the model has them), and its activation split by its best feature.
 
 Everything the page needs is written under the site's `_static/`: `circuitsvis.js` (the bundle,
 once) and `neurons/data.js` (the table and the cards as one JavaScript object; a `<script>` file,
@@ -28,6 +30,7 @@ from helpers.streaming.activations import hook_activations
 from helpers.core.cache import Result, cached_result, read_json, write_json
 from helpers.core.presets import Preset
 from helpers.core.report import model_label, results_folder
+from helpers.models import effective
 
 CARD_CONTEXTS = 3      # top activating contexts per neuron
 CARD_WINDOW = 10       # tokens before the top token shown in a context
@@ -71,7 +74,10 @@ def neuron_cards(model, rows: torch.Tensor, neurons: pd.DataFrame, strings: Sequ
                  k: int = CARD_CONTEXTS, window: int = CARD_WINDOW, n_vocab: int = CARD_VOCAB) -> dict[str, dict]:
     """Card data of `neurons` (columns `layer`, `neuron`): {"L{layer}.{neuron}": {"contexts": [{"tokens",
     "values"}] (the `k` most active tokens of `rows` [rows, pos], each with the `window` tokens
-    before it), "promoted"/"suppressed": [[token, W_U w_out value]]}.
+    before it), "promoted"/"suppressed": [[token, direct logit effect]]}. The direct effect of a
+    unit of activation is W_U w_out, read through the norms around it where the model has them
+    (`effective.output_directions` @ `effective.effective_unembed`: Gemma's norm after the MLP and
+    its final norm's weights, with their scales held fixed); for GPT-2-style models it is W_U w_out.
 
     `strings` maps the ids of `display_ids` (the same shape as `rows`; default `rows`) to text;
     `vocab_strings` maps the model's output ids; `drop_ids` are never a top token (BOS, padding).
@@ -93,11 +99,11 @@ def neuron_cards(model, rows: torch.Tensor, neurons: pd.DataFrame, strings: Sequ
     order = [(l, int(n)) for l in layers for n in cols[l].tolist()]
     flat = acts.reshape(-1, acts.shape[-1])
     top = flat.topk(min(k, flat.shape[0]), dim=0).indices  # [k, neurons]
-    w_u = model.W_U.detach().float()
-    promoted, suppressed = [], []  # per neuron, in `order`: (values, ids) of W_U w_out's extremes
+    w_u = effective.effective_unembed(model)
+    promoted, suppressed = [], []  # per neuron, in `order`: (values, ids) of the direct effect's extremes
     for l in layers:
-        w_out = model.W_out[l].detach().float()[cols[l].to(w_u.device)]  # [neurons of l, d_model]
-        for i in range(0, len(w_out), 256):  # [256, d_vocab] at a time: SmolLM2's vocabulary is 49k
+        w_out = effective.output_directions(model, l)[cols[l].to(w_u.device)]  # [neurons of l, d_model]
+        for i in range(0, len(w_out), 256):  # [256, d_vocab] at a time: Gemma's vocabulary is 262k
             effect = w_out[i:i + 256] @ w_u
             up, down = effect.topk(n_vocab, dim=1), (-effect).topk(n_vocab, dim=1)
             promoted += list(zip(up.values.cpu(), up.indices.cpu()))
@@ -127,7 +133,7 @@ def cached_cards(family, member: str, neurons: pd.DataFrame, n_tokens: int, arti
     rows = family.token_table(n_tokens)
     ident = {"member": family.identity[family.member(member)], "rows": rows.sha256, "n_rows": len(rows.ids),
              "neurons": int(pd.util.hash_pandas_object(neurons[["layer", "neuron"]], index=False).sum()),
-             "k": CARD_CONTEXTS, "window": CARD_WINDOW, "n_vocab": CARD_VOCAB, "version": 1}
+             "k": CARD_CONTEXTS, "window": CARD_WINDOW, "n_vocab": CARD_VOCAB, "version": 2}
 
     def compute(folder: Path) -> dict:
         model = family.load(family.member(member))
@@ -190,7 +196,7 @@ def page_html(static_prefix: str = "../_static") -> str:
     const target = document.getElementById("circuits-vis-nb-card");
     if (!c) {{ document.getElementById("nb-card-vocab").innerHTML = "<p>(no card for this neuron)</p>"; target.innerHTML = "<p>no contexts</p>"; return; }}
     const toks = l => l.map(t => "<code>" + esc(t[0]) + "</code> " + t[1]).join(", ");
-    document.getElementById("nb-card-vocab").innerHTML = "<p><b>promotes</b> (W_U w_out): " + toks(c.promoted) + "</p><p><b>suppresses</b>: " + toks(c.suppressed) + "</p><p><b>top activating contexts</b> (last token most active):</p>";
+    document.getElementById("nb-card-vocab").innerHTML = "<p><b>promotes</b> (direct effect, W_U w_out through the norms): " + toks(c.promoted) + "</p><p><b>suppresses</b>: " + toks(c.suppressed) + "</p><p><b>top activating contexts</b> (last token most active):</p>";
     const tokens = [], values = [];
     c.contexts.forEach((x, i) => {{ if (i) {{ tokens.push(" ⏎ "); values.push(0); }} tokens.push(...x.tokens); values.push(...x.values); }});
     target.innerHTML = "";
@@ -218,47 +224,53 @@ def page_html(static_prefix: str = "../_static") -> str:
 ATTENTION_COLUMN = "attention score h_n (strongest later head)"  # chapter 06's published column
 
 
-def _browsable(table: pd.DataFrame, reference: str, pretrained: str | None = None) -> pd.DataFrame:
+def _browsable(table: pd.DataFrame, reference: str, attention_models: tuple[str, ...] = ()) -> pd.DataFrame:
     """The rows the page lists: every neuron of the reference model; of any other model, the neurons
     chapter 03 analysed (a `family`) and those with a vocabulary class, not every neuron a
-    weight-only pass scored (SmolLM2 has 46k); of the `pretrained` model (chapter 06's), the neurons
-    chapter 06 published (those of its strongest pairs)."""
+    weight-only pass scored (Gemma has 37k); of the `attention_models` (the real models of chapter
+    06), also the neurons chapter 06 published (those of their strongest pairs)."""
     keep = table.model == reference
     if "family" in table:
         keep |= table["family"].notna()
     if "vocabulary class" in table:
         keep |= table["vocabulary class"].notna() & (table["vocabulary class"] != "none")
-    if pretrained is not None and ATTENTION_COLUMN in table:
-        keep |= (table.model == pretrained) & table[ATTENTION_COLUMN].notna()
+    if attention_models and ATTENTION_COLUMN in table:
+        keep |= table.model.isin(list(attention_models)) & table[ATTENTION_COLUMN].notna()
     return table[keep].reset_index(drop=True)
+
+
+def _carded(rows: pd.DataFrame) -> pd.Series:
+    """Which of a real model's listed neurons get a card: those chapter 03 analysed (a `family`) or
+    chapter 06 published (an attention score)."""
+    keep = pd.Series(False, index=rows.index)
+    for col in ("family", ATTENTION_COLUMN):
+        if col in rows:
+            keep |= rows[col].notna()
+    return keep
 
 
 def build_browser(site: Path, params: Preset, n_tokens: int = 8192, device: str = "cpu") -> dict:
     """Write the neuron browser of a built preset into `site`: the page's markup
     (`book/_generated/neurons.html`) and its data under `book/_static/`. Every published neuron gets
-    a row; cards (cached) are computed for every neuron of the reference model, for the single
-    model's neurons that chapter 03 analysed and for the pretrained model's listed neurons."""
+    a row; cards (cached) are computed for every neuron of the reference model and for the real
+    models' neurons that chapter 03 analysed or chapter 06 published (not every neuron chapter 04
+    classified: that would put megabytes of cards into the book)."""
     from helpers.models.families import load_family
 
     artifacts_dir = params.artifacts_path
     table = published_neurons(results_folder(params) / "neurons")
     fam = load_family(params["family"], params, device=device)
-    pretrained = load_family(params.pretrained_model, params, device=device) if params.pretrained_model else None
-    table = _browsable(table, model_label(fam), model_label(pretrained) if pretrained else None)
+    real = [load_family(params[k], params, device=device) for k in ("single_model", "second_model") if params.get(k)]
+    table = _browsable(table, model_label(fam), tuple(model_label(r) for r in real))
     cards: dict[str, dict] = {}
     ref = fam.reference
     sources = {model_label(fam, ref): (fam, fam.member(ref))}
-    if params.get("single_model"):
-        single = load_family(params["single_model"], params, device=device)
-        sources[model_label(single)] = (single, single.reference)
-    if pretrained is not None:
-        sources[model_label(pretrained)] = (pretrained, pretrained.reference)
+    for r in real:
+        sources[model_label(r)] = (r, r.reference)
     for model_name, (family, member) in sources.items():
         rows = table[table.model == model_name]
-        if family is not fam and family is not pretrained and "family" in rows:
-            # the single model's cards: chapter 03's per-layer sample (the neurons with a family),
-            # not every neuron some chapter scored (that would put ~10 MB of cards into the book)
-            rows = rows[rows["family"].notna()]
+        if family is not fam:
+            rows = rows[_carded(rows)]
         neurons = rows[["layer", "neuron"]].drop_duplicates()
         if neurons.empty:
             continue

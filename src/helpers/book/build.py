@@ -110,19 +110,23 @@ def _md_table(rows: list[dict]) -> str:
 
 
 def _model_checksums(params) -> list[dict]:
-    """The single real model's weights file and checksum (the embedded family's are listed with it)."""
+    """The real models' weights files and checksums (`single_model` and `second_model`; the embedded
+    family's are listed with it). Gemma's assembled file is verified against its pinned sha256."""
+    from helpers.core.cache import sha256_file
+    from helpers.models.gemma import GEMMA_NAME, gemma_gguf
+    from helpers.models.loading import SMOLLM2_FILE, smollm2_path
+
     out = []
-    if params.get("single_model") == "smollm2-135m":
-        from helpers.models.loading import SMOLLM2_FILE, smollm2_path
-
+    for name in dict.fromkeys(params.get(k) for k in ("single_model", "second_model")):
         try:
-            path = smollm2_path() / SMOLLM2_FILE
-        except (ModuleNotFoundError, FileNotFoundError) as e:  # the package is missing: say so on the page rather than fail the build
-            out.append({"model": "smollm2-135m", "file": "not installed", "sha256": str(e)[:80]})
-        else:
-            from helpers.core.cache import sha256_file
-
-            out.append({"model": "smollm2-135m", "file": path.name, "sha256": sha256_file(path)})
+            if name == "smollm2-135m":
+                path = smollm2_path() / SMOLLM2_FILE
+                out.append({"model": name, "file": path.name, "sha256": sha256_file(path)})
+            elif name == GEMMA_NAME:
+                path = gemma_gguf(params.artifacts_path)  # assembles if needed; raises if damaged
+                out.append({"model": name, "file": path.name, "sha256": sha256_file(path)})
+        except (ModuleNotFoundError, FileNotFoundError) as e:  # a package is missing: say so on the page rather than fail the build
+            out.append({"model": name, "file": "not installed", "sha256": str(e)[:80]})
     return out
 
 

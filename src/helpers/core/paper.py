@@ -121,6 +121,12 @@ REGISTRY: tuple[PaperNumber, ...] = tuple([
                 "b_in after LayerNorm folding"),
     *_per_model("median_l2_penalty_universal", {SMALL: 0.77, MEDIUM: 0.61, PYTHIA: 2.09}, "§4.2; released CSVs", 0.2,
                 "|w_in|^2 + |w_out|^2"),
+    *_per_model("freq_inout_relation", {m: "activation frequency and cos(w_in, w_out) are strongly related: "
+                "neurons that fire very often have w_in and w_out pointing almost opposite ways" for m in PAPER_MODELS},
+                "§6, Fig 9 (GPT2-small-a, GPT2-medium-a, Pythia-160m)", None,
+                "a claim over every neuron of one model, scored by `properties.verdicts.frequency_alignment`: this "
+                "book's rule (the paper gives no number) is a Pearson r of at most -0.3 between the two and a median "
+                "cos(w_in, w_out) below -0.3 over the 1% of neurons that fire most often"),
     # --- §4.3: neuron families by variance reduction (eq. 4) ---------------------------------------
     PaperNumber("alphabet_letters", MEDIUM, 18, "§4.3, Fig 1a and Fig 17", 4,
                 "letters (of 26) whose best universal alphabet neuron has VR > 0.37; tolerance: four letters"),

@@ -272,7 +272,7 @@ class Preset(Mapping):
     train_seed: int           # base seed of the embedded family's training (member a: +0, b: +1, ...)
     baseline_seed: int        # seed of the correlation's random baseline
     sample_seed: int          # seed of the text samples (chapter 00)
-    single_model: str         # the pretrained model of the single-model comparisons (chapter 02)
+    single_model: str         # the real pretrained model of the single-model analyses (chapters 02-06)
     # Sizes, by chapter, set per preset (a CI preset keeps them small). A `*_tokens` key is a prefix
     # of the token table its bound sizes (SUBSAMPLES), never more than it.
     # chapter 00
@@ -282,6 +282,7 @@ class Preset(Mapping):
     check_tokens: int                  # tokens of the copy checks
     # chapter 02
     properties_single_tokens: int      # tokens of the single model's statistics (half: convergence)
+    properties_single_vocab_neurons: int | None  # neurons per layer with W_U moments in its statistics (null: all)
     # chapter 03
     explain_tokens: int                # tokens of the reference model's variance reduction
     explain_single_tokens: int         # tokens of the single model's variance reduction
@@ -303,13 +304,13 @@ class Preset(Mapping):
     attention_top_pairs: int           # pairs ablated at each end of h_n
     attention_random_pairs: int        # random pairs ablated
     attention_single_tokens: int       # the single model's tokens of the path ablation
-    attention_single_top_pairs: int    # its pairs ablated at each end of h_n (and the pretrained model's)
-    attention_single_random_pairs: int  # its random pairs ablated (and the pretrained model's)
+    attention_single_top_pairs: int    # its pairs ablated at each end of h_n (and the second model's)
+    attention_single_random_pairs: int  # its random pairs ablated (and the second model's)
     bos_rows: int                      # token rows of the single model's BOS value norms
     bos_ctx: int                       # tokens of each of those rows (their first bos_ctx tokens)
-    pretrained_tokens: int             # the pretrained model's tokens of its signs and path ablation
-    pretrained_bos_rows: int           # the first rows of bos_rows that its BOS value norms use
-    pretrained_model: str | None = None  # a pretrained base model beside single_model (chapter 06); null: none
+    second_tokens: int                 # the second model's tokens of its signs and path ablation
+    second_bos_rows: int               # the first rows of bos_rows that its BOS value norms use
+    second_model: str | None = None  # a second real model beside single_model (chapter 06); null: none
     preset: str | None = None  # the preset's name (the file's stem unless the file says otherwise)
     n_seeds: int | None = None  # members of the embedded family (2-5; default all five)
     corpus: Mapping | None = None    # the embedded corpus (CORPUS_KEYS)
@@ -399,12 +400,15 @@ TOP_KEYS: dict[str, _Key] = {
     "train_seed": _Key(_seed, True, "base seed of the embedded family's training"),
     "baseline_seed": _Key(_seed, True, "seed of the correlation's random baseline"),
     "sample_seed": _Key(_seed, True, "seed of the text samples"),
-    "single_model": _Key(_str, True, "the single pretrained model of chapter 02"),
+    "single_model": _Key(_str, True, "the real pretrained model of chapters 02-06"),
     # sizes, by chapter (SUBSAMPLES: the keys that must not exceed another)
     "control_loss_tokens": _Key(_positive_int, True, "held-out tokens of the untrained control's loss (chapter 00)"),
     "context_tokens": _Key(_positive_int, True, "held-out tokens searched for the top neurons' contexts (chapter 01)"),
     "check_tokens": _Key(_positive_int, True, "tokens of the copy checks (chapter 01)"),
     "properties_single_tokens": _Key(_positive_int, True, "tokens of the single model's statistics (chapter 02)"),
+    "properties_single_vocab_neurons": _Key(_optional(_positive_int), True,
+                                            "neurons per layer with W_U moments in the single model's statistics "
+                                            "(chapter 02; null: all)"),
     "explain_tokens": _Key(_positive_int, True, "tokens of the reference model's variance reduction (chapter 03)"),
     "explain_single_tokens": _Key(_positive_int, True, "tokens of the single model's variance reduction (chapter 03)"),
     "explain_min_positive": _Key(_positive_int, True, "positive (and negative) tokens a label needs (chapter 03)"),
@@ -427,16 +431,16 @@ TOP_KEYS: dict[str, _Key] = {
     "attention_random_pairs": _Key(_positive_int, True, "random pairs ablated (chapter 06)"),
     "attention_single_tokens": _Key(_positive_int, True, "the single model's tokens of the path ablation (chapter 06)"),
     "attention_single_top_pairs": _Key(_positive_int, True,
-                                       "the single and pretrained models' pairs at each end (chapter 06)"),
+                                       "the single and second models' pairs at each end (chapter 06)"),
     "attention_single_random_pairs": _Key(_positive_int, True,
-                                          "the single and pretrained models' random pairs (chapter 06)"),
+                                          "the single and second models' random pairs (chapter 06)"),
     "bos_rows": _Key(_positive_int, True, "token rows of the single model's BOS value norms (chapter 06)"),
     "bos_ctx": _Key(_positive_int, True, "tokens of each row of the BOS value norms (chapter 06)"),
-    "pretrained_tokens": _Key(_positive_int, True,
-                              "the pretrained model's tokens of its signs and path ablation (chapter 06)"),
-    "pretrained_bos_rows": _Key(_positive_int, True, "the first of the bos_rows its BOS value norms use (chapter 06)"),
-    "pretrained_model": _Key(_optional(_str), False,
-                             "a pretrained base model beside the single model, chapter 06 (null: none)"),
+    "second_tokens": _Key(_positive_int, True,
+                              "the second model's tokens of its signs and path ablation (chapter 06)"),
+    "second_bos_rows": _Key(_positive_int, True, "the first of the bos_rows its BOS value norms use (chapter 06)"),
+    "second_model": _Key(_optional(_str), False,
+                             "a second real model beside the single model, chapter 06 (null: none)"),
     "preset": _Key(_str, False, "the preset's name"),
     "n_seeds": _Key(_optional(_int), False, "members of the embedded family"),
     "corpus": _Key(None, False, "the embedded corpus block (CORPUS_KEYS)"),
@@ -447,7 +451,7 @@ KEYS: tuple[str, ...] = tuple(TOP_KEYS)
 
 # Sizes that must not exceed another key: {key: its bound}. A token count is a prefix of the token
 # table its bound sizes; the other two are parts of rows (`entropy_single_random_ctx`) and of the
-# BOS rows (`pretrained_bos_rows`). A file that breaks one is an error; an override that lowers a
+# BOS rows (`second_bos_rows`). A file that breaks one is an error; an override that lowers a
 # bound lowers with it the keys it leaves as they were (`_apply_overrides`).
 SUBSAMPLES: dict[str, str] = {
     "control_loss_tokens": "n_tokens",
@@ -461,8 +465,8 @@ SUBSAMPLES: dict[str, str] = {
     "entropy_single_random_ctx": "entropy_single_ctx",
     "attention_tokens": "n_tokens",
     "attention_single_tokens": "n_tokens_single",
-    "pretrained_tokens": "n_tokens_single",
-    "pretrained_bos_rows": "bos_rows",
+    "second_tokens": "n_tokens_single",
+    "second_bos_rows": "bos_rows",
 }
 
 

@@ -138,25 +138,46 @@ def intervened_logits(model, tokens: torch.Tensor, specs: Sequence[tuple[int, in
 
 @torch.no_grad()
 def token_metrics(logits: torch.Tensor, tokens: torch.Tensor, nominal_top1: torch.Tensor | None = None,
-                  extra: Mapping[str, MetricFn] | None = None) -> dict[str, torch.Tensor]:
+                  extra: Mapping[str, MetricFn] | None = None, chunk: int = 8) -> dict[str, torch.Tensor]:
     """Per-token metrics of the next-token predictions: `logits` [N, pos, d_vocab], `tokens` [N, pos]
     (the true next token of position p is tokens[:, p+1]). Returns {name: [N, pos-1]}: `entropy`
     and `loss` in nats, `rr` the reciprocal rank of the true next token (ties counted in its
     favour), `top1` the argmax token, and `top1_same` (1.0 where it equals `nominal_top1`).
-    `extra` {name: fn}: fn(log-probabilities [N, pos-1, d_vocab] fp32) -> [N, pos-1], one more
-    metric each."""
-    lg = logits[:, :-1].float()
-    target = tokens[:, 1:].to(lg.device)
-    logp = lg.log_softmax(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    true = lg.gather(-1, target[..., None])
-    rank = (lg > true).sum(-1) + 1
-    top1 = lg.argmax(-1)
-    out = {"entropy": entropy, "loss": -logp.gather(-1, target[..., None])[..., 0], "rr": 1.0 / rank.float(), "top1": top1}
+    `extra` {name: fn}: fn(log-probabilities [1, n, d_vocab] fp32) -> [1, n], one more metric each
+    (a per-token function: it is called on `chunk` positions at a time).
+
+    The positions are processed `chunk` at a time, so each intermediate [chunk, d_vocab] tensor stays
+    in the CPU cache: with a 262,144-token vocabulary this is several times faster than whole-batch
+    tensors (`benchmarks/token_metrics.py`). Entropy uses H = log S - sum(e z) / S with
+    z = logits - max, e = exp(z), S = sum(e)."""
+    target = tokens[:, 1:].to(logits.device)
+    N, P = target.shape
+    dev = logits.device
+    ent, loss, rr = (torch.empty(N, P, device=dev) for _ in range(3))
+    top1 = torch.empty(N, P, dtype=torch.long, device=dev)
+    ex = {k: torch.empty(N, P, device=dev) for k in (extra or {})}
+    for n in range(N):
+        for p0 in range(0, P, chunk):
+            p1 = min(p0 + chunk, P)
+            x = logits[n, p0:p1].float()
+            t = target[n, p0:p1, None]
+            m, top1[n, p0:p1] = x.max(-1)
+            true = x.gather(-1, t)
+            rr[n, p0:p1] = 1.0 / ((x > true).sum(-1) + 1).float()
+            z = x - m[:, None]
+            e = z.exp()
+            s = e.sum(-1)
+            log_s = s.log()
+            ent[n, p0:p1] = log_s - (e * z).sum(-1) / s
+            loss[n, p0:p1] = log_s - (true[:, 0] - m)
+            if ex:
+                logp = (z - log_s[:, None])[None]
+                for k, fn in extra.items():
+                    ex[k][n, p0:p1] = fn(logp)[0]
+    out = {"entropy": ent, "loss": loss, "rr": rr, "top1": top1}
     if nominal_top1 is not None:
-        out["top1_same"] = (top1 == nominal_top1.to(top1.device)).float()
-    for name, fn in (extra or {}).items():
-        out[name] = fn(logp)
+        out["top1_same"] = (top1 == nominal_top1.to(dev)).float()
+    out.update(ex)
     return out
 
 

