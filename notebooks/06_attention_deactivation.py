@@ -323,11 +323,9 @@ display(pd.DataFrame({slabel: srun.meta["tails"]}).T)
 report.publish_neurons(
     "06_attention_deactivation",
     params,
-    attention.heads.neuron_best(srun.table("top_scores"))
-    .rename(columns={"neuron_layer": "layer"})
-    .assign(head_name=lambda t: [f"L{l}.H{h}" for l, h in zip(t.head_layer, t["head"])]),
+    attention.heads.browser_rows(srun.table("top_scores")),
     report.model_label(single),
-    {"best": "attention score h_n (strongest later head)", "head_name": "that head"},
+    attention.heads.BROWSER_COLUMNS,
 )
 
 # %%
@@ -421,11 +419,9 @@ if glabel:
     report.publish_neurons(
         "06_attention_deactivation",
         params,
-        attention.heads.neuron_best(grun.table("top_scores"))
-        .rename(columns={"neuron_layer": "layer"})
-        .assign(head_name=lambda t: [f"L{l}.H{h}" for l, h in zip(t.head_layer, t["head"])]),
+        attention.heads.browser_rows(grun.table("top_scores")),
         report.model_label(gfam),
-        {"best": "attention score h_n (strongest later head)", "head_name": "that head"},
+        attention.heads.BROWSER_COLUMNS,
     )
 
 # %% [markdown]

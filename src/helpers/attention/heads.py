@@ -587,6 +587,16 @@ def neuron_best(table: pd.DataFrame) -> pd.DataFrame:
     return out.rename(columns={"score": "best", "abs_score": "abs_best"}).reset_index(drop=True)
 
 
+BROWSER_COLUMNS = {"best": "attention score h_n (strongest later head)", "head_name": "that head"}
+
+
+def browser_rows(top_scores: pd.DataFrame) -> pd.DataFrame:
+    """The neurons of a model's strongest (neuron, head) pairs as the neuron browser lists them
+    (`report.publish_neurons` with `BROWSER_COLUMNS`): `neuron_best` with `layer` and a `head_name`."""
+    return (neuron_best(top_scores).rename(columns={"neuron_layer": "layer"})
+            .assign(head_name=lambda t: [f"L{l}.H{h}" for l, h in zip(t.head_layer, t["head"])]))
+
+
 def matched_recurrence(ref: pd.DataFrame, others: dict[str, pd.DataFrame], corr: pd.DataFrame, k: int = 20) -> pd.DataFrame:
     """For the `k` neurons of the reference with the largest |h_n| (`neuron_best` tables), the
     neuron each other member matches it with in chapter 01's correlation table (`corr`: columns
