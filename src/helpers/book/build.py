@@ -113,7 +113,7 @@ def _model_checksums(params) -> list[dict]:
     """The real models' weights files and checksums (`single_model` and `second_model`; the embedded
     family's are listed with it). Gemma's assembled file is verified against its pinned sha256."""
     from helpers.core.cache import sha256_file
-    from helpers.models.gemma import GEMMA_NAME, gemma_gguf
+    from helpers.models.gemma import GEMMA_NAME, GEMMA_SHA256, gemma_gguf
     from helpers.models.loading import SMOLLM2_FILE, smollm2_path
 
     out = []
@@ -123,8 +123,8 @@ def _model_checksums(params) -> list[dict]:
                 path = smollm2_path() / SMOLLM2_FILE
                 out.append({"model": name, "file": path.name, "sha256": sha256_file(path)})
             elif name == GEMMA_NAME:
-                path = gemma_gguf(params.artifacts_path)  # assembles if needed; raises if damaged
-                out.append({"model": name, "file": path.name, "sha256": sha256_file(path)})
+                path = gemma_gguf(params.artifacts_path)  # assembles if needed; hashed and checked, raises if damaged
+                out.append({"model": name, "file": path.name, "sha256": GEMMA_SHA256})
         except (ModuleNotFoundError, FileNotFoundError) as e:  # a package is missing: say so on the page rather than fail the build
             out.append({"model": name, "file": "not installed", "sha256": str(e)[:80]})
     return out

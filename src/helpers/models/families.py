@@ -40,10 +40,6 @@ from helpers.models.loading import (MEMBERS, PROCESSING, SMOLLM2_FILE, HFCodec, 
 from helpers.models.training import ensure_family
 from helpers.models.weights import (family_dir, family_members, family_vocab, member_seed,
                                     saved_checkpoint_steps, shipped_family, trained_members)
-SMOLLM2_PROCESSING_NOTE = (
-    "fold_ln: the RMSNorm weights are multiplied into the weights that read them, the final norm's into W_U; "
-    "center_writing_weights: not applied (centring is exact only before a LayerNorm, which removes the mean; "
-    "RMSNorm does not); center_unembed: W_U centred over the vocabulary; no biases to fold")
 from helpers.models.gemma import GEMMA_FILE, GEMMA_NAME, GEMMA_PROCESSING, GEMMA_SHA256, GEMMA_SOURCE, PROCESSING_NOTES
 from helpers.models.gemma import converted_identity, gemma_chunks, gemma_tokenizer, load_gemma
 
@@ -328,6 +324,11 @@ def _load_verified(shipped, folder: Path, device: str):
         shipped.verify(folder / "config.json")
     return load_model(folder, device)
 
+
+SMOLLM2_PROCESSING_NOTE = (
+    "fold_ln: the RMSNorm weights are multiplied into the weights that read them, the final norm's into W_U; "
+    "center_writing_weights: not applied (centring is exact only before a LayerNorm, which removes the mean; "
+    "RMSNorm does not); center_unembed: W_U centred over the vocabulary; no biases to fold")
 
 # What each real model of the single-model analyses is, and what was done to its weights: the
 # chapters show `describe_model(name)` where they introduce the model, so their prose names no model.
