@@ -87,16 +87,17 @@ fam = families.load_family(params.family, params, device=device)
 reference = fam.reference
 n_random = paper.value("entropy_n_random", paper.MEDIUM)  # the paper's baseline size
 t_start = time.time()
-# Token counts (the preset's `entropy_*` keys), sized to keep the chapter near 5 minutes on 2 CPU
-# cores without bf16. An intervened forward pass repeats the batch once per (neuron, value). The
-# real model's intervened pass starts at its second-to-last layer (two blocks, the unembedding and
-# the metrics), so its cost per token grows with its vocabulary: with Gemma 3's 262,144-token
-# unembedding an intervened 512-token pass takes about 2 s on such a CPU, some 4 ms a token (the
-# section timings are printed below). The paper used 24 rows of 512 tokens; section 7 shows how far
-# the curves have converged at these sizes. The embedded rows are the first `entropy_rows` of the
-# held-out table (2,048 tokens: 8 rows of 256 on the default preset); the real model's random
-# neurons run on other, shorter rows (flat curves need fewer tokens), at 3 of the 8 grid points
-# (`entropy_random_grid`, the control's random neurons too).
+# Token counts (the preset's `entropy_*` keys), sized for the book's time budget: the chapter took
+# 7.5 minutes on 2 CPU cores without bf16 (book/runtimes.yml). An intervened forward pass repeats
+# the batch once per (neuron, value). The real model's intervened pass starts at its
+# second-to-last layer (two blocks, the unembedding and the metrics), so its cost per token grows
+# with its vocabulary: with Gemma 3's 262,144-token unembedding an intervened 512-token pass takes
+# 2 to 3 s on such a CPU, 4 to 5 ms a token (the section timings are printed below). The paper
+# used 24 rows of 512 tokens; section 7 shows how far the curves have converged at these sizes.
+# The embedded rows are the first `entropy_rows` of the held-out table (2,048 tokens: 8 rows of
+# 256 on the default preset); the real model's random neurons run on other, shorter rows (flat
+# curves need fewer tokens), at 3 of the 8 grid points (`entropy_random_grid`, the control's
+# random neurons too).
 rows = TokenRows(fam.token_table(params.n_tokens).ids[: params.entropy_rows])
 n_rows = len(rows)
 ctx_single, n_rows_single = params.entropy_single_ctx, params.entropy_single_rows
