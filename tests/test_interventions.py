@@ -347,3 +347,83 @@ def test_token_metrics_have_known_values_across_chunk_boundaries():
         assert torch.allclose(m["neg_h"], -want_entropy, atol=1e-4), chunk
         assert m["top1"][1].tolist() == [4] * (P - 1)
         assert m["top1_same"][1].tolist() == [1.0] * (P - 1) and m["top1_same"][0].sum() < P - 1
+
+
+def _ln_model(seed: int = 4, softcap: float = 0.0):
+    """An unprocessed GPT-2-style model: every LayerNorm keeps a weight and a bias far from (1, 0),
+    and the unembedding a bias, so a norm, a bias or a centring left out changes the logits."""
+    model = init_model(ARCH, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".w", ".b")) and ("ln" in name):
+                p.copy_((torch.exp(0.7 * torch.randn(p.shape, generator=g)) if name.endswith(".w")
+                         else 0.5 * torch.randn(p.shape, generator=g)))
+        model.b_U.copy_(torch.randn(model.b_U.shape, generator=g))
+        model.W_U.mul_(8.0)
+    model.cfg.output_logits_soft_cap = softcap
+    return model
+
+
+def _with_and_without_shortcut(model, rows, targets, drop_ids, monkeypatch, batch_size=2, extra=None):
+    """The sweep run with and without the last-layer shortcut, and the layers `intervened_logits`
+    (the full forward pass) was called for in each."""
+    calls = {True: [], False: []}
+    full = iv.intervened_logits
+    tables = {}
+    for shortcut in (True, False):
+        def counting(model_, tokens, specs, *a, _seen=calls[shortcut], **k):
+            _seen.extend(l for l, _, _ in specs)
+            return full(model_, tokens, specs, *a, **k)
+
+        monkeypatch.setattr(iv, "intervened_logits", counting)
+        tables[shortcut] = iv.intervention_sweep(model, rows, targets, drop_ids, batch_size=batch_size, verbose=False,
+                                                 shortcut=shortcut, extra_metrics=extra)
+    return tables, calls
+
+
+def _assert_same_sweep(a: pd.DataFrame, b: pd.DataFrame):
+    key = ["row", "layer", "neuron", "mode", "grid"]
+    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a[key + ["n"]], b[key + ["n"]])
+    cols = iv.metric_columns(a)
+    np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("kind", ["processed LNPre", "LayerNorm with weights and biases, soft-capped", "gated RMSPre"])
+def test_last_layer_shortcut_gives_the_full_passes_numbers(kind, monkeypatch):
+    """Last-layer replicas combined from three logit rows per token give the numbers of a full
+    intervened pass (total and direct, both signs, with an extra metric), on a processed GPT-2-style
+    model, an unprocessed one whose final LayerNorm keeps its weight and bias (plus b_U and a logit
+    soft cap), and a gated RMSNorm model; the full pass is then never run for the last layer, and
+    still is for an earlier one."""
+    if kind == "processed LNPre":
+        model, _ = planted_entropy_model(eps=0.1, offset=3.0)
+        layer, d_vocab = 1, ARCH["d_vocab"]
+    elif kind.startswith("LayerNorm"):
+        model, layer, d_vocab = _ln_model(softcap=4.0), 1, ARCH["d_vocab"]
+    else:
+        model, layer, d_vocab = gated_entropy_model(), 1, 97
+    assert iv.last_layer_shortcut_applies(model)
+    rows = _rows(3)
+    rows[rows >= d_vocab] = 1
+    values = iv.scaled_grid(3.0)  # from -0.085 to 3: both signs of the activation
+    targets = [iv.Target(layer, 7, values, iv.paper_grid(), "entropy"), iv.Target(layer, 30, -values, iv.paper_grid(), "neg"),
+               iv.Target(0, 2, values[::3], iv.paper_grid()[::3], "random", ("total",))]
+    extra = {"top_logp": lambda lp: lp.max(-1).values}
+    tables, calls = _with_and_without_shortcut(model, rows, targets, [0], monkeypatch, extra=extra)
+    _assert_same_sweep(tables[True], tables[False])
+    assert set(calls[True]) == {0} and set(calls[False]) == {0, layer}
+    moved = tables[True].query("mode == 'total' and role == 'entropy'").groupby("grid").entropy.sum()
+    assert moved.max() - moved.min() > 1e-3  # the replicas differ: a shortcut that ignored the value fails above too
+
+
+def test_last_layer_shortcut_is_refused_where_it_would_be_wrong():
+    """A model with parallel attention and MLP, or without a final norm, runs every replica in full."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    base = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=16, n_ctx=8, d_vocab=11, act_fn="gelu")
+    assert iv.last_layer_shortcut_applies(HookedTransformer(HookedTransformerConfig(**base, normalization_type="LN")))
+    assert not iv.last_layer_shortcut_applies(HookedTransformer(HookedTransformerConfig(**base, normalization_type="LN",
+                                                                                        parallel_attn_mlp=True)))
+    assert not iv.last_layer_shortcut_applies(HookedTransformer(HookedTransformerConfig(**base, normalization_type=None)))

@@ -136,9 +136,149 @@ def intervened_logits(model, tokens: torch.Tensor, specs: Sequence[tuple[int, in
     return logits.float(), seen["scale"]
 
 
+# ------------------------------------------------------------------ the last layer, without its unembedding
+# A neuron of the last layer reaches the logits through nothing but its layer's output norm (if any),
+# the final norm and W_U. Fixing it changes the residual stream at a token by a multiple of one
+# vector, so every replica's logits are a per-token combination of three rows computed once per batch:
+#
+#   x'      = resid_mid + c * (e1 + d * e2)       d = value - a (a: its activation), e1 = g2 * m,
+#                                                  e2 = g2 * w_out[n], c = 1 / s2(m + d w_out[n])
+#   logits' = const + (A + c * B1 + c * d * r) / s_f(x')
+#
+# with m the MLP's output before its norm (post @ W_out + b_out), g2 and s2 that norm's weight and
+# RMS (Gemma's `ln2_post`; without one g2 = 1 and c = 1), A = resid_mid @ U, B1 = e1 @ U,
+# r = e2 @ U, U = diag(g_f) W_U (centred over d_model under a LayerNorm), const = b_U (+ b_f @ W_U)
+# and s_f the final norm's scale (held at its unintervened value for the direct effect). Exact up to
+# float32 rounding; it saves a [tokens, d_model] x [d_model, d_vocab] product per replica, most of
+# an intervened pass when the vocabulary is large (262,144 tokens for Gemma 3).
+LAST_LAYER_PER_CALL = 64  # replicas per shortcut call (they cost no logits memory: see `_LastLayerLogits`)
+
+
+def last_layer_shortcut_applies(model) -> bool:
+    """Whether `_last_layer_logits` is exact for `model`: a final LayerNorm/RMSNorm before the
+    unembedding, a block whose MLP output is added to the residual stream after at most an RMSNorm
+    (no parallel attention and MLP, no post-norm block)."""
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    from helpers.models.effective import post_mlp_norm
+
+    cfg = model.cfg
+    if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre") or cfg.attn_only or cfg.parallel_attn_mlp:
+        return False
+    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        return False
+    norm = post_mlp_norm(model, cfg.n_layers - 1)
+    return norm is None or "LayerNorm" not in type(norm).__name__
+
+
+def _final_scale(model, x: torch.Tensor) -> torch.Tensor:
+    """The final norm's scale of residual vectors `x` [..., d_model] -> [...] (what
+    `ln_final.hook_scale` records)."""
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        x = x - x.mean(-1, keepdim=True)
+    return (x.pow(2).mean(-1) + model.ln_final.eps).sqrt()
+
+
+class _LastLayerLogits:
+    """The logits of R replicas of a batch of B rows, [R*B, pos, d_vocab], made a block of positions
+    at a time when indexed as `logits[n, p0:p1]` (the only indexing `token_metrics` does), so no
+    [R*B, pos, d_vocab] tensor is ever held."""
+
+    def __init__(self, A, B1, c, k, r, inv_s, const, softcap):
+        self.A, self.B1, self.c, self.k, self.r, self.inv_s, self.const, self.softcap = A, B1, c, k, r, inv_s, const, softcap
+        self.B = A.shape[0]
+        self.shape = (c.shape[0] * self.B, *A.shape[1:])
+        self.device = A.device
+
+    def __getitem__(self, idx):
+        n, pos = idx
+        j, i = divmod(int(n), self.B)
+        x = torch.addcmul(self.A[i, pos], self.c[j, i, pos, None], self.B1[i, pos])
+        x.addcmul_(self.k[j, i, pos, None], self.r[j])
+        x.mul_(self.inv_s[j, i, pos, None]).add_(self.const)
+        if self.softcap:
+            x = self.softcap * torch.tanh(x / self.softcap)
+        return x
+
+
+class _LastLayerBatch:
+    """What `_last_layer_logits` needs of one batch's unintervened run: built from its cache (the last
+    block's `hook_resid_mid` and `mlp.hook_post`), with the two [B, pos, d_vocab] logit rows A and B1."""
+
+    def __init__(self, model, cache):
+        from helpers.models import effective
+        from helpers.models.loading import neuron_weights
+
+        L = model.cfg.n_layers - 1
+        self.model = model
+        self.resid_mid = cache[f"blocks.{L}.hook_resid_mid"].float()
+        self.post = cache[f"blocks.{L}.mlp.hook_post"].float()
+        self.w_out = neuron_weights(model, L).w_out.float()
+        m = self.post @ self.w_out + model.blocks[L].mlp.b_out.float()
+        self.m = m
+        norm = effective.post_mlp_norm(model, L)
+        self.eps2 = None if norm is None else norm.eps
+        g2 = effective._norm_weight(norm)
+        self.g2 = None if g2 is None else g2.float()
+        e1 = m if self.g2 is None else m * self.g2
+        fin = model.ln_final
+        u = model.W_U.detach().float()
+        g_f = effective._norm_weight(fin)
+        if g_f is not None:
+            u = g_f.float()[:, None] * u
+        if model.cfg.normalization_type in ("LN", "LNPre"):
+            u = u - u.mean(0, keepdim=True)
+        self.U = u
+        const = model.b_U.detach().float()
+        b_f = getattr(fin, "b", None)
+        if b_f is not None:
+            const = const + b_f.detach().float() @ model.W_U.detach().float()
+        self.const = const
+        self.e1 = e1
+        self.A = self.resid_mid @ u
+        self.B1 = e1 @ u
+
+
+@torch.no_grad()
+def _last_layer_logits(batch: _LastLayerBatch, specs: Sequence[tuple[int, int, float | torch.Tensor]],
+                       frozen_scale: torch.Tensor | None = None) -> tuple[_LastLayerLogits, torch.Tensor]:
+    """`intervened_logits` for neurons of the last layer, without running the model: (logits
+    [R*B, pos, d_vocab] as `_LastLayerLogits`, final scales [R*B, pos, 1]). Same arguments as
+    `intervened_logits` (every spec's layer is the last)."""
+    model = batch.model
+    cs, ks, rs, scales = [], [], [], []
+    for layer, neuron, value in specs:
+        if layer != model.cfg.n_layers - 1:
+            raise ValueError(f"L{layer}.{neuron} is not in the last layer: the shortcut does not apply")
+        a = batch.post[..., neuron]
+        v = value.to(a) if isinstance(value, torch.Tensor) else torch.full_like(a, float(value))
+        d = v - a  # [B, pos]
+        w = batch.w_out[neuron]
+        if batch.g2 is None:
+            c = torch.ones_like(d)
+            e2 = w
+        else:
+            m2 = batch.m + d[..., None] * w
+            c = 1.0 / (m2.pow(2).mean(-1) + batch.eps2).sqrt()
+            e2 = batch.g2 * w
+        if frozen_scale is None:
+            x = batch.resid_mid + c[..., None] * (batch.e1 + d[..., None] * e2)
+            s = _final_scale(model, x)
+        else:
+            s = frozen_scale[..., 0].to(d)
+        cs.append(c)
+        ks.append(c * d)
+        rs.append(e2 @ batch.U)
+        scales.append(s)
+    c, k, s = torch.stack(cs), torch.stack(ks), torch.stack(scales)  # [R, B, pos]
+    logits = _LastLayerLogits(batch.A, batch.B1, c, k, torch.stack(rs), 1.0 / s, batch.const,
+                              float(model.cfg.output_logits_soft_cap or 0.0) if (model.cfg.output_logits_soft_cap or 0) > 0 else 0.0)
+    return logits, s.reshape(-1, s.shape[-1], 1)
+
+
 @torch.no_grad()
 def token_metrics(logits: torch.Tensor, tokens: torch.Tensor, nominal_top1: torch.Tensor | None = None,
-                  extra: Mapping[str, MetricFn] | None = None, chunk: int = 8) -> dict[str, torch.Tensor]:
+                  extra: Mapping[str, MetricFn] | None = None, chunk: int | None = None) -> dict[str, torch.Tensor]:
     """Per-token metrics of the next-token predictions: `logits` [N, pos, d_vocab], `tokens` [N, pos]
     (the true next token of position p is tokens[:, p+1]). Returns {name: [N, pos-1]}: `entropy`
     and `loss` in nats, `rr` the reciprocal rank of the true next token (ties counted in its
@@ -146,13 +286,16 @@ def token_metrics(logits: torch.Tensor, tokens: torch.Tensor, nominal_top1: torc
     `extra` {name: fn}: fn(log-probabilities [1, n, d_vocab] fp32) -> [1, n], one more metric each
     (a per-token function: it is called on `chunk` positions at a time).
 
-    The positions are processed `chunk` at a time, so each intermediate [chunk, d_vocab] tensor stays
-    in the CPU cache: with a 262,144-token vocabulary this is several times faster than whole-batch
-    tensors (`benchmarks/token_metrics.py`). Entropy uses H = log S - sum(e z) / S with
+    The positions are processed `chunk` at a time (default: about 2M logits, at least 8 positions),
+    so each intermediate [chunk, d_vocab] tensor stays in the CPU cache: with a 262,144-token
+    vocabulary this is several times faster than whole-batch tensors (`benchmarks/token_metrics.py`),
+    and a small vocabulary takes whole rows at once. `logits` may also be any object with `shape`,
+    `device` and indexing `logits[n, p0:p1]` (`_LastLayerLogits`). Entropy uses H = log S - sum(e z) / S with
     z = logits - max, e = exp(z), S = sum(e)."""
     target = tokens[:, 1:].to(logits.device)
     N, P = target.shape
     dev = logits.device
+    chunk = chunk or max(8, (1 << 21) // int(logits.shape[-1]))
     ent, loss, rr = (torch.empty(N, P, device=dev) for _ in range(3))
     top1 = torch.empty(N, P, dtype=torch.long, device=dev)
     ex = {k: torch.empty(N, P, device=dev) for k in (extra or {})}
@@ -257,14 +400,17 @@ def _sums(metrics: dict[str, torch.Tensor], scale: torch.Tensor, mask: torch.Ten
 @torch.no_grad()
 def intervention_sweep(model, rows: TokenRows | torch.Tensor, targets: Sequence[Target], drop_ids: Sequence[int],
                        batch_size: int = 4, max_logit_elems: int = 1 << 26, verbose: bool = True,
-                       extra_metrics: Mapping[str, MetricFn] | None = None) -> pd.DataFrame:
+                       extra_metrics: Mapping[str, MetricFn] | None = None, shortcut: bool = True) -> pd.DataFrame:
     """Fix each target neuron at each of its values over all `rows` and record the metrics (Figs 7c-f).
 
     `rows` [rows, n_ctx]; valid tokens are those `valid_token_mask(ids, drop_ids)` keeps, at every
     position but the last (which has no next token). Each batch of `batch_size` rows is run once
     unintervened (mode "nominal"), then with the (target, value, mode) replicas in chunks of at most
     `max_logit_elems` logits (fp32) per forward pass, deepest layer first, each pass starting at the
-    first layer it intervenes on (from the cached unintervened residual stream).
+    first layer it intervenes on (from the cached unintervened residual stream). With `shortcut`
+    (where `last_layer_shortcut_applies`), replicas of last-layer neurons skip the forward pass and
+    the unembedding: their logits are combined from three rows per token (`_last_layer_logits`;
+    exact up to float32 rounding, `shortcut=False` runs them through the model).
 
     Returns a long table with one row per (token row, target, mode, grid point): `row`, `layer`,
     `neuron`, `role`, `mode` ("nominal", "total", "direct"), `grid` (paper units; NaN for nominal),
@@ -286,14 +432,21 @@ def intervention_sweep(model, rows: TokenRows | torch.Tensor, targets: Sequence[
     jobs = sorted(((t, m, j) for t in targets for m in t.modes for j in range(len(t.values))), key=lambda x: -int(x[0].layer))
     layers = sorted({int(t.layer) for t in targets})
     per_pass = max(1, max_logit_elems // (batch_size * rows.n_ctx * model.cfg.d_vocab))
+    last = model.cfg.n_layers - 1
+    fast = shortcut and last in layers and last_layer_shortcut_applies(model)
+    quick = [x for x in jobs if fast and int(x[0].layer) == last]
+    slow = [x for x in jobs if not (fast and int(x[0].layer) == last)]
+    passes = [(True, quick[i:i + LAST_LAYER_PER_CALL]) for i in range(0, len(quick), LAST_LAYER_PER_CALL)]
+    passes += [(False, slow[i:i + per_pass]) for i in range(0, len(slow), per_pass)]
     from tqdm.auto import tqdm
 
     out = []
     n_batches = (len(rows) + batch_size - 1) // batch_size
-    bar = tqdm(total=n_batches * (1 + (len(jobs) + per_pass - 1) // per_pass), desc="interventions", unit="pass",
-               disable=not verbose)
+    bar = tqdm(total=n_batches * (1 + len(passes)), desc="interventions", unit="pass", disable=not verbose)
     scale_name = check_final_scale(model)
     resid_names = {f"blocks.{l}.hook_resid_pre" for l in layers}
+    if quick:
+        resid_names |= {f"blocks.{last}.hook_resid_mid", f"blocks.{last}.mlp.hook_post"}
     for b0 in range(0, len(rows), batch_size):
         ids = rows.ids[b0:b0 + batch_size]
         B = ids.shape[0]
@@ -308,16 +461,19 @@ def intervention_sweep(model, rows: TokenRows | torch.Tensor, targets: Sequence[
                         "value": np.nan, **{k: float(v[0, i]) for k, v in s.items()}})
         bar.update(1)
         del logits
-        for c0 in range(0, len(jobs), per_pass):
-            chunk = jobs[c0:c0 + per_pass]
+        rows_last = _LastLayerBatch(model, cache) if quick else None
+        for is_quick, chunk in passes:
             for mode in MODES:  # one pass per mode: the frozen scale applies to the whole pass
                 part = [(t, j) for t, m, j in chunk if m == mode]
                 if not part:
                     continue
                 specs = [(int(t.layer), int(t.neuron), float(t.values[j])) for t, j in part]
-                start = min(l for l, _, _ in specs)
-                lg, sc = intervened_logits(model, ids, specs, nominal_scale if mode == "direct" else None, start,
-                                           cache[f"blocks.{start}.hook_resid_pre"])
+                frozen = nominal_scale if mode == "direct" else None
+                if is_quick:
+                    lg, sc = _last_layer_logits(rows_last, specs, frozen)
+                else:
+                    start = min(l for l, _, _ in specs)
+                    lg, sc = intervened_logits(model, ids, specs, frozen, start, cache[f"blocks.{start}.hook_resid_pre"])
                 met = token_metrics(lg, ids.repeat(len(specs), 1), nom["top1"].repeat(len(specs), 1), extra)
                 s = _sums(met, sc, mask, len(specs), B, tuple(extra))
                 for r, (t, j) in enumerate(part):
