@@ -515,6 +515,7 @@ rvp = paper.result_table(
     ]
 )
 display(rvp)
+display(Markdown(paper.control_note(rvp, families.control_reasons(params))))
 verdicts = pd.DataFrame(
     {
         "paper": tests[chosen]

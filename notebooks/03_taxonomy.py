@@ -559,6 +559,7 @@ rows_rvp = taxonomy.verdicts.comparisons(
 )
 rvp = paper.result_table(rows_rvp)
 display(rvp)
+display(Markdown(paper.control_note(rvp, families.control_reasons(params))))
 report.publish("03_taxonomy", params, {"Result vs paper": rvp})
 cols03 = {
     "family": "family",

@@ -777,6 +777,7 @@ cons = prediction.vocab.seed_consistency(mom, n_layers, K)
 paper_rise = prediction.verdicts.paper_rise_depth()
 rvp = paper.result_table(rows_rvp)
 display(rvp)
+display(Markdown(paper.control_note(rvp, families.control_reasons(params))))
 report.publish("04_prediction_neurons", params, {"Result vs paper": rvp})
 cols04 = {
     "vocab_class": "vocabulary class",

@@ -693,6 +693,7 @@ rows_rvp = entropy.verdicts.comparisons(
 ) + entropy.verdicts.comparisons(single_model, studies[single_model], sm_row)
 rvp = paper.result_table(rows_rvp)
 display(rvp)
+display(Markdown(paper.control_note(rvp, families.control_reasons(params))))
 report.publish(
     "05_entropy_neurons", params, {"Result vs paper": rvp, report.BEYOND_TITLE: beyond}
 )

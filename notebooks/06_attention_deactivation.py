@@ -754,10 +754,10 @@ rows_rvp = attention.verdicts.comparisons(
     attention.verdicts.from_run(label_ctl, run_ctl, seed, rank_c.to_dict()) if run_ctl else None,
     [attention.verdicts.from_run(glabel, grun, seed, rank.loc[glabel].to_dict())] if grun else [],
 )
-display(paper.result_table(rows_rvp))
-report.publish(
-    "06_attention_deactivation", params, {"Result vs paper": paper.result_table(rows_rvp)}
-)
+rvp = paper.result_table(rows_rvp)
+display(rvp)
+display(Markdown(paper.control_note(rvp, families.control_reasons(params))))
+report.publish("06_attention_deactivation", params, {"Result vs paper": rvp})
 display(
     pd.Series(timings, name="seconds (this run; cached results load in seconds)")
     .round(1)

@@ -115,3 +115,25 @@ def test_summary_formats_computed_numbers():
 def test_result_table_shows_a_tolerance_only_for_numbers():
     t = paper.result_table([paper.Comparison("layers", "n_layers", 2), paper.Comparison("activation", "act_fn", "gelu_new")])
     assert "(± 0.000)" in t.loc["layers", "paper"] and "±" not in t.loc["activation", "paper"]
+
+
+def test_control_note_names_the_rows_without_a_control_and_counts_their_matches():
+    from helpers.core.presets import load_preset
+    from helpers.models import families
+
+    t = paper.result_table([
+        paper.Comparison("share (embedded-a)", "universal_share", 0.045, control=0.0, fmt=".2%"),
+        paper.Comparison("share (gemma3-270m)", "universal_share", 0.045, fmt=".2%"),
+        paper.Comparison("baseline (gemma3-270m)", "median_baseline_universal", 0.7, reason="high"),
+        paper.Comparison("share (smollm2-135m)", "universal_share", 0.045, control=0.0, fmt=".2%"),
+    ])
+    why = families.control_reasons(load_preset("default"))
+    assert set(why) == {"gemma3-270m", "smollm2-135m"} and "Gemma 3 270M" in why["gemma3-270m"]
+    note = paper.control_note(t, why)
+    assert note.startswith("**gemma3-270m: no untrained control.** Gemma 3 270M is a pretrained model")
+    assert "its 2 rows above are not checked against one: 1 \"matched\" there says" in note
+    assert "smollm2-135m" not in note  # its row has a control
+    assert paper.control_note(t, {"smollm2-135m": "x"}) == ""
+    assert families.control_reasons(load_preset("smoke")) == {"smollm2-135m": families.no_control_reason("smollm2-135m")}
+    with pytest.raises(ValueError, match="real models"):
+        families.no_control_reason("embedded")

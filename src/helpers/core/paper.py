@@ -403,6 +403,23 @@ def result_table(rows: Iterable[Comparison]) -> pd.DataFrame:
     return pd.DataFrame(out).set_index("quantity")
 
 
+def control_note(table: pd.DataFrame, reasons: dict[str, str]) -> str:
+    """Markdown for under a `result_table`: for each model `label` of `reasons` {label: why} whose rows
+    (the quantity names it) have no untrained control, a sentence that says so, why, and how many
+    of those rows are "matched" (agree with the paper with no control to check that training made
+    them so). Empty when every row of those models has a control."""
+    parts = []
+    for label, why in reasons.items():
+        mine = table[table.index.str.contains(label, regex=False) & (table["untrained control"] == "")]
+        if len(mine) == 0:
+            continue
+        n = int((mine.verdict == "matched").sum())
+        parts.append(f"**{label}: no untrained control.** {why} So its {len(mine)} row{'s' if len(mine) != 1 else ''} "
+                     f"above {'are' if len(mine) != 1 else 'is'} not checked against one: "
+                     f"{n} \"matched\" there say{'s' if n == 1 else ''} that {label} agrees with the paper, not that "
+                     "its training made it so.")
+    return "\n\n".join(parts)
+
 TABLE1_KEYS = ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab", "n_ctx", "act_fn", "positional", "n_neurons",
                "params_printed")
 

@@ -359,6 +359,19 @@ REAL_MODELS = {
 }
 
 
+def no_control_reason(name: str) -> str:
+    """Why the real model `name` has no untrained control on the pages (for `paper.control_note`)."""
+    if name not in REAL_MODELS:
+        raise ValueError(f"{name!r} is not one of the real models this book describes: {sorted(REAL_MODELS)}")
+    return (f"{REAL_MODELS[name]['title']} is a pretrained model shipped as trained weights only; the book's "
+            "untrained control is the embedded family's initialisation, and no initialised copy of this "
+            "architecture is run (it would repeat each real-model section at the same cost).")
+
+def control_reasons(params: Preset) -> dict[str, str]:
+    """{real model: `no_control_reason`} for the preset's `single_model` and `second_model`."""
+    names = [params.get(k) for k in ("single_model", "second_model")]
+    return {n: no_control_reason(n) for n in names if n in REAL_MODELS}
+
 def describe_model(name: str, cfg=None) -> str:
     """Markdown: what the real model `name` is (source, tuning, quantisation), its shape and
     structure, and the weight processing applied when it is loaded. With `cfg` (the loaded model's
