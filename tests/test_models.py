@@ -118,6 +118,13 @@ def test_smollm2_loads_offline_and_matches_hugging_face():
     info = models.describe_model(model)
     assert info["gated_mlp"] and info["n_layers"] == 30 and info["d_mlp"] == 1536
     assert fam.codec.bos_id in fam.codec.drop_ids and fam.codec.newline_id in fam.codec.drop_ids
+    # the family loads the processed weights cached under the artifacts: checked when made, and
+    # the same logits as processing the GGUF again
+    conv = models.smollm2_converted(load_preset("smoke").artifacts_path)
+    assert conv.meta["max_abs_logit_diff_cached_vs_processed"] == 0.0 and model.cfg.normalization_type == "RMSPre"
+    with torch.no_grad():
+        assert torch.equal(model(toks), models.load_smollm2("cpu")(toks))
+    assert model.tokenizer is fam.codec.tokenizer  # read once, not again by TransformerLens
 
 
 @pytest.mark.parametrize("preset", ["gpt2-small", "gpt2-medium", "pythia-160m"])

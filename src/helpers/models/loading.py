@@ -251,17 +251,118 @@ def smollm2_tokenizer():
 SMOLLM2_PROCESSING = {"fold_ln": True, "center_writing_weights": False, "center_unembed": True, "fold_value_biases": True}
 
 
-def load_smollm2(device: str = "cpu", tokenizer=None):
-    """SmolLM2-135M as a processed `HookedTransformer` (Llama architecture: RMSNorm, rotary, gated MLP)."""
+def load_smollm2(device: str = "cpu", tokenizer=None, artifacts_dir: str | os.PathLike | None = None):
+    """SmolLM2-135M as a processed `HookedTransformer` (Llama architecture: RMSNorm, rotary, gated MLP).
+
+    With `artifacts_dir`, from the processed weights cached there (`smollm2_converted`: made once,
+    then a load takes seconds instead of de-quantising the GGUF file again); without, from the GGUF."""
+    if artifacts_dir is not None:
+        return _load_converted_smollm2(smollm2_converted(artifacts_dir), device, tokenizer)
+    return _process_smollm2(smollm2_hf_model(), device, tokenizer)
+
+
+def _process_smollm2(hf_model, device: str, tokenizer=None):
     from transformer_lens import HookedTransformer
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
-    hf_model = smollm2_hf_model()
     cfg = _llama_hooked_config(hf_model.config, device)
     model = HookedTransformer(cfg)
     state = convert_llama_weights(hf_model, cfg)
     model.load_and_process_state_dict(state, refactor_factored_attn_matrices=False, **SMOLLM2_PROCESSING)
     model.set_tokenizer(tokenizer if tokenizer is not None else smollm2_tokenizer(), default_padding_side="right")
+    model.to(device, print_details=False).eval()
+    model.processing = dict(SMOLLM2_PROCESSING)
+    return model
+
+
+SMOLLM2_CONVERTED_VERSION = 1
+SMOLLM2_PROBE = ("The capital of France is Paris. In 1905, Einstein published four papers.\n"
+                 "def f(x):\n    return x ** 2  # squares ünïcödé 東京")
+
+
+def smollm2_converted_identity() -> dict:
+    """What the cached SmolLM2 weights depend on: the GGUF file's content, the processing, the code."""
+    from importlib.metadata import version
+
+    from helpers.core.cache import sha256_file
+
+    return {"model": "smollm2-135m", "gguf_sha256": sha256_file(smollm2_path() / SMOLLM2_FILE),
+            "processing": SMOLLM2_PROCESSING, "dtype": "float32", "transformer_lens": version("transformer_lens"),
+            "transformers": version("transformers"), "version": SMOLLM2_CONVERTED_VERSION}
+
+
+def smollm2_converted(artifacts_dir: str | os.PathLike):
+    """SmolLM2-135M's processed weights, its config and its tokenizer, cached under
+    `<artifacts>/converted_model/` (a `helpers.core.cache.Result`), made once from the GGUF file and
+    checked there: the cached tokenizer encodes a probe text as the GGUF's does, and the model loaded
+    from the cache gives the freshly processed model's logits on it."""
+    from helpers.core.cache import cached_result
+
+    def compute(folder: Path) -> dict:
+        from safetensors.torch import save_file
+        from transformers import AutoTokenizer
+
+        tok = smollm2_tokenizer()
+        tok.save_pretrained(str(folder))
+        probe = tok(SMOLLM2_PROBE, add_special_tokens=False)["input_ids"]
+        if AutoTokenizer.from_pretrained(str(folder))(SMOLLM2_PROBE, add_special_tokens=False)["input_ids"] != probe:
+            raise RuntimeError(f"the tokenizer saved in {folder} encodes the probe text differently from the GGUF's")
+        hf = smollm2_hf_model()
+        hf.config.save_pretrained(str(folder))
+        model = _process_smollm2(hf, "cpu", tok)
+        del hf
+        params = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.named_parameters()}
+        tmp = folder / ".model.safetensors.tmp"
+        save_file(params, str(tmp), metadata={"format": "pt", "model": "smollm2-135m", "processing": str(SMOLLM2_PROCESSING)})
+        os.replace(tmp, folder / "model.safetensors")
+        again = _load_converted_smollm2(folder, "cpu", tok)
+        tokens = torch.tensor([[tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id] + probe])
+        with torch.no_grad():
+            diff = float((again(tokens) - model(tokens)).abs().max())
+        if diff > 1e-5:
+            raise RuntimeError(f"SmolLM2 loaded from {folder} differs from the processed model by {diff:.2e} in its logits")
+        return {"processing": SMOLLM2_PROCESSING, "n_params": int(sum(v.numel() for k, v in model.named_parameters())),
+                "probe_tokens": int(tokens.shape[1]), "max_abs_logit_diff_cached_vs_processed": diff}
+
+    return cached_result("converted_model", smollm2_converted_identity(), compute, root=artifacts_dir,
+                         prefix="smollm2-135m")
+
+
+def smollm2_cached_tokenizer(artifacts_dir: str | os.PathLike):
+    """SmolLM2's tokenizer from `smollm2_converted` (the GGUF's, saved there once and checked on a
+    probe), made with `add_bos_token=True` so that TransformerLens's `set_tokenizer` keeps it rather
+    than reading it again; the codec adds BOS itself and never asks it for special tokens."""
+    return _folder_tokenizer(smollm2_converted(artifacts_dir).path)
+
+
+def _folder_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), add_bos_token=True)
+
+
+def _load_converted_smollm2(res, device: str, tokenizer=None):
+    """A processed SmolLM2 from the cached folder (a Result or its path)."""
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformer
+    from transformers import AutoConfig
+
+    folder = Path(getattr(res, "path", res))
+    cfg = _llama_hooked_config(AutoConfig.from_pretrained(str(folder)), device)
+    cfg.init_weights = False  # every parameter is read from the file
+    if SMOLLM2_PROCESSING["fold_ln"]:
+        cfg.normalization_type = "RMSPre"  # what fold_ln leaves: the RMSNorm scales are in the weights
+    model = HookedTransformer(cfg, move_to_device=False)
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
+        raise DamagedFile(folder / "model.safetensors", f"unreadable ({e})", f"delete {folder} to convert again") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = {k for k, _ in model.named_parameters()}
+    if unexpected or params & set(missing):
+        raise DamagedFile(folder / "model.safetensors", f"weights do not fit the config (missing "
+                          f"{sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]})", f"delete {folder} to convert again")
+    model.set_tokenizer(tokenizer if tokenizer is not None else _folder_tokenizer(folder), default_padding_side="right")
     model.to(device, print_details=False).eval()
     model.processing = dict(SMOLLM2_PROCESSING)
     return model
