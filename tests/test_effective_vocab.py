@@ -207,7 +207,7 @@ def test_folded_layernorm_model_keeps_the_plain_numbers(tiny_arch):
     want = torch.stack([model.blocks[1].mlp.W_out[3], -model.blocks[0].mlp.W_out[8]]) @ W_U
     assert torch.equal(vocab.vocab_effect_rows(model, rows), want)
     # weight statistics: the vocabulary moments of w_out against W_U
-    ws = weight_statistics(model)
+    ws = weight_statistics(model, dtype=torch.float64)  # float64 products: exact to 1e-12
     U64 = W_U.double() / W_U.double().norm(dim=0, keepdim=True)
     c64 = (w_out.double() / w_out.double().norm(dim=1, keepdim=True)) @ U64
     mean = c64.mean(1, keepdim=True)
@@ -231,7 +231,7 @@ def test_folded_layernorm_model_keeps_the_plain_numbers(tiny_arch):
     np.testing.assert_array_equal(fig7, ((W[D + 5] / W[D + 5].norm()) @ U64).numpy())
     table = candidates.vocab_statistics(model)
     np.testing.assert_array_equal(table.w_out_norm.to_numpy(), W.norm(dim=1).numpy())
-    np.testing.assert_array_equal(table.vocab_var.to_numpy(), ws.vocab_var.to_numpy())
+    np.testing.assert_array_equal(table.vocab_var.to_numpy(), weight_statistics(model).vocab_var.to_numpy())
     # token frequency: the direction through W_U and the alignment of w_out
     log_q = np.log(np.full(model.cfg.d_vocab, 1.0) / np.arange(1, model.cfg.d_vocab + 1))
     fd = frequency.frequency_direction(model, log_q)

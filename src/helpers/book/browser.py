@@ -18,6 +18,7 @@ builds it; `page_html` is the page's markup.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Sequence
@@ -109,16 +110,17 @@ def neuron_cards(model, rows: torch.Tensor, neurons: pd.DataFrame, strings: Sequ
             promoted += list(zip(up.values.cpu(), up.indices.cpu()))
             suppressed += list(zip(-down.values.cpu(), down.indices.cpu()))
     cards = {}
+    a_np, ids_np, top_np = acts.numpy(), display_ids.numpy(), top.numpy()  # plain arrays: no per-value tensor ops
     for j, (l, n) in enumerate(order):
         contexts = []
-        for idx in top[:, j].tolist():
-            r, p = divmod(idx, acts.shape[1])
-            if not torch.isfinite(acts[r, p, j]):
+        for idx in top_np[:, j].tolist():
+            r, p = divmod(idx, a_np.shape[1])
+            if not np.isfinite(a_np[r, p, j]):
                 continue
             lo = max(1, p - window)
-            vals = acts[r, lo:p + 1, j]
-            contexts.append({"tokens": [strings[t] for t in display_ids[r, lo:p + 1].tolist()],
-                             "values": [round(float(v), 3) if torch.isfinite(v) else 0.0 for v in vals]})
+            vals = a_np[r, lo:p + 1, j].astype(np.float64)
+            contexts.append({"tokens": [strings[t] for t in ids_np[r, lo:p + 1].tolist()],
+                             "values": [round(v, 3) if math.isfinite(v) else 0.0 for v in vals.tolist()]})
         cards[f"L{l}.{n}"] = {"contexts": contexts,
                               "promoted": [[vocab_strings[t], round(float(v), 3)] for v, t in zip(promoted[j][0].tolist(), promoted[j][1].tolist())],
                               "suppressed": [[vocab_strings[t], round(float(v), 3)] for v, t in zip(suppressed[j][0].tolist(), suppressed[j][1].tolist())]}
