@@ -260,7 +260,7 @@ fig.show()
 # of this chapter (the timings are printed below; the pass stops at the last layer, so the
 # unembedding costs nothing there). This section reports medians over neurons, which settle long before the
 # paper's token counts: the activation statistics use the preset's `properties_single_tokens`
-# (32,768 on the default preset), and their first half as a convergence check (the per-layer
+# (24,576 on the default preset), and their first half as a convergence check (the per-layer
 # medians of the two are compared below; both come from one forward pass). The W_U moments cover
 # the first `properties_single_vocab_neurons` neurons of each layer (128 of 2,048 on the default
 # preset: a sample, since neuron indices carry no meaning; the other neurons' vocab columns are

@@ -120,8 +120,8 @@ n_top_single, n_random_single = (
     params.attention_single_top_pairs,
     params.attention_single_random_pairs,
 )
-# the second real model (the preset's second_model; SmolLM2-135M on the default preset) gets the
-# same sizes on the default preset (8 rows of 512 tokens, 64 BOS rows)
+# the second real model (the preset's second_model; SmolLM2-135M on the default preset) is a second
+# view: half the real model's tokens on the default preset (4 rows of 512 tokens, 32 BOS rows)
 n_second, bos_rows_second = params.second_tokens, params.second_bos_rows
 timings = {}
 
