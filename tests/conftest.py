@@ -45,3 +45,35 @@ def write_preset_file(folder, **overrides):
     path = folder / "custom.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+@pytest.fixture
+def sweep_both_ways(monkeypatch):
+    """fn(model, rows, targets, drop_ids, extra=None) -> the entropy sweep run with and without the
+    last-layer shortcut, asserted to give the same table (metrics to 2e-4), and {shortcut: the
+    layers `intervened_logits` (a full forward pass) was called for}."""
+    import numpy as np
+    import pandas as pd
+
+    from helpers.entropy import interventions as iv
+
+    def run(model, rows, targets, drop_ids, extra=None, batch_size=2):
+        calls, tables = {True: set(), False: set()}, {}
+        full = iv.intervened_logits
+        for shortcut in (True, False):
+            def counting(model_, tokens, specs, *a, _seen=calls[shortcut], **k):
+                _seen.update(l for l, _, _ in specs)
+                return full(model_, tokens, specs, *a, **k)
+
+            monkeypatch.setattr(iv, "intervened_logits", counting)
+            tables[shortcut] = iv.intervention_sweep(model, rows, targets, drop_ids, batch_size=batch_size,
+                                                     verbose=False, shortcut=shortcut, extra_metrics=extra)
+        monkeypatch.setattr(iv, "intervened_logits", full)
+        key = ["row", "layer", "neuron", "mode", "grid"]
+        a, b = (t.sort_values(key).reset_index(drop=True) for t in (tables[True], tables[False]))
+        pd.testing.assert_frame_equal(a[key + ["n"]], b[key + ["n"]])
+        cols = iv.metric_columns(a)
+        np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=2e-4, atol=2e-4)
+        return tables, calls
+
+    return run

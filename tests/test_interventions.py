@@ -365,33 +365,8 @@ def _ln_model(seed: int = 4, softcap: float = 0.0):
     return model
 
 
-def _with_and_without_shortcut(model, rows, targets, drop_ids, monkeypatch, batch_size=2, extra=None):
-    """The sweep run with and without the last-layer shortcut, and the layers `intervened_logits`
-    (the full forward pass) was called for in each."""
-    calls = {True: [], False: []}
-    full = iv.intervened_logits
-    tables = {}
-    for shortcut in (True, False):
-        def counting(model_, tokens, specs, *a, _seen=calls[shortcut], **k):
-            _seen.extend(l for l, _, _ in specs)
-            return full(model_, tokens, specs, *a, **k)
-
-        monkeypatch.setattr(iv, "intervened_logits", counting)
-        tables[shortcut] = iv.intervention_sweep(model, rows, targets, drop_ids, batch_size=batch_size, verbose=False,
-                                                 shortcut=shortcut, extra_metrics=extra)
-    return tables, calls
-
-
-def _assert_same_sweep(a: pd.DataFrame, b: pd.DataFrame):
-    key = ["row", "layer", "neuron", "mode", "grid"]
-    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
-    pd.testing.assert_frame_equal(a[key + ["n"]], b[key + ["n"]])
-    cols = iv.metric_columns(a)
-    np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=2e-4, atol=2e-4)
-
-
 @pytest.mark.parametrize("kind", ["processed LNPre", "LayerNorm with weights and biases, soft-capped", "gated RMSPre"])
-def test_last_layer_shortcut_gives_the_full_passes_numbers(kind, monkeypatch):
+def test_last_layer_shortcut_gives_the_full_passes_numbers(kind, sweep_both_ways):
     """Last-layer replicas combined from three logit rows per token give the numbers of a full
     intervened pass (total and direct, both signs, with an extra metric), on a processed GPT-2-style
     model, an unprocessed one whose final LayerNorm keeps its weight and bias (plus b_U and a logit
@@ -411,9 +386,8 @@ def test_last_layer_shortcut_gives_the_full_passes_numbers(kind, monkeypatch):
     targets = [iv.Target(layer, 7, values, iv.paper_grid(), "entropy"), iv.Target(layer, 30, -values, iv.paper_grid(), "neg"),
                iv.Target(0, 2, values[::3], iv.paper_grid()[::3], "random", ("total",))]
     extra = {"top_logp": lambda lp: lp.max(-1).values}
-    tables, calls = _with_and_without_shortcut(model, rows, targets, [0], monkeypatch, extra=extra)
-    _assert_same_sweep(tables[True], tables[False])
-    assert set(calls[True]) == {0} and set(calls[False]) == {0, layer}
+    tables, calls = sweep_both_ways(model, rows, targets, [0], extra=extra)
+    assert calls == {True: {0}, False: {0, layer}}
     moved = tables[True].query("mode == 'total' and role == 'entropy'").groupby("grid").entropy.sum()
     assert moved.max() - moved.min() > 1e-3  # the replicas differ: a shortcut that ignored the value fails above too
 
