@@ -214,13 +214,12 @@ class _LastLayerBatch:
         self.resid_mid = cache[f"blocks.{L}.hook_resid_mid"].float()
         self.post = cache[f"blocks.{L}.mlp.hook_post"].float()
         self.w_out = neuron_weights(model, L).w_out.float()
-        m = self.post @ self.w_out + model.blocks[L].mlp.b_out.float()
-        self.m = m
+        self.m = m = self.post @ self.w_out + model.blocks[L].mlp.b_out.float()  # the MLP's output before its norm
         norm = effective.post_mlp_norm(model, L)
         self.eps2 = None if norm is None else norm.eps
         g2 = effective._norm_weight(norm)
         self.g2 = None if g2 is None else g2.float()
-        e1 = m if self.g2 is None else m * self.g2
+        self.e1 = e1 = m if self.g2 is None else m * self.g2
         fin = model.ln_final
         u = model.W_U.detach().float()
         g_f = effective._norm_weight(fin)
@@ -234,7 +233,6 @@ class _LastLayerBatch:
         if b_f is not None:
             const = const + b_f.detach().float() @ model.W_U.detach().float()
         self.const = const
-        self.e1 = e1
         self.A = self.resid_mid @ u
         self.B1 = e1 @ u
 
@@ -271,8 +269,8 @@ def _last_layer_logits(batch: _LastLayerBatch, specs: Sequence[tuple[int, int, f
         rs.append(e2 @ batch.U)
         scales.append(s)
     c, k, s = torch.stack(cs), torch.stack(ks), torch.stack(scales)  # [R, B, pos]
-    logits = _LastLayerLogits(batch.A, batch.B1, c, k, torch.stack(rs), 1.0 / s, batch.const,
-                              float(model.cfg.output_logits_soft_cap or 0.0) if (model.cfg.output_logits_soft_cap or 0) > 0 else 0.0)
+    cap = float(model.cfg.output_logits_soft_cap or 0.0)  # TransformerLens: <= 0 means none
+    logits = _LastLayerLogits(batch.A, batch.B1, c, k, torch.stack(rs), 1.0 / s, batch.const, max(cap, 0.0))
     return logits, s.reshape(-1, s.shape[-1], 1)
 
 
