@@ -260,7 +260,7 @@ fig.show()
 # of this chapter (the timings are printed below; the pass stops at the last layer, so the
 # unembedding costs nothing there). This section reports medians over neurons, which settle long before the
 # paper's token counts: the activation statistics use the preset's `properties_single_tokens`
-# (24,576 on the default preset), and their first half as a convergence check (the per-layer
+# (32,768 on the default preset), and their first half as a convergence check (the per-layer
 # medians of the two are compared below; both come from one forward pass). The W_U moments cover
 # the first `properties_single_vocab_neurons` neurons of each layer (128 of 2,048 on the default
 # preset: a sample, since neuron indices carry no meaning; the other neurons' vocab columns are
@@ -299,6 +299,12 @@ print(
     f"{single_run.meta['seconds']:.0f} s when computed ({time.time() - t0:.0f} s in this run)"
 )
 display(convergence.style.format("{:.1%}"))
+# the natural sign s of each neuron (chapters 04-06 read it from this table) on the two token counts
+flips = int((single_stats.act_sign != half_stats.act_sign).sum())
+print(
+    f"natural signs: {flips:,} of {len(single_stats):,} neurons ({flips / len(single_stats):.1%}) "
+    "have another sign on the first half of the tokens"
+)
 vocab_conv = properties.neuron_stats.vocab_sample_convergence(single_stats)
 print(
     f"W_U moments of {vocab_conv.attrs['n_sampled']:,} neurons per layer "
