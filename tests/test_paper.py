@@ -131,7 +131,9 @@ def test_control_note_names_the_rows_without_a_control_and_counts_their_matches(
     assert set(why) == {"gemma3-270m", "smollm2-135m"} and "Gemma 3 270M" in why["gemma3-270m"]
     note = paper.control_note(t, why)
     assert note.startswith("**gemma3-270m: no untrained control.** Gemma 3 270M is a pretrained model")
-    assert "its 2 rows above are not checked against one: 1 \"matched\" there says" in note
+    assert "its 2 rows above are not checked against one: the one \"matched\" verdict among them says that gemma3-270m agrees" in note
+    one = paper.result_table([paper.Comparison("x (gemma3-270m)", "median_baseline_universal", 0.7, reason="high")])
+    assert "its row above is not checked against one: none of them is \"matched\"." in paper.control_note(one, why)
     assert "smollm2-135m" not in note  # its row has a control
     assert paper.control_note(t, {"smollm2-135m": "x"}) == ""
     assert families.control_reasons(load_preset("smoke")) == {"smollm2-135m": families.no_control_reason("smollm2-135m")}

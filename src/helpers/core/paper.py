@@ -413,11 +413,13 @@ def control_note(table: pd.DataFrame, reasons: dict[str, str]) -> str:
         mine = table[table.index.str.contains(label, regex=False) & (table["untrained control"] == "")]
         if len(mine) == 0:
             continue
-        n = int((mine.verdict == "matched").sum())
-        parts.append(f"**{label}: no untrained control.** {why} So its {len(mine)} row{'s' if len(mine) != 1 else ''} "
-                     f"above {'are' if len(mine) != 1 else 'is'} not checked against one: "
-                     f"{n} \"matched\" there say{'s' if n == 1 else ''} that {label} agrees with the paper, not that "
-                     "its training made it so.")
+        n, k = int((mine.verdict == "matched").sum()), len(mine)
+        rows = f"its {k} rows above are" if k != 1 else "its row above is"
+        who = ("its \"matched\" verdict says" if k == 1 else "the one \"matched\" verdict among them says" if n == 1
+               else f"the {n} \"matched\" verdicts among them say")
+        matched = ("none of them is \"matched\"" if n == 0 else
+                   f"{who} that {label} agrees with the paper, not that its training made it so")
+        parts.append(f"**{label}: no untrained control.** {why} So {rows} not checked against one: {matched}.")
     return "\n\n".join(parts)
 
 TABLE1_KEYS = ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab", "n_ctx", "act_fn", "positional", "n_neurons",
