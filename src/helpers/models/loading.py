@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers.core.cache import DamagedFile, write_json
+from helpers.core.cache import DamagedFile, Result, write_json
 from helpers.core.presets import ARCH_KEYS
 from helpers.data.tokens import VocabMap
 
@@ -291,7 +291,7 @@ def smollm2_converted_identity() -> dict:
             "transformers": version("transformers"), "version": SMOLLM2_CONVERTED_VERSION}
 
 
-def smollm2_converted(artifacts_dir: str | os.PathLike):
+def smollm2_converted(artifacts_dir: str | os.PathLike) -> Result:
     """SmolLM2-135M's processed weights, its config and its tokenizer, cached under
     `<artifacts>/converted_model/` (a `helpers.core.cache.Result`), made once from the GGUF file and
     checked there: the cached tokenizer encodes a probe text as the GGUF's does, and the model loaded
