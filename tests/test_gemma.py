@@ -576,7 +576,7 @@ def test_last_layer_intervention_shortcut_goes_through_the_post_mlp_norm(which, 
     assert seen == {True: {1}, False: {1, 2}}
     full = iv.intervened_logits
     # one replica's logits at every position and its final scale, against the full pass
-    lin = iv._LastLayerBatch(model, model.run_with_cache(rows.ids[:2])[1])
+    lin = iv._LastLayerBatch(model, model.run_with_cache(rows.ids[:2])[1], iv._final_unembed(model))
     logits, scale = iv._last_layer_logits(lin, [(2, 5, float(values[-1]))])
     want, want_scale = full(model, rows.ids[:2], [(2, 5, float(values[-1]))])
     assert torch.allclose(logits[1, 0:N_CTX], want[1], rtol=1e-4, atol=1e-4)

@@ -201,11 +201,29 @@ class _LastLayerLogits:
         return x
 
 
+def _final_unembed(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U [d_model, d_vocab], const [d_vocab]) with logits = const + (x @ U) / s_f(x) for a residual
+    vector x: U the effective unembedding (`effective.effective_unembed`: the final norm's weight
+    multiplied in), centred over d_model under a LayerNorm (the norm removes x's mean, so x @ U must
+    not see it), and const = b_U plus the final norm's bias through W_U where it has one."""
+    from helpers.models.effective import effective_unembed
+
+    u = effective_unembed(model)
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        u = u - u.mean(0, keepdim=True)
+    const = model.b_U.detach().float()
+    b_f = getattr(model.ln_final, "b", None)
+    if b_f is not None:
+        const = const + b_f.detach().float() @ model.W_U.detach().float()
+    return u, const
+
+
 class _LastLayerBatch:
     """What `_last_layer_logits` needs of one batch's unintervened run: built from its cache (the last
-    block's `hook_resid_mid` and `mlp.hook_post`), with the two [B, pos, d_vocab] logit rows A and B1."""
+    block's `hook_resid_mid` and `mlp.hook_post`) and `_final_unembed` (computed once per sweep), with
+    the two [B, pos, d_vocab] logit rows A and B1."""
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, unembed: tuple[torch.Tensor, torch.Tensor]):
         from helpers.models import effective
         from helpers.models.loading import neuron_weights
 
@@ -220,21 +238,9 @@ class _LastLayerBatch:
         g2 = effective._norm_weight(norm)
         self.g2 = None if g2 is None else g2.float()
         self.e1 = e1 = m if self.g2 is None else m * self.g2
-        fin = model.ln_final
-        u = model.W_U.detach().float()
-        g_f = effective._norm_weight(fin)
-        if g_f is not None:
-            u = g_f.float()[:, None] * u
-        if model.cfg.normalization_type in ("LN", "LNPre"):
-            u = u - u.mean(0, keepdim=True)
-        self.U = u
-        const = model.b_U.detach().float()
-        b_f = getattr(fin, "b", None)
-        if b_f is not None:
-            const = const + b_f.detach().float() @ model.W_U.detach().float()
-        self.const = const
-        self.A = self.resid_mid @ u
-        self.B1 = e1 @ u
+        self.U, self.const = unembed
+        self.A = self.resid_mid @ self.U
+        self.B1 = e1 @ self.U
 
 
 @torch.no_grad()
@@ -445,6 +451,7 @@ def intervention_sweep(model, rows: TokenRows | torch.Tensor, targets: Sequence[
     resid_names = {f"blocks.{l}.hook_resid_pre" for l in layers}
     if quick:
         resid_names |= {f"blocks.{last}.hook_resid_mid", f"blocks.{last}.mlp.hook_post"}
+        unembed = _final_unembed(model)
     for b0 in range(0, len(rows), batch_size):
         ids = rows.ids[b0:b0 + batch_size]
         B = ids.shape[0]
@@ -459,7 +466,7 @@ def intervention_sweep(model, rows: TokenRows | torch.Tensor, targets: Sequence[
                         "value": np.nan, **{k: float(v[0, i]) for k, v in s.items()}})
         bar.update(1)
         del logits
-        rows_last = _LastLayerBatch(model, cache) if quick else None
+        rows_last = _LastLayerBatch(model, cache, unembed) if quick else None
         for is_quick, chunk in passes:
             for mode in MODES:  # one pass per mode: the frozen scale applies to the whole pass
                 part = [(t, j) for t, m, j in chunk if m == mode]
