@@ -158,3 +158,27 @@ def test_full_size_pythia_160m_config_with_random_weights():
     assert models.describe_model(model)["n_neurons"] == 36864
     acts = mlp_activations(model, torch.randint(0, v["d_vocab"], (1, 16)))
     assert acts.shape[-1] == v["n_layers"] * v["d_mlp"] and torch.isfinite(acts).all()
+
+
+def test_a_damaged_or_mismatched_converted_weights_file_says_to_convert_again(tmp_path):
+    """The cached conversions (Gemma, SmolLM2) load through one checked reader: a file that cannot be
+    read, or whose tensors do not fit the model, is a DamagedFile naming the folder to delete."""
+    from safetensors.torch import save_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from helpers.core.cache import DamagedFile
+
+    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=8, d_mlp=8, n_ctx=4,
+                                                      d_vocab=5, act_fn="gelu", normalization_type="LN"))
+    good = tmp_path / "good.safetensors"
+    save_file({k: v.detach().clone() + 1 for k, v in model.named_parameters()}, str(good))
+    models.load_converted_weights(model, good, tmp_path)
+    assert float(model.b_U[0]) == 1.0  # b_U was zeros: every parameter came from the file
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(DamagedFile, match=r"unreadable .*delete .* to convert again"):
+        models.load_converted_weights(model, bad, tmp_path)
+    odd = tmp_path / "odd.safetensors"
+    save_file({"unembed.W_U": model.W_U.detach().clone(), "stray": torch.zeros(1)}, str(odd))
+    with pytest.raises(DamagedFile, match=r"do not fit the config .*unexpected \['stray'\]"):
+        models.load_converted_weights(model, odd, tmp_path)

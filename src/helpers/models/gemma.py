@@ -343,26 +343,15 @@ def gemma_tokenizer(artifacts_dir: str | os.PathLike):
 def load_gemma(artifacts_dir: str | os.PathLike, device: str = "cpu", tokenizer=None, verbose: bool = True):
     """Gemma 3 270M as a processed `HookedTransformer` (`GEMMA_PROCESSING`), from the cached
     conversion (converted first if there is none). `model.processing` records the processing."""
-    from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from helpers.core.cache import read_json
+    from helpers.models.loading import load_converted_weights
 
     res = gemma_converted(artifacts_dir, verbose)
     cfg = HookedTransformerConfig(**read_json(res.file(CONFIG_FILE)), device=str(device), init_weights=False)
     model = HookedTransformer(cfg, move_to_device=False)
-    try:
-        state = load_file(str(res.file(MODEL_FILE)))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
-        raise DamagedFile(res.file(MODEL_FILE), f"unreadable ({e})",
-                          f"delete {res.path} to convert again") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    params = {k for k, _ in model.named_parameters()}
-    if unexpected or params & set(missing):
-        raise DamagedFile(res.file(MODEL_FILE), f"weights do not fit the config (missing "
-                          f"{sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]})",
-                          f"delete {res.path} to convert again")
-    del state
+    load_converted_weights(model, res.file(MODEL_FILE), res.path)
     if tokenizer is not None:
         model.set_tokenizer(tokenizer, default_padding_side="right")
     model.to(device, print_details=False).eval()

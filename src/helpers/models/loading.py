@@ -343,7 +343,6 @@ def _folder_tokenizer(folder: Path):
 
 def _load_converted_smollm2(res, device: str, tokenizer=None):
     """A processed SmolLM2 from the cached folder (a Result or its path)."""
-    from safetensors.torch import load_file
     from transformer_lens import HookedTransformer
     from transformers import AutoConfig
 
@@ -353,20 +352,30 @@ def _load_converted_smollm2(res, device: str, tokenizer=None):
     if SMOLLM2_PROCESSING["fold_ln"]:
         cfg.normalization_type = "RMSPre"  # what fold_ln leaves: the RMSNorm scales are in the weights
     model = HookedTransformer(cfg, move_to_device=False)
-    try:
-        state = load_file(str(folder / "model.safetensors"))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
-        raise DamagedFile(folder / "model.safetensors", f"unreadable ({e})", f"delete {folder} to convert again") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    params = {k for k, _ in model.named_parameters()}
-    if unexpected or params & set(missing):
-        raise DamagedFile(folder / "model.safetensors", f"weights do not fit the config (missing "
-                          f"{sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]})", f"delete {folder} to convert again")
+    load_converted_weights(model, folder / "model.safetensors", folder)
     model.set_tokenizer(tokenizer if tokenizer is not None else _folder_tokenizer(folder), default_padding_side="right")
     model.to(device, print_details=False).eval()
     model.processing = dict(SMOLLM2_PROCESSING)
     return model
 
+
+def load_converted_weights(model, path: Path, folder: Path) -> None:
+    """Load the parameters of a cached conversion (`path`, safetensors) into `model`, built from the
+    conversion's config; a file that cannot be read or does not fit the config (a parameter missing,
+    an unexpected one) is a DamagedFile that says to delete `folder` and convert again. Buffers the
+    model builds itself (masks, rotary tables) are not in the file."""
+    from safetensors.torch import load_file
+
+    todo = f"delete {folder} to convert again"
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
+        raise DamagedFile(path, f"unreadable ({e})", todo) from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = {k for k, _ in model.named_parameters()}
+    if unexpected or params & set(missing):
+        raise DamagedFile(path, f"weights do not fit the config (missing {sorted(params & set(missing))[:3]}, "
+                          f"unexpected {unexpected[:3]})", todo)
 
 def _llama_hooked_config(hf_cfg, device: str):
     """HookedTransformerConfig for a Llama-architecture HF config (RMSNorm, rotary, gated SiLU MLP)."""
