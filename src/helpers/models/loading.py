@@ -12,6 +12,7 @@ is passed explicitly and recorded in `PROCESSING`. Also here: a model's held-out
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -275,6 +276,22 @@ def _process_smollm2(hf_model, device: str, tokenizer=None):
     return model
 
 
+def smollm2_sha256() -> str:
+    """The sha256 of the installed SmolLM2 GGUF file, hashed once per process while the file is
+    unchanged (size and modification time): the family's identity and its cached conversion both
+    name it."""
+    path = smollm2_path() / SMOLLM2_FILE
+    st = path.stat()
+    return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    from helpers.core.cache import sha256_file
+
+    return sha256_file(path)
+
+
 SMOLLM2_CONVERTED_VERSION = 1
 SMOLLM2_PROBE = ("The capital of France is Paris. In 1905, Einstein published four papers.\n"
                  "def f(x):\n    return x ** 2  # squares ünïcödé 東京")
@@ -284,9 +301,7 @@ def smollm2_converted_identity() -> dict:
     """What the cached SmolLM2 weights depend on: the GGUF file's content, the processing, the code."""
     from importlib.metadata import version
 
-    from helpers.core.cache import sha256_file
-
-    return {"model": "smollm2-135m", "gguf_sha256": sha256_file(smollm2_path() / SMOLLM2_FILE),
+    return {"model": "smollm2-135m", "gguf_sha256": smollm2_sha256(),
             "processing": SMOLLM2_PROCESSING, "dtype": "float32", "transformer_lens": version("transformer_lens"),
             "transformers": version("transformers"), "version": SMOLLM2_CONVERTED_VERSION}
 
