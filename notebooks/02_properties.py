@@ -293,6 +293,7 @@ convergence = pd.DataFrame(
     }
 )
 display(Markdown(families.describe_model(single_model, single.load(single.reference).cfg)))
+display(Markdown(families.second_model_note(params)))
 print(
     f"{single_model} statistics on {single_run.identity['n_tokens']:,} tokens "
     f"(convergence check: {half_run.identity['n_tokens']:,}); "

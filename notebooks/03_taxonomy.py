@@ -361,6 +361,7 @@ print(
     f"{sm.meta['n_features']} labels dropped ({time.time() - t0:.0f} s in this run)"
 )
 display(Markdown(families.describe_model(single_model, single.load(single.reference).cfg)))
+display(Markdown(families.second_model_note(params)))
 
 # %% [markdown]
 # ## 5. Fig 1a: alphabet neurons

@@ -112,6 +112,7 @@ sm_neurons = params.vocab_single_neurons
 # %%
 ref_model, sm_model = fam.load(reference), single.load(single.reference)
 display(Markdown(families.describe_model(single_model, sm_model.cfg)))
+display(Markdown(families.second_model_note(params)))
 real = prediction.vocab.real_token_mask(fam, ref_model)
 real_sm = prediction.vocab.real_token_mask(single, sm_model)
 excluded = pd.concat(

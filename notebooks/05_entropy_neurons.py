@@ -135,6 +135,7 @@ control = control_fam.load(reference) if control_fam else None
 single = families.load_family(single_model, params, device=device)
 sm_model = single.load(single.reference)
 display(Markdown(families.describe_model(single_model, sm_model.cfg)))
+display(Markdown(families.second_model_note(params)))
 spectra = {
     f"{fam.name}-{reference}": entropy.candidates.unembed_spectrum(model),
     single_model: entropy.candidates.unembed_spectrum(sm_model),

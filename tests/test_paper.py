@@ -139,3 +139,13 @@ def test_control_note_names_the_rows_without_a_control_and_counts_their_matches(
     assert families.control_reasons(load_preset("smoke")) == {"smollm2-135m": families.no_control_reason("smollm2-135m")}
     with pytest.raises(ValueError, match="real models"):
         families.no_control_reason("embedded")
+
+
+def test_chapters_02_to_05_say_where_the_second_real_model_is():
+    from helpers.core.presets import load_preset
+    from helpers.models import families
+
+    note = families.second_model_note(load_preset("default"))
+    assert "SmolLM2-135M-Instruct (`smollm2-135m`), is analysed in chapter 06 only" in note
+    assert note.endswith("the model kept is the preset's `single_model`, `gemma3-270m`.")
+    assert families.second_model_note(load_preset("smoke")) == ""  # it names no second model

@@ -374,6 +374,18 @@ def control_reasons(params: Preset) -> dict[str, str]:
     return {n: no_control_reason(n) for n in names if n in REAL_MODELS}
 
 
+def second_model_note(params: Preset) -> str:
+    """Markdown for the chapters that analyse only the preset's `single_model`: where its
+    `second_model` (a second real model, when the preset names one) is instead, and why it is left
+    out here. Empty when the preset names none."""
+    name, single = params.get("second_model"), params.get("single_model")
+    if not name or name not in REAL_MODELS:
+        return ""
+    return (f"The preset's second real model, {REAL_MODELS[name]['title']} (`{name}`), is analysed in chapter 06 "
+            "only, as a second view of attention deactivation. It is left out of this chapter so that the "
+            "default book stays within its 30-minute budget on two CPU cores (each real model's section "
+            f"repeats its forward passes); the model kept is the preset's `single_model`, `{single}`.")
+
 def describe_model(name: str, cfg=None) -> str:
     """Markdown: what the real model `name` is (source, tuning, quantisation), its shape and
     structure, and the weight processing applied when it is loaded. With `cfg` (the loaded model's
